@@ -1,0 +1,1 @@
+//! libpq conninfo parsing (being written).

@@ -1,0 +1,3 @@
+//! Configuration: how to reach PostgreSQL (a libpq-compatible conninfo) and Kafka.
+
+pub mod conninfo;

@@ -1,0 +1,10 @@
+//! pgcdc: change data capture from PostgreSQL to Kafka.
+//!
+//! The modules follow the dataflow:
+//! [`cli`]/[`config`] → [`source`] (snapshot, replication connection, pgoutput decoding)
+//! → `event` (the change model and its encoders) → `sink` (Kafka, stdout), with a
+//! `checkpoint` module that owns LSN progress.
+
+pub mod cli;
+pub mod config;
+pub mod source;

@@ -8,3 +8,6 @@
 pub mod cli;
 pub mod config;
 pub mod source;
+pub mod checkpoint;
+pub mod event;
+pub mod sink;

@@ -1,0 +1,1 @@
+//! Durable progress: snapshot state and LSN positions (being written).

@@ -1,0 +1,1 @@
+//! The change model and its encoders (being written).

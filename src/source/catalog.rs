@@ -1,0 +1,444 @@
+//! Start-up checks and catalog lookups, over an ordinary (non-replication) connection.
+//!
+//! Everything a user can get wrong is checked here, before a slot is created or a byte is
+//! published, and each failure says how to fix it: `wal_level`, the REPLICATION attribute,
+//! a missing table or SELECT privilege, a table whose updates and deletes cannot be
+//! identified, a publication that does not match, a slot that is busy or of another plugin.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tokio_postgres::Client;
+
+use crate::source::Lsn;
+
+/// A definite problem found before streaming: retrying will not help, the message says what will.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("wal_level is `{0}`, but logical replication needs `logical`. Fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL")]
+    WalLevel(String),
+    #[error("role `{0}` may not start replication. Fix: ALTER ROLE \"{0}\" REPLICATION; (or connect as a role that has it)")]
+    NoReplication(String),
+    #[error("table {0} does not exist (names are schema.table, as in the catalog; quote mixed case: '\"MySchema\".\"Orders\"')")]
+    NoSuchTable(TableName),
+    #[error("{0} is not a table (pgcdc publishes ordinary and partitioned tables)")]
+    NotATable(TableName),
+    #[error("role `{role}` has no SELECT privilege on {table}, which the snapshot needs. Fix: GRANT SELECT ON {table} TO \"{role}\";")]
+    NoSelect { role: String, table: TableName },
+    #[error("table {0} has no primary key and REPLICA IDENTITY {1}: its updates and deletes cannot be identified. Fix: add a primary key, or ALTER TABLE {0} REPLICA IDENTITY FULL;")]
+    NoIdentity(TableName, &'static str),
+    #[error("publication `{0}` does not exist and no --table was given. Fix: name the tables with --table schema.table (pgcdc then creates the publication), or CREATE PUBLICATION \"{0}\" FOR TABLE ...;")]
+    NoPublication(String),
+    #[error("publication `{0}` contains no tables. Fix: ALTER PUBLICATION \"{0}\" ADD TABLE ...; or name tables with --table")]
+    EmptyPublication(String),
+    #[error("publication `{publication}` does not include {missing}. Fix: ALTER PUBLICATION \"{publication}\" ADD TABLE {missing}; or use another --publication")]
+    PublicationMissingTables {
+        publication: String,
+        missing: String,
+    },
+    #[error("publication `{0}` does not publish {1}, so those changes would be silently lost. Fix: ALTER PUBLICATION \"{0}\" SET (publish = 'insert, update, delete, truncate');")]
+    PublicationOps(String, String),
+    #[error("cannot create publication `{publication}`: {cause}. Fix: create it as the tables' owner or a superuser: CREATE PUBLICATION \"{publication}\" FOR TABLE {tables};")]
+    CreatePublication {
+        publication: String,
+        tables: String,
+        cause: String,
+    },
+    #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot('{slot}');")]
+    SlotPlugin { slot: String, plugin: String },
+    #[error("replication slot `{slot}` belongs to database `{database}`, not this one. Fix: choose another --slot")]
+    SlotDatabase { slot: String, database: String },
+    #[error("replication slot `{slot}` is in use by process {pid} (another pgcdc?). Fix: stop that process, or choose another --slot")]
+    SlotActive { slot: String, pid: i32 },
+    #[error("replication slot `{0}` was invalidated: the WAL it needed is gone. Fix: drop it (SELECT pg_drop_replication_slot('{0}');) and run again for a fresh snapshot")]
+    SlotLost(String),
+    #[error("{0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl PreflightError {
+    /// Lost connections are worth a retry; everything else needs the user.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PreflightError::Query(e) => e.is_closed() || e.code().is_none(),
+            _ => false,
+        }
+    }
+}
+
+/// A `schema.table` name as the user wrote it (unquoted parts are folded to lower case, as
+/// PostgreSQL does).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// Why a `--table` value is not a table name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a table name: write schema.table, e.g. public.orders (quote mixed case: '\"Sales\".\"Orders\"')")]
+pub struct ParseTableNameError(pub String);
+
+impl FromStr for TableName {
+    type Err = ParseTableNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseTableNameError(s.to_string());
+        let mut parts = Vec::new();
+        let mut chars = s.trim().chars().peekable();
+        loop {
+            let mut part = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            part.push('"');
+                        }
+                        Some('"') => break,
+                        Some(c) => part.push(c),
+                        None => return Err(err()),
+                    }
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == '.' {
+                        break;
+                    }
+                    if c == '"' || c.is_whitespace() {
+                        return Err(err());
+                    }
+                    part.extend(c.to_lowercase());
+                    chars.next();
+                }
+            }
+            if part.is_empty() {
+                return Err(err());
+            }
+            parts.push(part);
+            match chars.next() {
+                None => break,
+                Some('.') => continue,
+                Some(_) => return Err(err()),
+            }
+        }
+        match <[String; 2]>::try_from(parts) {
+            Ok([schema, name]) => Ok(TableName { schema, name }),
+            Err(parts) if parts.len() == 1 => Ok(TableName {
+                schema: "public".into(),
+                name: parts.into_iter().next().unwrap_or_default(),
+            }),
+            Err(_) => Err(err()),
+        }
+    }
+}
+
+/// Quotes an identifier for SQL when it needs quoting.
+pub fn quote_ident(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+/// Quotes a string literal for SQL.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// What the pipeline needs to know about a published table.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub oid: u32,
+    pub name: TableName,
+    /// Column names and type OIDs in attribute order (what COPY and pgoutput both use).
+    pub columns: Vec<(String, u32)>,
+    /// Kafka key columns in key order: the primary key, else the replica identity index.
+    pub key: Vec<String>,
+}
+
+/// Server facts checked at start.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub version_num: u32,
+    pub database: String,
+    pub role: String,
+}
+
+/// Checks `wal_level` and the REPLICATION attribute.
+pub async fn check_server(client: &Client) -> Result<ServerInfo, PreflightError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_setting('server_version_num')::int4, \
+             current_database()::text, current_user::text, \
+             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await?;
+    let wal_level: String = row.get(0);
+    let version_num: i32 = row.get(1);
+    let info = ServerInfo {
+        version_num: u32::try_from(version_num).unwrap_or(0),
+        database: row.get(2),
+        role: row.get(3),
+    };
+    if wal_level != "logical" {
+        return Err(PreflightError::WalLevel(wal_level));
+    }
+    let can_replicate: Option<bool> = row.get(4);
+    if can_replicate != Some(true) {
+        return Err(PreflightError::NoReplication(info.role));
+    }
+    Ok(info)
+}
+
+/// Looks up tables, their columns, keys and privileges.
+pub async fn describe_tables(
+    client: &Client,
+    names: &[TableName],
+) -> Result<Vec<TableInfo>, PreflightError> {
+    let mut out = Vec::with_capacity(names.len());
+    for t in names {
+        let row = client
+            .query_opt(
+                "SELECT c.oid, c.relkind::text, c.relreplident::text, \
+                        has_table_privilege(c.oid, 'SELECT'), current_user::text \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.schema, &t.name],
+            )
+            .await?
+            .ok_or_else(|| PreflightError::NoSuchTable(t.clone()))?;
+        let oid: u32 = row.get(0);
+        let relkind: String = row.get(1);
+        let replident: String = row.get(2);
+        let can_select: bool = row.get(3);
+        if relkind != "r" && relkind != "p" {
+            return Err(PreflightError::NotATable(t.clone()));
+        }
+        if !can_select {
+            return Err(PreflightError::NoSelect {
+                role: row.get(4),
+                table: t.clone(),
+            });
+        }
+        let columns = client
+            .query(
+                "SELECT attname::text, atttypid FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
+                 ORDER BY attnum",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
+            .collect();
+        // Primary key first, then the replica identity index, in index column order.
+        let key_rows = client
+            .query(
+                "SELECT a.attname::text, i.indisprimary FROM pg_index i \
+                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+                 ORDER BY i.indisprimary DESC, k.ord",
+                &[&oid],
+            )
+            .await?;
+        let has_pk = key_rows.iter().any(|r| r.get::<_, bool>(1));
+        let key: Vec<String> = key_rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(1) == has_pk)
+            .map(|r| r.get(0))
+            .collect();
+        match replident.as_str() {
+            "d" if !has_pk => return Err(PreflightError::NoIdentity(t.clone(), "DEFAULT")),
+            "n" => return Err(PreflightError::NoIdentity(t.clone(), "NOTHING")),
+            _ => {}
+        }
+        if key.is_empty() {
+            tracing::warn!(table = %t, "table has no primary key: its events get a null Kafka key, so per-row ordering across partitions is not guaranteed");
+        }
+        out.push(TableInfo {
+            oid,
+            name: t.clone(),
+            columns,
+            key,
+        });
+    }
+    Ok(out)
+}
+
+/// Makes sure the publication exists and covers `requested` (created when missing), and
+/// returns the tables to capture: `requested`, or every table of the publication.
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    requested: &[TableName],
+) -> Result<Vec<TableName>, PreflightError> {
+    let row = client
+        .query_opt(
+            "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    let Some(row) = row else {
+        if requested.is_empty() {
+            return Err(PreflightError::NoPublication(publication.to_string()));
+        }
+        let tables = requested
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {tables}",
+            quote_ident(publication)
+        );
+        client.batch_execute(&sql).await.map_err(|e| {
+            PreflightError::CreatePublication {
+                publication: publication.to_string(),
+                tables: tables.clone(),
+                cause: e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string()),
+            }
+        })?;
+        tracing::info!(publication, %tables, "created publication");
+        return Ok(requested.to_vec());
+    };
+    let missing_ops: Vec<&str> = [("inserts", 0), ("updates", 1), ("deletes", 2)]
+        .iter()
+        .filter(|(_, i)| !row.get::<_, bool>(*i))
+        .map(|(n, _)| *n)
+        .collect();
+    if !missing_ops.is_empty() {
+        return Err(PreflightError::PublicationOps(
+            publication.to_string(),
+            missing_ops.join(", "),
+        ));
+    }
+    let published: Vec<TableName> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await?
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    if requested.is_empty() {
+        if published.is_empty() {
+            return Err(PreflightError::EmptyPublication(publication.to_string()));
+        }
+        return Ok(published);
+    }
+    let missing: Vec<String> = requested
+        .iter()
+        .filter(|t| !published.contains(t))
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() {
+        return Err(PreflightError::PublicationMissingTables {
+            publication: publication.to_string(),
+            missing: missing.join(", "),
+        });
+    }
+    Ok(requested.to_vec())
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub confirmed_flush: Lsn,
+}
+
+/// Looks up `slot` and rejects slots pgcdc cannot use.
+pub async fn inspect_slot(
+    client: &Client,
+    slot: &str,
+    database: &str,
+) -> Result<Option<SlotInfo>, PreflightError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
+                    coalesce(active_pid, 0), coalesce(confirmed_flush_lsn::text, '0/0'), \
+                    coalesce(wal_status, '') \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let plugin: String = row.get(0);
+    let db: String = row.get(1);
+    let active: bool = row.get(2);
+    let pid: i32 = row.get(3);
+    let confirmed: String = row.get(4);
+    let wal_status: String = row.get(5);
+    if plugin != "pgoutput" {
+        return Err(PreflightError::SlotPlugin {
+            slot: slot.into(),
+            plugin,
+        });
+    }
+    if db != database {
+        return Err(PreflightError::SlotDatabase {
+            slot: slot.into(),
+            database: db,
+        });
+    }
+    if active {
+        return Err(PreflightError::SlotActive {
+            slot: slot.into(),
+            pid,
+        });
+    }
+    if wal_status == "lost" {
+        return Err(PreflightError::SlotLost(slot.into()));
+    }
+    Ok(Some(SlotInfo {
+        confirmed_flush: confirmed.parse().unwrap_or(Lsn::INVALID),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names() {
+        let t: TableName = "public.orders".parse().unwrap();
+        assert_eq!(t, TableName::new("public", "orders"));
+        let t: TableName = "Orders".parse().unwrap();
+        assert_eq!(t, TableName::new("public", "orders"));
+        let t: TableName = r#""My Schema"."Or""ders""#.parse().unwrap();
+        assert_eq!(t, TableName::new("My Schema", "Or\"ders"));
+        assert_eq!(t.to_string(), r#""My Schema"."Or""ders""#);
+        for bad in ["", ".", "a.", ".b", "a.b.c", "a b", "\"x", "a.\"b"] {
+            assert!(bad.parse::<TableName>().is_err(), "{bad:?}");
+        }
+    }
+}

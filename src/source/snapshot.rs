@@ -1,0 +1,213 @@
+//! The initial snapshot, and why it meets the stream exactly.
+//!
+//! `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')` does two things at one
+//! instant: it fixes the slot's *consistent point* C — decoding from the slot yields exactly
+//! the transactions that commit after C — and it exports a snapshot that sees exactly the
+//! transactions committed before C. A transaction that imports that snapshot (`SET TRANSACTION
+//! SNAPSHOT`, in a REPEATABLE READ transaction) therefore reads the tables as of C, while the
+//! slot holds every later change. Publishing the snapshot rows, then the stream from C, gives
+//! every committed change exactly once: none missed at the hand-over, none doubled.
+//!
+//! Two rules keep this true. The exported snapshot stays valid only while the connection that
+//! created the slot runs no other command, so the replication connection waits, idle, until the
+//! snapshot transaction has imported it. And streaming starts only after every snapshot row
+//! was acknowledged by the sink, so per key the read event always precedes its changes.
+//!
+//! Rows are read with text `COPY`, whose values are the same text pgoutput sends, and encoded
+//! by the same [`Encoder`] as streamed changes.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::event::{Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
+use crate::sink::{Record, SinkItem};
+use crate::source::catalog::{quote_ident, quote_literal, TableInfo};
+use crate::source::changes::topic_name;
+use crate::source::copy_text::{self, CopyTextError};
+use crate::source::Lsn;
+
+/// Why the snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("snapshot of {table}: {source}")]
+    Copy {
+        table: String,
+        source: CopyTextError,
+    },
+    #[error("the sink stopped during the snapshot")]
+    SinkClosed,
+    #[error("stopped by a signal during the snapshot")]
+    Interrupted,
+}
+
+impl SnapshotError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SnapshotError::Query(e) if e.is_closed() || e.code().is_none())
+    }
+}
+
+/// What a finished snapshot read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotStats {
+    pub rows: u64,
+}
+
+/// Builds the encoder's view of a table from the catalog.
+pub fn table_schema(topic_prefix: &str, info: &TableInfo) -> Arc<TableSchema> {
+    let columns = info
+        .columns
+        .iter()
+        .map(|(name, oid)| Column::new(name.clone(), *oid))
+        .collect();
+    Arc::new(TableSchema::new(
+        info.name.schema.clone(),
+        info.name.name.clone(),
+        topic_name(topic_prefix, &info.name).into(),
+        columns,
+        &info.key,
+    ))
+}
+
+/// Reads every table inside `snapshot_name` and sends one read event per row to `tx`.
+/// The very last row of the whole snapshot is marked `snapshot: "last"`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: &tokio_postgres::Client,
+    snapshot_name: &str,
+    consistent_point: Lsn,
+    tables: &[TableInfo],
+    topic_prefix: &str,
+    encoder: &Encoder,
+    tx: &mpsc::Sender<SinkItem>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<SnapshotStats, SnapshotError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_name)
+        ))
+        .await?;
+    let started_ms = crate::event::now_ms();
+    let position = Position {
+        lsn: consistent_point,
+        commit_lsn: consistent_point,
+        xid: None,
+        commit_ts_ms: started_ms,
+        snapshot: SnapshotMarker::True,
+    };
+    let mut stats = SnapshotStats::default();
+    // One record is held back so the final one can be marked "last".
+    let mut held: Option<(Arc<str>, Option<bytes::Bytes>, Vec<u8>)> = None;
+    let mut fields = Vec::new();
+    for info in tables {
+        let table = table_schema(topic_prefix, info);
+        let cols = info
+            .columns
+            .iter()
+            .map(|(n, _)| quote_ident(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("COPY {} ({cols}) TO STDOUT", info.name);
+        tracing::info!(table = %info.name, "snapshot: reading table");
+        let stream = client.copy_out(&sql).await?;
+        futures_util::pin_mut!(stream);
+        let mut table_rows = 0u64;
+        let mut partial: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            // The server sends one row per message; tolerate rows split across messages.
+            let data: &[u8] = if partial.is_empty() && chunk.ends_with(b"\n") {
+                &chunk
+            } else {
+                partial.extend_from_slice(&chunk);
+                if !partial.ends_with(b"\n") {
+                    continue;
+                }
+                &partial
+            };
+            for line in data.split_inclusive(|&b| b == b'\n') {
+                copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|source| {
+                    SnapshotError::Copy {
+                        table: info.name.to_string(),
+                        source,
+                    }
+                })?;
+                let row: Vec<Datum<'_>> = fields
+                    .iter()
+                    .map(|f| match f {
+                        None => Datum::Null,
+                        Some(v) => Datum::Text(v),
+                    })
+                    .collect();
+                let key = encoder.key(&table, &row);
+                let change = Change {
+                    op: Op::Read,
+                    before: None,
+                    after: Some(&row),
+                    position,
+                };
+                let value = encoder.value(&table, &change, started_ms).to_vec();
+                if let Some((topic, key, value)) = held.take() {
+                    send(tx, stop, topic, key, value).await?;
+                }
+                held = Some((table.topic.clone(), key, value));
+                table_rows += 1;
+            }
+            partial.clear();
+        }
+        tracing::info!(table = %info.name, rows = table_rows, "snapshot: table done");
+        stats.rows += table_rows;
+    }
+    if let Some((topic, key, mut value)) = held.take() {
+        mark_last(&mut value);
+        send(tx, stop, topic, key, value).await?;
+    }
+    client.batch_execute("COMMIT").await?;
+    Ok(stats)
+}
+
+async fn send(
+    tx: &mpsc::Sender<SinkItem>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    topic: Arc<str>,
+    key: Option<bytes::Bytes>,
+    value: Vec<u8>,
+) -> Result<(), SnapshotError> {
+    let item = SinkItem::Record(Record {
+        topic,
+        key,
+        value: Some(value.into()),
+    });
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => Err(SnapshotError::Interrupted),
+        r = tx.send(item) => r.map_err(|_| SnapshotError::SinkClosed),
+    }
+}
+
+/// Turns the `"snapshot":"true"` of an encoded read event into `"snapshot":"last"`. The
+/// source block follows the row data, so the last occurrence is the right one; both words
+/// have four letters, so it is patched in place.
+fn mark_last(value: &mut [u8]) {
+    const NEEDLE: &[u8] = b"\"snapshot\":\"true\"";
+    if let Some(pos) = value.windows(NEEDLE.len()).rposition(|w| w == NEEDLE) {
+        let at = pos + b"\"snapshot\":\"".len();
+        value[at..at + 4].copy_from_slice(b"last");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mark_last_patches_the_source_block() {
+        let mut v = br#"{"after":{"t":"\"snapshot\":\"true\""},"source":{"snapshot":"true","commit_lsn":1}}"#.to_vec();
+        super::mark_last(&mut v);
+        let s = String::from_utf8(v).unwrap();
+        assert!(s.ends_with(r#""snapshot":"last","commit_lsn":1}}"#), "{s}");
+        assert!(s.contains(r#"\"snapshot\":\"true\""#));
+    }
+}

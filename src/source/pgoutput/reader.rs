@@ -21,34 +21,25 @@ impl Reader {
         self.buf.len().saturating_sub(self.pos)
     }
 
-    /// Consumes `n` bytes and returns where they start.
-    fn advance(&mut self, n: usize, what: &'static str) -> Result<usize, DecodeError> {
+    /// Consumes the next `n` bytes.
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&[u8], DecodeError> {
         let remaining = self.remaining();
-        if n > remaining {
-            return Err(DecodeError::Truncated {
+        let taken = self
+            .buf
+            .get(self.pos..)
+            .and_then(|rest| rest.get(..n))
+            .ok_or(DecodeError::Truncated {
                 what,
                 needed: n,
                 remaining,
-            });
-        }
-        let start = self.pos;
+            })?;
         self.pos += n;
-        Ok(start)
+        Ok(taken)
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
-        let start = self.advance(N, what)?;
         let mut out = [0; N];
-        // Cannot fail after `advance`; checked anyway rather than indexed.
-        let src = self
-            .buf
-            .get(start..start + N)
-            .ok_or(DecodeError::Truncated {
-                what,
-                needed: N,
-                remaining: 0,
-            })?;
-        out.copy_from_slice(src);
+        out.copy_from_slice(self.take(N, what)?);
         Ok(out)
     }
 
@@ -128,8 +119,9 @@ impl Reader {
 
     /// `n` bytes as a zero-copy slice of the message.
     pub(super) fn bytes(&mut self, n: usize, what: &'static str) -> Result<Bytes, DecodeError> {
-        let start = self.advance(n, what)?;
-        Ok(self.buf.slice(start..start + n))
+        let start = self.pos;
+        self.take(n, what)?;
+        Ok(self.buf.slice(start..self.pos))
     }
 
     /// A NUL-terminated UTF-8 string.

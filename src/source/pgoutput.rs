@@ -1,1 +1,0 @@
-//! pgoutput decoding (being written).

@@ -56,14 +56,27 @@ fi
 [ -x "$PGBIN/postgres" ] || die "PostgreSQL $PG_MAJOR binaries not found in $PGBIN"
 
 # --- tansu -------------------------------------------------------------------------------
+# Features: libsql for the durable sqlite:// storage, dynostore for memory:// (transactions).
+TANSU_FEATURES=libsql,dynostore
+tansu_ok() { # binary: right version, and (when cargo installed it) built with our features
+    "$1" --version 2>/dev/null | grep -q "$TANSU_VERSION" || return 1
+    local record="${CARGO_HOME:-$HOME/.cargo}/.crates2.json"
+    [ "$1" = "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ] && [ -f "$record" ] || return 0
+    python3 - "$record" "$TANSU_FEATURES" <<'PY'
+import json, sys
+installs = json.load(open(sys.argv[1])).get("installs", {})
+want = set(sys.argv[2].split(","))
+sys.exit(0 if any(k.startswith("tansu ") and want <= set(v.get("features", [])) for k, v in installs.items()) else 1)
+PY
+}
 TANSU=${PGCDC_TANSU:-}
 if [ -z "$TANSU" ]; then
     TANSU=$(command -v tansu || true)
     [ -n "$TANSU" ] || TANSU="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
 fi
-if ! [ -x "$TANSU" ] || ! "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-    log "building tansu $TANSU_VERSION from crates.io (about 13 minutes on 2 cores, once)"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features libsql >&2
+if ! tansu_ok "$TANSU"; then
+    log "building tansu $TANSU_VERSION ($TANSU_FEATURES) from crates.io (about 13 minutes on 2 cores, once)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES" --force >&2
     TANSU="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
 fi
 
@@ -189,12 +202,12 @@ start_broker() { # name port storage
         die "port $port is taken by another program; set PGCDC_TEST_KAFKA_PORT / PGCDC_TEST_KAFKA_MEM_PORT"
     fi
     log "starting tansu ($name storage) on 127.0.0.1:$port"
-    setsid nohup "$TANSU" broker \
+    # Run from the state directory: tansu resolves sqlite:// paths relative to it.
+    (cd "$STATE/kafka" && setsid nohup "$TANSU" broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
         --storage-engine "$storage" \
-        >"$STATE/kafka/$name.log" 2>&1 </dev/null &
-    echo $! >"$STATE/kafka/$name.pid"
+        >"$STATE/kafka/$name.log" 2>&1 </dev/null & echo $! >"$STATE/kafka/$name.pid")
     for _ in $(seq 1 100); do
         port_open "$port" && return 0
         kill -0 "$(cat "$STATE/kafka/$name.pid")" 2>/dev/null || break
@@ -203,7 +216,7 @@ start_broker() { # name port storage
     tail -20 "$STATE/kafka/$name.log" >&2 || true
     die "tansu ($name) did not start; its log is $STATE/kafka/$name.log"
 }
-start_broker durable "$KAFKA_PORT" "sqlite://$STATE/kafka/tansu.db"
+start_broker durable "$KAFKA_PORT" "sqlite://tansu.db"
 start_broker memory "$KAFKA_MEM_PORT" "memory://tansu/"
 
 # --- settings for the tests ----------------------------------------------------------------

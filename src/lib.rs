@@ -11,3 +11,5 @@ pub mod source;
 pub mod checkpoint;
 pub mod event;
 pub mod sink;
+pub mod run;
+pub mod signals;

@@ -1,0 +1,173 @@
+//! Ordinary (non-replication) connections through tokio-postgres, for queries and
+//! COPY, built from the same [`ConnInfo`] as the replication connection and with the
+//! same `sslmode` semantics.
+//!
+//! tokio-postgres itself knows only `disable`, `prefer` and `require`; `verify-ca` and
+//! `verify-full` are `require` plus OpenSSL verification configured here (chain
+//! against `sslrootcert`, and the host name only for `verify-full`).
+
+use openssl::error::ErrorStack;
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::config::{SslMode as PgSslMode, TargetSessionAttrs};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, Config, NoTls, Socket};
+
+use crate::config::conninfo::{ConnInfo, SslMode};
+use crate::source::replication::tls::{self, TlsError};
+
+/// Why an ordinary connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+
+    #[error("could not connect to PostgreSQL at {target}: {source}")]
+    Postgres {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error(
+        "target_session_attrs={0} is not supported for pgcdc's connections: use any, \
+         read-write or read-only"
+    )]
+    UnsupportedTargetSessionAttrs(String),
+}
+
+impl ConnectError {
+    /// The SQLSTATE when the server refused the connection.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ConnectError::Postgres { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying may help: network errors, and the server shutting down,
+    /// starting up or out of connections. Authentication, TLS and configuration
+    /// errors are definite.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Postgres { source, .. } => match source.code() {
+                Some(code) => {
+                    let c = code.code();
+                    c.starts_with("08") || ["57P01", "57P02", "57P03", "53300"].contains(&c)
+                }
+                // No SQLSTATE: transient when it is a closed connection or an I/O
+                // error (refused, reset, timed out) somewhere in the chain.
+                None => {
+                    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+                    let mut io = source.is_closed();
+                    while let Some(c) = cause {
+                        io |= c.is::<std::io::Error>();
+                        cause = c.source();
+                    }
+                    io
+                }
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Builds the tokio-postgres configuration for `info` (without TLS).
+pub fn config(info: &ConnInfo) -> Result<Config, ConnectError> {
+    let mut config = Config::new();
+    if let Some(host) = &info.host {
+        if host.starts_with('/') {
+            config.host_path(host);
+        } else {
+            config.host(host);
+        }
+    }
+    if let Some(addr) = info.hostaddr {
+        config.hostaddr(addr);
+        if info.host.is_none() {
+            config.host(addr.to_string());
+        }
+    }
+    config
+        .port(info.port)
+        .user(&info.user)
+        .dbname(&info.dbname)
+        .keepalives(true)
+        .application_name(
+            info.application_name
+                .as_deref()
+                .unwrap_or(crate::source::replication::DEFAULT_APPLICATION_NAME),
+        );
+    if let Some(password) = info.password() {
+        config.password(password);
+    }
+    if let Some(options) = &info.options {
+        config.options(options);
+    }
+    if let Some(timeout) = info.connect_timeout {
+        config.connect_timeout(timeout);
+    }
+    let tsa = match info.target_session_attrs.as_deref() {
+        None | Some("any") => TargetSessionAttrs::Any,
+        Some("read-write") => TargetSessionAttrs::ReadWrite,
+        Some("read-only") => TargetSessionAttrs::ReadOnly,
+        Some(other) => return Err(ConnectError::UnsupportedTargetSessionAttrs(other.into())),
+    };
+    config.target_session_attrs(tsa);
+    config.ssl_mode(if info.is_unix_socket() {
+        // As in libpq, TLS is not used over Unix sockets.
+        PgSslMode::Disable
+    } else {
+        match tls::effective_mode(info) {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Allow | SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+        }
+    });
+    Ok(config)
+}
+
+/// Builds the TLS connector with `info`'s verification rules.
+pub fn tls_connector(info: &ConnInfo) -> Result<MakeTlsConnector, TlsError> {
+    let mode = tls::effective_mode(info);
+    let mut make = MakeTlsConnector::new(tls::build_connector(info)?);
+    make.set_callback(move |config, _domain| -> Result<(), ErrorStack> {
+        tls::configure(config, mode);
+        Ok(())
+    });
+    Ok(make)
+}
+
+/// Opens an ordinary connection and spawns its driver task on the current tokio
+/// runtime; the driver's final error, if any, is logged.
+pub async fn connect(info: &ConnInfo) -> Result<Client, ConnectError> {
+    let config = config(info)?;
+    if info.is_unix_socket() || tls::effective_mode(info) == SslMode::Disable {
+        spawn_connect(info, &config, NoTls).await
+    } else {
+        spawn_connect(info, &config, tls_connector(info)?).await
+    }
+}
+
+async fn spawn_connect<T>(info: &ConnInfo, config: &Config, tls: T) -> Result<Client, ConnectError>
+where
+    T: MakeTlsConnect<Socket> + 'static + Send,
+    T::TlsConnect: Send,
+    T::Stream: Send + 'static,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let (client, connection) =
+        config
+            .connect(tls)
+            .await
+            .map_err(|source| ConnectError::Postgres {
+                target: info.target(),
+                source,
+            })?;
+    let target = info.target();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::error!(target_addr = %target, error = %e, "PostgreSQL connection failed");
+        }
+    });
+    Ok(client)
+}

@@ -159,6 +159,13 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         .context("cannot connect to PostgreSQL")
         .or_fail(SourceFail)?;
     let server = catalog::check_server(&client).await.or_fail(SourceFail)?;
+    // Named tables are checked before the publication is touched, so a missing table or
+    // privilege is reported as such rather than as a failed CREATE PUBLICATION.
+    if !args.tables.is_empty() {
+        catalog::describe_tables(&client, &args.tables)
+            .await
+            .or_fail(SourceFail)?;
+    }
     let names = catalog::ensure_publication(&client, &args.publication, &args.tables)
         .await
         .or_fail(SourceFail)?;
@@ -320,10 +327,17 @@ async fn capture(
         .or_fail(SourceFail)
         .map_err(no_stream)?;
     let slot_name = args.slot.as_str();
-    let existing = catalog::inspect_slot(client, slot_name, &server.database)
-        .await
-        .or_fail(SourceFail)
-        .map_err(no_stream)?;
+    // After a crash, the old walsender may hold the slot for a moment: give it a few seconds.
+    let mut attempts = 0;
+    let existing = loop {
+        match catalog::inspect_slot(client, slot_name, &server.database).await {
+            Err(catalog::PreflightError::SlotActive { .. }) if attempts < 10 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other.or_fail(SourceFail).map_err(no_stream)?,
+        }
+    };
     let progress = if args.snapshot_only {
         None
     } else {

@@ -102,7 +102,6 @@ pub async fn run(
     let mut stats = SnapshotStats::default();
     // One record is held back so the final one can be marked "last".
     let mut held: Option<(Arc<str>, Option<bytes::Bytes>, Vec<u8>)> = None;
-    let mut fields = Vec::new();
     for info in tables {
         let table = table_schema(topic_prefix, info);
         let cols = info
@@ -130,6 +129,7 @@ pub async fn run(
                 &partial
             };
             for line in data.split_inclusive(|&b| b == b'\n') {
+                let mut fields = Vec::with_capacity(table.columns.len());
                 copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|source| {
                     SnapshotError::Copy {
                         table: info.name.to_string(),

@@ -1,0 +1,613 @@
+//! `pgcdc run` end to end: the real binary against the private cluster and the real broker,
+//! checked by consuming the topics it wrote.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::TestDb;
+use pgcdc::sink::kafka::{read_topic, KafkaConfig, ReadStop};
+use serde_json::Value;
+
+fn kafka() -> String {
+    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// One test's pgcdc setup: its own database, slot, publication and topic prefix.
+struct Pipeline {
+    db: TestDb,
+    slot: String,
+    prefix: String,
+    dir: PathBuf,
+}
+
+/// A record read back from a topic, JSON-decoded.
+#[derive(Debug, Clone)]
+struct Event {
+    key: Option<Value>,
+    value: Option<Value>,
+}
+
+impl Event {
+    fn op(&self) -> Option<&str> {
+        self.value.as_ref().and_then(|v| v["op"].as_str())
+    }
+    fn lsn_pair(&self) -> (u64, u64) {
+        let s = &self.value.as_ref().expect("not a tombstone")["source"];
+        (
+            s["commit_lsn"].as_u64().expect("commit_lsn"),
+            s["lsn"].as_u64().expect("lsn"),
+        )
+    }
+}
+
+impl Pipeline {
+    async fn new(setup_sql: &str) -> Pipeline {
+        let db = TestDb::create().await;
+        db.client()
+            .await
+            .batch_execute(setup_sql)
+            .await
+            .expect("test setup SQL");
+        let slot = common::unique_name("slot");
+        let prefix = common::unique_name("t");
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Pipeline {
+            db,
+            slot,
+            prefix,
+            dir,
+        }
+    }
+
+    fn source(&self) -> String {
+        format!(
+            "host={} port={} user={} dbname={} sslmode=disable",
+            self.db.env.host, self.db.env.port, self.db.env.superuser, self.db.name
+        )
+    }
+
+    /// `pgcdc run` with this pipeline's settings plus `extra`.
+    fn command(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
+        c.arg("run")
+            .args(["--source", &self.source()])
+            .args(["--kafka", &kafka()])
+            .args(["--slot", &self.slot, "--publication", &self.slot])
+            .args(["--topic-prefix", &self.prefix])
+            .args(["--status-interval", "0.5"])
+            .args(extra)
+            .env_remove("PGCDC_LOG")
+            .env("PGPASSFILE", "/nonexistent")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs to completion; returns the output.
+    fn run(&self, extra: &[&str]) -> Output {
+        self.command(extra).output().expect("pgcdc runs")
+    }
+
+    /// Runs in the background, logging to a file in this test's directory.
+    fn spawn(&self, extra: &[&str], log: &str) -> Child {
+        let file = std::fs::File::create(self.dir.join(log)).expect("log file");
+        self.command(extra)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("pgcdc starts")
+    }
+
+    fn log(&self, log: &str) -> String {
+        std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
+    }
+
+    fn topic(&self, table: &str) -> String {
+        format!("{}.public.{table}", self.prefix)
+    }
+
+    /// Everything in a table's topic, in offset order (one partition by default).
+    async fn events(&self, table: &str, expected: Option<usize>) -> Vec<Event> {
+        let cfg = KafkaConfig::new(kafka());
+        let topic = self.topic(table);
+        let records = tokio::task::spawn_blocking(move || {
+            read_topic(
+                &cfg,
+                &topic,
+                ReadStop::Quiet {
+                    expected,
+                    quiet: Duration::from_secs(3),
+                    max_wait: Duration::from_secs(60),
+                },
+            )
+        })
+        .await
+        .expect("reader thread")
+        .expect("topic is readable");
+        records
+            .into_iter()
+            .map(|r| Event {
+                key: r.key.map(|k| serde_json::from_slice(&k).expect("key is JSON")),
+                value: r
+                    .value
+                    .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
+            })
+            .collect()
+    }
+
+    /// The table as JSON objects by id, in the encoder's terms (id and n are numbers).
+    async fn table_rows(&self, table: &str) -> BTreeMap<i64, Value> {
+        let client = self.db.client().await;
+        let rows = client
+            .query(
+                &format!("SELECT id::int8, to_jsonb(t)::text FROM public.{table} t"),
+                &[],
+            )
+            .await
+            .expect("read table");
+        rows.iter()
+            .map(|r| {
+                let json: String = r.get(1);
+                (r.get::<_, i64>(0), serde_json::from_str(&json).expect("row json"))
+            })
+            .collect()
+    }
+
+    async fn confirmed_flush(&self) -> Option<u64> {
+        let client = self.db.client().await;
+        let row = client
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .expect("query slot")?;
+        row.get::<_, Option<i64>>(0).map(|v| v as u64)
+    }
+
+    async fn current_lsn(&self) -> u64 {
+        let client = self.db.client().await;
+        let row = client
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
+            .await
+            .expect("current lsn");
+        row.get::<_, i64>(0) as u64
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed with {:?}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The state each key ends in, replaying the topic like a consumer would; also checks that
+/// per key `(commit_lsn, lsn)` never goes backwards except for exact replays of seen events.
+/// Returns the final states and the number of replayed (duplicate) events.
+fn replay(events: &[Event]) -> (BTreeMap<i64, Value>, usize) {
+    let mut state: BTreeMap<i64, Value> = BTreeMap::new();
+    let mut seen: HashSet<(i64, u64, u64, String)> = HashSet::new();
+    let mut high: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    let mut duplicates = 0;
+    for e in events {
+        let id = e
+            .key
+            .as_ref()
+            .and_then(|k| k["id"].as_i64())
+            .expect("key has an id");
+        let Some(v) = &e.value else {
+            // A tombstone: the key is gone for a compacted topic.
+            assert!(!state.contains_key(&id) || seen.iter().any(|s| s.0 == id));
+            continue;
+        };
+        let pos = e.lsn_pair();
+        let op = e.op().unwrap_or_default().to_string();
+        let fresh = seen.insert((id, pos.0, pos.1, op.clone()));
+        let h = high.entry(id).or_insert((0, 0));
+        if pos < *h {
+            assert!(!fresh, "key {id}: event at {pos:?} after {h:?} is not a replay: {v}");
+            duplicates += 1;
+        } else if !fresh {
+            duplicates += 1;
+        }
+        *h = (*h).max(pos);
+        match op.as_str() {
+            "d" => {
+                state.remove(&id);
+            }
+            _ => {
+                state.insert(id, v["after"].clone());
+            }
+        }
+    }
+    (state, duplicates)
+}
+
+const ITEMS: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int);
+     INSERT INTO public.items SELECT g, 'row ' || g, g FROM generate_series(1, 50) g;";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_then_changes_exactly_once_and_resume_without_new_snapshot() {
+    let p = Pipeline::new(ITEMS).await;
+    let out = p.run(&["--table", "public.items", "--stop-lsn", "now"]);
+    assert_success(&out, "first run");
+
+    let events = p.events("items", Some(50)).await;
+    assert_eq!(events.len(), 50, "one read event per row");
+    assert!(events.iter().all(|e| e.op() == Some("r")));
+    let markers: Vec<&str> = events
+        .iter()
+        .map(|e| e.value.as_ref().unwrap()["source"]["snapshot"].as_str().unwrap())
+        .collect();
+    assert_eq!(markers.iter().filter(|m| **m == "last").count(), 1);
+    assert_eq!(markers.last(), Some(&"last"));
+    assert_eq!(events[0].key, Some(serde_json::json!({"id": 1})));
+    let first = events[0].value.as_ref().unwrap();
+    assert_eq!(first["after"], serde_json::json!({"id": 1, "v": "row 1", "n": 1}));
+    assert_eq!(first["source"]["table"], "items");
+    assert_eq!(first["source"]["connector"], "pgcdc");
+
+    let client = p.db.client().await;
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO items VALUES (51, 'new', 51), (52, 'new', 52);
+             UPDATE items SET v = 'changed' WHERE id = 1;
+             DELETE FROM items WHERE id = 2;
+             COMMIT;
+             UPDATE items SET id = 100 WHERE id = 3;
+             UPDATE items SET n = n + 1 WHERE id = 4;
+             UPDATE items SET n = n + 1 WHERE id = 4;
+             UPDATE items SET n = n + 1 WHERE id = 4;
+             DELETE FROM items WHERE id = 5;",
+        )
+        .await
+        .unwrap();
+    let out = p.run(&["--table", "public.items", "--stop-lsn", "now"]);
+    assert_success(&out, "second run");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("resuming from the slot"), "second run must resume:\n{log}");
+
+    // 2 inserts, 1 update, delete+tombstone, key change = delete+tombstone+create,
+    // 3 updates, delete+tombstone.
+    let all = p.events("items", Some(50 + 13)).await;
+    assert_eq!(all.len(), 63, "{:#?}", &all[50..]);
+    assert_eq!(all.iter().filter(|e| e.op() == Some("r")).count(), 50, "no second snapshot");
+    let changes: Vec<(Option<&str>, Value)> = all[50..]
+        .iter()
+        .map(|e| (e.op(), e.key.clone().unwrap()))
+        .collect();
+    use serde_json::json;
+    assert_eq!(
+        changes,
+        vec![
+            (Some("c"), json!({"id": 51})),
+            (Some("c"), json!({"id": 52})),
+            (Some("u"), json!({"id": 1})),
+            (Some("d"), json!({"id": 2})),
+            (None, json!({"id": 2})),
+            (Some("d"), json!({"id": 3})),
+            (None, json!({"id": 3})),
+            (Some("c"), json!({"id": 100})),
+            (Some("u"), json!({"id": 4})),
+            (Some("u"), json!({"id": 4})),
+            (Some("u"), json!({"id": 4})),
+            (Some("d"), json!({"id": 5})),
+            (None, json!({"id": 5})),
+        ]
+    );
+    // One transaction: one commit_lsn and txId for its four changes.
+    let txn: HashSet<String> = all[50..54]
+        .iter()
+        .filter_map(|e| e.value.as_ref())
+        .map(|v| format!("{}/{}", v["source"]["commit_lsn"], v["source"]["txId"]))
+        .collect();
+    assert_eq!(txn.len(), 1);
+    let (state, duplicates) = replay(&all);
+    assert_eq!(duplicates, 0);
+    assert_eq!(state, p.table_rows("items").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_streaming_loses_nothing() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.hot (id int PRIMARY KEY, c int NOT NULL);
+         INSERT INTO public.hot SELECT g, 0 FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let args = ["--table", "public.hot"];
+    let mut child = p.spawn(&args, "run0.log");
+    let writer = {
+        let client = p.db.client().await;
+        tokio::spawn(async move {
+            for i in 0..400 {
+                let sql = if i % 10 == 0 {
+                    // A multi-row transaction now and then.
+                    "BEGIN; UPDATE hot SET c = c + 1 WHERE id <= 3; UPDATE hot SET c = c + 1 WHERE id = 10; COMMIT;"
+                        .to_string()
+                } else {
+                    format!("UPDATE hot SET c = c + 1 WHERE id = {}", i % 10 + 1)
+                };
+                client.batch_execute(&sql).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for k in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        child = p.spawn(&args, &format!("run{k}.log"));
+    }
+    writer.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let out = p.run(&["--table", "public.hot", "--stop-lsn", "now"]);
+    assert_success(&out, "final run");
+
+    let events = p.events("hot", None).await;
+    let (state, duplicates) = replay(&events);
+    let table = p.table_rows("hot").await;
+    assert_eq!(state, table, "the last event per key equals the row");
+    // No loss: every value each counter went through was published.
+    for (id, row) in &table {
+        let last = row["c"].as_i64().unwrap();
+        let seen: HashSet<i64> = events
+            .iter()
+            .filter(|e| e.key.as_ref().and_then(|k| k["id"].as_i64()) == Some(*id))
+            .filter_map(|e| e.value.as_ref()?["after"]["c"].as_i64())
+            .collect();
+        for c in 0..=last {
+            assert!(seen.contains(&c), "key {id}: value {c} was never published");
+        }
+    }
+    eprintln!("kill -9 x4: {} events, {duplicates} replayed duplicates", events.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_snapshot_then_restart_publishes_everything() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text, n int);
+         INSERT INTO public.big SELECT g, repeat('x', 300), g FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let args = ["--table", "public.big"];
+    let mut child = p.spawn(&args, "snap.log");
+    // Wait until the snapshot is under way, then kill.
+    let started = common::poll_until(Duration::from_secs(30), || async {
+        p.log("snap.log").contains("snapshot: reading table").then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "snapshot never started:\n{}", p.log("snap.log"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let interrupted = !p.log("snap.log").contains("snapshot published");
+
+    p.db.client()
+        .await
+        .batch_execute("UPDATE big SET n = -n WHERE id % 1000 = 0; DELETE FROM big WHERE id = 7;")
+        .await
+        .unwrap();
+    let out = p.run(&["--table", "public.big", "--stop-lsn", "now"]);
+    assert_success(&out, "restart");
+    let log = String::from_utf8_lossy(&out.stderr);
+    if interrupted {
+        assert!(log.contains("no completed snapshot"), "must redo the snapshot:\n{log}");
+    }
+    let events = p.events("big", None).await;
+    let (state, _) = replay(&events);
+    assert_eq!(state, p.table_rows("big").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_tables_do_not_pin_wal_and_sigterm_stops_cleanly() {
+    let p = Pipeline::new(ITEMS).await;
+    let mut child = p.spawn(&["--table", "public.items"], "idle.log");
+    let streaming = common::poll_until(Duration::from_secs(30), || async {
+        p.log("idle.log").contains("streaming changes").then_some(())
+    })
+    .await;
+    assert!(streaming.is_some(), "never streamed:\n{}", p.log("idle.log"));
+    // WAL written elsewhere, not in the publication.
+    p.db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE other (x int); INSERT INTO other SELECT generate_series(1, 10000);",
+        )
+        .await
+        .unwrap();
+    let target = p.current_lsn().await;
+    let advanced = common::poll_until(Duration::from_secs(30), || async {
+        p.confirmed_flush().await.filter(|c| *c >= target)
+    })
+    .await;
+    assert!(
+        advanced.is_some(),
+        "confirmed_flush_lsn stayed at {:?} < {target}\n{}",
+        p.confirmed_flush().await,
+        p.log("idle.log")
+    );
+
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let exited = common::poll_until(Duration::from_secs(20), || {
+        let r = child.try_wait().ok().flatten();
+        async move { r }
+    })
+    .await
+    .expect("pgcdc exits after SIGTERM");
+    assert!(exited.success(), "exit {exited:?}\n{}", p.log("idle.log"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdout_sink_writes_json_lines() {
+    let p = Pipeline::new(ITEMS).await;
+    let progress = p.dir.join("progress.json");
+    let progress = progress.to_str().unwrap();
+    let args = [
+        "--table", "public.items", "--sink", "stdout", "--progress-file", progress, "--stop-lsn",
+        "now",
+    ];
+    let out = p.run(&args);
+    assert_success(&out, "snapshot to stdout");
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 50);
+    assert_eq!(lines[0]["topic"], p.topic("items"));
+    assert_eq!(lines[0]["key"], serde_json::json!({"id": 1}));
+    assert_eq!(lines[0]["value"]["op"], "r");
+
+    p.db.client()
+        .await
+        .batch_execute("DELETE FROM items WHERE id = 9")
+        .await
+        .unwrap();
+    let out = p.run(&args);
+    assert_success(&out, "stream to stdout");
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["value"]["op"], "d");
+    assert_eq!(lines[0]["value"]["before"]["id"], 9);
+    assert_eq!(lines[1]["key"], serde_json::json!({"id": 9}));
+    assert_eq!(lines[1]["value"], Value::Null, "tombstone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_only_leaves_no_slot() {
+    let p = Pipeline::new(ITEMS).await;
+    let out = p.run(&["--table", "public.items", "--snapshot-only"]);
+    assert_success(&out, "snapshot only");
+    assert_eq!(p.events("items", Some(50)).await.len(), 50);
+    let client = p.db.client().await;
+    let slots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+}
+
+/// Runs pgcdc expecting a failure: checks the exit code and that stderr names the fix.
+fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_name_the_fix() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text);
+         CREATE TABLE public.nokey (v text);",
+    )
+    .await;
+    assert_fails(
+        &p.run(&["--table", "public.missing"]),
+        3,
+        &["public.missing does not exist"],
+    );
+    assert_fails(
+        &p.run(&["--table", "public.nokey"]),
+        3,
+        &["no primary key", "REPLICA IDENTITY FULL"],
+    );
+    assert_fails(&p.run(&["--table", "bad name!"]), 2, &["schema.table"]);
+    assert_fails(&p.run(&["--table", "items", "--stop-lsn", "x/y"]), 2, &["LSN"]);
+    assert_fails(&p.run(&["--table", "items", "-X", "novalue"]), 2, &["key=value"]);
+
+    let mut bad_source = p.command(&["--table", "items"]);
+    bad_source.args(["--source", "host=127.0.0.1 nonsense"]);
+    assert_fails(&bad_source.output().unwrap(), 2, &["--source"]);
+
+    let mut no_kafka = p.command(&["--table", "items", "--kafka-timeout", "2"]);
+    no_kafka.args(["--kafka", "127.0.0.1:9"]);
+    assert_fails(&no_kafka.output().unwrap(), 4, &["127.0.0.1:9"]);
+
+    // The slot in use by another pgcdc.
+    let mut first = p.spawn(&["--table", "items"], "first.log");
+    let streaming = common::poll_until(Duration::from_secs(30), || async {
+        p.log("first.log").contains("streaming changes").then_some(())
+    })
+    .await;
+    assert!(streaming.is_some(), "{}", p.log("first.log"));
+    assert_fails(&p.run(&["--table", "items"]), 3, &["in use by process", "--slot"]);
+    let _ = first.kill();
+    let _ = first.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_privileges_name_the_grant() {
+    let p = Pipeline::new(ITEMS).await;
+    let client = p.db.client().await;
+    let norepl = common::unique_name("norepl");
+    let noselect = common::unique_name("noselect");
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {norepl} LOGIN; CREATE ROLE {noselect} LOGIN REPLICATION;
+             CREATE PUBLICATION {} FOR TABLE items;",
+            p.slot
+        ))
+        .await
+        .unwrap();
+    let as_role = |role: &str| {
+        let mut c = p.command(&["--table", "items"]);
+        c.args([
+            "--source",
+            &format!(
+                "host={} port={} user={role} dbname={} sslmode=disable",
+                p.db.env.host, p.db.env.port, p.db.name
+            ),
+        ]);
+        c.output().unwrap()
+    };
+    assert_fails(&as_role(&norepl), 3, &["REPLICATION"]);
+    assert_fails(&as_role(&noselect), 3, &["GRANT SELECT"]);
+    let _ = client
+        .batch_execute(&format!("DROP ROLE {norepl}; DROP ROLE {noselect};"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
+    let p = Pipeline::new(ITEMS).await;
+    let out = p.run(&["--table", "items", "--stop-lsn", "now"]);
+    assert_success(&out, "snapshot");
+    p.db.client()
+        .await
+        .batch_execute("UPDATE items SET v = repeat('y', 5000) WHERE id = 1")
+        .await
+        .unwrap();
+    let after_update = p.current_lsn().await;
+    let out = p.run(&["--table", "items", "--stop-lsn", "now", "-X", "message.max.bytes=2000"]);
+    assert_fails(&out, 4, &["message.max.bytes"]);
+    let confirmed = p.confirmed_flush().await.expect("slot exists");
+    assert!(confirmed < after_update, "the failed transaction must not be confirmed");
+}

@@ -7,16 +7,25 @@
 //! PostgreSQL nothing beyond the last reported checkpoint — that is the whole no-loss
 //! argument, so a sink must never report a checkpoint early, and must never drop a record:
 //! when it cannot keep up it stops reading the channel, which stops reading WAL.
+//!
+//! [`run`] drives either sink until the channel is closed **and** everything already handed
+//! over has been acknowledged (the drain on shutdown), then returns a [`SinkSummary`]. An
+//! error ends the run at once: whatever was not acknowledged is simply not confirmed, and the
+//! next start replays it from PostgreSQL (at-least-once, never at-most-once).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use rdkafka::error::KafkaError;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::source::Lsn;
 
 pub mod kafka;
 pub mod stdout;
+
+pub use kafka::KafkaSink;
+pub use stdout::StdoutSink;
 
 /// One message for a topic. `value: None` is a tombstone.
 #[derive(Debug, Clone)]
@@ -28,6 +37,13 @@ pub struct Record {
     pub value: Option<Bytes>,
 }
 
+impl Record {
+    /// Bytes of payload this record carries (key plus value), as counted in [`SinkSummary`].
+    pub fn payload_len(&self) -> usize {
+        self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len)
+    }
+}
+
 /// What flows from the pipeline to a sink, in order.
 #[derive(Debug)]
 pub enum SinkItem {
@@ -37,4 +53,200 @@ pub enum SinkItem {
     Checkpoint(Lsn),
     /// Resolved once every earlier record is acknowledged (used to wait for the snapshot).
     Barrier(oneshot::Sender<()>),
+}
+
+/// The destination of a run.
+pub enum Sink {
+    Kafka(KafkaSink),
+    Stdout(StdoutSink),
+}
+
+/// What a finished run acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SinkSummary {
+    /// Records acknowledged (delivered to Kafka, or written and flushed to the output).
+    pub records: u64,
+    /// Key plus value bytes of those records.
+    pub bytes: u64,
+    /// Of those records, how many were tombstones (`value: None`).
+    pub tombstones: u64,
+}
+
+impl SinkSummary {
+    pub(crate) fn add(&mut self, payload_bytes: usize, tombstone: bool) {
+        self.records += 1;
+        self.bytes += payload_bytes as u64;
+        self.tombstones += u64::from(tombstone);
+    }
+}
+
+/// Why a sink stopped. Every message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(
+        "a record of {bytes} bytes for topic `{topic}` is larger than Kafka accepts: raise the \
+         broker's message.max.bytes (or the topic's max.message.bytes) and pass \
+         -X message.max.bytes={bytes_hint} to pgcdc",
+        bytes_hint = bytes.saturating_add(1024)
+    )]
+    MessageTooLarge { topic: String, bytes: usize },
+
+    #[error("Kafka did not accept a record for topic `{topic}`")]
+    Delivery {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+
+    #[error(
+        "not authorized to write to Kafka topic `{topic}`: grant pgcdc's principal WRITE and \
+         DESCRIBE on the topic (or fix the -X sasl.* / ssl.* credentials)"
+    )]
+    TopicAuthorization { topic: String },
+
+    #[error(
+        "Kafka topic `{topic}` does not exist and the broker did not create it: create it \
+         yourself, or let pgcdc create it at start (it needs CREATE permission)"
+    )]
+    UnknownTopic { topic: String },
+
+    #[error(
+        "the Kafka producer stopped with a fatal error ({reason}); restart pgcdc: it resumes \
+         from the last position Kafka acknowledged"
+    )]
+    ProducerFatal { reason: String },
+
+    #[error("the output was closed (broken pipe); nothing after the last flush is confirmed")]
+    OutputClosed,
+
+    #[error("cannot write the output")]
+    Io(#[source] std::io::Error),
+
+    #[error("invalid Kafka client configuration: {0}")]
+    Config(String),
+
+    #[error(
+        "Kafka at {bootstrap} is still unreachable after {waited_secs}s ({reason}): check the \
+         bootstrap address, that the broker is running, and the -X security.protocol / ssl.* / \
+         sasl.* settings"
+    )]
+    Unreachable {
+        bootstrap: String,
+        waited_secs: u64,
+        reason: String,
+    },
+
+    #[error(
+        "the broker refused to create Kafka topic `{topic}` ({reason}): create it yourself \
+         (partitions={partitions}, replication factor={replication}{compact}), or grant \
+         pgcdc's principal CREATE on the cluster or topic",
+        compact = if *compacted { ", cleanup.policy=compact" } else { "" }
+    )]
+    TopicCreation {
+        topic: String,
+        reason: String,
+        partitions: i32,
+        replication: i32,
+        compacted: bool,
+    },
+
+    #[error("cannot read Kafka topic `{topic}`")]
+    Read {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+
+    #[error("interrupted: the runtime is shutting down")]
+    ShuttingDown,
+
+    #[error("reading Kafka topic `{topic}` made no progress for {secs}s: is the broker up?")]
+    ReadStalled { topic: String, secs: u64 },
+}
+
+impl SinkError {
+    /// Retrying without a change by the operator cannot help: a configuration, permission or
+    /// size problem. Transient conditions (delivery failures, an unreachable broker, a fatal
+    /// producer state that a restart clears) are not fatal in this sense.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            SinkError::MessageTooLarge { .. }
+                | SinkError::TopicAuthorization { .. }
+                | SinkError::UnknownTopic { .. }
+                | SinkError::Config(_)
+                | SinkError::TopicCreation { .. }
+        )
+    }
+
+    /// The reader of our output went away (`pgcdc … | head`): a clean end, not a failure.
+    /// The caller exits 0 without confirming what was not written.
+    pub fn is_output_closed(&self) -> bool {
+        matches!(self, SinkError::OutputClosed)
+    }
+}
+
+/// Runs `sink` until `rx` is closed and everything handed over has been acknowledged, reporting
+/// each [`SinkItem::Checkpoint`] on `acked` once every record before it is acknowledged.
+///
+/// Backpressure: the sink stops reading `rx` while it is at its in-flight limit (Kafka) or while
+/// its output blocks (stdout); it never buffers without bound and never drops a record.
+pub async fn run(
+    sink: Sink,
+    rx: mpsc::Receiver<SinkItem>,
+    acked: watch::Sender<Lsn>,
+) -> Result<SinkSummary, SinkError> {
+    match sink {
+        Sink::Kafka(k) => k.run(rx, acked).await,
+        Sink::Stdout(s) => s.run(rx, acked).await,
+    }
+}
+
+/// Publishes `lsn` on the watch unless an equal or later position is already there: progress
+/// only moves forward, even if a caller repeats a checkpoint.
+pub(crate) fn report(acked: &watch::Sender<Lsn>, lsn: Lsn) {
+    acked.send_if_modified(|cur| {
+        if lsn > *cur {
+            *cur = lsn;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_only_moves_forward() {
+        let (tx, rx) = watch::channel(Lsn(0));
+        report(&tx, Lsn(10));
+        report(&tx, Lsn(5));
+        assert_eq!(*rx.borrow(), Lsn(10));
+        report(&tx, Lsn(11));
+        assert_eq!(*rx.borrow(), Lsn(11));
+    }
+
+    #[test]
+    fn messages_name_the_fix() {
+        let e = SinkError::MessageTooLarge {
+            topic: "t".into(),
+            bytes: 5000,
+        };
+        let s = e.to_string();
+        assert!(s.contains("message.max.bytes=6024"), "{s}");
+        assert!(e.is_fatal());
+        assert!(SinkError::OutputClosed.is_output_closed());
+        assert!(!SinkError::OutputClosed.is_fatal());
+        let e = SinkError::TopicCreation {
+            topic: "x".into(),
+            reason: "Broker: Policy violation".into(),
+            partitions: 3,
+            replication: 1,
+            compacted: true,
+        };
+        assert!(e.to_string().contains("cleanup.policy=compact"));
+    }
 }

@@ -1,1 +1,0 @@
-//! The Kafka sink (being written).

@@ -1,0 +1,356 @@
+//! The Kafka sink, and the Kafka utilities that share its client configuration.
+//!
+//! # Why the producer is configured the way it is
+//!
+//! pgcdc confirms a WAL position to PostgreSQL only after Kafka acknowledged every record
+//! before it (see [`crate::sink`]). Everything below serves that rule:
+//!
+//! - **`acks=all` and `enable.idempotence=true`.** An acknowledgement means the record is on
+//!   every in-sync replica, and librdkafka's retries can neither duplicate nor reorder records
+//!   within a partition (sequence numbers per partition; up to 5 requests in flight stay in
+//!   order). Without idempotence a retried batch could land after a later one, and a row's
+//!   update could overtake its insert.
+//! - **`message.timeout.ms=0` (retry forever).** With a finite timeout, a broker outage longer
+//!   than the timeout fails records; pgcdc could only stop, and the records after the failed
+//!   one would already be queued and might still be written — a gap in the partition. Retrying
+//!   forever turns an outage into a *stall*: acknowledgements stop, the in-flight window
+//!   fills, the sink stops reading its channel, the pipeline stops reading WAL, and PostgreSQL
+//!   keeps the WAL for the slot. When the broker returns, delivery resumes in order. librdkafka
+//!   reports the outage through its log and error callbacks, which surface here as `tracing`
+//!   warnings, and the sink adds its own warning when nothing has been acknowledged for
+//!   [`producer::STALL_WARNING_AFTER`] while records are in flight.
+//! - **`partitioner=murmur2_random`.** The same key goes to the same partition as with the
+//!   Java client (Kafka Connect, Debezium), so consumers and compaction see one partition per
+//!   row, whichever tool wrote it.
+//! - **`linger.ms=5`, `compression.type=lz4`.** Small batches cost latency nothing noticeable
+//!   and save most of the per-request overhead; lz4 is cheap on CPU.
+//! - **Bounded in flight.** At most [`KafkaConfig::max_in_flight`] records await their delivery
+//!   report. At the limit — or when librdkafka answers `QueueFull` — the sink waits for the
+//!   oldest delivery before taking more: backpressure, never a dropped record.
+//!
+//! Every `-X key=value` property given by the user overrides these defaults; an invalid one
+//! fails at creation with [`SinkError::Config`] naming it.
+//!
+//! # Ordering of acknowledgements
+//!
+//! Delivery reports of different partitions arrive in any order. The sink keeps one FIFO of
+//! pending deliveries and checkpoint markers, and only ever completes its *front*: a checkpoint
+//! reaches the front only after every record before it has been acknowledged. See
+//! [`producer`].
+//!
+//! # Utilities
+//!
+//! [`wait_for_cluster`] (start-up: wait for the broker rather than fail), [`ensure_topics`]
+//! (create missing topics) and [`read_topic`] / [`read_last_value`] (read back; used by tests,
+//! `verify`, and to load pgcdc's durable progress) use the same bootstrap address and `-X`
+//! properties, so security settings are given once.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+
+use super::SinkError;
+
+mod admin;
+pub mod producer;
+mod reader;
+
+pub use admin::{ensure_topics, wait_for_cluster, TopicSpec};
+pub use producer::KafkaSink;
+pub use reader::{read_last_value, read_topic, ConsumedRecord, ReadStop, TopicReader};
+
+/// An error event identical to the previous one within this window is not logged again.
+const REPEAT_WINDOW: Duration = Duration::from_secs(5);
+
+/// Default bound on records awaiting their delivery report.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 100_000;
+
+/// Producer settings applied before the user's `-X` properties (which override them).
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("partitioner", "murmur2_random"),
+    ("message.timeout.ms", "0"),
+    ("linger.ms", "5"),
+    ("compression.type", "lz4"),
+    ("client.id", "pgcdc"),
+];
+
+/// Where Kafka is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: `host:port[,host:port…]`.
+    pub bootstrap: String,
+    /// The user's `-X key=value` librdkafka properties, in the order given (later wins).
+    pub properties: Vec<(String, String)>,
+    /// Bound on records awaiting their delivery report (backpressure beyond it).
+    pub max_in_flight: usize,
+}
+
+impl KafkaConfig {
+    /// A configuration with no extra properties and the default in-flight bound.
+    pub fn new(bootstrap: impl Into<String>) -> Self {
+        KafkaConfig {
+            bootstrap: bootstrap.into(),
+            properties: Vec::new(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+
+    /// Adds a `-X` property.
+    pub fn property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// Which kind of client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Producer,
+    /// Metadata and admin requests.
+    Admin,
+    /// Reading topics back.
+    Reader,
+}
+
+/// librdkafka client configuration for `role`: our settings for the role, then the user's
+/// properties. For the producer the user's properties override our defaults; for the other
+/// roles a few settings the code depends on are forced after them.
+pub(crate) fn client_config(cfg: &KafkaConfig, role: Role) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap);
+    match role {
+        Role::Producer => {
+            for (k, v) in PRODUCER_DEFAULTS {
+                c.set(*k, *v);
+            }
+        }
+        Role::Admin => {
+            c.set("client.id", "pgcdc-admin");
+        }
+        Role::Reader => {
+            c.set("client.id", "pgcdc-reader");
+        }
+    }
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    match role {
+        Role::Producer => {}
+        Role::Admin => {
+            // Asking for a topic's metadata must not create it.
+            c.set("allow.auto.create.topics", "false");
+        }
+        Role::Reader => {
+            c.set("allow.auto.create.topics", "false");
+            c.set("enable.auto.commit", "false");
+            c.set("enable.auto.offset.store", "false");
+            c.set("enable.partition.eof", "true");
+            c.set("auto.offset.reset", "earliest");
+            // librdkafka wants a group id for a consumer even when partitions are assigned
+            // by hand and nothing is committed; a unique one never joins anything.
+            c.set("group.id", unique_group_id());
+        }
+    }
+    c
+}
+
+fn unique_group_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("pgcdc-reader-{}-{nanos}", std::process::id())
+}
+
+/// Maps a client creation failure to [`SinkError::Config`], naming the property.
+pub(crate) fn config_error(e: KafkaError) -> SinkError {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, value) => {
+            let value = if is_secret(&key) { "***" } else { &value };
+            SinkError::Config(format!("-X {key}={value}: {desc}"))
+        }
+        KafkaError::ClientCreation(msg) => SinkError::Config(msg),
+        other => SinkError::Config(other.to_string()),
+    }
+}
+
+/// A blocking Kafka call's task ended without an answer: re-raise its panic, or report that
+/// the runtime is shutting down (the only other way a blocking task ends early).
+pub(crate) fn join_error(e: tokio::task::JoinError) -> SinkError {
+    match e.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        Err(_) => SinkError::ShuttingDown,
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "key", "token", "jaas"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// The librdkafka client context of every pgcdc client: routes librdkafka's log lines and
+/// error events to `tracing`, and remembers the last error for our own messages.
+pub(crate) struct PgcdcContext {
+    role: Role,
+    /// Report librdkafka's error events and log lines at debug level only (the caller
+    /// reports instead).
+    quiet_errors: bool,
+    last_error: Mutex<Option<String>>,
+    /// The last error event logged and when, to drop repeats: rdkafka 0.39 hands every
+    /// producer error event to the context twice, and librdkafka repeats some every second.
+    last_logged: Mutex<Option<(String, Instant)>>,
+}
+
+impl PgcdcContext {
+    pub(crate) fn new(role: Role) -> Self {
+        PgcdcContext {
+            role,
+            quiet_errors: false,
+            last_error: Mutex::new(None),
+            last_logged: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn quiet(mut self) -> Self {
+        self.quiet_errors = true;
+        self
+    }
+
+    /// Whether `reason` was logged less than [`REPEAT_WINDOW`] ago (and if not, remembers it).
+    fn is_repeat(&self, reason: &str) -> bool {
+        let Ok(mut last) = self.last_logged.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if let Some((prev, at)) = last.as_ref() {
+            if prev == reason && now.duration_since(*at) < REPEAT_WINDOW {
+                return true;
+            }
+        }
+        *last = Some((reason.to_string(), now));
+        false
+    }
+
+    /// The last error event's reason, cleared by reading it.
+    pub(crate) fn take_last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|mut e| e.take())
+    }
+}
+
+impl ClientContext for PgcdcContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // Our readers and admin clients get the user's producer properties too; librdkafka's
+        // "ignored by this consumer" notes about them are noise.
+        if fac == "CONFWARN" && self.role != Role::Producer {
+            tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+            return;
+        }
+        // Connection failures arrive twice: as a FAIL log line and as an error event, which
+        // is the one reported (see `error`). In quiet mode the caller reports instead.
+        if fac == "FAIL" || self.quiet_errors {
+            tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+            return;
+        }
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            // librdkafka's "errors" are mostly connection trouble it recovers from itself.
+            RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Notice => {
+                tracing::info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Ok(mut last) = self.last_error.lock() {
+            // "N/M brokers are down" follows the specific failure; keep the specific one.
+            let summary_only = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+            if !(summary_only && last.is_some()) {
+                *last = Some(reason.to_string());
+            }
+        }
+        // A consumer's end-of-partition notice travels as an error event; it is no error.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::debug!(target: "librdkafka", "{reason}");
+            return;
+        }
+        if self.is_repeat(reason) {
+            return;
+        }
+        let fatal = error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
+        if fatal {
+            tracing::error!(target: "librdkafka", "Kafka client fatal error: {reason}");
+        } else if self.quiet_errors {
+            tracing::debug!(target: "librdkafka", "Kafka client: {reason}");
+        } else {
+            // Broker down, connection refused, authentication failed…: librdkafka keeps
+            // retrying; the operator should know.
+            tracing::warn!(target: "librdkafka", "Kafka client: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for PgcdcContext {}
+
+/// Only the metadata clients ([`BaseProducer`](rdkafka::producer::BaseProducer)) use this;
+/// they produce nothing. The sink's producer wraps the context in its own delivery handling.
+impl ProducerContext for PgcdcContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_properties_override_producer_defaults() {
+        let cfg = KafkaConfig::new("b:9092")
+            .property("linger.ms", "50")
+            .property("client.id", "mine");
+        let c = client_config(&cfg, Role::Producer);
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        assert_eq!(c.get("client.id"), Some("mine"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("message.timeout.ms"), Some("0"));
+        assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn reader_settings_the_code_depends_on_are_forced() {
+        let cfg = KafkaConfig::new("b:9092").property("enable.auto.commit", "true");
+        let c = client_config(&cfg, Role::Reader);
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.partition.eof"), Some("true"));
+        assert!(c.get("group.id").is_some());
+    }
+
+    #[test]
+    fn config_errors_name_the_property_and_hide_secrets() {
+        let e = config_error(KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
+            "No such configuration property".into(),
+            "sasl.password.typo".into(),
+            "hunter2".into(),
+        ));
+        let s = e.to_string();
+        assert!(s.contains("sasl.password.typo"), "{s}");
+        assert!(!s.contains("hunter2"), "{s}");
+    }
+}

@@ -116,7 +116,14 @@ pub struct RunArgs {
     /// PostgreSQL to capture from: a libpq URL (postgres://user@host:5432/db?sslmode=require)
     /// or key=value string ("host=db dbname=shop"). PGHOST, PGPORT, PGUSER, PGPASSWORD,
     /// PGDATABASE, PGSSLMODE… and ~/.pgpass fill what it leaves out.
-    #[arg(long, env = "PGCDC_SOURCE", value_name = "CONNINFO", default_value = "", hide_default_value = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PGCDC_SOURCE",
+        value_name = "CONNINFO",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
     pub source: String,
 
     /// Kafka bootstrap servers, host:port[,host:port…]. Required for the Kafka sink.
@@ -129,7 +136,12 @@ pub struct RunArgs {
 
     /// A table to capture, as schema.table (repeatable; comma-separated in the variable).
     /// Default: every table in the publication.
-    #[arg(long = "table", env = "PGCDC_TABLES", value_name = "SCHEMA.TABLE", value_delimiter = ',')]
+    #[arg(
+        long = "table",
+        env = "PGCDC_TABLES",
+        value_name = "SCHEMA.TABLE",
+        value_delimiter = ','
+    )]
     pub tables: Vec<TableName>,
 
     /// Logical replication slot to create or resume.
@@ -141,7 +153,12 @@ pub struct RunArgs {
     pub publication: String,
 
     /// Topic names are <prefix>.<schema>.<table>; also the `source.name` of events.
-    #[arg(long, env = "PGCDC_TOPIC_PREFIX", default_value = "pgcdc", value_name = "PREFIX")]
+    #[arg(
+        long,
+        env = "PGCDC_TOPIC_PREFIX",
+        default_value = "pgcdc",
+        value_name = "PREFIX"
+    )]
     pub topic_prefix: String,
 
     /// When to snapshot the tables before streaming.
@@ -159,7 +176,13 @@ pub struct RunArgs {
 
     /// A librdkafka property, as kcat takes it: -X compression.type=zstd (repeatable;
     /// semicolon-separated in the variable). Overrides pgcdc's defaults.
-    #[arg(short = 'X', env = "PGCDC_KAFKA_PROPERTIES", value_name = "KEY=VALUE", value_delimiter = ';', hide_env_values = true)]
+    #[arg(
+        short = 'X',
+        env = "PGCDC_KAFKA_PROPERTIES",
+        value_name = "KEY=VALUE",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
     pub kafka_properties: Vec<Property>,
 
     /// Follow each delete with a tombstone (same key, null value) so compacted topics forget
@@ -168,11 +191,21 @@ pub struct RunArgs {
     pub tombstones: bool,
 
     /// Partitions of the topics pgcdc creates (existing topics are left as they are).
-    #[arg(long, env = "PGCDC_TOPIC_PARTITIONS", default_value_t = 1, value_name = "N")]
+    #[arg(
+        long,
+        env = "PGCDC_TOPIC_PARTITIONS",
+        default_value_t = 1,
+        value_name = "N"
+    )]
     pub topic_partitions: i32,
 
     /// Replication factor of the topics pgcdc creates.
-    #[arg(long, env = "PGCDC_TOPIC_REPLICATION_FACTOR", default_value_t = 1, value_name = "N")]
+    #[arg(
+        long,
+        env = "PGCDC_TOPIC_REPLICATION_FACTOR",
+        default_value_t = 1,
+        value_name = "N"
+    )]
     pub topic_replication_factor: i32,
 
     /// Where the stdout sink keeps its progress (default: ~/.local/state/pgcdc/<db>-<slot>.json).

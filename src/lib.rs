@@ -5,11 +5,11 @@
 //! → `event` (the change model and its encoders) → `sink` (Kafka, stdout), with a
 //! `checkpoint` module that owns LSN progress.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
-pub mod source;
-pub mod checkpoint;
 pub mod event;
-pub mod sink;
 pub mod run;
 pub mod signals;
+pub mod sink;
+pub mod source;

@@ -150,7 +150,9 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     if args.sink == SinkKind::Kafka && args.kafka.is_none() {
         return Err(Failure {
             kind: Usage,
-            error: anyhow!("--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"),
+            error: anyhow!(
+                "--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"
+            ),
         });
     }
     tracing::info!(source = %conninfo.redacted(), "connecting to PostgreSQL");
@@ -262,7 +264,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             tracing::info!(?summary, "sink finished");
             None
         }
-        Ok(Err(e)) if matches!(e, sink::SinkError::OutputClosed) => {
+        Ok(Err(sink::SinkError::OutputClosed)) => {
             tracing::info!("output closed; stopping without confirming what was not written");
             None
         }
@@ -425,7 +427,12 @@ async fn capture(
                 tracing::info!("stopped during the snapshot; the next run takes it again");
                 return Ok(None);
             }
-            Err(e) => return Err(no_stream(Failure { kind: SourceFail, error: e.into() })),
+            Err(e) => {
+                return Err(no_stream(Failure {
+                    kind: SourceFail,
+                    error: e.into(),
+                }))
+            }
         };
         barrier(tx).await.map_err(no_stream)?;
         tracing::info!(rows = stats.rows, "snapshot published and acknowledged");
@@ -458,7 +465,10 @@ async fn capture(
             .or_fail(SourceFail)
             .map_err(no_stream)?;
         store
-            .save(&new_progress(SnapshotState::Skipped, created.consistent_point), tx)
+            .save(
+                &new_progress(SnapshotState::Skipped, created.consistent_point),
+                tx,
+            )
             .await
             .map_err(no_stream)?;
         tracing::info!(slot = slot_name, consistent_point = %created.consistent_point, "slot created without snapshot (--snapshot never)");
@@ -481,7 +491,16 @@ async fn capture(
         .map_err(no_stream)?;
     tracing::info!(slot = slot_name, from = %start, "streaming changes");
     let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
-    stream_changes(stream, builder, tx, acked_rx, stop, stop_lsn, args.status_interval).await
+    stream_changes(
+        stream,
+        builder,
+        tx,
+        acked_rx,
+        stop,
+        stop_lsn,
+        args.status_interval,
+    )
+    .await
 }
 
 /// The streaming loop; see the module docs for its priorities.

@@ -13,7 +13,9 @@ pub fn stop_on_signals() -> watch::Receiver<bool> {
             wait_for_signal().await;
             count += 1;
             if count == 1 {
-                tracing::info!("signal received: stopping gracefully (send it again to exit at once)");
+                tracing::info!(
+                    "signal received: stopping gracefully (send it again to exit at once)"
+                );
                 let _ = tx.send(true);
             } else {
                 tracing::warn!("second signal: exiting now");
@@ -27,7 +29,10 @@ pub fn stop_on_signals() -> watch::Receiver<bool> {
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}

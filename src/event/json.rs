@@ -79,7 +79,14 @@ fn write_utf8_str(out: &mut Vec<u8>, s: &str) {
         };
         out.extend_from_slice(&bytes[start..i]);
         if esc.is_empty() {
-            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 0xf) as usize],
+            ]);
         } else {
             out.extend_from_slice(esc);
         }
@@ -188,7 +195,10 @@ mod tests {
 
     #[test]
     fn numbers_and_specials() {
-        assert_eq!(enc(oid::INT8, b"-9223372036854775808"), "-9223372036854775808");
+        assert_eq!(
+            enc(oid::INT8, b"-9223372036854775808"),
+            "-9223372036854775808"
+        );
         assert_eq!(enc(oid::FLOAT8, b"1.5e+20"), "1.5e+20");
         assert_eq!(enc(oid::FLOAT8, b"NaN"), "\"NaN\"");
         assert_eq!(enc(oid::FLOAT4, b"-Infinity"), "\"-Infinity\"");
@@ -198,7 +208,10 @@ mod tests {
 
     #[test]
     fn strings_are_escaped() {
-        assert_eq!(enc(oid::TEXT, "é\u{1}\"\\\n".as_bytes()), "\"é\\u0001\\\"\\\\\\n\"");
+        assert_eq!(
+            enc(oid::TEXT, "é\u{1}\"\\\n".as_bytes()),
+            "\"é\\u0001\\\"\\\\\\n\""
+        );
         assert_eq!(enc(oid::TEXT, &[0xff, b'a']), "\"\u{fffd}a\"");
     }
 

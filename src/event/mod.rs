@@ -185,7 +185,11 @@ impl Encoder {
             }
             let col = &table.columns[i];
             out.extend_from_slice(&col.json_label);
-            json::write_datum(&mut out, col.type_oid, row.get(i).copied().unwrap_or(Datum::Null));
+            json::write_datum(
+                &mut out,
+                col.type_oid,
+                row.get(i).copied().unwrap_or(Datum::Null),
+            );
         }
         out.push(b'}');
         Some(out.into())

@@ -85,7 +85,12 @@ impl TableName {
 
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+        write!(
+            f,
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(&self.name)
+        )
     }
 }
 
@@ -152,7 +157,9 @@ impl FromStr for TableName {
 /// Quotes an identifier for SQL when it needs quoting.
 pub fn quote_ident(s: &str) -> String {
     let plain = !s.is_empty()
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if plain {
@@ -315,16 +322,17 @@ pub async fn ensure_publication(
             "CREATE PUBLICATION {} FOR TABLE {tables}",
             quote_ident(publication)
         );
-        client.batch_execute(&sql).await.map_err(|e| {
-            PreflightError::CreatePublication {
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| PreflightError::CreatePublication {
                 publication: publication.to_string(),
                 tables: tables.clone(),
                 cause: e
                     .as_db_error()
                     .map(|d| d.message().to_string())
                     .unwrap_or_else(|| e.to_string()),
-            }
-        })?;
+            })?;
         tracing::info!(publication, %tables, "created publication");
         return Ok(requested.to_vec());
     };

@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::event::{self, Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
+use crate::event::{
+    self, Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema,
+};
 use crate::sink::{Record, SinkItem};
 use crate::source::catalog::{TableInfo, TableName};
 use crate::source::pgoutput::{
@@ -24,9 +26,13 @@ use crate::source::Lsn;
 /// A change stream pgcdc cannot turn into events.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
-    #[error("change for relation OID {0} arrived before its Relation message (protocol violation)")]
+    #[error(
+        "change for relation OID {0} arrived before its Relation message (protocol violation)"
+    )]
     UnknownRelation(u32),
-    #[error("{0} sent a binary value; pgcdc asks for text values, so this is a protocol violation")]
+    #[error(
+        "{0} sent a binary value; pgcdc asks for text values, so this is a protocol violation"
+    )]
     BinaryValue(String),
     #[error("{what} arrived outside a transaction (protocol violation)")]
     OutsideTransaction { what: &'static str },
@@ -55,7 +61,12 @@ pub struct ChangeBuilder {
 }
 
 impl ChangeBuilder {
-    pub fn new(encoder: Encoder, topic_prefix: &str, tables: &[TableInfo], tombstones: bool) -> Self {
+    pub fn new(
+        encoder: Encoder,
+        topic_prefix: &str,
+        tables: &[TableInfo],
+        tombstones: bool,
+    ) -> Self {
         ChangeBuilder {
             encoder,
             topic_prefix: topic_prefix.to_string(),

@@ -31,7 +31,7 @@ use crate::event::Encoder;
 use crate::sink::{self, kafka, Record, SinkItem};
 use crate::source::catalog::{self, quote_ident, TableInfo};
 use crate::source::changes::{topic_name, ChangeBuilder};
-use crate::source::pgoutput::Decoder;
+use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationMessage, ReplicationStream, SnapshotAction,
 };
@@ -242,6 +242,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     };
     let (tx, rx) = mpsc::channel::<SinkItem>(4096);
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
+    let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));
 
     let outcome = capture(
@@ -277,15 +278,17 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             error: anyhow!("sink task failed: {e}"),
         }),
     };
-    if let Some(mut stream) = stream {
-        if let Some(final_lsn) = stream.final_lsn {
-            let _ = stream
+    if let Some(mut ended) = stream {
+        // Everything the sink acknowledged, and nothing else, is confirmed on the way out.
+        let acked = *final_acked.borrow();
+        if acked.is_valid() {
+            let _ = ended
                 .stream
-                .send_standby_status(final_lsn, final_lsn, final_lsn, false)
+                .send_standby_status(acked, acked, acked, false)
                 .await;
-            tracing::info!(confirmed = %final_lsn, "confirmed position sent to PostgreSQL");
+            tracing::info!(confirmed = %acked, "confirmed position sent to PostgreSQL");
         }
-        let _ = stream.stream.stop().await;
+        let _ = ended.stream.stop().await;
     }
     match (result, acked) {
         (Err(e), _) => Err(e),
@@ -294,10 +297,9 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     }
 }
 
-/// A stream that ended in an orderly way, with the position to confirm last.
+/// A stream that is still open, for the final status update and a clean stop.
 struct EndedStream {
     stream: ReplicationStream,
-    final_lsn: Option<Lsn>,
 }
 
 type CaptureResult = Result<Option<EndedStream>, (Option<EndedStream>, Failure)>;
@@ -370,20 +372,13 @@ async fn capture(
         };
 
     let start = if take_snapshot {
-        let (name, temporary) = if args.snapshot_only {
-            (format!("pgcdc_snapshot_{}", std::process::id()), true)
-        } else {
-            if existing.is_some() {
-                tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it: dropping and re-creating it to take a consistent snapshot");
-                repl.drop_slot(slot_name, false)
-                    .await
-                    .or_fail(SourceFail)
-                    .map_err(no_stream)?;
-            }
-            (slot_name.to_string(), false)
-        };
+        // The snapshot comes from a temporary slot: its consistent point C is where the new
+        // stream starts. An old slot is first drained up to C (so nothing committed between
+        // its position and C is skipped, deletes included), then replaced by a copy of the
+        // temporary slot. `--snapshot-only` keeps nothing.
+        let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
         let created = repl
-            .create_logical_slot(&name, "pgoutput", SnapshotAction::Export, temporary)
+            .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
             .await
             .context("cannot create the replication slot")
             .or_fail(SourceFail)
@@ -394,15 +389,37 @@ async fn capture(
                 error: anyhow!("the server created the slot but exported no snapshot"),
             })
         })?;
-        tracing::info!(slot = %name, consistent_point = %created.consistent_point, snapshot = %snapshot_name, "slot created; snapshot starts");
+        let at = created.consistent_point;
+        tracing::info!(consistent_point = %at, snapshot = %snapshot_name, "snapshot exported");
         if !args.snapshot_only {
+            if existing.is_some() {
+                tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then replacing it");
+                let caught_up = catch_up(
+                    args, conninfo, slot_name, at, tables, encoder, tx, &acked_rx, stop,
+                )
+                .await
+                .map_err(no_stream)?;
+                if !caught_up {
+                    return Ok(None);
+                }
+                drop_slot(client, slot_name).await.map_err(no_stream)?;
+            }
+            client
+                .query_one(
+                    "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
+                    &[&temp_name, &slot_name],
+                )
+                .await
+                .context("cannot copy the new slot to its permanent name")
+                .or_fail(SourceFail)
+                .map_err(no_stream)?;
             store
                 .save(
                     &new_progress(
                         SnapshotState::InProgress {
                             tables: table_list.clone(),
                         },
-                        created.consistent_point,
+                        at,
                     ),
                     tx,
                 )
@@ -413,7 +430,7 @@ async fn capture(
         let stats = snapshot::run(
             client,
             &snapshot_name,
-            created.consistent_point,
+            at,
             tables,
             &args.topic_prefix,
             encoder,
@@ -436,8 +453,9 @@ async fn capture(
         };
         barrier(tx).await.map_err(no_stream)?;
         tracing::info!(rows = stats.rows, "snapshot published and acknowledged");
+        // Closing the connection drops the temporary slot.
+        let _ = repl.close().await;
         if args.snapshot_only {
-            let _ = repl.close().await;
             return Ok(None);
         }
         store
@@ -447,13 +465,18 @@ async fn capture(
                         tables: table_list.clone(),
                         rows: stats.rows,
                     },
-                    created.consistent_point,
+                    at,
                 ),
                 tx,
             )
             .await
             .map_err(no_stream)?;
-        created.consistent_point
+        repl = ReplicationClient::connect(conninfo)
+            .await
+            .context("cannot open a replication connection")
+            .or_fail(SourceFail)
+            .map_err(no_stream)?;
+        at
     } else if let Some(slot) = existing {
         tracing::info!(slot = slot_name, confirmed_flush = %slot.confirmed_flush, "resuming from the slot");
         slot.confirmed_flush
@@ -475,7 +498,32 @@ async fn capture(
         created.consistent_point
     };
 
-    let publication = quote_ident(&args.publication);
+    let stream = start_stream(&args.publication, repl, slot_name, start)
+        .await
+        .map_err(no_stream)?;
+    tracing::info!(slot = slot_name, from = %start, "streaming changes");
+    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
+    let (stream, _end) = stream_changes(
+        stream,
+        builder,
+        tx,
+        acked_rx,
+        stop,
+        Until::StopLsn(stop_lsn),
+        args.status_interval,
+    )
+    .await?;
+    Ok(Some(EndedStream { stream }))
+}
+
+/// START_REPLICATION with pgcdc's plugin options.
+async fn start_stream(
+    publication: &str,
+    repl: ReplicationClient,
+    slot: &str,
+    start: Lsn,
+) -> Result<ReplicationStream, Failure> {
+    let publication = quote_ident(publication);
     let mut options: Vec<(&str, &str)> = vec![("publication_names", publication.as_str())];
     if repl.server_version_num() >= 140000 {
         options.push(("proto_version", "2"));
@@ -483,51 +531,129 @@ async fn capture(
     } else {
         options.push(("proto_version", "1"));
     }
-    let stream = repl
-        .start_logical_replication(slot_name, start, &options)
+    repl.start_logical_replication(slot, start, &options)
         .await
         .context("cannot start replication")
         .or_fail(SourceFail)
-        .map_err(no_stream)?;
-    tracing::info!(slot = slot_name, from = %start, "streaming changes");
+}
+
+/// Publishes what `slot` holds before `until` (the consistent point of a new snapshot).
+/// Returns false when stopped by a signal first.
+#[allow(clippy::too_many_arguments)]
+async fn catch_up(
+    args: &RunArgs,
+    conninfo: &ConnInfo,
+    slot: &str,
+    until: Lsn,
+    tables: &[TableInfo],
+    encoder: &Encoder,
+    tx: &mpsc::Sender<SinkItem>,
+    acked_rx: &watch::Receiver<Lsn>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool, Failure> {
+    let repl = ReplicationClient::connect(conninfo)
+        .await
+        .context("cannot open a replication connection")
+        .or_fail(SourceFail)?;
+    let stream = start_stream(&args.publication, repl, slot, Lsn::INVALID).await?;
     let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
-    stream_changes(
+    let (mut stream, end) = stream_changes(
         stream,
         builder,
         tx,
-        acked_rx,
+        acked_rx.clone(),
         stop,
-        stop_lsn,
+        Until::Before(until),
         args.status_interval,
     )
     .await
+    .map_err(|(_, f)| f)?;
+    if end == End::CaughtUp {
+        barrier(tx).await?;
+        let acked = *acked_rx.borrow();
+        if acked.is_valid() {
+            let _ = stream.send_standby_status(acked, acked, acked, false).await;
+        }
+    }
+    let _ = stream.stop().await;
+    Ok(end == End::CaughtUp)
 }
 
-/// The streaming loop; see the module docs for its priorities.
+/// Drops a slot whose walsender may take a moment to exit.
+async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Failure> {
+    let mut attempts = 0;
+    loop {
+        match client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if attempts < 40
+                    && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+            {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("cannot drop the old slot `{slot}`"))
+                    .or_fail(SourceFail)
+            }
+        }
+    }
+}
+
+/// When the streaming loop ends by itself.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// Run until stopped, or until this LSN is published and confirmed.
+    StopLsn(Option<Lsn>),
+    /// Publish every transaction committing before this LSN, then end.
+    Before(Lsn),
+}
+
+/// How the streaming loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Stopped (signal, sink gone, or --stop-lsn reached); nothing queued is needed.
+    Stopped,
+    /// `--stop-lsn` reached: everything up to it is acknowledged.
+    Drained,
+    /// `Until::Before` reached: everything before it was handed to the sink.
+    CaughtUp,
+}
+
+/// The streaming loop; see the module docs for its priorities. Returns the stream (for the
+/// final status update and a clean stop) and why it ended.
 async fn stream_changes(
     mut stream: ReplicationStream,
     mut builder: ChangeBuilder,
     tx: &mpsc::Sender<SinkItem>,
     mut acked_rx: watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
-    stop_lsn: Option<Lsn>,
+    until: Until,
     status_interval: Duration,
-) -> CaptureResult {
+) -> Result<(ReplicationStream, End), (Option<EndedStream>, Failure)> {
     let mut decoder = Decoder::new();
     let mut pending: VecDeque<SinkItem> = VecDeque::new();
     let mut scratch: Vec<SinkItem> = Vec::new();
     let mut queued_position = Lsn::INVALID;
     let mut tick = tokio::time::interval(status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reached = |acked: Lsn| stop_lsn.is_some_and(|s| acked.is_valid() && acked >= s);
+    let reached = |acked: Lsn| match until {
+        Until::StopLsn(Some(s)) => acked.is_valid() && acked >= s,
+        _ => false,
+    };
+    let before = match until {
+        Until::Before(l) => Some(l),
+        Until::StopLsn(_) => None,
+    };
 
     macro_rules! fail {
         ($kind:expr, $err:expr) => {
             return Err((
-                Some(EndedStream {
-                    final_lsn: Some(*acked_rx.borrow()).filter(|l| l.is_valid()),
-                    stream,
-                }),
+                Some(EndedStream { stream }),
                 Failure {
                     kind: $kind,
                     error: $err.into(),
@@ -536,22 +662,25 @@ async fn stream_changes(
         };
     }
 
-    loop {
+    if reached(*acked_rx.borrow()) {
+        return Ok((stream, End::Drained));
+    }
+    let end = loop {
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => {
                 tracing::info!("stop requested: finishing in-flight events");
-                break;
+                break End::Stopped;
             }
             changed = acked_rx.changed() => {
                 if changed.is_err() {
                     // The sink ended; `run` reports why.
-                    break;
+                    break End::Stopped;
                 }
                 let acked = *acked_rx.borrow_and_update();
                 if reached(acked) {
                     tracing::info!(%acked, "reached --stop-lsn");
-                    break;
+                    break End::Drained;
                 }
             }
             _ = tick.tick() => {
@@ -565,7 +694,7 @@ async fn stream_changes(
             permit = tx.reserve(), if !pending.is_empty() => {
                 match (permit, pending.pop_front()) {
                     (Ok(permit), Some(item)) => permit.send(item),
-                    _ => break,
+                    _ => break End::Stopped,
                 }
             }
             msg = stream.next_message(), if pending.is_empty() => {
@@ -575,17 +704,27 @@ async fn stream_changes(
                             Ok(m) => m,
                             Err(e) => fail!(SourceFail, anyhow::Error::new(e).context("cannot decode a pgoutput message")),
                         };
+                        if let (LogicalMessage::Begin(b), Some(l)) = (&decoded, before) {
+                            if b.final_lsn >= l {
+                                break End::CaughtUp;
+                            }
+                        }
                         if let Err(e) = builder.handle(decoded, wal_start, &mut scratch) {
                             fail!(SourceFail, e);
                         }
                         pending.extend(scratch.drain(..));
                     }
                     Ok(Some(ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. })) => {
-                        // Between transactions every change up to wal_end has been sent, so
-                        // confirming it (once acknowledged) lets idle slots release WAL.
-                        if !builder.in_transaction() && wal_end > queued_position {
-                            pending.push_back(SinkItem::Checkpoint(wal_end));
-                            queued_position = wal_end;
+                        if !builder.in_transaction() {
+                            if before.is_some_and(|l| wal_end >= l) {
+                                break End::CaughtUp;
+                            }
+                            // Between transactions every change up to wal_end has been sent,
+                            // so confirming it (once acknowledged) lets idle slots release WAL.
+                            if wal_end > queued_position {
+                                pending.push_back(SinkItem::Checkpoint(wal_end));
+                                queued_position = wal_end;
+                            }
                         }
                         if reply_requested {
                             let acked = *acked_rx.borrow();
@@ -601,10 +740,15 @@ async fn stream_changes(
                 }
             }
         }
+    };
+    if end == End::CaughtUp {
+        // Everything queued belongs to transactions before the new snapshot: it must go out.
+        for item in pending.drain(..) {
+            if tx.send(item).await.is_err() {
+                fail!(SinkFail, anyhow!("the sink stopped"));
+            }
+        }
     }
-    tracing::info!(events = builder.events, "stream stopped");
-    Ok(Some(EndedStream {
-        final_lsn: None,
-        stream,
-    }))
+    tracing::info!(events = builder.events, ?end, "stream ended");
+    Ok((stream, end))
 }

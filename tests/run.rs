@@ -455,6 +455,10 @@ async fn kill_9_during_snapshot_then_restart_publishes_everything() {
     child.kill().expect("kill -9");
     let _ = child.wait();
     let interrupted = !p.log("snap.log").contains("snapshot published");
+    assert!(
+        interrupted,
+        "the kill came after the snapshot finished; make the table bigger"
+    );
 
     p.db.client()
         .await

@@ -33,7 +33,7 @@ use crate::source::catalog::{self, quote_ident, TableInfo};
 use crate::source::changes::{topic_name, ChangeBuilder};
 use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
-    ReplicationClient, ReplicationMessage, ReplicationStream, SnapshotAction,
+    ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream, SnapshotAction,
 };
 use crate::source::{connect, snapshot, Lsn};
 
@@ -63,6 +63,30 @@ impl FailureKind {
 pub struct Failure {
     pub kind: FailureKind,
     pub error: anyhow::Error,
+    /// Reconnecting may help (the connection dropped, the server restarts).
+    pub transient: bool,
+}
+
+impl Failure {
+    fn new(kind: FailureKind, error: impl Into<anyhow::Error>) -> Self {
+        Failure {
+            kind,
+            error: error.into(),
+            transient: false,
+        }
+    }
+
+    /// A PostgreSQL failure, transient when the replication error says so. While streaming,
+    /// a busy slot is transient too: after a network cut the old walsender holds the slot
+    /// until `wal_sender_timeout` ends it.
+    fn replication(e: ReplicationError) -> Self {
+        let transient = e.is_transient() || e.server_error().is_some_and(|s| s.is_object_in_use());
+        Failure {
+            kind: FailureKind::Source,
+            error: e.into(),
+            transient,
+        }
+    }
 }
 
 trait Classify<T> {
@@ -71,10 +95,7 @@ trait Classify<T> {
 
 impl<T, E: Into<anyhow::Error>> Classify<T> for Result<T, E> {
     fn or_fail(self, kind: FailureKind) -> Result<T, Failure> {
-        self.map_err(|e| Failure {
-            kind,
-            error: e.into(),
-        })
+        self.map_err(|e| Failure::new(kind, e))
     }
 }
 
@@ -127,10 +148,7 @@ impl ProgressStore {
 }
 
 fn sink_gone() -> Failure {
-    Failure {
-        kind: SinkFail,
-        error: anyhow!("the sink stopped"),
-    }
+    Failure::new(SinkFail, anyhow!("the sink stopped"))
 }
 
 /// Waits until everything sent so far is acknowledged.
@@ -148,12 +166,10 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         .context("invalid --source")
         .or_fail(Usage)?;
     if args.sink == SinkKind::Kafka && args.kafka.is_none() {
-        return Err(Failure {
-            kind: Usage,
-            error: anyhow!(
-                "--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"
-            ),
-        });
+        return Err(Failure::new(
+            Usage,
+            anyhow!("--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"),
+        ));
     }
     tracing::info!(source = %conninfo.redacted(), "connecting to PostgreSQL");
     let client = connect::connect(&conninfo)
@@ -269,14 +285,8 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             tracing::info!("output closed; stopping without confirming what was not written");
             None
         }
-        Ok(Err(e)) => Some(Failure {
-            kind: SinkFail,
-            error: anyhow!("{e}"),
-        }),
-        Err(e) => Some(Failure {
-            kind: SinkFail,
-            error: anyhow!("sink task failed: {e}"),
-        }),
+        Ok(Err(e)) => Some(Failure::new(SinkFail, anyhow!("{e}"))),
+        Err(e) => Some(Failure::new(SinkFail, anyhow!("sink task failed: {e}"))),
     };
     if let Some(mut ended) = stream {
         // Everything the sink acknowledged, and nothing else, is confirmed on the way out.
@@ -384,10 +394,10 @@ async fn capture(
             .or_fail(SourceFail)
             .map_err(no_stream)?;
         let snapshot_name = created.snapshot_name.clone().ok_or_else(|| {
-            no_stream(Failure {
-                kind: SourceFail,
-                error: anyhow!("the server created the slot but exported no snapshot"),
-            })
+            no_stream(Failure::new(
+                SourceFail,
+                anyhow!("the server created the slot but exported no snapshot"),
+            ))
         })?;
         let at = created.consistent_point;
         tracing::info!(consistent_point = %at, snapshot = %snapshot_name, "snapshot exported");
@@ -444,12 +454,7 @@ async fn capture(
                 tracing::info!("stopped during the snapshot; the next run takes it again");
                 return Ok(None);
             }
-            Err(e) => {
-                return Err(no_stream(Failure {
-                    kind: SourceFail,
-                    error: e.into(),
-                }))
-            }
+            Err(e) => return Err(no_stream(Failure::new(SourceFail, e))),
         };
         barrier(tx).await.map_err(no_stream)?;
         tracing::info!(rows = stats.rows, "snapshot published and acknowledged");
@@ -498,22 +503,66 @@ async fn capture(
         created.consistent_point
     };
 
-    let stream = start_stream(&args.publication, repl, slot_name, start)
-        .await
-        .map_err(no_stream)?;
-    tracing::info!(slot = slot_name, from = %start, "streaming changes");
-    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
-    let (stream, _end) = stream_changes(
-        stream,
-        builder,
-        tx,
-        acked_rx,
-        stop,
-        Until::StopLsn(stop_lsn),
-        args.status_interval,
-    )
-    .await?;
-    Ok(Some(EndedStream { stream }))
+    // Stream; a transient failure (restart, dropped connection, slot still held by the old
+    // walsender) reconnects with backoff and resumes after the last acknowledged position.
+    let mut repl = Some(repl);
+    let mut start = start;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            let client = match repl.take() {
+                Some(r) => r,
+                None => ReplicationClient::connect(conninfo)
+                    .await
+                    .map_err(Failure::replication)?,
+            };
+            let stream = start_stream(&args.publication, client, slot_name, start).await?;
+            tracing::info!(slot = slot_name, from = %start, "streaming changes");
+            Ok::<_, Failure>(stream)
+        };
+        let outcome = match attempt.await {
+            Ok(stream) => {
+                let builder = ChangeBuilder::new(
+                    encoder.clone(),
+                    &args.topic_prefix,
+                    tables,
+                    args.tombstones,
+                );
+                stream_changes(
+                    stream,
+                    builder,
+                    tx,
+                    acked_rx.clone(),
+                    stop,
+                    Until::StopLsn(stop_lsn),
+                    args.status_interval,
+                )
+                .await
+                .map(|(stream, _)| stream)
+            }
+            Err(f) => Err((None, f)),
+        };
+        match outcome {
+            Ok(stream) => return Ok(Some(EndedStream { stream })),
+            Err((_, f)) if f.transient => {
+                tracing::warn!(
+                    error = format!("{:#}", f.error),
+                    "lost the replication stream; reconnecting in {backoff:?}"
+                );
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return Ok(None),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                // Resume after what the sink acknowledged; the server skips what it confirmed.
+                let acked = *acked_rx.borrow();
+                if acked > start {
+                    start = acked;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// START_REPLICATION with pgcdc's plugin options.
@@ -533,8 +582,7 @@ async fn start_stream(
     }
     repl.start_logical_replication(slot, start, &options)
         .await
-        .context("cannot start replication")
-        .or_fail(SourceFail)
+        .map_err(Failure::replication)
 }
 
 /// Publishes what `slot` holds before `until` (the consistent point of a new snapshot).
@@ -651,14 +699,8 @@ async fn stream_changes(
     };
 
     macro_rules! fail {
-        ($kind:expr, $err:expr) => {
-            return Err((
-                Some(EndedStream { stream }),
-                Failure {
-                    kind: $kind,
-                    error: $err.into(),
-                },
-            ))
+        ($failure:expr) => {
+            return Err((Some(EndedStream { stream }), $failure))
         };
     }
 
@@ -687,7 +729,7 @@ async fn stream_changes(
                 let acked = *acked_rx.borrow();
                 if acked.is_valid() {
                     if let Err(e) = stream.send_standby_status(acked, acked, acked, true).await {
-                        fail!(SourceFail, e);
+                        fail!(Failure::replication(e));
                     }
                 }
             }
@@ -702,7 +744,7 @@ async fn stream_changes(
                     Ok(Some(ReplicationMessage::XLogData { wal_start, data, .. })) => {
                         let decoded = match decoder.decode(data) {
                             Ok(m) => m,
-                            Err(e) => fail!(SourceFail, anyhow::Error::new(e).context("cannot decode a pgoutput message")),
+                            Err(e) => fail!(Failure::new(SourceFail, anyhow::Error::new(e).context("cannot decode a pgoutput message"))),
                         };
                         if let (LogicalMessage::Begin(b), Some(l)) = (&decoded, before) {
                             if b.final_lsn >= l {
@@ -710,7 +752,7 @@ async fn stream_changes(
                             }
                         }
                         if let Err(e) = builder.handle(decoded, wal_start, &mut scratch) {
-                            fail!(SourceFail, e);
+                            fail!(Failure::new(SourceFail, e));
                         }
                         pending.extend(scratch.drain(..));
                     }
@@ -730,13 +772,13 @@ async fn stream_changes(
                             let acked = *acked_rx.borrow();
                             if acked.is_valid() {
                                 if let Err(e) = stream.send_standby_status(acked, acked, acked, false).await {
-                                    fail!(SourceFail, e);
+                                    fail!(Failure::replication(e));
                                 }
                             }
                         }
                     }
-                    Ok(None) => fail!(SourceFail, anyhow!("PostgreSQL ended the replication stream")),
-                    Err(e) => fail!(SourceFail, e),
+                    Ok(None) => fail!(Failure::replication(ReplicationError::ConnectionClosed)),
+                    Err(e) => fail!(Failure::replication(e)),
                 }
             }
         }
@@ -745,7 +787,7 @@ async fn stream_changes(
         // Everything queued belongs to transactions before the new snapshot: it must go out.
         for item in pending.drain(..) {
             if tx.send(item).await.is_err() {
-                fail!(SinkFail, anyhow!("the sink stopped"));
+                fail!(sink_gone());
             }
         }
     }

@@ -712,3 +712,68 @@ async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
         "the failed transaction must not be confirmed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_replication_connection_reconnects_and_loses_nothing() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.hot (id int PRIMARY KEY, c int NOT NULL);
+         INSERT INTO public.hot SELECT g, 0 FROM generate_series(1, 5) g;",
+    )
+    .await;
+    let mut child = p.spawn(&["--table", "public.hot"], "reconnect.log");
+    let streaming = common::poll_until(Duration::from_secs(30), || async {
+        p.log("reconnect.log")
+            .contains("streaming changes")
+            .then_some(())
+    })
+    .await;
+    assert!(streaming.is_some(), "{}", p.log("reconnect.log"));
+    let client = p.db.client().await;
+    for round in 0..3 {
+        for i in 0..50 {
+            client
+                .batch_execute(&format!(
+                    "UPDATE hot SET c = c + 1 WHERE id = {}",
+                    i % 5 + 1
+                ))
+                .await
+                .unwrap();
+        }
+        if round < 2 {
+            // What a server restart or a network cut looks like to pgcdc.
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{}'",
+                    p.slot
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    let target = p.current_lsn().await;
+    let advanced = common::poll_until(Duration::from_secs(60), || async {
+        p.confirmed_flush().await.filter(|c| *c >= target)
+    })
+    .await;
+    let log = p.log("reconnect.log");
+    assert!(
+        advanced.is_some(),
+        "did not catch up after reconnecting:\n{log}"
+    );
+    assert!(log.contains("reconnecting"), "{log}");
+    assert!(child.try_wait().unwrap().is_none(), "pgcdc exited:\n{log}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+
+    let events = p.events("hot", None).await;
+    let (state, duplicates) = replay(&events);
+    assert_same_state(&state, &p.table_rows("hot").await);
+    let updates = events.iter().filter(|e| e.op() == Some("u")).count();
+    assert_eq!(
+        updates - duplicates,
+        150,
+        "every update exactly once, plus {duplicates} replays"
+    );
+}

@@ -152,7 +152,7 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
     pub publication: String,
 
-    /// Topic names are <prefix>.<schema>.<table>; also the `source.name` of events.
+    /// Topic names are `<prefix>.<schema>.<table>`; also the `source.name` of events.
     #[arg(
         long,
         env = "PGCDC_TOPIC_PREFIX",
@@ -208,7 +208,7 @@ pub struct RunArgs {
     )]
     pub topic_replication_factor: i32,
 
-    /// Where the stdout sink keeps its progress (default: ~/.local/state/pgcdc/<db>-<slot>.json).
+    /// Where the stdout sink keeps its progress (default: `~/.local/state/pgcdc/<db>-<slot>.json`).
     #[arg(long, env = "PGCDC_PROGRESS_FILE", value_name = "PATH")]
     pub progress_file: Option<PathBuf>,
 

@@ -13,152 +13,35 @@
 //! reconnects, crashes — can only cause re-publication of the unconfirmed tail, which carries
 //! the same `lsn`/`commit_lsn` and is therefore detectable by consumers.
 //!
-//! The streaming loop is one `select!` with fixed priorities: (1) a stop signal, (2) the sink's
-//! acknowledgements, (3) the status timer — it fires even while the sink applies backpressure,
-//! so `wal_sender_timeout` never cuts a slow but healthy stream — (4) handing queued items to
-//! the sink, and only when nothing is queued, (5) reading more WAL.
+//! Modules: `stream` holds the streaming loop and its priorities, `progress` the durable
+//! snapshot state, `failure` the exit codes.
 
-use std::collections::VecDeque;
+mod failure;
+mod progress;
+mod stream;
+
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-use crate::checkpoint::{self, FileStore, Progress, SnapshotState};
+use crate::checkpoint::{FileStore, Progress, SnapshotState};
 use crate::cli::{RunArgs, SinkKind, SnapshotMode, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
-use crate::sink::{self, kafka, Record, SinkItem};
-use crate::source::catalog::{self, quote_ident, TableInfo};
+use crate::sink::{self, kafka, SinkItem};
+use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{topic_name, ChangeBuilder};
-use crate::source::pgoutput::{Decoder, LogicalMessage};
-use crate::source::replication::{
-    ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream, SnapshotAction,
-};
+use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
 use crate::source::{connect, snapshot, Lsn};
 
-/// What kind of failure ended the run; decides the exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// Bad flags or configuration (exit 2).
-    Usage,
-    /// PostgreSQL refused or failed (exit 3).
-    Source,
-    /// Kafka or stdout failed (exit 4).
-    Sink,
-}
-
-impl FailureKind {
-    pub fn exit_code(self) -> u8 {
-        match self {
-            FailureKind::Usage => 2,
-            FailureKind::Source => 3,
-            FailureKind::Sink => 4,
-        }
-    }
-}
-
-/// A failed run: what kind, and the error chain to print.
-#[derive(Debug)]
-pub struct Failure {
-    pub kind: FailureKind,
-    pub error: anyhow::Error,
-    /// Reconnecting may help (the connection dropped, the server restarts).
-    pub transient: bool,
-}
-
-impl Failure {
-    fn new(kind: FailureKind, error: impl Into<anyhow::Error>) -> Self {
-        Failure {
-            kind,
-            error: error.into(),
-            transient: false,
-        }
-    }
-
-    /// A PostgreSQL failure, transient when the replication error says so. While streaming,
-    /// a busy slot is transient too: after a network cut the old walsender holds the slot
-    /// until `wal_sender_timeout` ends it.
-    fn replication(e: ReplicationError) -> Self {
-        let transient = e.is_transient() || e.server_error().is_some_and(|s| s.is_object_in_use());
-        Failure {
-            kind: FailureKind::Source,
-            error: e.into(),
-            transient,
-        }
-    }
-}
-
-trait Classify<T> {
-    fn or_fail(self, kind: FailureKind) -> Result<T, Failure>;
-}
-
-impl<T, E: Into<anyhow::Error>> Classify<T> for Result<T, E> {
-    fn or_fail(self, kind: FailureKind) -> Result<T, Failure> {
-        self.map_err(|e| Failure::new(kind, e))
-    }
-}
-
-use FailureKind::{Sink as SinkFail, Source as SourceFail, Usage};
-
-/// Where the snapshot state is kept.
-enum ProgressStore {
-    Kafka {
-        cfg: kafka::KafkaConfig,
-        topic: String,
-        key: String,
-    },
-    File(FileStore),
-}
-
-impl ProgressStore {
-    async fn load(&self) -> Result<Option<Progress>, Failure> {
-        match self {
-            ProgressStore::Kafka { cfg, topic, key } => {
-                let bytes = kafka::read_last_value(cfg, topic, key.as_bytes())
-                    .await
-                    .or_fail(SinkFail)?;
-                bytes
-                    .map(|b| checkpoint::decode(&format!("{key} in topic {topic}"), &b))
-                    .transpose()
-                    .or_fail(SinkFail)
-            }
-            ProgressStore::File(f) => f.load().or_fail(SinkFail),
-        }
-    }
-
-    /// Durably stores `p` after everything queued before it is acknowledged.
-    async fn save(&self, p: &Progress, tx: &mpsc::Sender<SinkItem>) -> Result<(), Failure> {
-        if let ProgressStore::Kafka { topic, key, .. } = self {
-            let record = Record {
-                topic: topic.as_str().into(),
-                key: Some(key.clone().into_bytes().into()),
-                value: Some(checkpoint::encode(p).into()),
-            };
-            tx.send(SinkItem::Record(record))
-                .await
-                .map_err(|_| sink_gone())?;
-        }
-        barrier(tx).await?;
-        if let ProgressStore::File(f) = self {
-            f.save(p).or_fail(SinkFail)?;
-        }
-        Ok(())
-    }
-}
-
-fn sink_gone() -> Failure {
-    Failure::new(SinkFail, anyhow!("the sink stopped"))
-}
-
-/// Waits until everything sent so far is acknowledged.
-async fn barrier(tx: &mpsc::Sender<SinkItem>) -> Result<(), Failure> {
-    let (done_tx, done_rx) = oneshot::channel();
-    tx.send(SinkItem::Barrier(done_tx))
-        .await
-        .map_err(|_| sink_gone())?;
-    done_rx.await.map_err(|_| sink_gone())
-}
+use failure::{
+    Classify,
+    FailureKind::{Sink as SinkFail, Source as SourceFail, Usage},
+};
+pub use failure::{Failure, FailureKind};
+use progress::{barrier, ProgressStore};
+use stream::{catch_up, start_stream, stream_changes, Until};
 
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
 pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
@@ -565,68 +448,6 @@ async fn capture(
     }
 }
 
-/// START_REPLICATION with pgcdc's plugin options.
-async fn start_stream(
-    publication: &str,
-    repl: ReplicationClient,
-    slot: &str,
-    start: Lsn,
-) -> Result<ReplicationStream, Failure> {
-    let publication = quote_ident(publication);
-    let mut options: Vec<(&str, &str)> = vec![("publication_names", publication.as_str())];
-    if repl.server_version_num() >= 140000 {
-        options.push(("proto_version", "2"));
-        options.push(("messages", "true"));
-    } else {
-        options.push(("proto_version", "1"));
-    }
-    repl.start_logical_replication(slot, start, &options)
-        .await
-        .map_err(Failure::replication)
-}
-
-/// Publishes what `slot` holds before `until` (the consistent point of a new snapshot).
-/// Returns false when stopped by a signal first.
-#[allow(clippy::too_many_arguments)]
-async fn catch_up(
-    args: &RunArgs,
-    conninfo: &ConnInfo,
-    slot: &str,
-    until: Lsn,
-    tables: &[TableInfo],
-    encoder: &Encoder,
-    tx: &mpsc::Sender<SinkItem>,
-    acked_rx: &watch::Receiver<Lsn>,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<bool, Failure> {
-    let repl = ReplicationClient::connect(conninfo)
-        .await
-        .context("cannot open a replication connection")
-        .or_fail(SourceFail)?;
-    let stream = start_stream(&args.publication, repl, slot, Lsn::INVALID).await?;
-    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
-    let (mut stream, end) = stream_changes(
-        stream,
-        builder,
-        tx,
-        acked_rx.clone(),
-        stop,
-        Until::Before(until),
-        args.status_interval,
-    )
-    .await
-    .map_err(|(_, f)| f)?;
-    if end == End::CaughtUp {
-        barrier(tx).await?;
-        let acked = *acked_rx.borrow();
-        if acked.is_valid() {
-            let _ = stream.send_standby_status(acked, acked, acked, false).await;
-        }
-    }
-    let _ = stream.stop().await;
-    Ok(end == End::CaughtUp)
-}
-
 /// Drops a slot whose walsender may take a moment to exit.
 async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Failure> {
     let mut attempts = 0;
@@ -650,147 +471,4 @@ async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Fa
             }
         }
     }
-}
-
-/// When the streaming loop ends by itself.
-#[derive(Debug, Clone, Copy)]
-enum Until {
-    /// Run until stopped, or until this LSN is published and confirmed.
-    StopLsn(Option<Lsn>),
-    /// Publish every transaction committing before this LSN, then end.
-    Before(Lsn),
-}
-
-/// How the streaming loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// Stopped (signal, sink gone, or --stop-lsn reached); nothing queued is needed.
-    Stopped,
-    /// `--stop-lsn` reached: everything up to it is acknowledged.
-    Drained,
-    /// `Until::Before` reached: everything before it was handed to the sink.
-    CaughtUp,
-}
-
-/// The streaming loop; see the module docs for its priorities. Returns the stream (for the
-/// final status update and a clean stop) and why it ended.
-async fn stream_changes(
-    mut stream: ReplicationStream,
-    mut builder: ChangeBuilder,
-    tx: &mpsc::Sender<SinkItem>,
-    mut acked_rx: watch::Receiver<Lsn>,
-    stop: &mut watch::Receiver<bool>,
-    until: Until,
-    status_interval: Duration,
-) -> Result<(ReplicationStream, End), (Option<EndedStream>, Failure)> {
-    let mut decoder = Decoder::new();
-    let mut pending: VecDeque<SinkItem> = VecDeque::new();
-    let mut scratch: Vec<SinkItem> = Vec::new();
-    let mut queued_position = Lsn::INVALID;
-    let mut tick = tokio::time::interval(status_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reached = |acked: Lsn| match until {
-        Until::StopLsn(Some(s)) => acked.is_valid() && acked >= s,
-        _ => false,
-    };
-    let before = match until {
-        Until::Before(l) => Some(l),
-        Until::StopLsn(_) => None,
-    };
-
-    macro_rules! fail {
-        ($failure:expr) => {
-            return Err((Some(EndedStream { stream }), $failure))
-        };
-    }
-
-    if reached(*acked_rx.borrow()) {
-        return Ok((stream, End::Drained));
-    }
-    let end = loop {
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => {
-                tracing::info!("stop requested: finishing in-flight events");
-                break End::Stopped;
-            }
-            changed = acked_rx.changed() => {
-                if changed.is_err() {
-                    // The sink ended; `run` reports why.
-                    break End::Stopped;
-                }
-                let acked = *acked_rx.borrow_and_update();
-                if reached(acked) {
-                    tracing::info!(%acked, "reached --stop-lsn");
-                    break End::Drained;
-                }
-            }
-            _ = tick.tick() => {
-                let acked = *acked_rx.borrow();
-                if acked.is_valid() {
-                    if let Err(e) = stream.send_standby_status(acked, acked, acked, true).await {
-                        fail!(Failure::replication(e));
-                    }
-                }
-            }
-            permit = tx.reserve(), if !pending.is_empty() => {
-                match (permit, pending.pop_front()) {
-                    (Ok(permit), Some(item)) => permit.send(item),
-                    _ => break End::Stopped,
-                }
-            }
-            msg = stream.next_message(), if pending.is_empty() => {
-                match msg {
-                    Ok(Some(ReplicationMessage::XLogData { wal_start, data, .. })) => {
-                        let decoded = match decoder.decode(data) {
-                            Ok(m) => m,
-                            Err(e) => fail!(Failure::new(SourceFail, anyhow::Error::new(e).context("cannot decode a pgoutput message"))),
-                        };
-                        if let (LogicalMessage::Begin(b), Some(l)) = (&decoded, before) {
-                            if b.final_lsn >= l {
-                                break End::CaughtUp;
-                            }
-                        }
-                        if let Err(e) = builder.handle(decoded, wal_start, &mut scratch) {
-                            fail!(Failure::new(SourceFail, e));
-                        }
-                        pending.extend(scratch.drain(..));
-                    }
-                    Ok(Some(ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. })) => {
-                        if !builder.in_transaction() {
-                            if before.is_some_and(|l| wal_end >= l) {
-                                break End::CaughtUp;
-                            }
-                            // Between transactions every change up to wal_end has been sent,
-                            // so confirming it (once acknowledged) lets idle slots release WAL.
-                            if wal_end > queued_position {
-                                pending.push_back(SinkItem::Checkpoint(wal_end));
-                                queued_position = wal_end;
-                            }
-                        }
-                        if reply_requested {
-                            let acked = *acked_rx.borrow();
-                            if acked.is_valid() {
-                                if let Err(e) = stream.send_standby_status(acked, acked, acked, false).await {
-                                    fail!(Failure::replication(e));
-                                }
-                            }
-                        }
-                    }
-                    Ok(None) => fail!(Failure::replication(ReplicationError::ConnectionClosed)),
-                    Err(e) => fail!(Failure::replication(e)),
-                }
-            }
-        }
-    };
-    if end == End::CaughtUp {
-        // Everything queued belongs to transactions before the new snapshot: it must go out.
-        for item in pending.drain(..) {
-            if tx.send(item).await.is_err() {
-                fail!(sink_gone());
-            }
-        }
-    }
-    tracing::info!(events = builder.events, ?end, "stream ended");
-    Ok((stream, end))
 }

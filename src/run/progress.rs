@@ -1,0 +1,66 @@
+//! Where the snapshot state is kept, and waiting for the sink to acknowledge everything.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::failure::{sink_gone, Classify, Failure, FailureKind::Sink as SinkFail};
+use crate::checkpoint::{self, FileStore, Progress};
+use crate::sink::{kafka, Record, SinkItem};
+
+/// Where the snapshot state is kept.
+pub(super) enum ProgressStore {
+    Kafka {
+        cfg: kafka::KafkaConfig,
+        topic: String,
+        key: String,
+    },
+    File(FileStore),
+}
+
+impl ProgressStore {
+    pub(super) async fn load(&self) -> Result<Option<Progress>, Failure> {
+        match self {
+            ProgressStore::Kafka { cfg, topic, key } => {
+                let bytes = kafka::read_last_value(cfg, topic, key.as_bytes())
+                    .await
+                    .or_fail(SinkFail)?;
+                bytes
+                    .map(|b| checkpoint::decode(&format!("{key} in topic {topic}"), &b))
+                    .transpose()
+                    .or_fail(SinkFail)
+            }
+            ProgressStore::File(f) => f.load().or_fail(SinkFail),
+        }
+    }
+
+    /// Durably stores `p` after everything queued before it is acknowledged.
+    pub(super) async fn save(
+        &self,
+        p: &Progress,
+        tx: &mpsc::Sender<SinkItem>,
+    ) -> Result<(), Failure> {
+        if let ProgressStore::Kafka { topic, key, .. } = self {
+            let record = Record {
+                topic: topic.as_str().into(),
+                key: Some(key.clone().into_bytes().into()),
+                value: Some(checkpoint::encode(p).into()),
+            };
+            tx.send(SinkItem::Record(record))
+                .await
+                .map_err(|_| sink_gone())?;
+        }
+        barrier(tx).await?;
+        if let ProgressStore::File(f) = self {
+            f.save(p).or_fail(SinkFail)?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until everything sent so far is acknowledged.
+pub(super) async fn barrier(tx: &mpsc::Sender<SinkItem>) -> Result<(), Failure> {
+    let (done_tx, done_rx) = oneshot::channel();
+    tx.send(SinkItem::Barrier(done_tx))
+        .await
+        .map_err(|_| sink_gone())?;
+    done_rx.await.map_err(|_| sink_gone())
+}

@@ -1,0 +1,233 @@
+//! The streaming loop: WAL in, sink items out, confirmed positions back to PostgreSQL.
+//!
+//! One `select!` with fixed priorities: (1) a stop signal, (2) the sink's acknowledgements,
+//! (3) the status timer — it fires even while the sink applies backpressure, so
+//! `wal_sender_timeout` never cuts a slow but healthy stream — (4) handing queued items to the
+//! sink, and only when nothing is queued, (5) reading more WAL. At most one message's items are
+//! queued here; everything else waits in the bounded channel or in PostgreSQL.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use super::failure::{sink_gone, Classify, Failure, FailureKind::Source as SourceFail};
+use super::progress::barrier;
+use super::EndedStream;
+use crate::cli::RunArgs;
+use crate::config::conninfo::ConnInfo;
+use crate::event::Encoder;
+use crate::sink::SinkItem;
+use crate::source::catalog::{quote_ident, TableInfo};
+use crate::source::changes::ChangeBuilder;
+use crate::source::pgoutput::{Decoder, LogicalMessage};
+use crate::source::replication::{
+    ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
+};
+use crate::source::Lsn;
+
+/// START_REPLICATION with pgcdc's plugin options.
+pub(super) async fn start_stream(
+    publication: &str,
+    repl: ReplicationClient,
+    slot: &str,
+    start: Lsn,
+) -> Result<ReplicationStream, Failure> {
+    let publication = quote_ident(publication);
+    let mut options: Vec<(&str, &str)> = vec![("publication_names", publication.as_str())];
+    if repl.server_version_num() >= 140000 {
+        options.push(("proto_version", "2"));
+        options.push(("messages", "true"));
+    } else {
+        options.push(("proto_version", "1"));
+    }
+    repl.start_logical_replication(slot, start, &options)
+        .await
+        .map_err(Failure::replication)
+}
+
+/// Publishes what `slot` holds before `until` (the consistent point of a new snapshot).
+/// Returns false when stopped by a signal first.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn catch_up(
+    args: &RunArgs,
+    conninfo: &ConnInfo,
+    slot: &str,
+    until: Lsn,
+    tables: &[TableInfo],
+    encoder: &Encoder,
+    tx: &mpsc::Sender<SinkItem>,
+    acked_rx: &watch::Receiver<Lsn>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool, Failure> {
+    let repl = ReplicationClient::connect(conninfo)
+        .await
+        .context("cannot open a replication connection")
+        .or_fail(SourceFail)?;
+    let stream = start_stream(&args.publication, repl, slot, Lsn::INVALID).await?;
+    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
+    let (mut stream, end) = stream_changes(
+        stream,
+        builder,
+        tx,
+        acked_rx.clone(),
+        stop,
+        Until::Before(until),
+        args.status_interval,
+    )
+    .await
+    .map_err(|(_, f)| f)?;
+    if end == End::CaughtUp {
+        barrier(tx).await?;
+        let acked = *acked_rx.borrow();
+        if acked.is_valid() {
+            let _ = stream.send_standby_status(acked, acked, acked, false).await;
+        }
+    }
+    let _ = stream.stop().await;
+    Ok(end == End::CaughtUp)
+}
+
+/// When the streaming loop ends by itself.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Until {
+    /// Run until stopped, or until this LSN is published and confirmed.
+    StopLsn(Option<Lsn>),
+    /// Publish every transaction committing before this LSN, then end.
+    Before(Lsn),
+}
+
+/// How the streaming loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// Stopped (signal, sink gone, or --stop-lsn reached); nothing queued is needed.
+    Stopped,
+    /// `--stop-lsn` reached: everything up to it is acknowledged.
+    Drained,
+    /// `Until::Before` reached: everything before it was handed to the sink.
+    CaughtUp,
+}
+
+/// The streaming loop; see the module docs for its priorities. Returns the stream (for the
+/// final status update and a clean stop) and why it ended.
+pub(super) async fn stream_changes(
+    mut stream: ReplicationStream,
+    mut builder: ChangeBuilder,
+    tx: &mpsc::Sender<SinkItem>,
+    mut acked_rx: watch::Receiver<Lsn>,
+    stop: &mut watch::Receiver<bool>,
+    until: Until,
+    status_interval: Duration,
+) -> Result<(ReplicationStream, End), (Option<EndedStream>, Failure)> {
+    let mut decoder = Decoder::new();
+    let mut pending: VecDeque<SinkItem> = VecDeque::new();
+    let mut scratch: Vec<SinkItem> = Vec::new();
+    let mut queued_position = Lsn::INVALID;
+    let mut tick = tokio::time::interval(status_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reached = |acked: Lsn| match until {
+        Until::StopLsn(Some(s)) => acked.is_valid() && acked >= s,
+        _ => false,
+    };
+    let before = match until {
+        Until::Before(l) => Some(l),
+        Until::StopLsn(_) => None,
+    };
+
+    macro_rules! fail {
+        ($failure:expr) => {
+            return Err((Some(EndedStream { stream }), $failure))
+        };
+    }
+
+    if reached(*acked_rx.borrow()) {
+        return Ok((stream, End::Drained));
+    }
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!("stop requested: finishing in-flight events");
+                break End::Stopped;
+            }
+            changed = acked_rx.changed() => {
+                if changed.is_err() {
+                    // The sink ended; `run` reports why.
+                    break End::Stopped;
+                }
+                let acked = *acked_rx.borrow_and_update();
+                if reached(acked) {
+                    tracing::info!(%acked, "reached --stop-lsn");
+                    break End::Drained;
+                }
+            }
+            _ = tick.tick() => {
+                let acked = *acked_rx.borrow();
+                if acked.is_valid() {
+                    if let Err(e) = stream.send_standby_status(acked, acked, acked, true).await {
+                        fail!(Failure::replication(e));
+                    }
+                }
+            }
+            permit = tx.reserve(), if !pending.is_empty() => {
+                match (permit, pending.pop_front()) {
+                    (Ok(permit), Some(item)) => permit.send(item),
+                    _ => break End::Stopped,
+                }
+            }
+            msg = stream.next_message(), if pending.is_empty() => {
+                match msg {
+                    Ok(Some(ReplicationMessage::XLogData { wal_start, data, .. })) => {
+                        let decoded = match decoder.decode(data) {
+                            Ok(m) => m,
+                            Err(e) => fail!(Failure::new(SourceFail, anyhow::Error::new(e).context("cannot decode a pgoutput message"))),
+                        };
+                        if let (LogicalMessage::Begin(b), Some(l)) = (&decoded, before) {
+                            if b.final_lsn >= l {
+                                break End::CaughtUp;
+                            }
+                        }
+                        if let Err(e) = builder.handle(decoded, wal_start, &mut scratch) {
+                            fail!(Failure::new(SourceFail, e));
+                        }
+                        pending.extend(scratch.drain(..));
+                    }
+                    Ok(Some(ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. })) => {
+                        if !builder.in_transaction() {
+                            if before.is_some_and(|l| wal_end >= l) {
+                                break End::CaughtUp;
+                            }
+                            // Between transactions every change up to wal_end has been sent,
+                            // so confirming it (once acknowledged) lets idle slots release WAL.
+                            if wal_end > queued_position {
+                                pending.push_back(SinkItem::Checkpoint(wal_end));
+                                queued_position = wal_end;
+                            }
+                        }
+                        if reply_requested {
+                            let acked = *acked_rx.borrow();
+                            if acked.is_valid() {
+                                if let Err(e) = stream.send_standby_status(acked, acked, acked, false).await {
+                                    fail!(Failure::replication(e));
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => fail!(Failure::replication(ReplicationError::ConnectionClosed)),
+                    Err(e) => fail!(Failure::replication(e)),
+                }
+            }
+        }
+    };
+    if end == End::CaughtUp {
+        // Everything queued belongs to transactions before the new snapshot: it must go out.
+        for item in pending.drain(..) {
+            if tx.send(item).await.is_err() {
+                fail!(sink_gone());
+            }
+        }
+    }
+    tracing::info!(events = builder.events, ?end, "stream ended");
+    Ok((stream, end))
+}

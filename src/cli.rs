@@ -13,10 +13,13 @@ use crate::source::Lsn;
 /// Change data capture from PostgreSQL to Kafka: a consistent snapshot of your tables, then
 /// every committed change, in commit order, keyed by primary key.
 #[derive(Debug, Parser)]
-#[command(name = "pgcdc", version, about, long_about = None)]
+#[command(name = "pgcdc", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    #[command(flatten)]
+    pub global: GlobalArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -24,6 +27,17 @@ pub enum Command {
     /// Snapshot the selected tables, then stream every committed change, until stopped.
     #[command(after_help = RUN_AFTER_HELP)]
     Run(Box<RunArgs>),
+    /// Show a slot's state: active (by which process), confirmed position, WAL it retains,
+    /// lag, and the snapshot progress pgcdc recorded. Warns when the slot needs attention.
+    #[command(after_help = STATUS_AFTER_HELP)]
+    Status(Box<StatusArgs>),
+    /// Compare a table with what its topic says (the last event per key) at one consistent
+    /// point; report missing, extra and differing keys.
+    #[command(after_help = VERIFY_AFTER_HELP)]
+    Verify(Box<VerifyArgs>),
+    /// Remove a slot, its publication and pgcdc's stored progress (asks for --yes).
+    #[command(after_help = DROP_AFTER_HELP)]
+    Drop(Box<DropArgs>),
 }
 
 const RUN_AFTER_HELP: &str = "\
@@ -113,6 +127,11 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 /// `pgcdc run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Operations flags (metrics, health, progress display); defined with the other
+    /// operations flags below.
+    #[command(flatten)]
+    pub ops: RunOpsArgs,
+
     /// PostgreSQL to capture from: a libpq URL (postgres://user@host:5432/db?sslmode=require)
     /// or key=value string ("host=db dbname=shop"). PGHOST, PGPORT, PGUSER, PGPASSWORD,
     /// PGDATABASE, PGSSLMODE… and ~/.pgpass fill what it leaves out.
@@ -221,6 +240,255 @@ pub struct RunArgs {
     pub status_interval: Duration,
 }
 
+// ---------------------------------------------------------------------------------------------
+// Operations: global flags, `status`, `verify`, `drop`, and run's metrics/progress flags.
+// ---------------------------------------------------------------------------------------------
+
+/// Exit codes of every command; printed by `pgcdc --help` and documented in the README.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  done (run: finished or stopped by a signal; verify: equal; status: slot healthy)
+  1  verify: the table and its topic differ
+  2  usage or configuration (flags, --config file, environment)
+  3  PostgreSQL (connection, permissions, slot or publication problems)
+  4  sink (Kafka or stdout)
+  5  status: the slot needs attention (retains more WAL than --max-retained-wal, is
+     invalidated or about to be, or does not exist)
+
+Every flag can also be set in a --config file (TOML, keys named like the flags) or by its
+PGCDC_* variable; a flag wins over the variable, the variable over the file.";
+
+const STATUS_AFTER_HELP: &str = "\
+Examples:
+  pgcdc status --source postgres://app@db/shop --slot pgcdc --kafka localhost:9092
+  pgcdc status --slot pgcdc --json --max-retained-wal 512MB
+
+Exit codes: 0 healthy, 5 the slot needs attention (see the warnings), 2 usage, 3 PostgreSQL,
+4 reading the progress record failed.";
+
+const VERIFY_AFTER_HELP: &str = "\
+Examples:
+  pgcdc verify --source postgres://app@db/shop --kafka localhost:9092 --table public.orders
+
+The table is read at the consistent point of a temporary replication slot; the topic is
+compared once pgcdc's slot (--slot) has confirmed past that point, using only events that
+committed before it. Exit codes: 0 equal, 1 different, 2 usage, 3 PostgreSQL (or pgcdc did not
+get past the point within --wait), 4 Kafka.";
+
+const DROP_AFTER_HELP: &str = "\
+Examples:
+  pgcdc drop --source postgres://app@db/shop --slot pgcdc --kafka localhost:9092 --yes
+
+Without --yes, prints what would be removed and exits 2. Refuses while the slot is in use.
+Topics and their events are left alone. Exit codes: 0 removed, 2 usage, 3 PostgreSQL, 4 sink.";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// A TOML file setting any flag of the command (keys named like the long flags, e.g.
+    /// `topic-prefix = "shop"`). Flags and PGCDC_* variables override it.
+    #[arg(long, global = true, env = "PGCDC_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "PGCDC_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// `run`'s operations flags.
+#[derive(Debug, Clone, Args)]
+pub struct RunOpsArgs {
+    /// Serve Prometheus metrics on http://<ADDR>/metrics and a health check on /health
+    /// (e.g. 127.0.0.1:9187; port 0 picks a free port, logged at start).
+    #[arg(
+        long,
+        env = "PGCDC_METRICS_ADDR",
+        value_name = "HOST:PORT",
+        display_order = 900
+    )]
+    pub metrics_addr: Option<String>,
+
+    /// /health answers 503 once the confirmed position has not moved for this long while
+    /// WAL is waiting, or the server has been silent this long.
+    #[arg(long, env = "PGCDC_UNHEALTHY_AFTER", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds, display_order = 901)]
+    pub unhealthy_after: Duration,
+
+    /// Snapshot progress display: a bar on a terminal, log lines otherwise (`auto`).
+    #[arg(
+        long,
+        env = "PGCDC_PROGRESS",
+        value_enum,
+        default_value = "auto",
+        display_order = 902
+    )]
+    pub progress: ProgressDisplay,
+}
+
+/// How snapshot progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressDisplay {
+    /// A bar when stderr is a terminal, else log lines.
+    Auto,
+    /// Always a progress bar.
+    Bar,
+    /// Periodic log lines.
+    Log,
+    /// Nothing beyond the start and end of each table.
+    Off,
+}
+
+/// Where PostgreSQL and pgcdc's progress are, for `status`, `verify` and `drop`.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// PostgreSQL, as for `run` (libpq URL or key=value string; PG* variables and
+    /// ~/.pgpass fill gaps).
+    #[arg(
+        long,
+        env = "PGCDC_SOURCE",
+        value_name = "CONNINFO",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub source: String,
+
+    /// The logical replication slot.
+    #[arg(long, env = "PGCDC_SLOT", default_value = "pgcdc")]
+    pub slot: String,
+
+    /// Kafka bootstrap servers, where the progress record (and, for verify, the topic) is.
+    #[arg(long, env = "PGCDC_KAFKA", value_name = "BOOTSTRAP")]
+    pub kafka: Option<String>,
+
+    /// A librdkafka property, as for `run` (repeatable; semicolon-separated in the variable).
+    #[arg(
+        short = 'X',
+        env = "PGCDC_KAFKA_PROPERTIES",
+        value_name = "KEY=VALUE",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    pub kafka_properties: Vec<Property>,
+
+    /// Topic prefix used by `run`: topics `<prefix>.<schema>.<table>`, progress in
+    /// `<prefix>._progress`.
+    #[arg(
+        long,
+        env = "PGCDC_TOPIC_PREFIX",
+        default_value = "pgcdc",
+        value_name = "PREFIX"
+    )]
+    pub topic_prefix: String,
+
+    /// The stdout sink's progress file, when `run` used --sink stdout (default:
+    /// `~/.local/state/pgcdc/<db>-<slot>.json`).
+    #[arg(long, env = "PGCDC_PROGRESS_FILE", value_name = "PATH")]
+    pub progress_file: Option<PathBuf>,
+}
+
+/// `pgcdc status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// Warn (and exit 5) when the slot retains more WAL than this: bytes, or with a unit
+    /// (kB, MB, GB, TB; powers of 1024), e.g. 512MB.
+    #[arg(long, env = "PGCDC_MAX_RETAINED_WAL", value_name = "SIZE", default_value = "1GB", value_parser = parse_size)]
+    pub max_retained_wal: u64,
+
+    /// Print one JSON object instead of text.
+    #[arg(long, env = "PGCDC_JSON")]
+    pub json: bool,
+}
+
+/// `pgcdc verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// The table to compare with its topic, as schema.table.
+    #[arg(long, env = "PGCDC_VERIFY_TABLE", value_name = "SCHEMA.TABLE")]
+    pub table: TableName,
+
+    /// How long to wait for pgcdc (its --slot) to confirm past the comparison point.
+    #[arg(long, env = "PGCDC_VERIFY_WAIT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub wait: Duration,
+
+    /// Compare with what the topic holds now, without waiting for pgcdc (differences may
+    /// then be changes pgcdc has not published yet).
+    #[arg(long, env = "PGCDC_VERIFY_NO_WAIT")]
+    pub no_wait: bool,
+
+    /// How many example keys to show per kind of difference.
+    #[arg(
+        long,
+        env = "PGCDC_VERIFY_EXAMPLES",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    pub examples: usize,
+
+    /// Print one JSON object instead of text.
+    #[arg(long, env = "PGCDC_JSON")]
+    pub json: bool,
+}
+
+/// `pgcdc drop`.
+#[derive(Debug, Clone, Args)]
+pub struct DropArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// The publication to drop with the slot.
+    #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
+    pub publication: String,
+
+    /// Leave the publication in place (other slots may use it).
+    #[arg(long, env = "PGCDC_KEEP_PUBLICATION")]
+    pub keep_publication: bool,
+
+    /// Really remove them. Deliberately not settable by a variable or the config file.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// Parses `1024`, `10kB`, `512MB`, `1GB`, `2TB` (PostgreSQL's units, powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a size: write bytes or a number with kB, MB, GB or TB")
+    })?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1 << 10,
+        "mb" | "m" => 1 << 20,
+        "gb" | "g" => 1 << 30,
+        "tb" | "t" => 1 << 40,
+        _ => return Err(format!("`{s}` has an unknown unit: use kB, MB, GB or TB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,7 +504,8 @@ mod tests {
         let cmd = Cli::command();
         for sub in cmd.get_subcommands() {
             for arg in sub.get_arguments() {
-                if matches!(arg.get_id().as_str(), "help" | "version") {
+                // A confirmation must be typed: `drop --yes` has no variable on purpose.
+                if matches!(arg.get_id().as_str(), "help" | "version" | "yes") {
                     continue;
                 }
                 assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());

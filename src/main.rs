@@ -1,13 +1,22 @@
-//! The `pgcdc` binary: parse flags, set up logging and signals, run, map failures to exit codes.
+//! The `pgcdc` binary: parse flags (and `--config`), set up logging and signals, run the
+//! command, map failures to exit codes (listed in `pgcdc --help`).
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use pgcdc::cli::{Cli, Command};
+use pgcdc::cli::{Command, LogFormat};
+use pgcdc::config::file::{parse_cli, ConfigError};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
+    let cli = match parse_cli(std::env::args_os()) {
+        Ok(cli) => cli,
+        // Help, version and flag errors: clap prints them and picks 0 or 2.
+        Err(ConfigError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    pgcdc::logging::init(cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -21,24 +30,26 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let stop = pgcdc::signals::stop_on_signals();
         match cli.command {
-            Command::Run(args) => pgcdc::run::run(*args, stop).await,
+            Command::Run(args) => pgcdc::run::run(*args, stop).await.map(|()| 0),
+            Command::Status(args) => pgcdc::ops::status::run(*args).await,
+            Command::Verify(args) => pgcdc::ops::verify::run(*args).await,
+            Command::Drop(args) => pgcdc::ops::drop::run(*args).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
+            // Once, in the chosen format: machines get a JSON line, people a sentence.
+            match cli.global.log_format {
+                LogFormat::Json => tracing::error!(
+                    kind = failure.kind.describe(),
+                    exit_code = failure.kind.exit_code(),
+                    "{:#}",
+                    failure.error
+                ),
+                LogFormat::Human => eprintln!("error: {:#}", failure.error),
+            }
             ExitCode::from(failure.kind.exit_code())
         }
     }
-}
-
-/// Logs go to stderr (stdout may carry events). `PGCDC_LOG` takes a tracing filter.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGCDC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

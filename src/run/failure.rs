@@ -21,6 +21,15 @@ impl FailureKind {
             FailureKind::Sink => 4,
         }
     }
+
+    /// What failed, for the log line that accompanies the error.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FailureKind::Usage => "usage or configuration error",
+            FailureKind::Source => "PostgreSQL error",
+            FailureKind::Sink => "sink error",
+        }
+    }
 }
 
 /// A failed run: what kind, and the error chain to print.
@@ -33,7 +42,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub(super) fn new(kind: FailureKind, error: impl Into<anyhow::Error>) -> Self {
+    pub(crate) fn new(kind: FailureKind, error: impl Into<anyhow::Error>) -> Self {
         Failure {
             kind,
             error: error.into(),
@@ -54,7 +63,7 @@ impl Failure {
     }
 }
 
-pub(super) trait Classify<T> {
+pub(crate) trait Classify<T> {
     fn or_fail(self, kind: FailureKind) -> Result<T, Failure>;
 }
 

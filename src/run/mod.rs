@@ -17,6 +17,7 @@
 //! snapshot state, `failure` the exit codes.
 
 mod failure;
+mod observe;
 mod progress;
 mod stream;
 
@@ -35,6 +36,7 @@ use crate::source::changes::{topic_name, ChangeBuilder};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
 use crate::source::{connect, snapshot, Lsn};
 
+pub(crate) use failure::Classify as ClassifyFailure;
 use failure::{
     Classify,
     FailureKind::{Sink as SinkFail, Source as SourceFail, Usage},
@@ -54,6 +56,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             anyhow!("--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"),
         ));
     }
+    observe::start_metrics(&args).await?;
     tracing::info!(source = %conninfo.redacted(), "connecting to PostgreSQL");
     let client = connect::connect(&conninfo)
         .await
@@ -73,6 +76,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     let tables = catalog::describe_tables(&client, &names)
         .await
         .or_fail(SourceFail)?;
+    observe::register_tables(&args.topic_prefix, &tables);
     let stop_lsn = match args.stop_lsn {
         None => None,
         Some(StopLsn::At(l)) => Some(l),
@@ -320,6 +324,8 @@ async fn capture(
                 .map_err(no_stream)?;
         }
         // The replication connection stays open and idle: that keeps the snapshot importable.
+        let display =
+            observe::snapshot_display(args, crate::logging::format(), client, tables).await;
         let stats = snapshot::run(
             client,
             &snapshot_name,
@@ -331,6 +337,7 @@ async fn capture(
             stop,
         )
         .await;
+        display.finish().await;
         let stats = match stats {
             Ok(s) => s,
             Err(snapshot::SnapshotError::Interrupted) => {
@@ -428,6 +435,11 @@ async fn capture(
         match outcome {
             Ok(stream) => return Ok(Some(EndedStream { stream })),
             Err((_, f)) if f.transient => {
+                let m = crate::metrics::global();
+                m.replication_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                m.reconnects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     error = format!("{:#}", f.error),
                     "lost the replication stream; reconnecting in {backoff:?}"

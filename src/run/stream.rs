@@ -21,7 +21,7 @@ use crate::event::Encoder;
 use crate::sink::SinkItem;
 use crate::source::catalog::{quote_ident, TableInfo};
 use crate::source::changes::ChangeBuilder;
-use crate::source::pgoutput::{Decoder, LogicalMessage};
+use crate::source::pgoutput::{pg_timestamp_to_unix_millis, Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
@@ -144,6 +144,8 @@ pub(super) async fn stream_changes(
     if reached(*acked_rx.borrow()) {
         return Ok((stream, End::Drained));
     }
+    let metrics = crate::metrics::global();
+    metrics.set_streaming(true);
     let end = loop {
         tokio::select! {
             biased;
@@ -157,6 +159,7 @@ pub(super) async fn stream_changes(
                     break End::Stopped;
                 }
                 let acked = *acked_rx.borrow_and_update();
+                metrics.confirmed(acked);
                 if reached(acked) {
                     tracing::info!(%acked, "reached --stop-lsn");
                     break End::Drained;
@@ -178,11 +181,15 @@ pub(super) async fn stream_changes(
             }
             msg = stream.next_message(), if pending.is_empty() => {
                 match msg {
-                    Ok(Some(ReplicationMessage::XLogData { wal_start, data, .. })) => {
+                    Ok(Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. })) => {
+                        metrics.server_message(wal_end);
                         let decoded = match decoder.decode(data) {
                             Ok(m) => m,
                             Err(e) => fail!(Failure::new(SourceFail, anyhow::Error::new(e).context("cannot decode a pgoutput message"))),
                         };
+                        if let LogicalMessage::Commit(c) = &decoded {
+                            metrics.commit_received(c.end_lsn, pg_timestamp_to_unix_millis(c.commit_timestamp));
+                        }
                         if let (LogicalMessage::Begin(b), Some(l)) = (&decoded, before) {
                             if b.final_lsn >= l {
                                 break End::CaughtUp;
@@ -194,6 +201,7 @@ pub(super) async fn stream_changes(
                         pending.extend(scratch.drain(..));
                     }
                     Ok(Some(ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. })) => {
+                        metrics.server_message(wal_end);
                         if !builder.in_transaction() {
                             if before.is_some_and(|l| wal_end >= l) {
                                 break End::CaughtUp;
@@ -228,6 +236,7 @@ pub(super) async fn stream_changes(
             }
         }
     }
+    metrics.set_streaming(false);
     tracing::info!(events = builder.events, ?end, "stream ended");
     Ok((stream, end))
 }

@@ -226,6 +226,7 @@ impl ChangeBuilder {
             value: Some(value),
         }));
         self.events += 1;
+        crate::metrics::global().count_event(&table.topic, op);
         if op == Op::Delete && self.tombstones && key.is_some() {
             out.push(SinkItem::Record(Record {
                 topic: table.topic.clone(),

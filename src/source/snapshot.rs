@@ -112,6 +112,8 @@ pub async fn run(
             .join(", ");
         let sql = format!("COPY {} ({cols}) TO STDOUT", info.name);
         tracing::info!(table = %info.name, "snapshot: reading table");
+        let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
+        progress.snapshot_started();
         let stream = client.copy_out(&sql).await?;
         futures_util::pin_mut!(stream);
         let mut table_rows = 0u64;
@@ -156,9 +158,11 @@ pub async fn run(
                 }
                 held = Some((table.topic.clone(), key, value));
                 table_rows += 1;
+                progress.snapshot_row();
             }
             partial.clear();
         }
+        progress.snapshot_finished();
         tracing::info!(table = %info.name, rows = table_rows, "snapshot: table done");
         stats.rows += table_rows;
     }

@@ -62,7 +62,7 @@ mod reader;
 
 pub use admin::{ensure_topics, wait_for_cluster, TopicSpec};
 pub use producer::KafkaSink;
-pub use reader::{read_last_value, read_topic, ConsumedRecord, ReadStop, TopicReader};
+pub use reader::{read_last_value, read_one, read_topic, ConsumedRecord, ReadStop, TopicReader};
 
 /// An error event identical to the previous one within this window is not logged again.
 const REPEAT_WINDOW: Duration = Duration::from_secs(5);
@@ -289,6 +289,9 @@ impl ClientContext for PgcdcContext {
             tracing::debug!(target: "librdkafka", "{reason}");
             return;
         }
+        crate::metrics::global()
+            .kafka_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.is_repeat(reason) {
             return;
         }

@@ -220,6 +220,9 @@ impl Fifo {
                 self.progress();
             }
             self.deliveries += 1;
+            crate::metrics::global()
+                .sink_in_flight
+                .store(self.deliveries as u64, std::sync::atomic::Ordering::Relaxed);
         }
         self.queue.push_back(p);
     }
@@ -296,6 +299,9 @@ impl Fifo {
                 return Ok(());
             };
             self.deliveries -= 1;
+            crate::metrics::global()
+                .sink_in_flight
+                .store(self.deliveries as u64, std::sync::atomic::Ordering::Relaxed);
             return match outcome {
                 Ok(Ok(_delivered)) => {
                     self.summary.add(bytes, tombstone);

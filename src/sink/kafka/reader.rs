@@ -264,6 +264,46 @@ pub fn read_topic(
     TopicReader::open(cfg, topic, stop)?.collect()
 }
 
+/// The record at `offset` of `partition`, or `None` if there is none (any more). Blocking.
+/// Used by `verify` to show the topic's side of a difference it found by hash.
+pub fn read_one(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Option<ConsumedRecord>, SinkError> {
+    let read_err = |source| SinkError::Read {
+        topic: topic.to_string(),
+        source,
+    };
+    let consumer: BaseConsumer<PgcdcContext> = client_config(cfg, Role::Reader)
+        .create_with_context(PgcdcContext::new(Role::Reader))
+        .map_err(config_error)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(read_err)?;
+    consumer.assign(&tpl).map_err(read_err)?;
+    let deadline = Instant::now() + METADATA_TIMEOUT;
+    while Instant::now() < deadline {
+        match consumer.poll(POLL_INTERVAL) {
+            None => continue,
+            Some(Ok(msg)) if msg.partition() == partition && msg.offset() == offset => {
+                return Ok(Some(ConsumedRecord {
+                    partition,
+                    offset,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    timestamp: msg.timestamp().to_millis(),
+                }))
+            }
+            Some(Ok(_)) => return Ok(None),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+            Some(Err(e)) => tracing::debug!("reading `{topic}` at {partition}/{offset}: {e}"),
+        }
+    }
+    Ok(None)
+}
+
 /// The latest value of `key` in `topic` (typically compacted), reading to the high
 /// watermarks. `Ok(None)` if the topic does not exist, the key never appears, or its latest
 /// record is a tombstone.

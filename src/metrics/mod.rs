@@ -1,0 +1,409 @@
+//! Run-time metrics: a registry of atomics that the pipeline bumps as it goes, rendered in
+//! Prometheus' text format by [`http`] on `--metrics-addr`, and the health verdict of
+//! `/health`.
+//!
+//! The registry is process-global ([`global`]) so that the pipeline needs one line per
+//! counting point rather than a handle threaded through every function; everything in it is
+//! lock-free on the hot paths (per-table counters are looked up once per table, or by topic
+//! name under a read lock).
+//!
+//! # What "stuck" means
+//!
+//! The stream is healthy while its confirmed position keeps up with the server: either
+//! nothing is waiting (confirmed = the server's end of WAL as last reported), or the
+//! confirmed position moved recently. It is stuck when WAL is waiting and the confirmed
+//! position has not moved for `--unhealthy-after` — a sink that stopped acknowledging, a
+//! transaction too large to finish, a decoder that hangs — or when the server has not said
+//! anything for that long while streaming (pgcdc asks for a reply at every status interval,
+//! so a live connection always answers). During the snapshot, progress means rows read.
+//!
+//! Replication lag in milliseconds is the age of the oldest transaction received from
+//! PostgreSQL but not yet acknowledged by the sink (0 when everything is acknowledged),
+//! measured against its commit time on the server's clock.
+
+pub mod http;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use crate::event::Op;
+use crate::source::Lsn;
+
+/// Bound on the commits remembered for the lag in milliseconds.
+const MAX_TRACKED_COMMITS: usize = 65_536;
+
+/// Counters of one captured table.
+#[derive(Debug, Default)]
+pub struct TableMetrics {
+    /// `schema.table`, the `table` label.
+    pub label: String,
+    /// Events by op: read, create, update, delete.
+    events: [AtomicU64; 4],
+    pub snapshot_rows: AtomicU64,
+    /// `pg_class.reltuples` when the snapshot started; -1 when unknown.
+    pub snapshot_estimate: AtomicI64,
+    pub snapshot_running: AtomicBool,
+    pub snapshot_done: AtomicBool,
+}
+
+impl TableMetrics {
+    /// One row read by the snapshot.
+    pub fn snapshot_row(&self) {
+        self.snapshot_rows.fetch_add(1, Relaxed);
+        self.events[0].fetch_add(1, Relaxed);
+        global().touch_snapshot();
+    }
+
+    pub fn snapshot_started(&self) {
+        self.snapshot_running.store(true, Relaxed);
+        global().touch_snapshot();
+    }
+
+    pub fn snapshot_finished(&self) {
+        self.snapshot_running.store(false, Relaxed);
+        self.snapshot_done.store(true, Relaxed);
+    }
+
+    pub fn events(&self, op: Op) -> u64 {
+        self.events[op_index(op)].load(Relaxed)
+    }
+}
+
+fn op_index(op: Op) -> usize {
+    match op {
+        Op::Read => 0,
+        Op::Create => 1,
+        Op::Update => 2,
+        Op::Delete => 3,
+    }
+}
+
+const OPS: [(Op, &str); 4] = [
+    (Op::Read, "r"),
+    (Op::Create, "c"),
+    (Op::Update, "u"),
+    (Op::Delete, "d"),
+];
+
+/// The registry.
+#[derive(Debug)]
+pub struct Metrics {
+    start: std::time::Instant,
+    /// Topic → table counters.
+    tables: RwLock<HashMap<Arc<str>, Arc<TableMetrics>>>,
+    pub confirmed_lsn: AtomicU64,
+    /// The server's end of WAL, as it last reported it.
+    pub server_wal_lsn: AtomicU64,
+    /// Records handed to the sink and not yet acknowledged (Kafka: awaiting delivery).
+    pub sink_in_flight: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub replication_errors: AtomicU64,
+    pub kafka_errors: AtomicU64,
+    pub streaming: AtomicBool,
+    /// Milliseconds since `start` of the last confirmed-position move.
+    last_confirmed_move: AtomicI64,
+    /// Milliseconds since `start` of the last message from the server while streaming.
+    last_server_message: AtomicI64,
+    /// Milliseconds since `start` of the last snapshot progress.
+    last_snapshot_progress: AtomicI64,
+    /// (end LSN, commit time ms) of received, not yet acknowledged transactions.
+    unacked: Mutex<VecDeque<(u64, i64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            start: std::time::Instant::now(),
+            tables: RwLock::new(HashMap::new()),
+            confirmed_lsn: AtomicU64::new(0),
+            server_wal_lsn: AtomicU64::new(0),
+            sink_in_flight: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            replication_errors: AtomicU64::new(0),
+            kafka_errors: AtomicU64::new(0),
+            streaming: AtomicBool::new(false),
+            last_confirmed_move: AtomicI64::new(0),
+            last_server_message: AtomicI64::new(0),
+            last_snapshot_progress: AtomicI64::new(0),
+            unacked: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+/// The process's registry.
+pub fn global() -> &'static Metrics {
+    static GLOBAL: OnceLock<Metrics> = OnceLock::new();
+    GLOBAL.get_or_init(Metrics::default)
+}
+
+impl Metrics {
+    fn now(&self) -> i64 {
+        self.start.elapsed().as_millis() as i64
+    }
+
+    /// The counters of the table published to `topic`, created on first use.
+    pub fn table(&self, topic: &str, label: &str) -> Arc<TableMetrics> {
+        if let Some(t) = self.tables.read().ok().and_then(|m| m.get(topic).cloned()) {
+            return t;
+        }
+        let Ok(mut map) = self.tables.write() else {
+            return Arc::new(TableMetrics::default());
+        };
+        map.entry(Arc::from(topic))
+            .or_insert_with(|| {
+                Arc::new(TableMetrics {
+                    label: label.to_string(),
+                    snapshot_estimate: AtomicI64::new(-1),
+                    ..TableMetrics::default()
+                })
+            })
+            .clone()
+    }
+
+    /// One event for the table of `topic` (registered by [`Metrics::table`]).
+    pub fn count_event(&self, topic: &str, op: Op) {
+        if let Some(t) = self.tables.read().ok().and_then(|m| m.get(topic).cloned()) {
+            t.events[op_index(op)].fetch_add(1, Relaxed);
+        }
+    }
+
+    fn touch_snapshot(&self) {
+        self.last_snapshot_progress.store(self.now(), Relaxed);
+    }
+
+    /// The server spoke (XLogData or keepalive) and reported its end of WAL.
+    pub fn server_message(&self, wal_end: Lsn) {
+        self.last_server_message.store(self.now(), Relaxed);
+        self.server_wal_lsn.fetch_max(wal_end.0, Relaxed);
+    }
+
+    /// Streaming started or ended.
+    pub fn set_streaming(&self, on: bool) {
+        if on {
+            let now = self.now();
+            self.last_server_message.store(now, Relaxed);
+            self.last_confirmed_move.store(now, Relaxed);
+        }
+        self.streaming.store(on, Relaxed);
+    }
+
+    /// A transaction ending at `end_lsn`, committed at `commit_ts_ms`, was received.
+    pub fn commit_received(&self, end_lsn: Lsn, commit_ts_ms: i64) {
+        if let Ok(mut q) = self.unacked.lock() {
+            if q.len() < MAX_TRACKED_COMMITS {
+                q.push_back((end_lsn.0, commit_ts_ms));
+            }
+        }
+    }
+
+    /// The sink acknowledged everything up to `lsn` (the position confirmed to PostgreSQL).
+    pub fn confirmed(&self, lsn: Lsn) {
+        let before = self.confirmed_lsn.fetch_max(lsn.0, Relaxed);
+        if lsn.0 > before {
+            self.last_confirmed_move.store(self.now(), Relaxed);
+        }
+        if let Ok(mut q) = self.unacked.lock() {
+            while q.front().is_some_and(|(end, _)| *end <= lsn.0) {
+                q.pop_front();
+            }
+        }
+    }
+
+    pub fn lag_bytes(&self) -> u64 {
+        let server = self.server_wal_lsn.load(Relaxed);
+        let confirmed = self.confirmed_lsn.load(Relaxed);
+        if confirmed == 0 {
+            return 0;
+        }
+        server.saturating_sub(confirmed)
+    }
+
+    pub fn lag_ms(&self) -> i64 {
+        let oldest = self
+            .unacked
+            .lock()
+            .ok()
+            .and_then(|q| q.front().map(|e| e.1));
+        oldest.map_or(0, |ts| (crate::event::now_ms() - ts).max(0))
+    }
+
+    /// `Ok` when healthy, else why not (see the module docs).
+    pub fn health(&self, stall: Duration) -> Result<(), String> {
+        let now = self.now();
+        let limit = stall.as_millis() as i64;
+        let since = |at: &AtomicI64| now - at.load(Relaxed);
+        let snapshot_running = self
+            .tables
+            .read()
+            .map(|m| m.values().any(|t| t.snapshot_running.load(Relaxed)))
+            .unwrap_or(false);
+        if snapshot_running && since(&self.last_snapshot_progress) > limit {
+            return Err(format!(
+                "the snapshot has read no row for {}s",
+                since(&self.last_snapshot_progress) / 1000
+            ));
+        }
+        if !self.streaming.load(Relaxed) {
+            return Ok(());
+        }
+        if since(&self.last_server_message) > limit {
+            return Err(format!(
+                "no message from PostgreSQL for {}s",
+                since(&self.last_server_message) / 1000
+            ));
+        }
+        let lag = self.lag_bytes();
+        if lag > 0 && since(&self.last_confirmed_move) > limit {
+            return Err(format!(
+                "the confirmed position {} has not moved for {}s while {lag} bytes of WAL wait \
+                 (is the sink acknowledging?)",
+                Lsn(self.confirmed_lsn.load(Relaxed)),
+                since(&self.last_confirmed_move) / 1000
+            ));
+        }
+        Ok(())
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self, stall: Duration) -> String {
+        let mut o = String::with_capacity(4096);
+        let mut tables: Vec<Arc<TableMetrics>> = self
+            .tables
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        tables.sort_by(|a, b| a.label.cmp(&b.label));
+
+        header(&mut o, "pgcdc_events_total", "counter", "Events handed to the sink, by table and operation (r snapshot read, c insert, u update, d delete).");
+        for t in &tables {
+            for (op, code) in OPS {
+                let _ = writeln!(
+                    o,
+                    "pgcdc_events_total{{table=\"{}\",op=\"{code}\"}} {}",
+                    escape(&t.label),
+                    t.events(op)
+                );
+            }
+        }
+        header(
+            &mut o,
+            "pgcdc_snapshot_rows",
+            "gauge",
+            "Rows read by the snapshot so far, by table.",
+        );
+        for t in &tables {
+            let _ = writeln!(
+                o,
+                "pgcdc_snapshot_rows{{table=\"{}\"}} {}",
+                escape(&t.label),
+                t.snapshot_rows.load(Relaxed)
+            );
+        }
+        header(
+            &mut o,
+            "pgcdc_snapshot_rows_estimated",
+            "gauge",
+            "Rows the snapshot expects (pg_class.reltuples; -1 unknown), by table.",
+        );
+        for t in &tables {
+            let _ = writeln!(
+                o,
+                "pgcdc_snapshot_rows_estimated{{table=\"{}\"}} {}",
+                escape(&t.label),
+                t.snapshot_estimate.load(Relaxed)
+            );
+        }
+        header(
+            &mut o,
+            "pgcdc_snapshot_done",
+            "gauge",
+            "1 once this run's snapshot of the table finished.",
+        );
+        for t in &tables {
+            let _ = writeln!(
+                o,
+                "pgcdc_snapshot_done{{table=\"{}\"}} {}",
+                escape(&t.label),
+                u8::from(t.snapshot_done.load(Relaxed))
+            );
+        }
+        let scalars: [(&str, &str, &str, String); 10] = [
+            ("pgcdc_confirmed_lsn", "gauge", "The WAL position confirmed to PostgreSQL (everything before it is acknowledged by the sink).", self.confirmed_lsn.load(Relaxed).to_string()),
+            ("pgcdc_server_wal_lsn", "gauge", "The server's end of WAL as it last reported it.", self.server_wal_lsn.load(Relaxed).to_string()),
+            ("pgcdc_replication_lag_bytes", "gauge", "Server end of WAL minus the confirmed position.", self.lag_bytes().to_string()),
+            ("pgcdc_replication_lag_milliseconds", "gauge", "Age of the oldest received transaction the sink has not acknowledged (0 when none).", self.lag_ms().to_string()),
+            ("pgcdc_sink_in_flight", "gauge", "Records handed to the sink and not yet acknowledged (the producer queue).", self.sink_in_flight.load(Relaxed).to_string()),
+            ("pgcdc_reconnects_total", "counter", "Reconnections of the replication stream after transient failures.", self.reconnects.load(Relaxed).to_string()),
+            ("pgcdc_replication_errors_total", "counter", "Transient replication failures (each followed by a reconnect).", self.replication_errors.load(Relaxed).to_string()),
+            ("pgcdc_kafka_errors_total", "counter", "Error events reported by the Kafka client (it retries them itself).", self.kafka_errors.load(Relaxed).to_string()),
+            ("pgcdc_streaming", "gauge", "1 while the replication stream is open.", u8::from(self.streaming.load(Relaxed)).to_string()),
+            ("pgcdc_healthy", "gauge", "1 when /health answers 200.", u8::from(self.health(stall).is_ok()).to_string()),
+        ];
+        for (name, kind, help, value) in scalars {
+            header(&mut o, name, kind, help);
+            let _ = writeln!(o, "{name} {value}");
+        }
+        o
+    }
+}
+
+fn header(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}");
+    let _ = writeln!(o, "# TYPE {name} {kind}");
+}
+
+/// Escapes a label value.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_tables_and_lag() {
+        let m = Metrics::default();
+        let t = m.table("p.public.items", "public.items");
+        m.count_event("p.public.items", Op::Create);
+        m.count_event("p.public.items", Op::Create);
+        t.snapshot_row();
+        m.server_message(Lsn(1000));
+        m.confirmed(Lsn(400));
+        m.commit_received(Lsn(900), crate::event::now_ms() - 5000);
+        let text = m.render(Duration::from_secs(60));
+        assert!(
+            text.contains("pgcdc_events_total{table=\"public.items\",op=\"c\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgcdc_events_total{table=\"public.items\",op=\"r\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("pgcdc_replication_lag_bytes 600"), "{text}");
+        assert!(m.lag_ms() >= 5000);
+        m.confirmed(Lsn(1000));
+        assert_eq!(m.lag_ms(), 0);
+        assert_eq!(escape("a\"b\\"), "a\\\"b\\\\");
+    }
+
+    #[test]
+    fn stuck_when_confirmed_stops_while_wal_waits() {
+        let m = Metrics::default();
+        m.set_streaming(true);
+        m.server_message(Lsn(100));
+        m.confirmed(Lsn(50));
+        assert!(m.health(Duration::from_secs(60)).is_ok());
+        std::thread::sleep(Duration::from_millis(30));
+        m.server_message(Lsn(200));
+        let e = m.health(Duration::from_millis(10)).unwrap_err();
+        assert!(e.contains("has not moved"), "{e}");
+        m.confirmed(Lsn(200));
+        assert!(m.health(Duration::from_millis(10)).is_ok());
+    }
+}

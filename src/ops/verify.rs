@@ -1,0 +1,716 @@
+//! `pgcdc verify`: does the topic say what the table says?
+//!
+//! # The comparison point
+//!
+//! A table and a topic can only be compared *at the same point*: the table changes while we
+//! read, and the topic lags behind the table. The point used is the consistent point `C` of
+//! a temporary logical slot created with an exported snapshot — the same mechanism pgcdc's
+//! own snapshot rests on. PostgreSQL guarantees that this snapshot sees exactly the
+//! transactions whose commit record lies before `C`. (Taking `pg_current_wal_lsn()` inside a
+//! REPEATABLE READ transaction would not do: a transaction can have written its commit
+//! record before that LSN and still be invisible to the snapshot, which would show up as a
+//! false difference under load.)
+//!
+//! On the topic side, every event carries `source.commit_lsn`, the LSN of its transaction's
+//! commit record (for snapshot reads, the snapshot's own consistent point). The topic's
+//! state at `C` is therefore the last event per key among those with `commit_lsn < C` (reads:
+//! `<= C`, as a snapshot at `C0` holds what committed before `C0`).
+//!
+//! Those events must all be in the topic before it is read. pgcdc confirms a position to
+//! PostgreSQL only after Kafka acknowledged every event before it (see [`crate::sink`]), and
+//! a transaction committing before `C` ends at or before `C` (a consistent point is a record
+//! boundary). So once pgcdc's slot shows `confirmed_flush_lsn >= C`, every event we need is
+//! acknowledged, and reading each partition up to its high watermark — taken after that —
+//! returns all of them. Events past `C` that are read too are filtered out by `commit_lsn`.
+//!
+//! Per key, replays after a crash repeat older events; the event with the highest
+//! `(commit_lsn, lsn)` wins, the later offset on a tie.
+//!
+//! # Speed
+//!
+//! Rows are compared by a 64-bit hash of their JSON as pgcdc encodes it — the table side is
+//! encoded by the very [`Encoder`] that `run` uses, from text `COPY`, the same path as the
+//! snapshot — so a million rows cost one COPY, one topic scan and two hash maps of keys.
+//! Only the few differing rows shown as examples are decoded and compared column by column.
+//!
+//! An update of a row with an unchanged TOASTed value omits that column from `after` (unless
+//! REPLICA IDENTITY FULL); such keys are compared on the columns their last event carries.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{parse_lsn, EXIT_DIFFERENT};
+use crate::cli::VerifyArgs;
+use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
+use crate::run::{ClassifyFailure, Failure, FailureKind};
+use crate::sink::kafka::{self, KafkaConfig, ReadStop, TopicReader};
+use crate::source::catalog::{self, quote_ident, quote_literal};
+use crate::source::changes::topic_name;
+use crate::source::replication::{ReplicationClient, SnapshotAction};
+use crate::source::{copy_text, snapshot, Lsn};
+
+/// The result of a comparison; also the `--json` output.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub table: String,
+    pub topic: String,
+    /// The comparison point `C`.
+    pub point: String,
+    pub table_rows: u64,
+    /// Keys whose last event (up to the point) is a row, not a delete.
+    pub topic_keys: u64,
+    pub events_read: u64,
+    /// Events that committed after the point (not compared).
+    pub events_after_point: u64,
+    /// Records that are not pgcdc events (no `source.commit_lsn`); ignored.
+    pub unreadable: u64,
+    pub same: u64,
+    /// Keys compared on the columns their last event carried (unchanged TOASTed values).
+    pub partial: u64,
+    pub missing: Kind,
+    pub extra: Kind,
+    pub differing: Kind,
+    pub equal: bool,
+    pub seconds: f64,
+}
+
+/// One kind of difference: how many, and a few keys.
+#[derive(Debug, Default, Serialize)]
+pub struct Kind {
+    pub count: u64,
+    pub examples: Vec<Example>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Example {
+    pub key: String,
+    /// Differing columns: `column: table value ≠ topic value` (differing keys only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+}
+
+impl Kind {
+    fn add(&mut self, limit: usize, key: &[u8]) -> bool {
+        self.count += 1;
+        if self.examples.len() < limit {
+            self.examples.push(Example {
+                key: String::from_utf8_lossy(key).into_owned(),
+                columns: Vec::new(),
+            });
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The parts of an event `verify` reads.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow)]
+    op: Option<std::borrow::Cow<'a, str>>,
+    source: Option<SourcePos>,
+}
+
+#[derive(Deserialize)]
+struct SourcePos {
+    lsn: Option<u64>,
+    commit_lsn: Option<u64>,
+}
+
+/// What the topic says about a key, at the point.
+enum State {
+    /// Deleted.
+    Absent,
+    Row {
+        hash: u64,
+        /// The `after` JSON, kept only when it lacks columns (see the module docs).
+        partial: Option<Box<str>>,
+    },
+}
+
+struct Entry {
+    pos: (u64, u64),
+    state: State,
+    partition: i32,
+    offset: i64,
+}
+
+fn hash_bytes(b: &[u8]) -> u64 {
+    // SipHash with fixed keys: the same in both passes of this process, which is all we need.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+/// Runs `pgcdc verify`; returns the exit code (0 equal, 1 different).
+pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
+    let started = Instant::now();
+    let Some(cfg) = super::kafka_config(&args.conn) else {
+        return Err(Failure::new(
+            FailureKind::Usage,
+            anyhow!("--kafka <bootstrap> is required: verify reads the table's topic"),
+        ));
+    };
+    let (info, client) = super::connect_source(&args.conn).await?;
+    let tables = catalog::describe_tables(&client, std::slice::from_ref(&args.table))
+        .await
+        .or_fail(FailureKind::Source)?;
+    let Some(table_info) = tables.into_iter().next() else {
+        return Err(Failure::new(
+            FailureKind::Source,
+            anyhow!("table {} not found", args.table),
+        ));
+    };
+    if table_info.key.is_empty() {
+        return Err(Failure::new(
+            FailureKind::Usage,
+            anyhow!(
+                "{} has no primary key or replica identity index: its events have no key, so \
+                 there is no \"last event per key\" to compare",
+                args.table
+            ),
+        ));
+    }
+    let database: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .or_fail(FailureKind::Source)?
+        .get(0);
+    let topic = topic_name(&args.conn.topic_prefix, &table_info.name);
+    let schema = snapshot::table_schema(&args.conn.topic_prefix, &table_info);
+    let encoder = Encoder::new(&args.conn.topic_prefix, &database);
+
+    // 1. The point: a temporary slot's consistent point, and its snapshot imported here.
+    let mut repl = ReplicationClient::connect(&info)
+        .await
+        .context("cannot open a replication connection (verify needs the REPLICATION attribute)")
+        .or_fail(FailureKind::Source)?;
+    let slot_name = format!(
+        "pgcdc_verify_{}_{}",
+        std::process::id(),
+        crate::event::now_ms()
+    );
+    let created = repl
+        .create_logical_slot(&slot_name, "pgoutput", SnapshotAction::Export, true)
+        .await
+        .context("cannot create a temporary replication slot (is max_replication_slots reached?)")
+        .or_fail(FailureKind::Source)?;
+    let point = created.consistent_point;
+    let Some(snapshot_name) = created.snapshot_name else {
+        return Err(Failure::new(
+            FailureKind::Source,
+            anyhow!("the server created the slot but exported no snapshot"),
+        ));
+    };
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(&snapshot_name)
+        ))
+        .await
+        .or_fail(FailureKind::Source)?;
+    // Imported: the temporary slot has served its purpose.
+    let _ = repl.close().await;
+    tracing::info!(table = %args.table, point = %point, "comparison point fixed");
+
+    // 2. Wait until pgcdc has published everything before the point.
+    if args.no_wait {
+        tracing::warn!(table = %args.table, "--no-wait: changes pgcdc has not published yet show up as differences");
+    } else {
+        wait_for_slot(&client, &args.conn.slot, point, args.wait).await?;
+    }
+
+    // 3. The topic's state at the point.
+    let columns = schema.columns.len();
+    let topic_state = {
+        let cfg = cfg.clone();
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || read_state(&cfg, &topic, point, columns))
+            .await
+            .map_err(|e| Failure::new(FailureKind::Sink, anyhow!("topic reader failed: {e}")))??
+    };
+    let (mut state, counters) = topic_state;
+
+    // 4. The table at the point, compared row by row.
+    let mut report = Report {
+        table: table_info.name.to_string(),
+        topic: topic.clone(),
+        point: point.to_string(),
+        table_rows: 0,
+        topic_keys: state
+            .values()
+            .filter(|e| matches!(e.state, State::Row { .. }))
+            .count() as u64,
+        events_read: counters.read,
+        events_after_point: counters.after_point,
+        unreadable: counters.unreadable,
+        same: 0,
+        partial: 0,
+        missing: Kind::default(),
+        extra: Kind::default(),
+        differing: Kind::default(),
+        equal: false,
+        seconds: 0.0,
+    };
+    let mut to_show: Vec<(usize, String, i32, i64)> = Vec::new();
+    compare_table(
+        &client,
+        &table_info,
+        &schema,
+        &encoder,
+        point,
+        &mut state,
+        &mut report,
+        args.examples,
+        &mut to_show,
+    )
+    .await?;
+    let _ = client.batch_execute("COMMIT").await;
+    for (key, entry) in &state {
+        if matches!(entry.state, State::Row { .. }) {
+            report.extra.add(args.examples, key);
+        }
+    }
+    // 5. Details for the examples of differing rows.
+    for (i, table_after, partition, offset) in to_show {
+        let cfg = cfg.clone();
+        let t = topic.clone();
+        let record =
+            tokio::task::spawn_blocking(move || kafka::read_one(&cfg, &t, partition, offset))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
+        let topic_after = record
+            .and_then(|r| r.value)
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .map(|v| v["after"].clone());
+        if let (Some(ex), Some(topic_after)) = (report.differing.examples.get_mut(i), topic_after) {
+            ex.columns = column_diff(&table_after, &topic_after);
+        }
+    }
+    report.equal =
+        report.missing.count == 0 && report.extra.count == 0 && report.differing.count == 0;
+    report.seconds = started.elapsed().as_secs_f64();
+
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::new(FailureKind::Usage, anyhow!("cannot encode JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(if report.equal { 0 } else { EXIT_DIFFERENT })
+}
+
+/// Polls pgcdc's slot until it confirmed `point`.
+async fn wait_for_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    point: Lsn,
+    wait: Duration,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + wait;
+    loop {
+        // Outside the snapshot transaction's view? pg_replication_slots is not MVCC-protected:
+        // it shows the live value even inside a REPEATABLE READ transaction.
+        let row = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .or_fail(FailureKind::Source)?;
+        let Some(row) = row else {
+            return Err(Failure::new(
+                FailureKind::Source,
+                anyhow!(
+                    "replication slot `{slot}` does not exist: verify waits until pgcdc has \
+                     confirmed past the comparison point through its slot. Pass the slot `run` \
+                     uses with --slot, or compare what the topic holds now with --no-wait"
+                ),
+            ));
+        };
+        let confirmed = parse_lsn(row.get(0), "confirmed_flush_lsn")?;
+        if confirmed.is_some_and(|c| c >= point) {
+            tracing::info!(slot, confirmed = %confirmed.unwrap_or_default(), "pgcdc is past the comparison point");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::new(
+                FailureKind::Source,
+                anyhow!(
+                    "pgcdc's slot `{slot}` confirmed only {} after {}s, short of the comparison \
+                     point {point}: is `pgcdc run` running? Raise --wait, or compare what the \
+                     topic holds now with --no-wait",
+                    confirmed.map_or("nothing".to_string(), |l| l.to_string()),
+                    wait.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    read: u64,
+    after_point: u64,
+    unreadable: u64,
+}
+
+type TopicState = (HashMap<Box<[u8]>, Entry>, Counters);
+
+/// Reads the topic to its high watermarks and keeps the state of each key at `point`.
+fn read_state(
+    cfg: &KafkaConfig,
+    topic: &str,
+    point: Lsn,
+    columns: usize,
+) -> Result<TopicState, Failure> {
+    let mut map: HashMap<Box<[u8]>, Entry> = HashMap::new();
+    // Keys whose latest value record committed after the point: their tombstone is too.
+    let mut after: HashSet<Box<[u8]>> = HashSet::new();
+    let mut n = Counters::default();
+    let Some(reader) = TopicReader::open_if_exists(cfg, topic, ReadStop::HighWatermark)
+        .or_fail(FailureKind::Sink)?
+    else {
+        tracing::warn!(
+            topic,
+            "the topic does not exist: every row counts as missing"
+        );
+        return Ok((map, n));
+    };
+    for record in reader {
+        let record = record.or_fail(FailureKind::Sink)?;
+        n.read += 1;
+        let Some(key) = record.key else {
+            n.unreadable += 1;
+            continue;
+        };
+        let Some(value) = record.value else {
+            // A tombstone follows its delete; it only matters when compaction removed the
+            // delete itself.
+            if !after.contains(key.as_slice()) {
+                let pos = map.get(key.as_slice()).map_or((0, 0), |e| e.pos);
+                map.insert(
+                    key.into_boxed_slice(),
+                    Entry {
+                        pos,
+                        state: State::Absent,
+                        partition: record.partition,
+                        offset: record.offset,
+                    },
+                );
+            }
+            continue;
+        };
+        let Ok(env) = serde_json::from_slice::<Envelope<'_>>(&value) else {
+            n.unreadable += 1;
+            continue;
+        };
+        let (Some(commit_lsn), lsn) = (
+            env.source.as_ref().and_then(|s| s.commit_lsn),
+            env.source.as_ref().and_then(|s| s.lsn).unwrap_or(0),
+        ) else {
+            n.unreadable += 1;
+            continue;
+        };
+        let op = env.op.as_deref().unwrap_or("");
+        let included = if op == "r" {
+            commit_lsn <= point.0
+        } else {
+            commit_lsn < point.0
+        };
+        if !included {
+            n.after_point += 1;
+            after.insert(key.into_boxed_slice());
+            continue;
+        }
+        after.remove(key.as_slice());
+        let pos = (commit_lsn, lsn);
+        if map.get(key.as_slice()).is_some_and(|e| pos < e.pos) {
+            // A replay of an older event after a restart.
+            continue;
+        }
+        let state = match (op, env.after) {
+            ("d", _) | (_, None) => State::Absent,
+            (op, Some(raw)) => {
+                let text = raw.get();
+                let partial = op == "u" && count_keys(text) < columns;
+                State::Row {
+                    hash: hash_bytes(text.as_bytes()),
+                    partial: partial.then(|| text.into()),
+                }
+            }
+        };
+        map.insert(
+            key.into_boxed_slice(),
+            Entry {
+                pos,
+                state,
+                partition: record.partition,
+                offset: record.offset,
+            },
+        );
+    }
+    Ok((map, n))
+}
+
+/// Top-level keys of a JSON object (0 if it is not one).
+fn count_keys(text: &str) -> usize {
+    serde_json::from_str::<HashMap<String, serde::de::IgnoredAny>>(text).map_or(0, |m| m.len())
+}
+
+/// COPYs the table inside the imported snapshot and settles each row against `state`,
+/// removing the keys it sees (what remains afterwards is extra).
+#[allow(clippy::too_many_arguments)]
+async fn compare_table(
+    client: &tokio_postgres::Client,
+    info: &catalog::TableInfo,
+    table: &Arc<TableSchema>,
+    encoder: &Encoder,
+    point: Lsn,
+    state: &mut HashMap<Box<[u8]>, Entry>,
+    report: &mut Report,
+    limit: usize,
+    to_show: &mut Vec<(usize, String, i32, i64)>,
+) -> Result<(), Failure> {
+    let cols = info
+        .columns
+        .iter()
+        .map(|(n, _)| quote_ident(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("COPY {} ({cols}) TO STDOUT", info.name);
+    let stream = client.copy_out(&sql).await.or_fail(FailureKind::Source)?;
+    futures_util::pin_mut!(stream);
+    let position = Position {
+        lsn: point,
+        commit_lsn: point,
+        xid: None,
+        commit_ts_ms: 0,
+        snapshot: SnapshotMarker::True,
+    };
+    let mut partial_buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.or_fail(FailureKind::Source)?;
+        let mut fields = Vec::with_capacity(table.columns.len());
+        let data: &[u8] = if partial_buf.is_empty() && chunk.ends_with(b"\n") {
+            &chunk
+        } else {
+            partial_buf.extend_from_slice(&chunk);
+            if !partial_buf.ends_with(b"\n") {
+                continue;
+            }
+            &partial_buf
+        };
+        for line in data.split_inclusive(|&b| b == b'\n') {
+            copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|e| {
+                Failure::new(FailureKind::Source, anyhow!("COPY of {}: {e}", info.name))
+            })?;
+            let row: Vec<Datum<'_>> = fields
+                .iter()
+                .map(|f| match f {
+                    None => Datum::Null,
+                    Some(v) => Datum::Text(v),
+                })
+                .collect();
+            report.table_rows += 1;
+            let Some(key) = encoder.key(table, &row) else {
+                continue;
+            };
+            // The row exactly as `run` would publish it, `after` taken from the envelope.
+            let change = Change {
+                op: Op::Read,
+                before: None,
+                after: Some(&row),
+                position,
+            };
+            let value = encoder.value(table, &change, 0);
+            let after = serde_json::from_slice::<Envelope<'_>>(&value)
+                .ok()
+                .and_then(|e| e.after)
+                .map(|r| r.get().to_string())
+                .unwrap_or_default();
+            match state.remove(&key[..]) {
+                None
+                | Some(Entry {
+                    state: State::Absent,
+                    ..
+                }) => {
+                    report.missing.add(limit, &key);
+                }
+                Some(Entry {
+                    state: State::Row { hash, partial },
+                    partition,
+                    offset,
+                    ..
+                }) => {
+                    let same = match &partial {
+                        None => hash == hash_bytes(after.as_bytes()),
+                        Some(topic_after) => {
+                            report.partial += 1;
+                            partial_equal(&after, topic_after)
+                        }
+                    };
+                    if same {
+                        report.same += 1;
+                    } else if report.differing.add(limit, &key) {
+                        to_show.push((
+                            report.differing.examples.len() - 1,
+                            after,
+                            partition,
+                            offset,
+                        ));
+                    }
+                }
+            }
+        }
+        partial_buf.clear();
+    }
+    Ok(())
+}
+
+/// Equal on every column the topic's (partial) row carries.
+fn partial_equal(table_after: &str, topic_after: &str) -> bool {
+    let (Ok(t), Ok(k)) = (
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(table_after),
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(topic_after),
+    ) else {
+        return false;
+    };
+    k.iter().all(|(col, v)| t.get(col) == Some(v))
+}
+
+/// `column: table <value>, topic <value>` for each differing column.
+fn column_diff(table_after: &str, topic_after: &serde_json::Value) -> Vec<String> {
+    let Ok(table) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(table_after)
+    else {
+        return Vec::new();
+    };
+    let empty = serde_json::Map::new();
+    let topic = topic_after.as_object().unwrap_or(&empty);
+    let short = |v: Option<&serde_json::Value>| -> String {
+        let s = v.map_or("(absent)".to_string(), |v| v.to_string());
+        if s.chars().count() > 60 {
+            format!("{}…", s.chars().take(60).collect::<String>())
+        } else {
+            s
+        }
+    };
+    let mut out = Vec::new();
+    for (col, v) in &table {
+        if topic.get(col) != Some(v) {
+            out.push(format!(
+                "{col}: table {}, topic {}",
+                short(Some(v)),
+                short(topic.get(col))
+            ));
+        }
+    }
+    for col in topic.keys().filter(|c| !table.contains_key(*c)) {
+        out.push(format!(
+            "{col}: table (absent), topic {}",
+            short(topic.get(col))
+        ));
+    }
+    out
+}
+
+/// The human form.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "table        {} (at {})", r.table, r.point);
+    let _ = writeln!(
+        o,
+        "topic        {} ({} events read, {} after the point{})",
+        r.topic,
+        r.events_read,
+        r.events_after_point,
+        if r.unreadable > 0 {
+            format!(", {} not pgcdc events", r.unreadable)
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "rows         {} in the table, {} keys in the topic",
+        r.table_rows, r.topic_keys
+    );
+    let _ = writeln!(
+        o,
+        "same         {}{}",
+        r.same,
+        if r.partial > 0 {
+            format!(
+                " ({} compared on the columns their last event carried)",
+                r.partial
+            )
+        } else {
+            String::new()
+        }
+    );
+    for (name, kind, what) in [
+        ("missing", &r.missing, "in the table, not in the topic"),
+        ("extra", &r.extra, "in the topic, not in the table"),
+        ("differing", &r.differing, "in both, with other values"),
+    ] {
+        let _ = writeln!(o, "{name:<12} {} ({what})", kind.count);
+        for ex in &kind.examples {
+            let _ = writeln!(o, "    {}", ex.key);
+            for c in &ex.columns {
+                let _ = writeln!(o, "        {c}");
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "result       {} ({:.1}s)",
+        if r.equal { "EQUAL" } else { "DIFFERENT" },
+        r.seconds
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_parts() {
+        let v = br#"{"before":null,"after":{"id":1,"v":"a\"b"},"source":{"lsn":5,"commit_lsn":7},"op":"u"}"#;
+        let e: Envelope<'_> = serde_json::from_slice(v).unwrap();
+        assert_eq!(e.after.unwrap().get(), r#"{"id":1,"v":"a\"b"}"#);
+        assert_eq!(e.op.as_deref(), Some("u"));
+        assert_eq!(e.source.unwrap().commit_lsn, Some(7));
+        assert_eq!(count_keys(r#"{"id":1,"v":"x"}"#), 2);
+    }
+
+    #[test]
+    fn partial_rows_compare_on_present_columns() {
+        assert!(partial_equal(
+            r#"{"id":1,"big":"x","n":2}"#,
+            r#"{"id":1,"n":2}"#
+        ));
+        assert!(!partial_equal(
+            r#"{"id":1,"big":"x","n":2}"#,
+            r#"{"id":1,"n":3}"#
+        ));
+        let d = column_diff(r#"{"id":1,"n":2}"#, &serde_json::json!({"id":1,"n":3}));
+        assert_eq!(d, vec!["n: table 2, topic 3".to_string()]);
+    }
+}

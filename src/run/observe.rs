@@ -1,0 +1,191 @@
+//! What `run` shows while it works: the metrics endpoint, table registration in the metrics
+//! registry, and snapshot progress (a bar per table on a terminal, periodic log lines
+//! otherwise). Kept apart from the data path: nothing here can slow or stop the pipeline.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::oneshot;
+
+use super::failure::{Failure, FailureKind};
+use crate::cli::{LogFormat, ProgressDisplay, RunArgs};
+use crate::metrics::{self, TableMetrics};
+use crate::source::catalog::TableInfo;
+use crate::source::changes::topic_name;
+
+/// How often the log-line display reports.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often bars are refreshed from the counters.
+const BAR_EVERY: Duration = Duration::from_millis(200);
+
+/// Starts the metrics endpoint when `--metrics-addr` is set.
+pub(super) async fn start_metrics(args: &RunArgs) -> Result<(), Failure> {
+    let Some(addr) = &args.ops.metrics_addr else {
+        return Ok(());
+    };
+    let bound = metrics::http::serve(addr, args.ops.unhealthy_after)
+        .await
+        .map_err(|e| Failure::new(FailureKind::Usage, anyhow!(e)))?;
+    tracing::info!(addr = %bound, "serving metrics on http://{bound}/metrics and health on http://{bound}/health");
+    Ok(())
+}
+
+/// Registers the captured tables, so their counters exist (at zero) from the start.
+pub(super) fn register_tables(prefix: &str, tables: &[TableInfo]) -> Vec<Arc<TableMetrics>> {
+    tables
+        .iter()
+        .map(|t| {
+            let label = format!("{}.{}", t.name.schema, t.name.name);
+            metrics::global().table(&topic_name(prefix, &t.name), &label)
+        })
+        .collect()
+}
+
+/// A running progress display; [`Display::finish`] ends it.
+pub(super) struct Display {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Display {
+    pub(super) async fn finish(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Looks up row estimates and starts the display chosen by `--progress`.
+pub(super) async fn snapshot_display(
+    args: &RunArgs,
+    log_format: LogFormat,
+    client: &tokio_postgres::Client,
+    tables: &[TableInfo],
+) -> Display {
+    let counters = register_tables(&args.topic_prefix, tables);
+    for (info, c) in tables.iter().zip(&counters) {
+        // reltuples is -1 for a table never vacuumed or analyzed (PostgreSQL 14+).
+        let estimate = client
+            .query_one(
+                "SELECT reltuples::int8 FROM pg_class WHERE oid = $1",
+                &[&info.oid],
+            )
+            .await
+            .ok()
+            .map_or(-1, |r| r.get::<_, i64>(0));
+        c.snapshot_estimate.store(estimate, Relaxed);
+    }
+    let bar = match args.ops.progress {
+        ProgressDisplay::Off => {
+            return Display {
+                stop: None,
+                task: None,
+            }
+        }
+        ProgressDisplay::Bar => true,
+        ProgressDisplay::Log => false,
+        ProgressDisplay::Auto => std::io::stderr().is_terminal() && log_format == LogFormat::Human,
+    };
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let task = if bar {
+        tokio::spawn(bars(counters, stop_rx))
+    } else {
+        tokio::spawn(log_lines(counters, stop_rx))
+    };
+    Display {
+        stop: Some(stop_tx),
+        task: Some(task),
+    }
+}
+
+fn eta(rows: u64, estimate: i64, elapsed: Duration) -> Option<Duration> {
+    let rate = rows as f64 / elapsed.as_secs_f64().max(0.001);
+    (estimate > rows as i64 && rate > 0.0)
+        .then(|| Duration::from_secs_f64((estimate as f64 - rows as f64) / rate))
+}
+
+async fn log_lines(counters: Vec<Arc<TableMetrics>>, mut stop: oneshot::Receiver<()>) {
+    let mut started: Vec<Option<Instant>> = vec![None; counters.len()];
+    let mut tick = tokio::time::interval(LOG_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        for (c, s) in counters.iter().zip(started.iter_mut()) {
+            if !c.snapshot_running.load(Relaxed) {
+                continue;
+            }
+            let t0 = *s.get_or_insert_with(Instant::now);
+            let rows = c.snapshot_rows.load(Relaxed);
+            let estimate = c.snapshot_estimate.load(Relaxed);
+            let elapsed = t0.elapsed().max(LOG_EVERY);
+            let rate = rows as f64 / elapsed.as_secs_f64();
+            tracing::info!(
+                table = %c.label,
+                rows,
+                estimated_rows = estimate,
+                rows_per_sec = rate.round() as u64,
+                eta_secs = eta(rows, estimate, elapsed).map(|d| d.as_secs()),
+                "snapshot progress"
+            );
+        }
+    }
+}
+
+async fn bars(counters: Vec<Arc<TableMetrics>>, mut stop: oneshot::Receiver<()>) {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    crate::logging::set_bars(multi.clone());
+    let style = ProgressStyle::with_template(
+        "{prefix:>24} [{bar:30}] {human_pos}/{human_len} rows {per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let unknown = ProgressStyle::with_template("{prefix:>24} {spinner} {human_pos} rows {per_sec}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let mut shown: Vec<Option<ProgressBar>> = vec![None; counters.len()];
+    let mut tick = tokio::time::interval(BAR_EVERY);
+    loop {
+        let stopping = tokio::select! {
+            _ = &mut stop => true,
+            _ = tick.tick() => false,
+        };
+        for (c, slot) in counters.iter().zip(shown.iter_mut()) {
+            let running = c.snapshot_running.load(Relaxed);
+            let done = c.snapshot_done.load(Relaxed);
+            if slot.is_none() && (running || done) {
+                let estimate = c.snapshot_estimate.load(Relaxed);
+                let pb = if estimate > 0 {
+                    ProgressBar::new(estimate as u64).with_style(style.clone())
+                } else {
+                    ProgressBar::new_spinner().with_style(unknown.clone())
+                };
+                *slot = Some(multi.add(pb.with_prefix(c.label.clone())));
+            }
+            if let Some(pb) = slot {
+                let rows = c.snapshot_rows.load(Relaxed);
+                if pb.length().is_some_and(|l| rows > l) {
+                    pb.set_length(rows);
+                }
+                pb.set_position(rows);
+                if done && !pb.is_finished() {
+                    pb.set_length(rows);
+                    pb.finish();
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
+    crate::logging::clear_bars();
+    let _ = multi.clear();
+}

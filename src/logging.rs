@@ -5,7 +5,7 @@
 //! each line is written through [`indicatif::MultiProgress::suspend`], which clears the bars,
 //! writes the line and redraws them, so neither garbles the other.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::{Mutex, OnceLock};
 
 use indicatif::MultiProgress;
@@ -43,8 +43,10 @@ pub fn init(format: LogFormat) {
     let _ = FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGCDC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    // Colours only for a terminal: a log file or collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(Stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

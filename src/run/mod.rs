@@ -16,7 +16,7 @@
 //! Modules: `stream` holds the streaming loop and its priorities, `progress` the durable
 //! snapshot state, `failure` the exit codes.
 
-mod failure;
+pub(crate) mod failure;
 mod observe;
 mod progress;
 mod stream;
@@ -36,7 +36,6 @@ use crate::source::changes::{topic_name, ChangeBuilder};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
 use crate::source::{connect, snapshot, Lsn};
 
-pub(crate) use failure::Classify as ClassifyFailure;
 use failure::{
     Classify,
     FailureKind::{Sink as SinkFail, Source as SourceFail, Usage},

@@ -1,0 +1,624 @@
+//! The operations commands end to end — `status`, `verify`, `drop`, `--metrics-addr` and
+//! `--config` — with the real binary against the private cluster and the durable broker.
+//! Every test has its own database, slot, publication and topic prefix.
+
+mod common;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::TestDb;
+use pgcdc::sink::kafka::{read_last_value, read_topic, KafkaConfig, ReadStop};
+use pgcdc::sink::{self, Record, SinkItem};
+use serde_json::{json, Value};
+
+fn kafka() -> String {
+    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+const ITEMS: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int);
+     INSERT INTO public.items SELECT g, 'row ' || g, g FROM generate_series(1, 50) g;";
+
+/// One test's setup: database, slot (also the publication's name), topic prefix, temp dir.
+struct Ops {
+    db: TestDb,
+    slot: String,
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Ops {
+    async fn new(setup_sql: &str) -> Ops {
+        let db = TestDb::create().await;
+        db.client()
+            .await
+            .batch_execute(setup_sql)
+            .await
+            .expect("test setup SQL");
+        let slot = common::unique_name("slot");
+        let prefix = common::unique_name("o");
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Ops {
+            db,
+            slot,
+            prefix,
+            dir,
+        }
+    }
+
+    fn source(&self) -> String {
+        format!(
+            "host={} port={} user={} dbname={} sslmode=disable",
+            self.db.env.host, self.db.env.port, self.db.env.superuser, self.db.name
+        )
+    }
+
+    /// The binary with a clean environment for pgcdc's own variables.
+    fn bin(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PGCDC_") && !k.starts_with("PGCDC_TEST_") {
+                c.env_remove(k);
+            }
+        }
+        c.env("PGPASSFILE", "/nonexistent").stdin(Stdio::null());
+        c
+    }
+
+    /// `pgcdc <sub>` with this test's connection, slot and prefix, plus `extra`.
+    fn cmd(&self, sub: &str, extra: &[&str]) -> Command {
+        let mut c = self.bin();
+        c.arg(sub)
+            .args(["--source", &self.source()])
+            .args(["--kafka", &kafka()])
+            .args(["--slot", &self.slot])
+            .args(["--topic-prefix", &self.prefix])
+            .args(extra);
+        if sub == "run" || sub == "drop" {
+            c.args(["--publication", &self.slot]);
+        }
+        if sub == "run" {
+            c.args(["--table", "public.items", "--status-interval", "0.5"]);
+        }
+        c
+    }
+
+    fn output(&self, sub: &str, extra: &[&str]) -> Output {
+        self.cmd(sub, extra).output().expect("pgcdc runs")
+    }
+
+    /// `pgcdc run` in the background, logging to `<dir>/<log>`.
+    fn spawn_run(&self, extra: &[&str], log: &str) -> Child {
+        let file = std::fs::File::create(self.dir.join(log)).expect("log file");
+        self.cmd("run", extra)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("pgcdc starts")
+    }
+
+    fn log(&self, log: &str) -> String {
+        std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
+    }
+
+    async fn wait_for_log(&self, log: &str, needle: &str) {
+        let found = common::poll_until(Duration::from_secs(30), || async {
+            self.log(log).contains(needle).then_some(())
+        })
+        .await;
+        assert!(
+            found.is_some(),
+            "no {needle:?} in {log}:\n{}",
+            self.log(log)
+        );
+    }
+
+    fn topic(&self) -> String {
+        format!("{}.public.items", self.prefix)
+    }
+
+    async fn sql(&self, sql: &str) {
+        self.db.client().await.batch_execute(sql).await.expect(sql);
+    }
+
+    async fn slot_exists(&self) -> bool {
+        let client = self.db.client().await;
+        client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .expect("query slots")
+            .is_some()
+    }
+}
+
+impl Drop for Ops {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..200 {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    })
+}
+
+fn assert_code(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
+    let o = Ops::new(ITEMS).await;
+    let child = o.spawn_run(&[], "run.log");
+    o.wait_for_log("run.log", "streaming changes").await;
+
+    let out = o.output("status", &["--json"]);
+    assert_code(&out, 0, "a streaming slot is healthy");
+    let s = json_of(&out);
+    assert_eq!(s["exists"], true);
+    assert_eq!(s["active"], true);
+    assert!(s["active_pid"].as_i64().is_some(), "{s}");
+    assert!(s["confirmed_flush_lsn"].as_str().is_some(), "{s}");
+    assert_eq!(s["progress"]["snapshot"], "completed");
+    assert_eq!(s["progress"]["snapshot_rows"], 50);
+    assert_eq!(s["healthy"], true);
+
+    // Stopped, with WAL written since: the slot keeps it.
+    stop(child);
+    o.sql("INSERT INTO items SELECT g, repeat('w', 200), g FROM generate_series(100, 3000) g")
+        .await;
+    let out = o.output("status", &["--json", "--max-retained-wal", "64kB"]);
+    assert_code(&out, 5, "more WAL retained than the threshold");
+    let s = json_of(&out);
+    assert_eq!(s["active"], false);
+    assert!(
+        s["retained_wal_bytes"].as_i64().unwrap_or(0) > 64 * 1024,
+        "{s}"
+    );
+    assert!(s["lag_bytes"].as_i64().unwrap_or(0) > 0, "{s}");
+    let warning = s["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("retains") && warning.contains("no pgcdc is reading it"),
+        "{s}"
+    );
+
+    let out = o.output("status", &["--max-retained-wal", "64kB"]);
+    assert_code(&out, 5, "human form");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("inactive") && text.contains("WARNING"),
+        "{text}"
+    );
+    // Under the default threshold (1 GB) the same slot is fine.
+    assert_code(&o.output("status", &[]), 0, "default threshold");
+}
+
+/// Publishes pgcdc-shaped events straight to the topic, to make the topic lie.
+async fn produce(topic: &str, events: &[(Value, Value)]) {
+    let producer = sink::KafkaSink::new(KafkaConfig::new(kafka())).expect("producer");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (acked, _) = tokio::sync::watch::channel(pgcdc::source::Lsn::INVALID);
+    let task = tokio::spawn(sink::run(sink::Sink::Kafka(producer), rx, acked));
+    for (key, value) in events {
+        let record = Record {
+            topic: topic.into(),
+            key: Some(serde_json::to_vec(key).unwrap().into()),
+            value: Some(serde_json::to_vec(value).unwrap().into()),
+        };
+        tx.send(SinkItem::Record(record)).await.expect("sink open");
+    }
+    drop(tx);
+    task.await.expect("sink task").expect("records delivered");
+}
+
+fn event(op: &str, after: Value, commit_lsn: u64, lsn: u64) -> Value {
+    let after = if op == "d" { Value::Null } else { after };
+    json!({"before": null, "after": after,
+           "source": {"connector": "pgcdc", "lsn": lsn, "commit_lsn": commit_lsn, "snapshot": "false"},
+           "op": op, "ts_ms": 0})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_finds_equal_missing_extra_and_differing_keys() {
+    let o = Ops::new(ITEMS).await;
+    let child = o.spawn_run(&[], "run.log");
+    o.wait_for_log("run.log", "streaming changes").await;
+    o.sql("UPDATE items SET v = 'changed' WHERE id = 1; DELETE FROM items WHERE id = 2;")
+        .await;
+
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(&out, 0, "pgcdc is running: the topic matches the table");
+    let r = json_of(&out);
+    assert_eq!(r["equal"], true);
+    assert_eq!(r["table_rows"], 49);
+    assert_eq!(r["same"], 49);
+
+    // The topic lies about three keys, at positions before any later comparison point:
+    // after the snapshot's reads (same commit_lsn, later lsn).
+    let cfg = KafkaConfig::new(kafka());
+    let topic = o.topic();
+    let first = tokio::task::spawn_blocking(move || {
+        read_topic(
+            &cfg,
+            &topic,
+            ReadStop::Quiet {
+                expected: Some(1),
+                quiet: Duration::from_secs(5),
+                max_wait: Duration::from_secs(20),
+            },
+        )
+    })
+    .await
+    .unwrap()
+    .expect("topic readable");
+    let read: Value =
+        serde_json::from_slice(first[0].value.as_deref().expect("a read event")).expect("JSON");
+    let c0 = read["source"]["commit_lsn"].as_u64().expect("commit_lsn");
+    produce(
+        &o.topic(),
+        &[
+            // missing: a delete the table never saw
+            (json!({"id": 3}), event("d", Value::Null, c0, c0 + 1)),
+            // extra: a row the table never had
+            (
+                json!({"id": 999}),
+                event("c", json!({"id": 999, "v": "ghost", "n": 999}), c0, c0 + 1),
+            ),
+            // differing: another value
+            (
+                json!({"id": 4}),
+                event("u", json!({"id": 4, "v": "tampered", "n": 4}), c0, c0 + 1),
+            ),
+            // a replayed old event (lower position) changes nothing
+            (
+                json!({"id": 5}),
+                event("u", json!({"id": 5, "v": "stale", "n": 5}), 1, 1),
+            ),
+        ],
+    )
+    .await;
+
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(&out, 1, "differences exit 1");
+    let r = json_of(&out);
+    assert_eq!(r["equal"], false);
+    assert_eq!(r["missing"]["count"], 1, "{r}");
+    assert_eq!(r["missing"]["examples"][0]["key"], r#"{"id":3}"#);
+    assert_eq!(r["extra"]["count"], 1, "{r}");
+    assert_eq!(r["extra"]["examples"][0]["key"], r#"{"id":999}"#);
+    assert_eq!(r["differing"]["count"], 1, "{r}");
+    assert_eq!(r["differing"]["examples"][0]["key"], r#"{"id":4}"#);
+    let columns = r["differing"]["examples"][0]["columns"].to_string();
+    assert!(
+        columns.contains("tampered") && columns.contains("row 4"),
+        "{r}"
+    );
+    let text = String::from_utf8_lossy(&o.output("verify", &["--table", "public.items"]).stdout)
+        .into_owned();
+    assert!(
+        text.contains("DIFFERENT") && text.contains("{\"id\":999}"),
+        "{text}"
+    );
+
+    // pgcdc stopped and the table changed: without --no-wait verify cannot reach a point
+    // pgcdc published; with it, the unpublished change shows as a difference.
+    stop(child);
+    o.sql("UPDATE items SET n = -10 WHERE id = 10").await;
+    let out = o.output("verify", &["--table", "public.items", "--wait", "1"]);
+    assert_code(&out, 3, "pgcdc is not running");
+    assert!(
+        stderr(&out).contains("is `pgcdc run` running?"),
+        "{}",
+        stderr(&out)
+    );
+    let out = o.output(
+        "verify",
+        &["--table", "public.items", "--json", "--no-wait"],
+    );
+    assert_code(&out, 1, "an unpublished change differs");
+    let r = json_of(&out);
+    assert_eq!(r["differing"]["count"], 2, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() {
+    let o = Ops::new(ITEMS).await;
+    let child = o.spawn_run(&[], "run.log");
+    o.wait_for_log("run.log", "streaming changes").await;
+    let progress_key = format!("{}/{}", o.db.name, o.slot);
+    let progress_topic = format!("{}._progress", o.prefix);
+    let cfg = KafkaConfig::new(kafka());
+    assert!(
+        read_last_value(&cfg, &progress_topic, progress_key.as_bytes())
+            .await
+            .expect("progress readable")
+            .is_some()
+    );
+
+    let out = o.output("drop", &["--yes"]);
+    assert_code(&out, 3, "the slot is in use");
+    let err = stderr(&out);
+    assert!(
+        err.contains("in use by process") && err.contains("nothing was removed"),
+        "{err}"
+    );
+    assert!(o.slot_exists().await);
+
+    stop(child);
+    let out = o.output("drop", &[]);
+    assert_code(&out, 2, "no --yes");
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    assert!(o.slot_exists().await, "nothing removed without --yes");
+
+    let out = o.output("drop", &["--yes"]);
+    assert_code(&out, 0, "drop");
+    assert!(!o.slot_exists().await);
+    let publications: i64 =
+        o.db.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_publication WHERE pubname = $1",
+                &[&o.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(publications, 0);
+    assert_eq!(
+        read_last_value(&cfg, &progress_topic, progress_key.as_bytes())
+            .await
+            .expect("progress readable"),
+        None,
+        "progress record tombstoned"
+    );
+    assert_code(&o.output("status", &[]), 5, "status after drop");
+
+    // The stdout sink's progress file; --keep-publication keeps the publication.
+    let file = o.dir.join("progress.json");
+    let file = file.to_str().unwrap();
+    let mut run = o.cmd(
+        "run",
+        &[
+            "--sink",
+            "stdout",
+            "--progress-file",
+            file,
+            "--stop-lsn",
+            "now",
+        ],
+    );
+    let out = run.output().unwrap();
+    assert_code(&out, 0, "stdout run");
+    assert!(std::path::Path::new(file).exists());
+    let mut drop_cmd = o.bin();
+    drop_cmd.args([
+        "drop",
+        "--source",
+        &o.source(),
+        "--slot",
+        &o.slot,
+        "--publication",
+        &o.slot,
+        "--progress-file",
+        file,
+        "--keep-publication",
+        "--yes",
+    ]);
+    assert_code(&drop_cmd.output().unwrap(), 0, "drop with a progress file");
+    assert!(!std::path::Path::new(file).exists());
+    assert!(!o.slot_exists().await);
+}
+
+/// GET `path` on `addr`: (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (code, body)
+}
+
+fn metric(body: &str, line_start: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_endpoint_counts_events_and_health_turns_503_when_stuck() {
+    let o = Ops::new(ITEMS).await;
+    let file = o.dir.join("progress.json");
+    let log = std::fs::File::create(o.dir.join("run.log")).unwrap();
+    // The stdout sink into a pipe nobody reads yet: a sink that stops acknowledging.
+    let mut child = o
+        .cmd(
+            "run",
+            &[
+                "--sink",
+                "stdout",
+                "--progress-file",
+                file.to_str().unwrap(),
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--unhealthy-after",
+                "2",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("pgcdc starts");
+    o.wait_for_log("run.log", "streaming changes").await;
+    let logged = o.log("run.log");
+    let addr = logged
+        .split("serving metrics on http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("the bound address is logged")
+        .to_string();
+
+    let (code, body) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        metric(&body, r#"pgcdc_events_total{table="public.items",op="r"}"#),
+        Some(50.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, r#"pgcdc_snapshot_rows{table="public.items"}"#),
+        Some(50.0)
+    );
+    assert_eq!(
+        metric(&body, r#"pgcdc_snapshot_done{table="public.items"}"#),
+        Some(1.0)
+    );
+    assert_eq!(metric(&body, "pgcdc_streaming "), Some(1.0));
+    for name in [
+        "pgcdc_replication_lag_bytes ",
+        "pgcdc_replication_lag_milliseconds ",
+        "pgcdc_confirmed_lsn ",
+        "pgcdc_sink_in_flight ",
+        "pgcdc_reconnects_total ",
+        "pgcdc_kafka_errors_total ",
+    ] {
+        assert!(metric(&body, name).is_some(), "{name} missing:\n{body}");
+    }
+    assert_eq!(http_get(&addr, "/health").0, 200);
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+
+    // More than the pipe and pgcdc's buffers hold: the sink blocks, nothing is confirmed.
+    o.sql("INSERT INTO items SELECT g, repeat('z', 1000), g FROM generate_series(1000, 3999) g")
+        .await;
+    let stuck = common::poll_until(Duration::from_secs(20), || async {
+        let (code, body) = http_get(&addr, "/health");
+        (code == 503).then_some(body)
+    })
+    .await;
+    let stuck = stuck.unwrap_or_else(|| panic!("never unhealthy\n{}", o.log("run.log")));
+    assert!(stuck.contains("unhealthy"), "{stuck}");
+    let (_, body) = http_get(&addr, "/metrics");
+    assert_eq!(metric(&body, "pgcdc_healthy "), Some(0.0), "{body}");
+
+    // Reading the output unblocks it.
+    let mut out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink);
+        sink.len()
+    });
+    let healthy = common::poll_until(Duration::from_secs(30), || async {
+        let (code, body) = http_get(&addr, "/metrics");
+        (code == 200
+            && metric(&body, r#"pgcdc_events_total{table="public.items",op="c"}"#) == Some(3000.0)
+            && metric(&body, "pgcdc_healthy ") == Some(1.0))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        healthy.is_some(),
+        "{}\n{}",
+        http_get(&addr, "/metrics").1,
+        o.log("run.log")
+    );
+    assert_eq!(http_get(&addr, "/health").0, 200);
+    stop(child);
+    assert!(reader.join().unwrap() > 3_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_file_is_overridden_by_env_then_flags() {
+    let o = Ops::new("SELECT 1").await;
+    let config = o.dir.join("pgcdc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "source = \"{}\"\nslot = \"file_slot\"\nmax-retained-wal = \"3MB\"\ntopic-prefix = \"{}\"\n",
+            o.source(),
+            o.prefix
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let status = |env: Option<&str>, flag: Option<&str>| {
+        let mut c = o.bin();
+        c.args(["status", "--json", "--config", config]);
+        if let Some(e) = env {
+            c.env("PGCDC_SLOT", e);
+        }
+        if let Some(f) = flag {
+            c.args(["--slot", f]);
+        }
+        let out = c.output().unwrap();
+        assert_code(&out, 5, "no such slot");
+        json_of(&out)
+    };
+    let s = status(None, None);
+    assert_eq!(s["slot"], "file_slot");
+    assert_eq!(s["max_retained_wal_bytes"], 3 << 20);
+    assert_eq!(status(Some("env_slot"), None)["slot"], "env_slot");
+    assert_eq!(
+        status(Some("env_slot"), Some("flag_slot"))["slot"],
+        "flag_slot"
+    );
+    assert_eq!(status(None, Some("flag_slot"))["slot"], "flag_slot");
+
+    // PGCDC_CONFIG names the file too; an unknown key is an error naming it (exit 2).
+    let bad = o.dir.join("bad.toml");
+    std::fs::write(&bad, "slot = \"x\"\nkafka-bootstrap = \"k:9092\"\n").unwrap();
+    let out = o
+        .bin()
+        .args(["status"])
+        .env("PGCDC_CONFIG", &bad)
+        .output()
+        .unwrap();
+    assert_code(&out, 2, "unknown key");
+    assert!(
+        stderr(&out).contains("unknown key `kafka-bootstrap`"),
+        "{}",
+        stderr(&out)
+    );
+}

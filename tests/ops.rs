@@ -184,8 +184,20 @@ fn assert_code(out: &Output, code: i32, what: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
     let o = Ops::new(ITEMS).await;
-    let child = o.spawn_run(&[], "run.log");
+    let child = o.spawn_run(&["--log-format", "json"], "run.log");
     o.wait_for_log("run.log", "streaming changes").await;
+    // Machine-readable logs: every line is JSON; lines about a table name it.
+    let log = o.log("run.log");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let snapshot_line = lines
+        .iter()
+        .find(|l| l["message"] == "snapshot: reading table")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(snapshot_line["table"], "public.items");
+    assert_eq!(snapshot_line["level"], "INFO");
 
     let out = o.output("status", &["--json"]);
     assert_code(&out, 0, "a streaming slot is healthy");

@@ -306,12 +306,13 @@ mod tests {
             tombstones = false
             status-interval = 5
             kafka-properties = { "linger.ms" = 7 }
+            log-format = "json"
             max-retained-wal = "2MB"
             "#,
         );
         let p = p.to_str().unwrap();
         let cli = parse_cli(["pgcdc", "--config", p, "run", "--slot", "flag"]).unwrap();
-        let Sub::Run(run) = cli.command else {
+        let Sub::Run(run) = &cli.command else {
             panic!("run expected")
         };
         assert_eq!(run.slot, "flag");
@@ -322,6 +323,7 @@ mod tests {
         assert!(!run.tombstones);
         assert_eq!(run.status_interval, std::time::Duration::from_secs(5));
         assert_eq!(run.kafka_properties[0].key, "linger.ms");
+        assert_eq!(cli.global.log_format, crate::cli::LogFormat::Json);
         // The same file serves status; `table` does not apply to verify.
         let cli = parse_cli(["pgcdc", "status", "--config", p]).unwrap();
         let Sub::Status(st) = cli.command else {

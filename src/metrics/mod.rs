@@ -109,6 +109,8 @@ pub struct Metrics {
     last_server_message: AtomicI64,
     /// Milliseconds since `start` of the last snapshot progress.
     last_snapshot_progress: AtomicI64,
+    /// Milliseconds since `start` when the stream was lost, -1 while not reconnecting.
+    reconnecting_since: AtomicI64,
     /// (end LSN, commit time ms) of received, not yet acknowledged transactions.
     unacked: Mutex<VecDeque<(u64, i64)>>,
 }
@@ -128,6 +130,7 @@ impl Default for Metrics {
             last_confirmed_move: AtomicI64::new(0),
             last_server_message: AtomicI64::new(0),
             last_snapshot_progress: AtomicI64::new(0),
+            reconnecting_since: AtomicI64::new(-1),
             unacked: Mutex::new(VecDeque::new()),
         }
     }
@@ -180,9 +183,19 @@ impl Metrics {
         self.server_wal_lsn.fetch_max(wal_end.0, Relaxed);
     }
 
+    /// The stream was lost; pgcdc reconnects (counted, and unhealthy if it lasts).
+    pub fn reconnecting(&self) {
+        self.reconnects.fetch_add(1, Relaxed);
+        self.replication_errors.fetch_add(1, Relaxed);
+        let _ = self
+            .reconnecting_since
+            .compare_exchange(-1, self.now(), Relaxed, Relaxed);
+    }
+
     /// Streaming started or ended.
     pub fn set_streaming(&self, on: bool) {
         if on {
+            self.reconnecting_since.store(-1, Relaxed);
             let now = self.now();
             self.last_server_message.store(now, Relaxed);
             self.last_confirmed_move.store(now, Relaxed);
@@ -244,6 +257,13 @@ impl Metrics {
             return Err(format!(
                 "the snapshot has read no row for {}s",
                 since(&self.last_snapshot_progress) / 1000
+            ));
+        }
+        let lost = self.reconnecting_since.load(Relaxed);
+        if lost >= 0 && now - lost > limit {
+            return Err(format!(
+                "the replication stream was lost {}s ago and is not back (see the log)",
+                (now - lost) / 1000
             ));
         }
         if !self.streaming.load(Relaxed) {
@@ -405,5 +425,16 @@ mod tests {
         assert!(e.contains("has not moved"), "{e}");
         m.confirmed(Lsn(200));
         assert!(m.health(Duration::from_millis(10)).is_ok());
+
+        // A lost stream that does not come back.
+        m.set_streaming(false);
+        m.reconnecting();
+        assert!(m.health(Duration::from_secs(60)).is_ok());
+        std::thread::sleep(Duration::from_millis(30));
+        let e = m.health(Duration::from_millis(10)).unwrap_err();
+        assert!(e.contains("was lost"), "{e}");
+        m.set_streaming(true);
+        assert!(m.health(Duration::from_millis(10)).is_ok());
+        assert_eq!(m.reconnects.load(Relaxed), 1);
     }
 }

@@ -434,11 +434,7 @@ async fn capture(
         match outcome {
             Ok(stream) => return Ok(Some(EndedStream { stream })),
             Err((_, f)) if f.transient => {
-                let m = crate::metrics::global();
-                m.replication_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                m.reconnects
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                crate::metrics::global().reconnecting();
                 tracing::warn!(
                     error = format!("{:#}", f.error),
                     "lost the replication stream; reconnecting in {backoff:?}"

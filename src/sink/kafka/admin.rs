@@ -181,7 +181,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
     };
     for result in results {
         match result {
-            Ok(name) => tracing::info!("created Kafka topic `{name}`"),
+            Ok(name) => tracing::info!(topic = %name, "created Kafka topic `{name}`"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
                 let reason = code.to_string();

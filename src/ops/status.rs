@@ -313,3 +313,50 @@ pub fn render(s: &SlotStatus) -> String {
     }
     o
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot() -> SlotStatus {
+        SlotStatus {
+            slot: "s".into(),
+            exists: true,
+            database: Some("db".into()),
+            plugin: Some("pgoutput".into()),
+            active: false,
+            active_pid: None,
+            restart_lsn: Some("0/10".into()),
+            confirmed_flush_lsn: Some("0/20".into()),
+            current_wal_lsn: "0/1000".into(),
+            retained_wal_bytes: Some(4000),
+            lag_bytes: Some(3000),
+            replay_lag_ms: None,
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+            max_retained_wal_bytes: 1 << 30,
+            progress: None,
+            progress_location: "file x".into(),
+            healthy: true,
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn invalidated_and_unreserved_slots_need_attention() {
+        let mut s = slot();
+        assess(&mut s, None);
+        assert!(s.healthy);
+        let mut s = slot();
+        s.wal_status = Some("lost".into());
+        assess(&mut s, None);
+        assert!(!s.healthy);
+        assert!(s.warnings[0].contains("INVALIDATED"), "{:?}", s.warnings);
+        assert!(render(&s).contains("WARNING: slot `s` is INVALIDATED"));
+        let mut s = slot();
+        s.wal_status = Some("unreserved".into());
+        s.safe_wal_size = Some(2048);
+        assess(&mut s, None);
+        assert!(s.warnings[0].contains("2.0 kiB left"), "{:?}", s.warnings);
+    }
+}

@@ -241,6 +241,7 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
             .map_err(|e| Failure::new(FailureKind::Sink, anyhow!("topic reader failed: {e}")))??
     };
     let (mut state, counters) = topic_state;
+    tracing::info!(table = %args.table, topic = %topic, events = counters.read, keys = state.len(), secs = started.elapsed().as_secs_f64(), "topic read");
 
     // 4. The table at the point, compared row by row.
     let mut report = Report {
@@ -277,6 +278,7 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
     )
     .await?;
     let _ = client.batch_execute("COMMIT").await;
+    tracing::info!(table = %args.table, rows = report.table_rows, secs = started.elapsed().as_secs_f64(), "table compared");
     for (key, entry) in &state {
         if matches!(entry.state, State::Row { .. }) {
             report.extra.add(args.examples, key);
@@ -539,11 +541,11 @@ async fn compare_table(
                 position,
             };
             let value = encoder.value(table, &change, 0);
-            let after = serde_json::from_slice::<Envelope<'_>>(&value)
-                .ok()
+            let envelope = serde_json::from_slice::<Envelope<'_>>(&value).ok();
+            let after: &str = envelope
+                .as_ref()
                 .and_then(|e| e.after)
-                .map(|r| r.get().to_string())
-                .unwrap_or_default();
+                .map_or("", |r| r.get());
             match state.remove(&key[..]) {
                 None
                 | Some(Entry {
@@ -562,7 +564,7 @@ async fn compare_table(
                         None => hash == hash_bytes(after.as_bytes()),
                         Some(topic_after) => {
                             report.partial += 1;
-                            partial_equal(&after, topic_after)
+                            partial_equal(after, topic_after)
                         }
                     };
                     if same {
@@ -570,7 +572,7 @@ async fn compare_table(
                     } else if report.differing.add(limit, &key) {
                         to_show.push((
                             report.differing.examples.len() - 1,
-                            after,
+                            after.to_string(),
                             partition,
                             offset,
                         ));

@@ -24,7 +24,8 @@
 //! returns all of them. Events past `C` that are read too are filtered out by `commit_lsn`.
 //!
 //! Per key, replays after a crash repeat older events; the event with the highest
-//! `(commit_lsn, lsn)` wins, the later offset on a tie.
+//! `(commit_lsn, lsn)` wins (a snapshot read before a streamed change at the same
+//! `commit_lsn`), the later offset on a tie.
 //!
 //! # Speed
 //!
@@ -139,7 +140,8 @@ enum State {
 }
 
 struct Entry {
-    pos: (u64, u64),
+    /// `(commit_lsn, streamed, lsn)`: see [`position`].
+    pos: (u64, bool, u64),
     state: State,
     partition: i32,
     offset: i64,
@@ -405,7 +407,7 @@ fn read_state(
             // A tombstone follows its delete; it only matters when compaction removed the
             // delete itself.
             if !after.contains(key.as_slice()) {
-                let pos = map.get(key.as_slice()).map_or((0, 0), |e| e.pos);
+                let pos = map.get(key.as_slice()).map_or((0, false, 0), |e| e.pos);
                 map.insert(
                     key.into_boxed_slice(),
                     Entry {
@@ -441,7 +443,7 @@ fn read_state(
             continue;
         }
         after.remove(key.as_slice());
-        let pos = (commit_lsn, lsn);
+        let pos = position(op, commit_lsn, lsn);
         if map.get(key.as_slice()).is_some_and(|e| pos < e.pos) {
             // A replay of an older event after a restart.
             continue;
@@ -468,6 +470,18 @@ fn read_state(
         );
     }
     Ok((map, n))
+}
+
+/// The order of a key's events. By commit first; at an equal `commit_lsn`, a streamed
+/// change comes after a snapshot read: a snapshot at `C` holds what committed *before* `C`,
+/// so a transaction whose commit record starts exactly at `C` is newer than it. Within a
+/// transaction, by the change's own LSN.
+fn position(op: &str, commit_lsn: u64, lsn: u64) -> (u64, bool, u64) {
+    if op == "r" {
+        (commit_lsn, false, 0)
+    } else {
+        (commit_lsn, true, lsn)
+    }
 }
 
 /// Top-level keys of a JSON object (0 if it is not one).
@@ -700,6 +714,13 @@ mod tests {
         assert_eq!(e.op.as_deref(), Some("u"));
         assert_eq!(e.source.unwrap().commit_lsn, Some(7));
         assert_eq!(count_keys(r#"{"id":1,"v":"x"}"#), 2);
+    }
+
+    #[test]
+    fn a_change_committed_at_the_snapshot_point_is_newer_than_the_read() {
+        assert!(position("u", 100, 40) > position("r", 100, 100));
+        assert!(position("r", 100, 100) > position("u", 99, 99));
+        assert!(position("u", 100, 41) > position("u", 100, 40));
     }
 
     #[test]

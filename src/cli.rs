@@ -344,7 +344,7 @@ pub struct RunOpsArgs {
 pub enum ProgressDisplay {
     /// A bar when stderr is a terminal, else log lines.
     Auto,
-    /// Always a progress bar.
+    /// A progress bar (drawn only when stderr is a terminal).
     Bar,
     /// Periodic log lines.
     Log,

@@ -9,10 +9,12 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod event;
-pub mod logging;
-pub mod metrics;
-pub mod ops;
 pub mod run;
 pub mod signals;
 pub mod sink;
 pub mod source;
+
+// Operating pgcdc: logs, metrics, and the status/verify/drop commands.
+pub mod logging;
+pub mod metrics;
+pub mod ops;

@@ -13,7 +13,7 @@ use tokio_postgres::error::SqlState;
 
 use super::ProgressLocation;
 use crate::cli::DropArgs;
-use crate::run::failure::{Classify, Failure, FailureKind};
+use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::{self, kafka, Record, SinkItem};
 use crate::source::catalog::quote_ident;
 use crate::source::Lsn;

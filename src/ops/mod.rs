@@ -19,7 +19,7 @@ use anyhow::{anyhow, Context};
 use crate::checkpoint::{self, FileStore, Progress};
 use crate::cli::ConnArgs;
 use crate::config::conninfo::ConnInfo;
-use crate::run::failure::{Classify, Failure, FailureKind};
+use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::kafka::{self, KafkaConfig};
 use crate::source::{connect, Lsn};
 

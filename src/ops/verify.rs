@@ -50,7 +50,7 @@ use serde_json::value::RawValue;
 use super::{parse_lsn, EXIT_DIFFERENT};
 use crate::cli::VerifyArgs;
 use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
-use crate::run::failure::{Classify, Failure, FailureKind};
+use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::kafka::{self, KafkaConfig, ReadStop, TopicReader};
 use crate::source::catalog::{self, quote_ident, quote_literal};
 use crate::source::changes::topic_name;

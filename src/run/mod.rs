@@ -16,7 +16,7 @@
 //! Modules: `stream` holds the streaming loop and its priorities, `progress` the durable
 //! snapshot state, `failure` the exit codes.
 
-pub(crate) mod failure;
+mod failure;
 mod observe;
 mod progress;
 mod stream;
@@ -478,4 +478,9 @@ async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Fa
             }
         }
     }
+}
+
+/// What the operations commands (`crate::ops`) share with `run`: failures and exit codes.
+pub(crate) mod ops_api {
+    pub(crate) use super::failure::{Classify, Failure, FailureKind};
 }

@@ -21,7 +21,7 @@ use crate::event::Encoder;
 use crate::sink::SinkItem;
 use crate::source::catalog::{quote_ident, TableInfo};
 use crate::source::changes::ChangeBuilder;
-use crate::source::pgoutput::{pg_timestamp_to_unix_millis, Decoder, LogicalMessage};
+use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
@@ -188,7 +188,7 @@ pub(super) async fn stream_changes(
                             Err(e) => fail!(Failure::new(SourceFail, anyhow::Error::new(e).context("cannot decode a pgoutput message"))),
                         };
                         if let LogicalMessage::Commit(c) = &decoded {
-                            metrics.commit_received(c.end_lsn, pg_timestamp_to_unix_millis(c.commit_timestamp));
+                            metrics.commit_received(c.end_lsn, crate::source::pgoutput::pg_timestamp_to_unix_millis(c.commit_timestamp));
                         }
                         if let (LogicalMessage::Begin(b), Some(l)) = (&decoded, before) {
                             if b.final_lsn >= l {

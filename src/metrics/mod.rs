@@ -97,7 +97,8 @@ pub struct Metrics {
     pub confirmed_lsn: AtomicU64,
     /// The server's end of WAL, as it last reported it.
     pub server_wal_lsn: AtomicU64,
-    /// Records handed to the sink and not yet acknowledged (Kafka: awaiting delivery).
+    /// Records handed to the sink and not yet acknowledged (Kafka: awaiting delivery;
+    /// stdout: written, not flushed).
     pub sink_in_flight: AtomicU64,
     pub reconnects: AtomicU64,
     pub replication_errors: AtomicU64,

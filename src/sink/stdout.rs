@@ -77,6 +77,9 @@ impl StdoutSink {
                 SinkItem::Record(record) => {
                     self.write_record(&record).await?;
                     unflushed.add(record.payload_len(), record.value.is_none());
+                    crate::metrics::global()
+                        .sink_in_flight
+                        .store(unflushed.records, std::sync::atomic::Ordering::Relaxed);
                 }
                 SinkItem::Checkpoint(lsn) => {
                     pending_checkpoint = Some(lsn);
@@ -141,6 +144,9 @@ impl StdoutSink {
 }
 
 fn merge(summary: &mut SinkSummary, unflushed: &mut SinkSummary) {
+    crate::metrics::global()
+        .sink_in_flight
+        .store(0, std::sync::atomic::Ordering::Relaxed);
     summary.records += unflushed.records;
     summary.bytes += unflushed.bytes;
     summary.tombstones += unflushed.tombstones;

@@ -23,8 +23,12 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            // Not 1: that code means "verify found differences".
+            eprintln!(
+                "error: cannot start the async runtime: {e} (check the process's thread and \
+                 memory limits)"
+            );
+            return ExitCode::from(2);
         }
     };
     let result = runtime.block_on(async {

@@ -276,9 +276,14 @@ pub fn render(s: &SlotStatus) -> String {
     }
     match &s.progress {
         None => {
+            let hint = if s.progress_location.starts_with("file") {
+                "; with the Kafka sink, give --kafka and --topic-prefix"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 o,
-                "snapshot             no progress record ({})",
+                "snapshot             no progress record ({}{hint})",
                 s.progress_location
             );
         }

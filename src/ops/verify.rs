@@ -150,9 +150,9 @@ struct Entry {
 }
 
 fn hash_bytes(b: &[u8]) -> u64 {
-    // SipHash with fixed keys: the same in both passes of this process, which is all we need.
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
+    // `new()` uses fixed keys: the same hash for the table and the topic side of this
+    // process, which is all a comparison needs.
+    let mut h = std::hash::DefaultHasher::new();
     b.hash(&mut h);
     h.finish()
 }

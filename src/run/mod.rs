@@ -75,7 +75,6 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     let tables = catalog::describe_tables(&client, &names)
         .await
         .or_fail(SourceFail)?;
-    observe::register_tables(&args.topic_prefix, &tables);
     let stop_lsn = match args.stop_lsn {
         None => None,
         Some(StopLsn::At(l)) => Some(l),
@@ -407,6 +406,7 @@ async fn capture(
             };
             let stream = start_stream(&args.publication, client, slot_name, start).await?;
             tracing::info!(slot = slot_name, from = %start, "streaming changes");
+            observe::register_tables(&args.topic_prefix, tables);
             Ok::<_, Failure>(stream)
         };
         let outcome = match attempt.await {

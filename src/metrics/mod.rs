@@ -40,8 +40,8 @@ const MAX_TRACKED_COMMITS: usize = 65_536;
 pub struct TableMetrics {
     /// `schema.table`, the `table` label.
     pub label: String,
-    /// Events by op: read, create, update, delete.
-    events: [AtomicU64; 4],
+    /// Events by op: read, create, update, delete, truncate, other.
+    events: [AtomicU64; 6],
     pub snapshot_rows: AtomicU64,
     /// `pg_class.reltuples` when the snapshot started; -1 when unknown.
     pub snapshot_estimate: AtomicI64,
@@ -70,23 +70,23 @@ impl TableMetrics {
     pub fn events(&self, op: Op) -> u64 {
         self.events[op_index(op)].load(Relaxed)
     }
-}
 
-fn op_index(op: Op) -> usize {
-    match op {
-        Op::Read => 0,
-        Op::Create => 1,
-        Op::Update => 2,
-        Op::Delete => 3,
+    fn events_by_code(&self, code: &str) -> u64 {
+        self.events[code_index(code)].load(Relaxed)
     }
 }
 
-const OPS: [(Op, &str); 4] = [
-    (Op::Read, "r"),
-    (Op::Create, "c"),
-    (Op::Update, "u"),
-    (Op::Delete, "d"),
-];
+/// By the op's one-letter code, so ops added later land in "other" rather than break this.
+fn op_index(op: Op) -> usize {
+    code_index(op.code())
+}
+
+fn code_index(code: &str) -> usize {
+    OPS.iter().position(|c| *c == code).unwrap_or(OPS.len())
+}
+
+/// The `op` labels, in `events` order; index `OPS.len()` counts any other op.
+const OPS: [&str; 5] = ["r", "c", "u", "d", "t"];
 
 /// The registry.
 #[derive(Debug)]
@@ -298,14 +298,14 @@ impl Metrics {
             .unwrap_or_default();
         tables.sort_by(|a, b| a.label.cmp(&b.label));
 
-        header(&mut o, "pgcdc_events_total", "counter", "Events handed to the sink, by table and operation (r snapshot read, c insert, u update, d delete).");
+        header(&mut o, "pgcdc_events_total", "counter", "Events handed to the sink, by table and operation (r snapshot read, c insert, u update, d delete, t truncate).");
         for t in &tables {
-            for (op, code) in OPS {
+            for code in OPS {
                 let _ = writeln!(
                     o,
                     "pgcdc_events_total{{table=\"{}\",op=\"{code}\"}} {}",
                     escape(&t.label),
-                    t.events(op)
+                    t.events_by_code(code)
                 );
             }
         }

@@ -333,6 +333,22 @@ fn row_encoding(
     )
 }
 
+/// The row as `run` publishes a snapshot read of it (the caller takes `after` from it).
+fn encode_read(
+    encoder: &Encoder,
+    table: &TableSchema,
+    row: &[Datum<'_>],
+    position: Position,
+) -> bytes::Bytes {
+    let change = Change {
+        op: Op::Read,
+        before: None,
+        after: Some(row),
+        position,
+    };
+    encoder.value(table, &change, 0)
+}
+
 /// Polls pgcdc's slot until it confirmed `point`.
 async fn wait_for_slot(
     client: &tokio_postgres::Client,
@@ -620,14 +636,7 @@ async fn compare_table(
             let Some(key) = encoder.key(table, &row) else {
                 continue;
             };
-            // The row exactly as `run` would publish it, `after` taken from the envelope.
-            let change = Change {
-                op: Op::Read,
-                before: None,
-                after: Some(&row),
-                position,
-            };
-            let value = encoder.value(table, &change, 0);
+            let value = encode_read(encoder, table, &row, position);
             let envelope = serde_json::from_slice::<Envelope<'_>>(&value).ok();
             let after: &str = envelope
                 .as_ref()

@@ -777,3 +777,117 @@ async fn lost_replication_connection_reconnects_and_loses_nothing() {
         "every update exactly once, plus {duplicates} replays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_table_flags_every_table_of_the_publication_is_captured() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);
+         CREATE TABLE public.b (id int PRIMARY KEY, v text);
+         CREATE TABLE public.c (id int PRIMARY KEY, v text);
+         INSERT INTO a VALUES (1, 'a'); INSERT INTO b VALUES (1, 'b'), (2, 'b');
+         INSERT INTO c VALUES (1, 'not published');",
+    )
+    .await;
+    p.db.client()
+        .await
+        .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE a, b", p.slot))
+        .await
+        .unwrap();
+    assert_success(&p.run(&["--stop-lsn", "now"]), "run from the publication");
+    assert_eq!(p.events("a", Some(1)).await.len(), 1);
+    assert_eq!(p.events("b", Some(2)).await.len(), 2);
+    let cfg = KafkaConfig::new(kafka());
+    let topic_c = p.topic("c");
+    let c_exists = tokio::task::spawn_blocking(move || {
+        pgcdc::sink::kafka::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
+            .map(|r| r.is_some())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!c_exists, "a table outside the publication gets no topic");
+
+    // A publication that lacks a named table is an error naming the fix.
+    assert_fails(
+        &p.run(&["--table", "public.c", "--stop-lsn", "now"]),
+        3,
+        &["does not include", "ALTER PUBLICATION"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_never_streams_only_new_changes() {
+    let p = Pipeline::new(ITEMS).await;
+    assert_success(
+        &p.run(&[
+            "--table",
+            "items",
+            "--snapshot",
+            "never",
+            "--stop-lsn",
+            "now",
+        ]),
+        "create the slot without snapshot",
+    );
+    p.db.client()
+        .await
+        .batch_execute("UPDATE items SET v = 'later' WHERE id = 10")
+        .await
+        .unwrap();
+    assert_success(
+        &p.run(&[
+            "--table",
+            "items",
+            "--snapshot",
+            "never",
+            "--stop-lsn",
+            "now",
+        ]),
+        "stream",
+    );
+    let events = p.events("items", Some(1)).await;
+    assert_eq!(
+        events.len(),
+        1,
+        "only the change, no read events: {events:?}"
+    );
+    assert_eq!(events[0].op(), Some("u"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closed_stdout_pipe_ends_cleanly_without_confirming_unwritten_events() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text);
+         INSERT INTO public.items SELECT g, repeat('z', 200) FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let progress = p.dir.join("progress.json");
+    let mut child = p
+        .command(&[
+            "--table",
+            "items",
+            "--sink",
+            "stdout",
+            "--progress-file",
+            progress.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().expect("a line").expect("readable");
+        assert!(first.starts_with("{\"topic\":"), "{first}");
+        // Dropping the reader closes the pipe, like `pgcdc run | head -1`.
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{err}", out.status);
+    assert!(err.contains("output closed"), "{err}");
+    // The snapshot was not completed, so it is not recorded as such.
+    let progress = std::fs::read_to_string(&progress).unwrap_or_default();
+    assert!(!progress.contains("\"completed\""), "{progress}");
+}

@@ -159,6 +159,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         Ok(None) => (None, Ok(())),
         Err((stream, e)) => (stream, Err(e)),
     };
+    let output_closed = matches!(sink_result, Ok(Err(sink::SinkError::OutputClosed)));
     let acked = match &sink_result {
         Ok(Ok(summary)) => {
             tracing::info!(?summary, "sink finished");
@@ -184,6 +185,9 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         let _ = ended.stream.stop().await;
     }
     match (result, acked) {
+        // The reader went away (`pgcdc run | head`): a clean end, and what failed after it
+        // only failed because the sink was gone.
+        (Err(e), _) if output_closed && e.kind == SinkFail => Ok(()),
         (Err(e), _) => Err(e),
         (Ok(()), Some(e)) => Err(e),
         (Ok(()), None) => Ok(()),
@@ -333,6 +337,9 @@ async fn capture(
         .await;
         let stats = match stats {
             Ok(s) => s,
+            Err(snapshot::SnapshotError::SinkClosed) => {
+                return Err(no_stream(failure::sink_gone()))
+            }
             Err(snapshot::SnapshotError::Interrupted) => {
                 tracing::info!("stopped during the snapshot; the next run takes it again");
                 return Ok(None);

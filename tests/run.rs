@@ -107,6 +107,19 @@ impl Pipeline {
             .expect("pgcdc starts")
     }
 
+    /// Waits (at most 30 s) until the background run's log says `needle`.
+    async fn wait_for_log(&self, log: &str, needle: &str) {
+        let found = common::poll_until(Duration::from_secs(30), || async {
+            self.log(log).contains(needle).then_some(())
+        })
+        .await;
+        assert!(
+            found.is_some(),
+            "{log} never said {needle:?}:\n{}",
+            self.log(log)
+        );
+    }
+
     fn log(&self, log: &str) -> String {
         std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
     }
@@ -440,17 +453,7 @@ async fn kill_9_during_snapshot_then_restart_publishes_everything() {
     let args = ["--table", "public.big"];
     let mut child = p.spawn(&args, "snap.log");
     // Wait until the snapshot is under way, then kill.
-    let started = common::poll_until(Duration::from_secs(30), || async {
-        p.log("snap.log")
-            .contains("snapshot: reading table")
-            .then_some(())
-    })
-    .await;
-    assert!(
-        started.is_some(),
-        "snapshot never started:\n{}",
-        p.log("snap.log")
-    );
+    p.wait_for_log("snap.log", "snapshot: reading table").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().expect("kill -9");
     let _ = child.wait();
@@ -483,17 +486,7 @@ async fn kill_9_during_snapshot_then_restart_publishes_everything() {
 async fn idle_tables_do_not_pin_wal_and_sigterm_stops_cleanly() {
     let p = Pipeline::new(ITEMS).await;
     let mut child = p.spawn(&["--table", "public.items"], "idle.log");
-    let streaming = common::poll_until(Duration::from_secs(30), || async {
-        p.log("idle.log")
-            .contains("streaming changes")
-            .then_some(())
-    })
-    .await;
-    assert!(
-        streaming.is_some(),
-        "never streamed:\n{}",
-        p.log("idle.log")
-    );
+    p.wait_for_log("idle.log", "streaming changes").await;
     // WAL written elsewhere, not in the publication.
     p.db.client()
         .await
@@ -640,13 +633,7 @@ async fn errors_name_the_fix() {
 
     // The slot in use by another pgcdc.
     let mut first = p.spawn(&["--table", "items"], "first.log");
-    let streaming = common::poll_until(Duration::from_secs(30), || async {
-        p.log("first.log")
-            .contains("streaming changes")
-            .then_some(())
-    })
-    .await;
-    assert!(streaming.is_some(), "{}", p.log("first.log"));
+    p.wait_for_log("first.log", "streaming changes").await;
     assert_fails(
         &p.run(&["--table", "items"]),
         3,
@@ -721,13 +708,7 @@ async fn lost_replication_connection_reconnects_and_loses_nothing() {
     )
     .await;
     let mut child = p.spawn(&["--table", "public.hot"], "reconnect.log");
-    let streaming = common::poll_until(Duration::from_secs(30), || async {
-        p.log("reconnect.log")
-            .contains("streaming changes")
-            .then_some(())
-    })
-    .await;
-    assert!(streaming.is_some(), "{}", p.log("reconnect.log"));
+    p.wait_for_log("reconnect.log", "streaming changes").await;
     let client = p.db.client().await;
     for round in 0..3 {
         for i in 0..50 {

@@ -249,14 +249,18 @@ async fn capture(
             .filter(|p| p.system_id == ident.systemid && p.slot == slot_name)
     };
     let table_list: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    // Once the snapshot is acknowledged, everything up to the slot's point is published.
     let new_progress = |snapshot: SnapshotState, slot_lsn: Lsn| Progress {
         version: Progress::VERSION,
         system_id: ident.systemid.clone(),
         database: server.database.clone(),
         slot: slot_name.to_string(),
+        acked_lsn: match snapshot {
+            SnapshotState::InProgress { .. } => 0,
+            _ => slot_lsn.0,
+        },
         snapshot,
         slot_lsn: slot_lsn.0,
-        acked_lsn: 0,
         updated_ms: crate::event::now_ms(),
     };
 

@@ -41,7 +41,7 @@ use failure::{
 };
 pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
-use stream::{catch_up, start_stream, stream_changes, Until};
+use stream::{catch_up, start_stream, stream_changes, Bounds, Until};
 
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
 pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
@@ -174,13 +174,13 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     };
     if let Some(mut ended) = stream {
         // Everything the sink acknowledged, and nothing else, is confirmed on the way out.
-        let acked = *final_acked.borrow();
-        if acked.is_valid() {
+        let confirm = stream::confirmable(&final_acked, ended.start);
+        if confirm.is_valid() {
             let _ = ended
                 .stream
-                .send_standby_status(acked, acked, acked, false)
+                .send_standby_status(confirm, confirm, confirm, false)
                 .await;
-            tracing::info!(confirmed = %acked, "confirmed position sent to PostgreSQL");
+            tracing::info!(confirmed = %confirm, "confirmed position sent to PostgreSQL");
         }
         let _ = ended.stream.stop().await;
     }
@@ -197,6 +197,8 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
 /// A stream that is still open, for the final status update and a clean stop.
 struct EndedStream {
     stream: ReplicationStream,
+    /// Where it started: already confirmed.
+    start: Lsn,
 }
 
 type CaptureResult = Result<Option<EndedStream>, (Option<EndedStream>, Failure)>;
@@ -428,8 +430,11 @@ async fn capture(
                     tx,
                     acked_rx.clone(),
                     stop,
-                    Until::StopLsn(stop_lsn),
-                    args.status_interval,
+                    Bounds {
+                        start,
+                        until: Until::StopLsn(stop_lsn),
+                        status_interval: args.status_interval,
+                    },
                 )
                 .await
                 .map(|(stream, _)| stream)
@@ -437,7 +442,7 @@ async fn capture(
             Err(f) => Err((None, f)),
         };
         match outcome {
-            Ok(stream) => return Ok(Some(EndedStream { stream })),
+            Ok(stream) => return Ok(Some(EndedStream { stream, start })),
             Err((_, f)) if f.transient => {
                 tracing::warn!(
                     error = format!("{:#}", f.error),

@@ -73,20 +73,41 @@ pub(super) async fn catch_up(
         tx,
         acked_rx.clone(),
         stop,
-        Until::Before(until),
-        args.status_interval,
+        Bounds {
+            start: Lsn::INVALID,
+            until: Until::Before(until),
+            status_interval: args.status_interval,
+        },
     )
     .await
     .map_err(|(_, f)| f)?;
     if end == End::CaughtUp {
         barrier(tx).await?;
-        let acked = *acked_rx.borrow();
-        if acked.is_valid() {
-            let _ = stream.send_standby_status(acked, acked, acked, false).await;
+        let confirm = confirmable(acked_rx, Lsn::INVALID);
+        if confirm.is_valid() {
+            let _ = stream
+                .send_standby_status(confirm, confirm, confirm, false)
+                .await;
         }
     }
     let _ = stream.stop().await;
     Ok(end == End::CaughtUp)
+}
+
+/// The position to report: what the sink acknowledged, but never below where this stream
+/// started — that position is confirmed already, and reporting it keeps the connection alive
+/// (`wal_sender_timeout`) before the first acknowledgement and never moves the slot backwards.
+pub(super) fn confirmable(acked_rx: &watch::Receiver<Lsn>, start: Lsn) -> Lsn {
+    (*acked_rx.borrow()).max(start)
+}
+
+/// Where a streaming session starts and ends, and how often it reports.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bounds {
+    /// The slot position the session started from (already confirmed).
+    pub start: Lsn,
+    pub until: Until,
+    pub status_interval: Duration,
 }
 
 /// When the streaming loop ends by itself.
@@ -117,8 +138,11 @@ pub(super) async fn stream_changes(
     tx: &mpsc::Sender<SinkItem>,
     mut acked_rx: watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
-    until: Until,
-    status_interval: Duration,
+    Bounds {
+        start,
+        until,
+        status_interval,
+    }: Bounds,
 ) -> Result<(ReplicationStream, End), (Option<EndedStream>, Failure)> {
     let mut decoder = Decoder::new();
     let mut pending: VecDeque<SinkItem> = VecDeque::new();
@@ -137,7 +161,7 @@ pub(super) async fn stream_changes(
 
     macro_rules! fail {
         ($failure:expr) => {
-            return Err((Some(EndedStream { stream }), $failure))
+            return Err((Some(EndedStream { stream, start }), $failure))
         };
     }
 
@@ -163,11 +187,9 @@ pub(super) async fn stream_changes(
                 }
             }
             _ = tick.tick() => {
-                let acked = *acked_rx.borrow();
-                if acked.is_valid() {
-                    if let Err(e) = stream.send_standby_status(acked, acked, acked, true).await {
-                        fail!(Failure::replication(e));
-                    }
+                let confirm = confirmable(&acked_rx, start);
+                if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, true).await {
+                    fail!(Failure::replication(e));
                 }
             }
             permit = tx.reserve(), if !pending.is_empty() => {
@@ -206,11 +228,9 @@ pub(super) async fn stream_changes(
                             }
                         }
                         if reply_requested {
-                            let acked = *acked_rx.borrow();
-                            if acked.is_valid() {
-                                if let Err(e) = stream.send_standby_status(acked, acked, acked, false).await {
-                                    fail!(Failure::replication(e));
-                                }
+                            let confirm = confirmable(&acked_rx, start);
+                            if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, false).await {
+                                fail!(Failure::replication(e));
                             }
                         }
                     }

@@ -95,7 +95,7 @@ step "0. a fresh database '$db' on $PGCDC_TEST_PGHOST:$PGCDC_TEST_PGPORT, seeded
 drop_slot
 "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
 "${PSQL[@]}" -d "$db" -f sql/demo.sql >/dev/null
-"${PSQL[@]}" -d "$db" -c "SELECT 'customers' AS "table", count(*) FROM customers UNION ALL SELECT 'orders', count(*) FROM orders"
+"${PSQL[@]}" -d "$db" -c "SELECT 'customers' AS \"table\", count(*) FROM customers UNION ALL SELECT 'orders', count(*) FROM orders"
 
 # Fresh topics on every run, so the output shows this run only.
 prefix="${db}_$(date +%s)_$$"

@@ -319,6 +319,80 @@ impl Backoff {
 mod tests {
     use super::target::StdoutTarget;
     use super::*;
+    use serde_json::{json, Value};
+
+    fn rec(id: i64, value: Option<Value>) -> SourceRecord {
+        SourceRecord {
+            topic: "p.public.orders".into(),
+            partition: 0,
+            offset: 0,
+            key: Some(json!({ "id": id }).to_string().into_bytes()),
+            value: value.map(|v| v.to_string().into_bytes()),
+        }
+    }
+
+    fn ev(id: i64, op: &str, status: &str, commit: u64) -> SourceRecord {
+        let after = if op == "d" {
+            Value::Null
+        } else {
+            json!({"id": id, "status": status})
+        };
+        rec(
+            id,
+            Some(json!({"before": null, "after": after, "op": op,
+                        "source": {"lsn": commit, "commit_lsn": commit}})),
+        )
+    }
+
+    fn status(ix: &Indexer<StdoutTarget<Vec<u8>>>, id: &str) -> Option<String> {
+        let store = ix.target().store("orders")?;
+        let doc = store.docs.get(&event::DocId::from_stored(id)?)?;
+        doc["status"].as_str().map(String::from)
+    }
+
+    #[tokio::test]
+    async fn tombstones_never_delete_on_their_own() {
+        let mut ix =
+            Indexer::new(StdoutTarget::new(Vec::new()), &["p.public.orders".into()]).unwrap();
+        ix.prepare().await.unwrap();
+        // Deleted, with its tombstone; then a newer life of the same key.
+        let history = [
+            ev(1, "c", "new", 10),
+            ev(1, "d", "", 20),
+            rec(1, None),
+            ev(1, "c", "again", 30),
+        ];
+        ix.apply_batch(&history[..3]).await.unwrap();
+        assert_eq!(status(&ix, "1"), None);
+        ix.apply_batch(&history[3..]).await.unwrap();
+        assert_eq!(status(&ix, "1").as_deref(), Some("again"));
+        // A replay of the old delete and its tombstone, together or apart, or a lone
+        // tombstone: the newer document stays.
+        ix.apply_batch(&history[1..3]).await.unwrap();
+        ix.apply_batch(&history[1..2]).await.unwrap();
+        ix.apply_batch(&history[2..3]).await.unwrap();
+        assert_eq!(status(&ix, "1").as_deref(), Some("again"));
+        let s = ix.stats();
+        assert_eq!((s.tombstones, s.stale, s.invalid), (3, 2, 0));
+
+        // What the stdout target printed: one line per write (the first batch folded insert
+        // and delete into one delete), then the final documents.
+        ix.target.finish().await.unwrap();
+        let out = String::from_utf8(ix.into_target().into_inner()).unwrap();
+        let actions: Vec<String> = out
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["action"].to_string())
+            .collect();
+        assert_eq!(
+            actions,
+            [r#""delete""#, r#""upsert""#, r#""document""#],
+            "{out}"
+        );
+        assert!(
+            out.contains(r#""_version":"000000000000001E.000000000000001E""#),
+            "{out}"
+        );
+    }
 
     #[test]
     fn topics_map_to_index_names() {

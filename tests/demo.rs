@@ -2,6 +2,8 @@
 //! Docker files checked as far as a machine without a Docker engine can: `docker-compose config`
 //! accepts the compose file, and the compose file and Dockerfile agree with the crate.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -172,6 +174,29 @@ fn has(lines: &[&str], parts: &[&str]) -> bool {
     lines.iter().any(|l| parts.iter().all(|p| l.contains(p)))
 }
 
+/// Drops the demo's database when the test ends, passed or not (the script drops its slot).
+struct DropDatabase(String);
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0);
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let env = common::env();
+            if let Ok(c) = pgcdc::source::connect::connect(&env.admin("postgres")).await {
+                if let Err(e) = c.batch_execute(&sql).await {
+                    eprintln!("note: {sql}: {e}");
+                }
+            }
+        });
+    }
+}
+
 #[test]
 fn demo_script_runs_end_to_end() {
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_pgcdc"))
@@ -180,6 +205,7 @@ fn demo_script_runs_end_to_end() {
         .to_path_buf();
     assert!(Path::new(env!("CARGO_BIN_EXE_pgcdc-indexer")).starts_with(&bin_dir));
     let db = format!("pgcdc_demo_test_{}", std::process::id());
+    let _cleanup = DropDatabase(db.clone());
     let start = Instant::now();
     let child = Command::new("bash")
         .arg(repo().join("scripts/demo.sh"))

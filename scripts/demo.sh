@@ -79,11 +79,11 @@ wait_lines() {
     while [ "$(lines)" -lt "$1" ]; do
         if [ $SECONDS -ge $deadline ]; then
             echo "error: timed out waiting for $1 indexer lines (have $(lines))" >&2
-            tail -20 "$work/pgcdc.log" "$work/indexer.log" >&2
+            tail -n 40 "$work/pgcdc.log" "$work/indexer.log" >&2
             exit 1
         fi
         for pid in "${pids[@]}"; do
-            kill -0 "$pid" 2>/dev/null || { echo "error: a demo process died" >&2; tail -20 "$work/pgcdc.log" "$work/indexer.log" >&2; exit 1; }
+            kill -0 "$pid" 2>/dev/null || { echo "error: a demo process died" >&2; tail -n 40 "$work/pgcdc.log" "$work/indexer.log" >&2; exit 1; }
         done
         sleep 0.05
     done

@@ -3,7 +3,8 @@
 # the Rust toolchain, and prints the settings as `export NAME=value` lines on stdout
 # (progress goes to stderr). Safe to run twice in a row and after a reboot.
 #
-#   - Debian packages: PostgreSQL 15, openssl, and the C build dependencies of rdkafka;
+#   - Debian packages: PostgreSQL 15, openssl, the C build dependencies of rdkafka, and
+#     docker-compose (to validate docker-compose.yml);
 #   - tansu, a Kafka-protocol broker from crates.io (built once, ~13 minutes, then cached);
 #   - a private PostgreSQL cluster under $PGCDC_TEST_STATE (default /var/tmp/pgcdc-test) on a
 #     loopback port (default 54329), wal_level=logical, TLS with a self-signed CA made here,
@@ -40,7 +41,8 @@ as_pg() {
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # --- Debian packages ---------------------------------------------------------------------
-packages=(postgresql-$PG_MAJOR postgresql-contrib openssl pkg-config libssl-dev zlib1g-dev make gcc g++ python3 iproute2 procps)
+# docker-compose: only to validate docker-compose.yml (`docker-compose config`); no engine runs here.
+packages=(postgresql-$PG_MAJOR postgresql-contrib openssl pkg-config libssl-dev zlib1g-dev make gcc g++ python3 iproute2 procps docker-compose)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -39,13 +39,12 @@ pub(super) fn extra_topics(args: &RunArgs) -> Vec<TopicSpec> {
 }
 
 /// Checks the exclusions, reads the column types of `tables`, and builds the encoder.
+/// Runs before anything is created, so a bad `--exclude-column` leaves no trace.
 pub(super) async fn setup(
     args: &RunArgs,
-    conninfo: &ConnInfo,
     client: &Client,
     database: &str,
     tables: &[TableInfo],
-    store: &ProgressStore,
 ) -> Result<Events, Failure> {
     let exclude = Exclusions::new(&args.exclude_columns);
     exclude.check(tables).or_fail(FailureKind::Usage)?;
@@ -67,25 +66,37 @@ pub(super) async fn setup(
     };
     let encoder = Encoder::with_options(&args.topic_prefix, database, options, types);
 
-    let topics = match store {
-        ProgressStore::Kafka { cfg, .. } => Topics::Kafka {
-            cfg: cfg.clone(),
-            partitions: args.topic_partitions,
-            replication: args.topic_replication_factor,
-        },
-        ProgressStore::File(_) => Topics::None,
-    };
     let changes = ChangeOptions {
         truncate: args.truncate,
         messages: args.messages,
         binary: args.binary,
         follow_publication: args.tables.is_empty(),
         exclude: Arc::new(exclude),
-        lookup: Some(Arc::new(Lookup::new(conninfo.clone(), topics))),
+        lookup: None,
     };
     Ok(Events {
         encoder,
         changes,
         tables,
     })
+}
+
+impl Events {
+    /// Gives the stream its catalog access, creating topics where progress is kept (Kafka).
+    pub(super) fn attach_lookup(
+        &mut self,
+        args: &RunArgs,
+        conninfo: &ConnInfo,
+        store: &ProgressStore,
+    ) {
+        let topics = match store {
+            ProgressStore::Kafka { cfg, .. } => Topics::Kafka {
+                cfg: cfg.clone(),
+                partitions: args.topic_partitions,
+                replication: args.topic_replication_factor,
+            },
+            ProgressStore::File(_) => Topics::None,
+        };
+        self.changes.lookup = Some(Arc::new(Lookup::new(conninfo.clone(), topics)));
+    }
 }

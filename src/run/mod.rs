@@ -76,6 +76,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     let tables = catalog::describe_tables(&client, &names)
         .await
         .or_fail(SourceFail)?;
+    let mut events = events::setup(&args, &client, &server.database, &tables).await?;
     let stop_lsn = match args.stop_lsn {
         None => None,
         Some(StopLsn::At(l)) => Some(l),
@@ -142,11 +143,12 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             )
         }
     };
+    events.attach_lookup(&args, &conninfo, &store);
     let events::Events {
         encoder,
         changes,
         tables,
-    } = events::setup(&args, &conninfo, &client, &server.database, &tables, &store).await?;
+    } = events;
     let (tx, rx) = mpsc::channel::<SinkItem>(4096);
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();

@@ -109,10 +109,28 @@ struct Txn {
     per_table: Vec<(Arc<str>, u64)>,
 }
 
-/// A captured relation: its schema, and which tuple columns it keeps (`None`: all).
+/// A captured relation: its schema, which tuple columns it keeps (`None`: all), and which
+/// kept columns belong to the replica identity (what a key-only old tuple carries).
 struct Rel {
     schema: TableSchema,
     keep: Option<Box<[bool]>>,
+    identity: Box<[bool]>,
+}
+
+impl Rel {
+    /// The old row of an update or delete. A key-only tuple sends NULL for the columns
+    /// outside the replica identity; those are not known, so they are left out, not null.
+    fn old<'a>(&self, old: &'a OldTuple) -> Result<Vec<Datum<'a>>, ChangeError> {
+        let mut row = datums(&self.schema, self.keep.as_deref(), old.tuple())?;
+        if let OldTuple::Key(_) = old {
+            for (d, is_key) in row.iter_mut().zip(self.identity.iter()) {
+                if !is_key && *d == Datum::Null {
+                    *d = Datum::Unchanged;
+                }
+            }
+        }
+        Ok(row)
+    }
 }
 
 /// Converts one replication stream's messages into sink items.
@@ -176,18 +194,23 @@ impl ChangeBuilder {
     /// message topic. Call it before [`ChangeBuilder::handle`]; it returns at once unless
     /// something is new.
     pub async fn prepare(&mut self, msg: &LogicalMessage) -> Result<(), ChangeError> {
+        let wanted = match msg {
+            LogicalMessage::Relation(_) => true,
+            LogicalMessage::Message(_) => self.options.messages && !self.message_topic_ready,
+            _ => false,
+        };
+        if !wanted {
+            return Ok(());
+        }
         let Some(lookup) = self.options.lookup.clone() else {
             return Ok(());
         };
-        match msg {
-            LogicalMessage::Relation(r) => self.prepare_relation(&lookup, r).await,
-            LogicalMessage::Message(_) if self.options.messages && !self.message_topic_ready => {
-                lookup.ensure_topic(&self.message_topic).await?;
-                self.message_topic_ready = true;
-                Ok(())
-            }
-            _ => Ok(()),
+        if let LogicalMessage::Relation(r) = msg {
+            return self.prepare_relation(&lookup, r).await;
         }
+        lookup.ensure_topic(&self.message_topic).await?;
+        self.message_topic_ready = true;
+        Ok(())
     }
 
     async fn prepare_relation(&mut self, lookup: &Lookup, r: &Relation) -> Result<(), ChangeError> {
@@ -270,7 +293,7 @@ impl ChangeBuilder {
                 let (table, keep) = (&rel.schema, rel.keep.as_deref());
                 let pos = self.position(wal_start, "update")?;
                 let old = match &u.old {
-                    Some(o) => Some(datums(table, keep, o.tuple())?),
+                    Some(o) => Some(rel.old(o)?),
                     None => None,
                 };
                 let mut new = datums(table, keep, &u.new)?;
@@ -302,7 +325,7 @@ impl ChangeBuilder {
                     return Ok(());
                 };
                 let pos = self.position(wal_start, "delete")?;
-                let old = datums(&rel.schema, rel.keep.as_deref(), d.old.tuple())?;
+                let old = rel.old(&d.old)?;
                 self.emit(&rel.schema, Op::Delete, Some(&old), None, pos, out);
             }
             LogicalMessage::StreamStart(_)
@@ -379,11 +402,19 @@ impl ChangeBuilder {
                     Column::with_kind(c.name.clone(), c.type_oid, self.types.kind(c.type_oid))
                 })
                 .collect();
+            let identity = r
+                .columns
+                .iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(c, _)| c.is_key)
+                .collect();
             let topic: Arc<str> = topic_name(&self.topic_prefix, &name).into();
             let schema = TableSchema::new(r.namespace, r.name, topic, columns, key);
             Arc::new(Rel {
                 schema,
                 keep: keep.contains(&false).then(|| keep.into_boxed_slice()),
+                identity,
             })
         });
         if let (Some(Some(old)), Some(new)) = (self.relations.get(&r.oid), &rel) {

@@ -56,7 +56,7 @@ pub enum ChangeError {
     Streamed,
     #[error(transparent)]
     Lookup(#[from] LookupError),
-    #[error("a table joined the publication, but {0}")]
+    #[error("cannot follow a table that joined the publication or whose key changed: {0}")]
     Exclude(#[from] ExcludeError),
 }
 

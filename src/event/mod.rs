@@ -125,6 +125,10 @@ pub struct TableSchema {
     pub schema_id: u64,
     /// `schema.table`, unquoted: transaction metadata and `__table`.
     pub qualified: Arc<str>,
+    /// `,"schema":…,"table":…,"schema_id":…` pre-encoded for `source`.
+    source_fields: Box<[u8]>,
+    /// `"__table":"schema.table"` pre-encoded for the flat format.
+    flat_table: Box<[u8]>,
 }
 
 impl TableSchema {
@@ -141,17 +145,31 @@ impl TableSchema {
             .iter()
             .filter_map(|k| columns.iter().position(|c| &c.name == k))
             .collect();
-        let schema = schema.into();
-        let name = name.into();
-        let qualified = format!("{schema}.{name}").into();
+        let schema: String = schema.into();
+        let name: String = name.into();
+        let qualified: Arc<str> = format!("{schema}.{name}").into();
+        let id = schema_id(&columns);
+        let mut source_fields = Vec::with_capacity(schema.len() + name.len() + 60);
+        source_fields.extend_from_slice(b",\"schema\":");
+        json::write_str(&mut source_fields, schema.as_bytes());
+        source_fields.extend_from_slice(b",\"table\":");
+        json::write_str(&mut source_fields, name.as_bytes());
+        push_fmt(
+            &mut source_fields,
+            format_args!(",\"schema_id\":\"{id:016x}\""),
+        );
+        let mut flat_table = b"\"__table\":".to_vec();
+        json::write_str(&mut flat_table, qualified.as_bytes());
         TableSchema {
-            schema_id: schema_id(&columns),
+            schema_id: id,
             schema,
             name,
             topic,
             columns,
             key,
             qualified,
+            source_fields: source_fields.into_boxed_slice(),
+            flat_table: flat_table.into_boxed_slice(),
         }
     }
 
@@ -322,14 +340,7 @@ impl Encoder {
         }
         out.push(b',');
         out.extend_from_slice(&self.source_prefix);
-        out.extend_from_slice(b",\"schema\":");
-        json::write_str(out, table.schema.as_bytes());
-        out.extend_from_slice(b",\"table\":");
-        json::write_str(out, table.name.as_bytes());
-        push_fmt(
-            out,
-            format_args!(",\"schema_id\":\"{:016x}\"", table.schema_id),
-        );
+        out.extend_from_slice(&table.source_fields);
         write_position(out, &change.position);
         out.extend_from_slice(b"},\"op\":\"");
         out.extend_from_slice(change.op.code().as_bytes());
@@ -464,8 +475,8 @@ fn flat(out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>) {
     }
     out.extend_from_slice(b"\"__op\":\"");
     out.extend_from_slice(change.op.code().as_bytes());
-    out.extend_from_slice(b"\",\"__table\":");
-    json::write_str(out, table.qualified.as_bytes());
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(&table.flat_table);
     push_fmt(out, format_args!(",\"__lsn\":{}", change.position.lsn.0));
     out.extend_from_slice(if change.op == Op::Delete {
         b",\"__deleted\":true}"

@@ -4,209 +4,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::TestDb;
-use pgcdc::sink::kafka::{read_topic, KafkaConfig, ReadStop};
+use common::pipeline::{assert_fails, assert_success, kafka, Event, Pipeline};
+use pgcdc::sink::kafka::{KafkaConfig, ReadStop};
 use serde_json::Value;
-
-fn kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
-
-/// One test's pgcdc setup: its own database, slot, publication and topic prefix.
-struct Pipeline {
-    db: TestDb,
-    slot: String,
-    prefix: String,
-    dir: PathBuf,
-}
-
-/// A record read back from a topic, JSON-decoded.
-#[derive(Debug, Clone)]
-struct Event {
-    key: Option<Value>,
-    value: Option<Value>,
-}
-
-impl Event {
-    fn op(&self) -> Option<&str> {
-        self.value.as_ref().and_then(|v| v["op"].as_str())
-    }
-    fn lsn_pair(&self) -> (u64, u64) {
-        let s = &self.value.as_ref().expect("not a tombstone")["source"];
-        (
-            s["commit_lsn"].as_u64().expect("commit_lsn"),
-            s["lsn"].as_u64().expect("lsn"),
-        )
-    }
-}
-
-impl Pipeline {
-    async fn new(setup_sql: &str) -> Pipeline {
-        let db = TestDb::create().await;
-        db.client()
-            .await
-            .batch_execute(setup_sql)
-            .await
-            .expect("test setup SQL");
-        let slot = common::unique_name("slot");
-        let prefix = common::unique_name("t");
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Pipeline {
-            db,
-            slot,
-            prefix,
-            dir,
-        }
-    }
-
-    fn source(&self) -> String {
-        format!(
-            "host={} port={} user={} dbname={} sslmode=disable",
-            self.db.env.host, self.db.env.port, self.db.env.superuser, self.db.name
-        )
-    }
-
-    /// `pgcdc run` with this pipeline's settings plus `extra`.
-    fn command(&self, extra: &[&str]) -> Command {
-        self.command_with(&self.source(), &kafka(), extra)
-    }
-
-    /// `pgcdc run` with another source or broker.
-    fn command_with(&self, source: &str, kafka: &str, extra: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-        c.arg("run")
-            .args(["--source", source])
-            .args(["--kafka", kafka])
-            .args(["--slot", &self.slot, "--publication", &self.slot])
-            .args(["--topic-prefix", &self.prefix])
-            .args(["--status-interval", "0.5"])
-            .args(extra)
-            .env_remove("PGCDC_LOG")
-            .env("PGPASSFILE", "/nonexistent")
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Runs to completion; returns the output.
-    fn run(&self, extra: &[&str]) -> Output {
-        self.command(extra).output().expect("pgcdc runs")
-    }
-
-    /// Runs in the background, logging to a file in this test's directory.
-    fn spawn(&self, extra: &[&str], log: &str) -> Child {
-        let file = std::fs::File::create(self.dir.join(log)).expect("log file");
-        self.command(extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("pgcdc starts")
-    }
-
-    /// Waits (at most 30 s) until the background run's log says `needle`.
-    async fn wait_for_log(&self, log: &str, needle: &str) {
-        let found = common::poll_until(Duration::from_secs(30), || async {
-            self.log(log).contains(needle).then_some(())
-        })
-        .await;
-        assert!(
-            found.is_some(),
-            "{log} never said {needle:?}:\n{}",
-            self.log(log)
-        );
-    }
-
-    fn log(&self, log: &str) -> String {
-        std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
-    }
-
-    fn topic(&self, table: &str) -> String {
-        format!("{}.public.{table}", self.prefix)
-    }
-
-    /// Everything in a table's topic, in offset order (one partition by default).
-    async fn events(&self, table: &str, expected: Option<usize>) -> Vec<Event> {
-        let cfg = KafkaConfig::new(kafka());
-        let topic = self.topic(table);
-        let records = tokio::task::spawn_blocking(move || {
-            read_topic(
-                &cfg,
-                &topic,
-                ReadStop::Quiet {
-                    expected,
-                    quiet: Duration::from_secs(3),
-                    max_wait: Duration::from_secs(60),
-                },
-            )
-        })
-        .await
-        .expect("reader thread")
-        .expect("topic is readable");
-        records
-            .into_iter()
-            .map(|r| Event {
-                key: r
-                    .key
-                    .map(|k| serde_json::from_slice(&k).expect("key is JSON")),
-                value: r
-                    .value
-                    .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
-            })
-            .collect()
-    }
-
-    /// The table as JSON objects by id, in the encoder's terms (id and n are numbers).
-    async fn table_rows(&self, table: &str) -> BTreeMap<i64, Value> {
-        let client = self.db.client().await;
-        let rows = client
-            .query(
-                &format!("SELECT id::int8, to_jsonb(t)::text FROM public.{table} t"),
-                &[],
-            )
-            .await
-            .expect("read table");
-        rows.iter()
-            .map(|r| {
-                let json: String = r.get(1);
-                (
-                    r.get::<_, i64>(0),
-                    serde_json::from_str(&json).expect("row json"),
-                )
-            })
-            .collect()
-    }
-
-    async fn confirmed_flush(&self) -> Option<u64> {
-        let client = self.db.client().await;
-        let row = client
-            .query_opt(
-                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.slot],
-            )
-            .await
-            .expect("query slot")?;
-        row.get::<_, Option<i64>>(0).map(|v| v as u64)
-    }
-
-    async fn current_lsn(&self) -> u64 {
-        let client = self.db.client().await;
-        let row = client
-            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
-            .await
-            .expect("current lsn");
-        row.get::<_, i64>(0) as u64
-    }
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Compares replayed topic state with the table, reporting a few differences, not dumps.
 fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>) {
@@ -225,15 +28,6 @@ fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>)
         extra.len(),
         &extra[..extra.len().min(5)],
         differing
-    );
-}
-
-fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed with {:?}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -581,15 +375,6 @@ async fn snapshot_only_leaves_no_slot() {
         .unwrap()
         .get(0);
     assert_eq!(slots, 0);
-}
-
-/// Runs pgcdc expecting a failure: checks the exit code and that stderr names the fix.
-fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

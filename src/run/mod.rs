@@ -14,8 +14,9 @@
 //! the same `lsn`/`commit_lsn` and is therefore detectable by consumers.
 //!
 //! Modules: `stream` holds the streaming loop and its priorities, `progress` the durable
-//! snapshot state, `failure` the exit codes.
+//! snapshot state, `failure` the exit codes, `events` what shapes the events.
 
+mod events;
 mod failure;
 mod progress;
 mod stream;
@@ -31,9 +32,9 @@ use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::sink::{self, kafka, SinkItem};
 use crate::source::catalog::{self, TableInfo};
-use crate::source::changes::{topic_name, ChangeBuilder};
+use crate::source::changes::{topic_name, ChangeBuilder, ChangeOptions};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
-use crate::source::{connect, snapshot, Lsn};
+use crate::source::{connect, session, snapshot, Lsn};
 
 use failure::{
     Classify,
@@ -48,6 +49,8 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     let conninfo = ConnInfo::parse(&args.source)
         .context("invalid --source")
         .or_fail(Usage)?;
+    // Both connections print values in one canonical form (see source::session).
+    let conninfo = session::canonical(&conninfo);
     if args.sink == SinkKind::Kafka && args.kafka.is_none() {
         return Err(Failure::new(
             Usage,
@@ -73,6 +76,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     let tables = catalog::describe_tables(&client, &names)
         .await
         .or_fail(SourceFail)?;
+    let mut events = events::setup(&args, &client, &server.database, &tables).await?;
     let stop_lsn = match args.stop_lsn {
         None => None,
         Some(StopLsn::At(l)) => Some(l),
@@ -85,7 +89,6 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             Some(lsn.parse::<Lsn>().or_fail(SourceFail)?)
         }
     };
-    let encoder = Encoder::new(&args.topic_prefix, &server.database);
     let progress_key = Progress::key(&server.database, &args.slot);
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.
@@ -113,6 +116,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
                     compacted: false,
                 })
                 .collect();
+            specs.extend(events::extra_topics(&args));
             specs.push(kafka::TopicSpec {
                 name: progress_topic.clone(),
                 partitions: 1,
@@ -139,14 +143,20 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             )
         }
     };
+    events.attach_lookup(&args, &conninfo, &store);
+    let events::Events {
+        encoder,
+        changes,
+        tables,
+    } = events;
     let (tx, rx) = mpsc::channel::<SinkItem>(4096);
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));
 
     let outcome = capture(
-        &args, &conninfo, &client, &server, &tables, stop_lsn, &encoder, &store, &tx, acked_rx,
-        &mut stop,
+        &args, &conninfo, &client, &server, &tables, stop_lsn, &encoder, &changes, &store, &tx,
+        acked_rx, &mut stop,
     )
     .await;
 
@@ -213,6 +223,7 @@ async fn capture(
     tables: &[TableInfo],
     stop_lsn: Option<Lsn>,
     encoder: &Encoder,
+    changes: &ChangeOptions,
     store: &ProgressStore,
     tx: &mpsc::Sender<SinkItem>,
     acked_rx: watch::Receiver<Lsn>,
@@ -298,7 +309,7 @@ async fn capture(
             if existing.is_some() {
                 tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then replacing it");
                 let caught_up = catch_up(
-                    args, conninfo, slot_name, at, tables, encoder, tx, &acked_rx, stop,
+                    args, conninfo, slot_name, at, tables, encoder, changes, tx, &acked_rx, stop,
                 )
                 .await
                 .map_err(no_stream)?;
@@ -423,7 +434,8 @@ async fn capture(
                     &args.topic_prefix,
                     tables,
                     args.tombstones,
-                );
+                )
+                .with_options(changes.clone());
                 stream_changes(
                     stream,
                     builder,

@@ -20,7 +20,7 @@ use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::sink::SinkItem;
 use crate::source::catalog::{quote_ident, TableInfo};
-use crate::source::changes::ChangeBuilder;
+use crate::source::changes::{ChangeBuilder, ChangeOptions};
 use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
@@ -57,6 +57,7 @@ pub(super) async fn catch_up(
     until: Lsn,
     tables: &[TableInfo],
     encoder: &Encoder,
+    changes: &ChangeOptions,
     tx: &mpsc::Sender<SinkItem>,
     acked_rx: &watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
@@ -66,7 +67,8 @@ pub(super) async fn catch_up(
         .context("cannot open a replication connection")
         .or_fail(SourceFail)?;
     let stream = start_stream(&args.publication, repl, slot, Lsn::INVALID).await?;
-    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
+    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones)
+        .with_options(changes.clone());
     let (mut stream, end) = stream_changes(
         stream,
         builder,
@@ -209,6 +211,11 @@ pub(super) async fn stream_changes(
                             if b.final_lsn >= l {
                                 break End::CaughtUp;
                             }
+                        }
+                        // A new table or type: ask the catalog first (rare; awaited in order).
+                        if let Err(e) = builder.prepare(&decoded).await {
+                            let transient = e.is_transient();
+                            fail!(Failure { transient, ..Failure::new(SourceFail, e) });
                         }
                         if let Err(e) = builder.handle(decoded, wal_start, &mut scratch) {
                             fail!(Failure::new(SourceFail, e));

@@ -657,3 +657,47 @@ async fn closed_stdout_pipe_ends_cleanly_without_confirming_unwritten_events() {
     let progress = std::fs::read_to_string(&progress).unwrap_or_default();
     assert!(!progress.contains("\"completed\""), "{progress}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_table_is_captured_under_its_own_name() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE public.m_low PARTITION OF public.m FOR VALUES FROM (0) TO (100);
+         CREATE TABLE public.m_high PARTITION OF public.m FOR VALUES FROM (100) TO (1000);
+         INSERT INTO m VALUES (1, 'low'), (150, 'high');",
+    )
+    .await;
+    assert_success(
+        &p.run(&["--table", "public.m", "--stop-lsn", "now"]),
+        "snapshot",
+    );
+    p.db.client()
+        .await
+        .batch_execute("INSERT INTO m VALUES (2, 'low2'), (250, 'high2'); UPDATE m SET v = 'moved' WHERE id = 150;")
+        .await
+        .unwrap();
+    assert_success(
+        &p.run(&["--table", "public.m", "--stop-lsn", "now"]),
+        "stream",
+    );
+    let events = p.events("m", Some(5)).await;
+    let ops: Vec<&str> = events.iter().filter_map(|e| e.op()).collect();
+    assert_eq!(ops, ["r", "r", "c", "c", "u"], "{events:?}");
+    let (state, _) = replay(&events);
+    assert_same_state(&state, &p.table_rows("m").await);
+
+    // A publication that publishes the partitions under their own names is refused.
+    let client = p.db.client().await;
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} SET (publish_via_partition_root = false)",
+            p.slot
+        ))
+        .await
+        .unwrap();
+    assert_fails(
+        &p.run(&["--table", "public.m", "--stop-lsn", "now"]),
+        3,
+        &["publish_via_partition_root = true"],
+    );
+}

@@ -44,6 +44,8 @@ pub enum PreflightError {
         tables: String,
         cause: String,
     },
+    #[error("publication `{0}` publishes the partitions of {1} under their own names, so its changes would not reach its topic. Fix: ALTER PUBLICATION \"{0}\" SET (publish_via_partition_root = true);")]
+    PartitionRoot(String, TableName),
     #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot('{slot}');")]
     SlotPlugin { slot: String, plugin: String },
     #[error("replication slot `{slot}` belongs to database `{database}`, not this one. Fix: choose another --slot")]
@@ -236,6 +238,9 @@ pub struct TableInfo {
     pub columns: Vec<(String, u32)>,
     /// Kafka key columns in key order: the primary key, else the replica identity index.
     pub key: Vec<String>,
+    /// A partitioned table: its rows live in partitions, and its changes are published under
+    /// its own name only with `publish_via_partition_root`.
+    pub partitioned: bool,
 }
 
 /// Server facts checked at start.
@@ -324,6 +329,7 @@ pub async fn describe_tables(
             tracing::warn!(table = %t, "table has no primary key: its events get a null Kafka key, so per-row ordering across partitions is not guaranteed");
         }
         out.push(TableInfo {
+            partitioned: relkind == "p",
             oid,
             name: t.clone(),
             columns,
@@ -357,6 +363,9 @@ pub async fn table_key(client: &Client, oid: u32) -> Result<(Vec<String>, bool),
 
 /// Makes sure the publication exists and covers `requested` (created when missing), and
 /// returns the tables to capture: `requested`, or every table of the publication.
+///
+/// Publications are created with `publish_via_partition_root`, so a partitioned table's
+/// changes arrive under its own name, like its snapshot rows.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
@@ -364,7 +373,7 @@ pub async fn ensure_publication(
 ) -> Result<Vec<TableName>, PreflightError> {
     let row = client
         .query_opt(
-            "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1",
+            "SELECT pubinsert, pubupdate, pubdelete, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await?;
@@ -378,7 +387,7 @@ pub async fn ensure_publication(
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {tables}",
+            "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish_via_partition_root = true)",
             quote_ident(publication)
         );
         client
@@ -415,6 +424,23 @@ pub async fn ensure_publication(
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
+    if !row.get::<_, bool>(3) {
+        let partitioned = client
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+                 JOIN pg_publication p ON p.oid = pr.prpubid \
+                 JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.pubname = $1 AND c.relkind = 'p' LIMIT 1",
+                &[&publication],
+            )
+            .await?;
+        if let Some(r) = partitioned {
+            return Err(PreflightError::PartitionRoot(
+                publication.to_string(),
+                TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            ));
+        }
+    }
     if requested.is_empty() {
         if published.is_empty() {
             return Err(PreflightError::EmptyPublication(publication.to_string()));

@@ -98,6 +98,7 @@ mod tests {
 
     fn info() -> TableInfo {
         TableInfo {
+            partitioned: false,
             oid: 1,
             name: TableName::new("public", "users"),
             columns: vec![("id".into(), 23), ("email".into(), 25), ("n".into(), 23)],

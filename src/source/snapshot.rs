@@ -117,7 +117,12 @@ pub async fn run(
             .map(|(n, _)| quote_ident(n))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("COPY {} ({cols}) TO STDOUT", info.name);
+        // A partitioned table has no rows of its own: read it through a query.
+        let sql = if info.partitioned {
+            format!("COPY (SELECT {cols} FROM {}) TO STDOUT", info.name)
+        } else {
+            format!("COPY {} ({cols}) TO STDOUT", info.name)
+        };
         tracing::info!(table = %info.name, "snapshot: reading table");
         let stream = client.copy_out(&sql).await?;
         futures_util::pin_mut!(stream);

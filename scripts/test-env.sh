@@ -3,7 +3,8 @@
 # the Rust toolchain, and prints the settings as `export NAME=value` lines on stdout
 # (progress goes to stderr). Safe to run twice in a row and after a reboot.
 #
-#   - Debian packages: PostgreSQL 15, openssl, and the C build dependencies of rdkafka;
+#   - Debian packages: PostgreSQL 15, openssl, the C build dependencies of rdkafka, and
+#     docker-compose (to validate docker-compose.yml);
 #   - tansu, a Kafka-protocol broker from crates.io (built once, ~13 minutes, then cached);
 #   - a private PostgreSQL cluster under $PGCDC_TEST_STATE (default /var/tmp/pgcdc-test) on a
 #     loopback port (default 54329), wal_level=logical, TLS with a self-signed CA made here,
@@ -40,7 +41,8 @@ as_pg() {
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # --- Debian packages ---------------------------------------------------------------------
-packages=(postgresql-$PG_MAJOR postgresql-contrib openssl pkg-config libssl-dev zlib1g-dev make gcc g++ python3 iproute2 procps)
+# docker-compose: only to validate docker-compose.yml (`docker-compose config`); no engine runs here.
+packages=(postgresql-$PG_MAJOR postgresql-contrib openssl pkg-config libssl-dev zlib1g-dev make gcc g++ python3 iproute2 procps docker-compose)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -194,23 +196,31 @@ EOF
 
 # --- brokers --------------------------------------------------------------------------------
 start_broker() { # name port storage
-    local name=$1 port=$2 storage=$3
+    local name=$1 port=$2 storage=$3 pidfile="$STATE/kafka/$1.pid" pid
     if port_open "$port"; then
-        if [ -f "$STATE/kafka/$name.pid" ] && kill -0 "$(cat "$STATE/kafka/$name.pid")" 2>/dev/null; then
+        # Ours if our pid file says so, or if the listener is a tansu started for this port.
+        pid=$(cat "$pidfile" 2>/dev/null || true)
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            return 0
+        fi
+        pid=$(pgrep -f "tansu broker --listener-url tcp://127.0.0.1:$port " | head -n 1 || true)
+        if [ -n "$pid" ]; then
+            echo "$pid" >"$pidfile"
             return 0
         fi
         die "port $port is taken by another program; set PGCDC_TEST_KAFKA_PORT / PGCDC_TEST_KAFKA_MEM_PORT"
     fi
     log "starting tansu ($name storage) on 127.0.0.1:$port"
-    # Run from the state directory: tansu resolves sqlite:// paths relative to it.
-    (cd "$STATE/kafka" && setsid nohup "$TANSU" broker \
+    # Run from the state directory: tansu resolves sqlite:// paths relative to it. The shell
+    # writes its own pid before exec, so the pid file names the broker itself.
+    (cd "$STATE/kafka" && setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" \
+        "$TANSU" broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
         --storage-engine "$storage" \
-        >"$STATE/kafka/$name.log" 2>&1 </dev/null & echo $! >"$STATE/kafka/$name.pid")
+        >"$STATE/kafka/$name.log" 2>&1 </dev/null &)
     for _ in $(seq 1 100); do
         port_open "$port" && return 0
-        kill -0 "$(cat "$STATE/kafka/$name.pid")" 2>/dev/null || break
         sleep 0.1
     done
     tail -20 "$STATE/kafka/$name.log" >&2 || true

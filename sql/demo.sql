@@ -1,4 +1,5 @@
--- The demo schema: a small shop. Loaded by scripts/demo.sh into the `pgcdc_demo` database.
+-- The demo schema: a small shop. Loaded by scripts/demo.sh into the `pgcdc_demo` database, and
+-- by docker-compose.yml into the `shop` database when the PostgreSQL container is first created.
 DROP TABLE IF EXISTS public.order_lines, public.orders, public.customers;
 
 CREATE TABLE public.customers (

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::source::catalog::TableName;
+use crate::event::{BinaryMode, DecimalMode, Format};
+use crate::source::catalog::{ColumnRef, TableName};
 use crate::source::Lsn;
 
 /// Change data capture from PostgreSQL to Kafka: a consistent snapshot of your tables, then
@@ -238,6 +239,43 @@ pub struct RunArgs {
     /// How often to report the confirmed position to PostgreSQL (well under wal_sender_timeout).
     #[arg(long, env = "PGCDC_STATUS_INTERVAL", value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
     pub status_interval: Duration,
+
+    /// Shape of event values: the Debezium-style envelope, or the flat row plus `__op`,
+    /// `__table`, `__lsn` and `__deleted`.
+    #[arg(long, env = "PGCDC_FORMAT", value_enum, default_value = "envelope")]
+    pub format: Format,
+
+    /// How `numeric` values are written: a string with the exact digits, or a JSON number
+    /// with the exact digits (NaN and ±Infinity stay strings either way).
+    #[arg(long, env = "PGCDC_DECIMAL", value_enum, default_value = "string")]
+    pub decimal: DecimalMode,
+
+    /// How `bytea` values and message contents are written.
+    #[arg(long, env = "PGCDC_BINARY", value_enum, default_value = "base64")]
+    pub binary: BinaryMode,
+
+    /// Publish TRUNCATE as an event with op "t" (no key) on each truncated table's topic.
+    #[arg(long, env = "PGCDC_TRUNCATE", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub truncate: bool,
+
+    /// Publish pg_logical_emit_message() messages to the topic `<prefix>.message`.
+    #[arg(long, env = "PGCDC_MESSAGES", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub messages: bool,
+
+    /// Publish BEGIN/END events per transaction to `<prefix>.transaction` and add
+    /// `transaction` {id, total_order, data_collection_order} to each event.
+    #[arg(long, env = "PGCDC_TRANSACTION_METADATA")]
+    pub transaction_metadata: bool,
+
+    /// Leave a column out of every event, as schema.table.column (repeatable;
+    /// comma-separated in the variable). Key columns cannot be excluded.
+    #[arg(
+        long = "exclude-column",
+        env = "PGCDC_EXCLUDE_COLUMNS",
+        value_name = "SCHEMA.TABLE.COLUMN",
+        value_delimiter = ','
+    )]
+    pub exclude_columns: Vec<ColumnRef>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,196 +4,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::TestDb;
-use pgcdc::sink::kafka::{read_topic, KafkaConfig, ReadStop};
+use common::pipeline::{assert_fails, assert_success, kafka, Event, Pipeline};
+use pgcdc::sink::kafka::{KafkaConfig, ReadStop};
 use serde_json::Value;
-
-fn kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
-
-/// One test's pgcdc setup: its own database, slot, publication and topic prefix.
-struct Pipeline {
-    db: TestDb,
-    slot: String,
-    prefix: String,
-    dir: PathBuf,
-}
-
-/// A record read back from a topic, JSON-decoded.
-#[derive(Debug, Clone)]
-struct Event {
-    key: Option<Value>,
-    value: Option<Value>,
-}
-
-impl Event {
-    fn op(&self) -> Option<&str> {
-        self.value.as_ref().and_then(|v| v["op"].as_str())
-    }
-    fn lsn_pair(&self) -> (u64, u64) {
-        let s = &self.value.as_ref().expect("not a tombstone")["source"];
-        (
-            s["commit_lsn"].as_u64().expect("commit_lsn"),
-            s["lsn"].as_u64().expect("lsn"),
-        )
-    }
-}
-
-impl Pipeline {
-    async fn new(setup_sql: &str) -> Pipeline {
-        let db = TestDb::create().await;
-        db.client()
-            .await
-            .batch_execute(setup_sql)
-            .await
-            .expect("test setup SQL");
-        let slot = common::unique_name("slot");
-        let prefix = common::unique_name("t");
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Pipeline {
-            db,
-            slot,
-            prefix,
-            dir,
-        }
-    }
-
-    fn source(&self) -> String {
-        format!(
-            "host={} port={} user={} dbname={} sslmode=disable",
-            self.db.env.host, self.db.env.port, self.db.env.superuser, self.db.name
-        )
-    }
-
-    /// `pgcdc run` with this pipeline's settings plus `extra`.
-    fn command(&self, extra: &[&str]) -> Command {
-        self.command_with(&self.source(), &kafka(), extra)
-    }
-
-    /// `pgcdc run` with another source or broker.
-    fn command_with(&self, source: &str, kafka: &str, extra: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-        c.arg("run")
-            .args(["--source", source])
-            .args(["--kafka", kafka])
-            .args(["--slot", &self.slot, "--publication", &self.slot])
-            .args(["--topic-prefix", &self.prefix])
-            .args(["--status-interval", "0.5"])
-            .args(extra)
-            .env_remove("PGCDC_LOG")
-            .env("PGPASSFILE", "/nonexistent")
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Runs to completion; returns the output.
-    fn run(&self, extra: &[&str]) -> Output {
-        self.command(extra).output().expect("pgcdc runs")
-    }
-
-    /// Runs in the background, logging to a file in this test's directory.
-    fn spawn(&self, extra: &[&str], log: &str) -> Child {
-        let file = std::fs::File::create(self.dir.join(log)).expect("log file");
-        self.command(extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("pgcdc starts")
-    }
-
-    fn log(&self, log: &str) -> String {
-        std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
-    }
-
-    fn topic(&self, table: &str) -> String {
-        format!("{}.public.{table}", self.prefix)
-    }
-
-    /// Everything in a table's topic, in offset order (one partition by default).
-    async fn events(&self, table: &str, expected: Option<usize>) -> Vec<Event> {
-        let cfg = KafkaConfig::new(kafka());
-        let topic = self.topic(table);
-        let records = tokio::task::spawn_blocking(move || {
-            read_topic(
-                &cfg,
-                &topic,
-                ReadStop::Quiet {
-                    expected,
-                    quiet: Duration::from_secs(3),
-                    max_wait: Duration::from_secs(60),
-                },
-            )
-        })
-        .await
-        .expect("reader thread")
-        .expect("topic is readable");
-        records
-            .into_iter()
-            .map(|r| Event {
-                key: r
-                    .key
-                    .map(|k| serde_json::from_slice(&k).expect("key is JSON")),
-                value: r
-                    .value
-                    .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
-            })
-            .collect()
-    }
-
-    /// The table as JSON objects by id, in the encoder's terms (id and n are numbers).
-    async fn table_rows(&self, table: &str) -> BTreeMap<i64, Value> {
-        let client = self.db.client().await;
-        let rows = client
-            .query(
-                &format!("SELECT id::int8, to_jsonb(t)::text FROM public.{table} t"),
-                &[],
-            )
-            .await
-            .expect("read table");
-        rows.iter()
-            .map(|r| {
-                let json: String = r.get(1);
-                (
-                    r.get::<_, i64>(0),
-                    serde_json::from_str(&json).expect("row json"),
-                )
-            })
-            .collect()
-    }
-
-    async fn confirmed_flush(&self) -> Option<u64> {
-        let client = self.db.client().await;
-        let row = client
-            .query_opt(
-                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.slot],
-            )
-            .await
-            .expect("query slot")?;
-        row.get::<_, Option<i64>>(0).map(|v| v as u64)
-    }
-
-    async fn current_lsn(&self) -> u64 {
-        let client = self.db.client().await;
-        let row = client
-            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
-            .await
-            .expect("current lsn");
-        row.get::<_, i64>(0) as u64
-    }
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Compares replayed topic state with the table, reporting a few differences, not dumps.
 fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>) {
@@ -212,15 +28,6 @@ fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>)
         extra.len(),
         &extra[..extra.len().min(5)],
         differing
-    );
-}
-
-fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed with {:?}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -440,17 +247,7 @@ async fn kill_9_during_snapshot_then_restart_publishes_everything() {
     let args = ["--table", "public.big"];
     let mut child = p.spawn(&args, "snap.log");
     // Wait until the snapshot is under way, then kill.
-    let started = common::poll_until(Duration::from_secs(30), || async {
-        p.log("snap.log")
-            .contains("snapshot: reading table")
-            .then_some(())
-    })
-    .await;
-    assert!(
-        started.is_some(),
-        "snapshot never started:\n{}",
-        p.log("snap.log")
-    );
+    p.wait_for_log("snap.log", "snapshot: reading table").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().expect("kill -9");
     let _ = child.wait();
@@ -483,17 +280,7 @@ async fn kill_9_during_snapshot_then_restart_publishes_everything() {
 async fn idle_tables_do_not_pin_wal_and_sigterm_stops_cleanly() {
     let p = Pipeline::new(ITEMS).await;
     let mut child = p.spawn(&["--table", "public.items"], "idle.log");
-    let streaming = common::poll_until(Duration::from_secs(30), || async {
-        p.log("idle.log")
-            .contains("streaming changes")
-            .then_some(())
-    })
-    .await;
-    assert!(
-        streaming.is_some(),
-        "never streamed:\n{}",
-        p.log("idle.log")
-    );
+    p.wait_for_log("idle.log", "streaming changes").await;
     // WAL written elsewhere, not in the publication.
     p.db.client()
         .await
@@ -590,15 +377,6 @@ async fn snapshot_only_leaves_no_slot() {
     assert_eq!(slots, 0);
 }
 
-/// Runs pgcdc expecting a failure: checks the exit code and that stderr names the fix.
-fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_name_the_fix() {
     let p = Pipeline::new(
@@ -640,13 +418,7 @@ async fn errors_name_the_fix() {
 
     // The slot in use by another pgcdc.
     let mut first = p.spawn(&["--table", "items"], "first.log");
-    let streaming = common::poll_until(Duration::from_secs(30), || async {
-        p.log("first.log")
-            .contains("streaming changes")
-            .then_some(())
-    })
-    .await;
-    assert!(streaming.is_some(), "{}", p.log("first.log"));
+    p.wait_for_log("first.log", "streaming changes").await;
     assert_fails(
         &p.run(&["--table", "items"]),
         3,
@@ -721,13 +493,7 @@ async fn lost_replication_connection_reconnects_and_loses_nothing() {
     )
     .await;
     let mut child = p.spawn(&["--table", "public.hot"], "reconnect.log");
-    let streaming = common::poll_until(Duration::from_secs(30), || async {
-        p.log("reconnect.log")
-            .contains("streaming changes")
-            .then_some(())
-    })
-    .await;
-    assert!(streaming.is_some(), "{}", p.log("reconnect.log"));
+    p.wait_for_log("reconnect.log", "streaming changes").await;
     let client = p.db.client().await;
     for round in 0..3 {
         for i in 0..50 {
@@ -775,5 +541,163 @@ async fn lost_replication_connection_reconnects_and_loses_nothing() {
         updates - duplicates,
         150,
         "every update exactly once, plus {duplicates} replays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_table_flags_every_table_of_the_publication_is_captured() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);
+         CREATE TABLE public.b (id int PRIMARY KEY, v text);
+         CREATE TABLE public.c (id int PRIMARY KEY, v text);
+         INSERT INTO a VALUES (1, 'a'); INSERT INTO b VALUES (1, 'b'), (2, 'b');
+         INSERT INTO c VALUES (1, 'not published');",
+    )
+    .await;
+    p.db.client()
+        .await
+        .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE a, b", p.slot))
+        .await
+        .unwrap();
+    assert_success(&p.run(&["--stop-lsn", "now"]), "run from the publication");
+    assert_eq!(p.events("a", Some(1)).await.len(), 1);
+    assert_eq!(p.events("b", Some(2)).await.len(), 2);
+    let cfg = KafkaConfig::new(kafka());
+    let topic_c = p.topic("c");
+    let c_exists = tokio::task::spawn_blocking(move || {
+        pgcdc::sink::kafka::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
+            .map(|r| r.is_some())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!c_exists, "a table outside the publication gets no topic");
+
+    // A publication that lacks a named table is an error naming the fix.
+    assert_fails(
+        &p.run(&["--table", "public.c", "--stop-lsn", "now"]),
+        3,
+        &["does not include", "ALTER PUBLICATION"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_never_streams_only_new_changes() {
+    let p = Pipeline::new(ITEMS).await;
+    assert_success(
+        &p.run(&[
+            "--table",
+            "items",
+            "--snapshot",
+            "never",
+            "--stop-lsn",
+            "now",
+        ]),
+        "create the slot without snapshot",
+    );
+    p.db.client()
+        .await
+        .batch_execute("UPDATE items SET v = 'later' WHERE id = 10")
+        .await
+        .unwrap();
+    assert_success(
+        &p.run(&[
+            "--table",
+            "items",
+            "--snapshot",
+            "never",
+            "--stop-lsn",
+            "now",
+        ]),
+        "stream",
+    );
+    let events = p.events("items", Some(1)).await;
+    assert_eq!(
+        events.len(),
+        1,
+        "only the change, no read events: {events:?}"
+    );
+    assert_eq!(events[0].op(), Some("u"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closed_stdout_pipe_ends_cleanly_without_confirming_unwritten_events() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text);
+         INSERT INTO public.items SELECT g, repeat('z', 200) FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let progress = p.dir.join("progress.json");
+    let mut child = p
+        .command(&[
+            "--table",
+            "items",
+            "--sink",
+            "stdout",
+            "--progress-file",
+            progress.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().expect("a line").expect("readable");
+        assert!(first.starts_with("{\"topic\":"), "{first}");
+        // Dropping the reader closes the pipe, like `pgcdc run | head -1`.
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{err}", out.status);
+    assert!(err.contains("output closed"), "{err}");
+    // The snapshot was not completed, so it is not recorded as such.
+    let progress = std::fs::read_to_string(&progress).unwrap_or_default();
+    assert!(!progress.contains("\"completed\""), "{progress}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_table_is_captured_under_its_own_name() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE public.m_low PARTITION OF public.m FOR VALUES FROM (0) TO (100);
+         CREATE TABLE public.m_high PARTITION OF public.m FOR VALUES FROM (100) TO (1000);
+         INSERT INTO m VALUES (1, 'low'), (150, 'high');",
+    )
+    .await;
+    assert_success(
+        &p.run(&["--table", "public.m", "--stop-lsn", "now"]),
+        "snapshot",
+    );
+    p.db.client()
+        .await
+        .batch_execute("INSERT INTO m VALUES (2, 'low2'), (250, 'high2'); UPDATE m SET v = 'moved' WHERE id = 150;")
+        .await
+        .unwrap();
+    assert_success(
+        &p.run(&["--table", "public.m", "--stop-lsn", "now"]),
+        "stream",
+    );
+    let events = p.events("m", Some(5)).await;
+    let ops: Vec<&str> = events.iter().filter_map(|e| e.op()).collect();
+    assert_eq!(ops, ["r", "r", "c", "c", "u"], "{events:?}");
+    let (state, _) = replay(&events);
+    assert_same_state(&state, &p.table_rows("m").await);
+
+    // A publication that publishes the partitions under their own names is refused.
+    let client = p.db.client().await;
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} SET (publish_via_partition_root = false)",
+            p.slot
+        ))
+        .await
+        .unwrap();
+    assert_fails(
+        &p.run(&["--table", "public.m", "--stop-lsn", "now"]),
+        3,
+        &["publish_via_partition_root = true"],
     );
 }

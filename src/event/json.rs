@@ -1,53 +1,88 @@
 //! PostgreSQL text values to JSON, written straight into a byte buffer.
 //!
-//! Numbers and booleans become JSON numbers and booleans, `json`/`jsonb` are embedded as JSON
-//! (compacted, so an event is always one line), everything else is a JSON string of the text
-//! form. A value that does not look like what its type promises is written as a string rather
-//! than as broken JSON: the output is always valid JSON.
+//! Every value is written according to its column's [`Kind`] (see [`super::kind`]). The
+//! text forms are those of the pinned session settings (see `source::session`), so one
+//! canonical form arrives from both `COPY` and pgoutput. A value that does not look like
+//! what its kind promises is written as a JSON string of its text rather than as broken
+//! JSON: the output is always valid JSON, and nothing is lost.
 
-use super::Datum;
+use super::kind::Kind;
+use super::{nested, time, Datum};
 
-/// Type OIDs of the built-in types the encoder treats specially.
-pub mod oid {
-    pub const BOOL: u32 = 16;
-    pub const INT8: u32 = 20;
-    pub const INT2: u32 = 21;
-    pub const INT4: u32 = 23;
-    pub const TEXT: u32 = 25;
-    pub const OID: u32 = 26;
-    pub const JSON: u32 = 114;
-    pub const FLOAT4: u32 = 700;
-    pub const FLOAT8: u32 = 701;
-    pub const NUMERIC: u32 = 1700;
-    pub const JSONB: u32 = 3802;
+pub use super::kind::oid;
+
+/// Writes one value of kind `kind`.
+pub fn write_value(out: &mut Vec<u8>, kind: &Kind, datum: Datum<'_>) {
+    match datum {
+        Datum::Null | Datum::Unchanged => out.extend_from_slice(b"null"),
+        Datum::Text(t) => write_text(out, kind, t),
+    }
 }
 
-/// Writes one value of type `type_oid`.
+/// Writes one value of a built-in type by OID, with the default `--decimal`/`--binary`.
 pub fn write_datum(out: &mut Vec<u8>, type_oid: u32, datum: Datum<'_>) {
-    let text = match datum {
-        Datum::Null | Datum::Unchanged => {
-            out.extend_from_slice(b"null");
-            return;
+    let kind = super::kind::builtin(type_oid, Default::default(), Default::default())
+        .unwrap_or(Kind::Text);
+    write_value(out, &kind, datum);
+}
+
+/// Writes the non-NULL text form `text` of a value of kind `kind`.
+pub fn write_text(out: &mut Vec<u8>, kind: &Kind, text: &[u8]) {
+    let mark = out.len();
+    let ok = match kind {
+        Kind::Text | Kind::Numeric => {
+            write_str(out, text);
+            true
         }
-        Datum::Text(t) => t,
-    };
-    match type_oid {
-        oid::BOOL => match text {
-            b"t" => out.extend_from_slice(b"true"),
-            b"f" => out.extend_from_slice(b"false"),
-            other => write_str(out, other),
-        },
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID | oid::FLOAT4 | oid::FLOAT8 => {
-            if is_json_number(text) {
-                out.extend_from_slice(text);
-            } else {
-                // NaN, Infinity, -Infinity: JSON has no such numbers.
-                write_str(out, text);
+        Kind::Bool => match text {
+            b"t" => {
+                out.extend_from_slice(b"true");
+                true
             }
-        }
-        oid::JSON | oid::JSONB => write_compact_json(out, text),
-        // numeric keeps its exact digits as a string; other types use their text form.
-        _ => write_str(out, text),
+            b"f" => {
+                out.extend_from_slice(b"false");
+                true
+            }
+            _ => false,
+        },
+        Kind::Int | Kind::NumericNumber => write_number(out, text),
+        Kind::Float => match text {
+            // JSON has no such numbers.
+            b"NaN" | b"Infinity" | b"-Infinity" => {
+                write_str(out, text);
+                true
+            }
+            _ => write_number(out, text),
+        },
+        Kind::Json => write_compact_json(out, text),
+        Kind::BytesBase64 => write_bytea(out, text, false),
+        Kind::BytesHex => write_bytea(out, text, true),
+        Kind::Date => time::write_date(out, text),
+        Kind::Timestamp => time::write_timestamp(out, text, false),
+        Kind::TimestampTz => time::write_timestamp(out, text, true),
+        Kind::TimeTz => time::write_timetz(out, text),
+        Kind::Array(a) => nested::write_array(out, a, text),
+        Kind::Composite(fields) => nested::write_record(out, fields, text),
+        Kind::Range(sub) => nested::write_range(out, sub, text),
+        Kind::Multirange(sub) => nested::write_multirange(out, sub, text),
+        Kind::Hstore => nested::write_hstore(out, text),
+    };
+    if !ok {
+        out.truncate(mark);
+        write_str(out, text);
+    }
+}
+
+/// A number in JSON's grammar as is; anything else (NaN, Infinity) is not written.
+fn write_number(out: &mut Vec<u8>, text: &[u8]) -> bool {
+    if is_json_number(text) {
+        out.extend_from_slice(text);
+        true
+    } else if matches!(text, b"NaN" | b"Infinity" | b"-Infinity") {
+        write_str(out, text);
+        true
+    } else {
+        false
     }
 }
 
@@ -137,59 +172,261 @@ pub fn is_json_number(s: &[u8]) -> bool {
     i == n
 }
 
-/// Embeds a JSON document without insignificant whitespace. PostgreSQL has validated it; if it
-/// is not JSON after all (it never should be), it is written as a string instead, so the event
-/// stays valid JSON whatever arrives.
-fn write_compact_json(out: &mut Vec<u8>, text: &[u8]) {
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Writes `bytes` as a JSON string in `binary` form (base64 or hex).
+pub fn write_bytes(out: &mut Vec<u8>, bytes: &[u8], hex: bool) {
+    out.reserve(bytes.len() * 2 + 2);
+    out.push(b'"');
+    if hex {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for &b in bytes {
+            out.push(HEX[(b >> 4) as usize]);
+            out.push(HEX[(b & 0xf) as usize]);
+        }
+    } else {
+        let mut chunks = bytes.chunks_exact(3);
+        for c in &mut chunks {
+            let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
+            push_b64(out, n, 4);
+        }
+        match *chunks.remainder() {
+            [a] => {
+                push_b64(out, u32::from(a) << 16, 2);
+                out.extend_from_slice(b"==");
+            }
+            [a, b] => {
+                push_b64(out, u32::from(a) << 16 | u32::from(b) << 8, 3);
+                out.push(b'=');
+            }
+            _ => {}
+        }
+    }
+    out.push(b'"');
+}
+
+fn push_b64(out: &mut Vec<u8>, n: u32, digits: usize) {
+    for k in 0..digits {
+        out.push(B64[((n >> (18 - 6 * k)) & 63) as usize]);
+    }
+}
+
+/// `bytea` in its hex text form (`\x0a1b…`, what `bytea_output = hex` prints).
+fn write_bytea(out: &mut Vec<u8>, text: &[u8], hex: bool) -> bool {
+    let Some(digits) = text.strip_prefix(b"\\x") else {
+        return false;
+    };
+    if digits.len() % 2 != 0 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return false;
+    }
+    if hex {
+        out.push(b'"');
+        out.extend(digits.iter().map(u8::to_ascii_lowercase));
+        out.push(b'"');
+        return true;
+    }
+    let val = |d: u8| (d as char).to_digit(16).unwrap_or(0);
+    out.reserve(digits.len() * 2 / 3 + 4);
+    out.push(b'"');
+    let (mut acc, mut n) = (0u32, 0);
+    for p in digits.chunks_exact(2) {
+        acc = acc << 8 | (val(p[0]) << 4 | val(p[1]));
+        n += 1;
+        if n == 3 {
+            push_b64(out, acc, 4);
+            (acc, n) = (0, 0);
+        }
+    }
+    match n {
+        1 => {
+            push_b64(out, acc << 16, 2);
+            out.extend_from_slice(b"==");
+        }
+        2 => {
+            push_b64(out, acc << 8, 3);
+            out.push(b'=');
+        }
+        _ => {}
+    }
+    out.push(b'"');
+    true
+}
+
+/// Embeds a JSON document without insignificant whitespace, validating it on the way. The
+/// validation is grammar-only (numbers keep every digit, however large). PostgreSQL has
+/// validated the document already; if it is not JSON after all, nothing is written and the
+/// caller falls back to a string.
+fn write_compact_json(out: &mut Vec<u8>, text: &[u8]) -> bool {
+    if std::str::from_utf8(text).is_err() {
+        return false;
+    }
     let mark = out.len();
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut depth: i64 = 0;
-    for &b in text {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b' ' | b'\n' | b'\r' | b'\t' => {}
-            b'"' => {
-                in_string = true;
-                out.push(b);
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                out.push(b);
-            }
-            b'}' | b']' => {
-                depth -= 1;
-                out.push(b);
-            }
-            _ => out.push(b),
-        }
-    }
-    let valid = !in_string
-        && depth == 0
-        && serde_json::from_slice::<serde::de::IgnoredAny>(&out[mark..]).is_ok();
-    if !valid {
+    if compact_json(out, text).is_none() {
         out.truncate(mark);
-        write_str(out, text);
+        return false;
     }
+    true
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Value,
+    /// After `[`: a value or `]`.
+    FirstItem,
+    /// After `{`: a key or `}`.
+    FirstKey,
+    Key,
+    Colon,
+    /// After a value: `,`, the container's end, or the end of input.
+    Next,
+}
+
+fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
+    let mut stack: Vec<u8> = Vec::new();
+    let mut expect = Expect::Value;
+    let mut i = 0;
+    loop {
+        while i < s.len() && matches!(s[i], b' ' | b'\n' | b'\r' | b'\t') {
+            i += 1;
+        }
+        let Some(&c) = s.get(i) else {
+            return (expect == Expect::Next && stack.is_empty()).then_some(());
+        };
+        match expect {
+            Expect::Next => match (c, stack.last()) {
+                (b',', Some(b'{')) => {
+                    out.push(c);
+                    i += 1;
+                    expect = Expect::Key;
+                }
+                (b',', Some(b'[')) => {
+                    out.push(c);
+                    i += 1;
+                    expect = Expect::Value;
+                }
+                (b'}', Some(b'{')) | (b']', Some(b'[')) => {
+                    out.push(c);
+                    stack.pop();
+                    i += 1;
+                }
+                _ => return None,
+            },
+            Expect::Colon => {
+                if c != b':' {
+                    return None;
+                }
+                out.push(c);
+                i += 1;
+                expect = Expect::Value;
+            }
+            Expect::FirstKey | Expect::Key => {
+                if c == b'}' && expect == Expect::FirstKey {
+                    out.push(c);
+                    stack.pop();
+                    i += 1;
+                    expect = Expect::Next;
+                } else if c == b'"' {
+                    i = json_string(out, s, i)?;
+                    expect = Expect::Colon;
+                } else {
+                    return None;
+                }
+            }
+            Expect::Value | Expect::FirstItem => {
+                if c == b']' && expect == Expect::FirstItem {
+                    out.push(c);
+                    stack.pop();
+                    i += 1;
+                    expect = Expect::Next;
+                    continue;
+                }
+                match c {
+                    b'{' | b'[' => {
+                        out.push(c);
+                        stack.push(c);
+                        i += 1;
+                        expect = if c == b'{' {
+                            Expect::FirstKey
+                        } else {
+                            Expect::FirstItem
+                        };
+                        continue;
+                    }
+                    b'"' => i = json_string(out, s, i)?,
+                    b't' | b'f' | b'n' => {
+                        let word: &[u8] = match c {
+                            b't' => b"true",
+                            b'f' => b"false",
+                            _ => b"null",
+                        };
+                        if !s[i..].starts_with(word) {
+                            return None;
+                        }
+                        out.extend_from_slice(word);
+                        i += word.len();
+                    }
+                    _ => {
+                        let start = i;
+                        while i < s.len()
+                            && matches!(s[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                        {
+                            i += 1;
+                        }
+                        if !is_json_number(&s[start..i]) {
+                            return None;
+                        }
+                        out.extend_from_slice(&s[start..i]);
+                    }
+                }
+                expect = Expect::Next;
+            }
+        }
+    }
+}
+
+/// Copies the string starting at `s[i] == '"'`; returns the index after its closing quote.
+fn json_string(out: &mut Vec<u8>, s: &[u8], mut i: usize) -> Option<usize> {
+    let start = i;
+    i += 1;
+    loop {
+        match *s.get(i)? {
+            b'"' => {
+                i += 1;
+                break;
+            }
+            b'\\' => match *s.get(i + 1)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                b'u' => {
+                    let hex = s.get(i + 2..i + 6)?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return None;
+                    }
+                    i += 6;
+                }
+                _ => return None,
+            },
+            0..=0x1f => return None,
+            _ => i += 1,
+        }
+    }
+    out.extend_from_slice(&s[start..i]);
+    Some(i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::kind::{builtin, BinaryMode, DecimalMode};
 
     fn enc(type_oid: u32, text: &[u8]) -> String {
         let mut out = Vec::new();
         write_datum(&mut out, type_oid, Datum::Text(text));
+        String::from_utf8(out).unwrap()
+    }
+
+    fn enc_kind(kind: &Kind, text: &[u8]) -> String {
+        let mut out = Vec::new();
+        write_text(&mut out, kind, text);
         String::from_utf8(out).unwrap()
     }
 
@@ -202,8 +439,13 @@ mod tests {
         assert_eq!(enc(oid::FLOAT8, b"1.5e+20"), "1.5e+20");
         assert_eq!(enc(oid::FLOAT8, b"NaN"), "\"NaN\"");
         assert_eq!(enc(oid::FLOAT4, b"-Infinity"), "\"-Infinity\"");
+        assert_eq!(enc(oid::FLOAT4, b"1.5x"), "\"1.5x\"");
         assert_eq!(enc(oid::NUMERIC, b"12.3400"), "\"12.3400\"");
+        assert_eq!(enc_kind(&Kind::NumericNumber, b"12.3400"), "12.3400");
+        assert_eq!(enc_kind(&Kind::NumericNumber, b"NaN"), "\"NaN\"");
         assert_eq!(enc(oid::BOOL, b"t"), "true");
+        assert_eq!(enc(oid::BOOL, b"yes"), "\"yes\"");
+        assert_eq!(enc(oid::OID, b"4294967295"), "\"4294967295\"");
     }
 
     #[test]
@@ -218,11 +460,56 @@ mod tests {
     #[test]
     fn json_is_compacted_but_strings_kept() {
         assert_eq!(
-            enc(oid::JSONB, br#"{"a b": [1, {"c": "x  y"}]}"#),
-            r#"{"a b":[1,{"c":"x  y"}]}"#
+            enc(
+                oid::JSONB,
+                br#"{"a b": [1, {"c": "x  y"}], "d": {}, "e": []}"#
+            ),
+            r#"{"a b":[1,{"c":"x  y"}],"d":{},"e":[]}"#
         );
         assert_eq!(enc(oid::JSON, br#"  "s\" t"  "#), r#""s\" t""#);
         assert_eq!(enc(oid::JSON, b"{\"a\":1"), r#""{\"a\":1""#);
+        // Numbers keep every digit, however large.
+        let big = format!("[1{}, -0.5e-400]", "0".repeat(500));
+        assert_eq!(enc(oid::JSONB, big.as_bytes()), big.replace(' ', ""));
+        for bad in [
+            "",
+            "{",
+            "[1,]",
+            "{\"a\"}",
+            "{\"a\":1,}",
+            "tru",
+            "01",
+            "[1]]",
+            "\"\\x\"",
+            "1 2",
+        ] {
+            assert_eq!(
+                enc(oid::JSON, bad.as_bytes()),
+                enc(oid::TEXT, bad.as_bytes()),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bytea_as_base64_or_hex() {
+        let b64 = builtin(oid::BYTEA, DecimalMode::String, BinaryMode::Base64).unwrap();
+        let hex = builtin(oid::BYTEA, DecimalMode::String, BinaryMode::Hex).unwrap();
+        assert_eq!(enc_kind(&b64, b"\\x"), "\"\"");
+        assert_eq!(enc_kind(&b64, b"\\x66"), "\"Zg==\"");
+        assert_eq!(enc_kind(&b64, b"\\x666f"), "\"Zm8=\"");
+        assert_eq!(enc_kind(&b64, b"\\x666f6f"), "\"Zm9v\"");
+        assert_eq!(enc_kind(&b64, b"\\x00FFfe"), "\"AP/+\"");
+        assert_eq!(enc_kind(&hex, b"\\x00FFfe"), "\"00fffe\"");
+        assert_eq!(enc_kind(&b64, b"\\x0"), "\"\\\\x0\"");
+        assert_eq!(enc_kind(&b64, b"abc"), "\"abc\"");
+        // Longer than one decoding block.
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let text: String =
+            "\\x".to_string() + &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let mut want = Vec::new();
+        write_bytes(&mut want, &bytes, false);
+        assert_eq!(enc_kind(&b64, text.as_bytes()).into_bytes(), want);
     }
 
     #[test]
@@ -237,10 +524,36 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn always_valid_json(type_oid in proptest::sample::select(vec![16u32, 20, 25, 114, 701, 1700, 3802]), text in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
+        fn always_valid_json(type_oid in proptest::sample::select(vec![16u32, 17, 20, 25, 114, 701, 1082, 1114, 1184, 1266, 1700, 3802]), text in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
             let mut out = Vec::new();
             write_datum(&mut out, type_oid, Datum::Text(&text));
             proptest::prop_assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok(), "{:?}", String::from_utf8_lossy(&out));
         }
+
+        #[test]
+        fn valid_json_round_trips(v in json_value()) {
+            let text = serde_json::to_string_pretty(&v).unwrap();
+            let mut out = Vec::new();
+            write_datum(&mut out, oid::JSONB, Datum::Text(text.as_bytes()));
+            let back: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert_eq!(back, v);
+        }
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".*".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(".*", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 }

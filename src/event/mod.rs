@@ -3,10 +3,13 @@
 //! Snapshot rows (from `COPY`) and streamed changes (from pgoutput) are both turned into the
 //! same [`Change`] and encoded by the same [`Encoder`], so a row has one JSON form whether it
 //! was read or streamed. Values arrive in PostgreSQL's text form — the form both `COPY ... TO
-//! STDOUT` and pgoutput's text tuple data use — and [`json`] maps them to JSON by type OID.
+//! STDOUT` and pgoutput's text tuple data use — and [`json`] maps them to JSON by the
+//! column's [`Kind`], resolved once per column from the type catalog ([`kind`]).
 //!
-//! The value is a Debezium-style envelope (`before`, `after`, `source`, `op`, `ts_ms`) without
-//! the Kafka Connect schema wrapper; the key is a JSON object of the primary-key columns.
+//! Two value formats ([`Format`]): a Debezium-style envelope (`before`, `after`, `source`,
+//! `op`, `ts_ms`) without the Kafka Connect schema wrapper, or the flat row with `__op`,
+//! `__table`, `__lsn`, `__deleted`. The key is a JSON object of the primary-key columns
+//! either way. The README's "Event format" section is the reference for every field.
 
 use std::sync::Arc;
 
@@ -15,6 +18,11 @@ use bytes::Bytes;
 use crate::source::Lsn;
 
 pub mod json;
+pub mod kind;
+mod nested;
+mod time;
+
+pub use kind::{BinaryMode, DecimalMode, Kind, TypeDesc, TypeRegistry};
 
 /// What happened to a row. Serialized as Debezium's one-letter codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +32,8 @@ pub enum Op {
     Create,
     Update,
     Delete,
+    /// The table was truncated (no row: `before` and `after` are null).
+    Truncate,
 }
 
 impl Op {
@@ -33,8 +43,19 @@ impl Op {
             Op::Create => "c",
             Op::Update => "u",
             Op::Delete => "d",
+            Op::Truncate => "t",
         }
     }
+}
+
+/// `--format`: the shape of an event value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// {"before","after","source","op","ts_ms"}, as Debezium writes it.
+    #[default]
+    Envelope,
+    /// The row itself plus "__op", "__table", "__lsn" and "__deleted".
+    Flat,
 }
 
 /// Debezium's `source.snapshot` field.
@@ -63,12 +84,21 @@ impl SnapshotMarker {
 pub struct Column {
     pub name: String,
     pub type_oid: u32,
+    /// How its values are encoded.
+    pub kind: Kind,
     /// `"name":` pre-encoded, so the hot path writes it with one copy.
     json_label: Box<[u8]>,
 }
 
 impl Column {
+    /// A column of a built-in type (other types are encoded as text); see [`Column::with_kind`].
     pub fn new(name: impl Into<String>, type_oid: u32) -> Self {
+        let kind = kind::builtin(type_oid, DecimalMode::default(), BinaryMode::default())
+            .unwrap_or(Kind::Text);
+        Column::with_kind(name, type_oid, kind)
+    }
+
+    pub fn with_kind(name: impl Into<String>, type_oid: u32, kind: Kind) -> Self {
         let name = name.into();
         let mut label = Vec::with_capacity(name.len() + 3);
         json::write_str(&mut label, name.as_bytes());
@@ -76,6 +106,7 @@ impl Column {
         Column {
             name,
             type_oid,
+            kind,
             json_label: label.into_boxed_slice(),
         }
     }
@@ -90,6 +121,14 @@ pub struct TableSchema {
     pub columns: Vec<Column>,
     /// Indexes into `columns` of the Kafka key columns, in key order. Empty: no key.
     pub key: Vec<usize>,
+    /// Fingerprint of the column names and types, in order: `source.schema_id`.
+    pub schema_id: u64,
+    /// `schema.table`, unquoted: transaction metadata and `__table`.
+    pub qualified: Arc<str>,
+    /// `,"schema":…,"table":…,"schema_id":…` pre-encoded for `source`.
+    source_fields: Box<[u8]>,
+    /// `"__table":"schema.table"` pre-encoded for the flat format.
+    flat_table: Box<[u8]>,
 }
 
 impl TableSchema {
@@ -106,12 +145,31 @@ impl TableSchema {
             .iter()
             .filter_map(|k| columns.iter().position(|c| &c.name == k))
             .collect();
+        let schema: String = schema.into();
+        let name: String = name.into();
+        let qualified: Arc<str> = format!("{schema}.{name}").into();
+        let id = schema_id(&columns);
+        let mut source_fields = Vec::with_capacity(schema.len() + name.len() + 60);
+        source_fields.extend_from_slice(b",\"schema\":");
+        json::write_str(&mut source_fields, schema.as_bytes());
+        source_fields.extend_from_slice(b",\"table\":");
+        json::write_str(&mut source_fields, name.as_bytes());
+        push_fmt(
+            &mut source_fields,
+            format_args!(",\"schema_id\":\"{id:016x}\""),
+        );
+        let mut flat_table = b"\"__table\":".to_vec();
+        json::write_str(&mut flat_table, qualified.as_bytes());
         TableSchema {
-            schema: schema.into(),
-            name: name.into(),
+            schema_id: id,
+            schema,
+            name,
             topic,
             columns,
             key,
+            qualified,
+            source_fields: source_fields.into_boxed_slice(),
+            flat_table: flat_table.into_boxed_slice(),
         }
     }
 
@@ -119,6 +177,23 @@ impl TableSchema {
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.name)
     }
+}
+
+/// FNV-1a over the names and type OIDs: stable across runs and between snapshot and stream.
+fn schema_id(columns: &[Column]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for c in columns {
+        eat(c.name.as_bytes());
+        eat(&[0]);
+        eat(&c.type_oid.to_le_bytes());
+    }
+    h
 }
 
 /// A column value in PostgreSQL's text form.
@@ -143,6 +218,17 @@ pub struct Position {
     pub snapshot: SnapshotMarker,
 }
 
+/// A data event's place in its transaction (`--transaction-metadata`).
+#[derive(Debug, Clone, Copy)]
+pub struct TxnOrder<'a> {
+    /// `<xid>:<commit_lsn>`, the id of the BEGIN/END events.
+    pub id: &'a str,
+    /// 1-based position among the transaction's data events.
+    pub total_order: u64,
+    /// 1-based position among the transaction's events for this table.
+    pub data_collection_order: u64,
+}
+
 /// One change to one row, borrowing its values.
 #[derive(Debug, Clone, Copy)]
 pub struct Change<'a> {
@@ -150,18 +236,44 @@ pub struct Change<'a> {
     pub before: Option<&'a [Datum<'a>]>,
     pub after: Option<&'a [Datum<'a>]>,
     pub position: Position,
+    pub transaction: Option<TxnOrder<'a>>,
 }
 
-/// Encodes keys and envelopes. Holds what is the same for every event of a run.
+/// A `pg_logical_emit_message` message.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageEvent<'a> {
+    pub prefix: &'a str,
+    pub content: &'a [u8],
+    pub transactional: bool,
+    pub position: Position,
+}
+
+/// Choices that shape every event of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventOptions {
+    pub format: Format,
+    /// Add `transaction` to envelopes (`--transaction-metadata`).
+    pub transaction_metadata: bool,
+}
+
+/// Encodes keys and values. Holds what is the same for every event of a run.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     /// `"source":{"connector":"pgcdc","version":…,"name":…,"db":…,` pre-encoded.
     source_prefix: Vec<u8>,
+    options: EventOptions,
+    /// The types known at start: what snapshot and stream resolve column kinds with.
+    types: Arc<TypeRegistry>,
 }
 
 impl Encoder {
-    /// `name` is the logical server name (the topic prefix), `db` the database name.
+    /// `name` is the logical server name (the topic prefix), `db` the database name. Default
+    /// options, built-in types only.
     pub fn new(name: &str, db: &str) -> Self {
+        Encoder::with_options(name, db, EventOptions::default(), TypeRegistry::default())
+    }
+
+    pub fn with_options(name: &str, db: &str, options: EventOptions, types: TypeRegistry) -> Self {
         let mut p = Vec::with_capacity(96);
         p.extend_from_slice(b"\"source\":{\"connector\":\"pgcdc\",\"version\":");
         json::write_str(&mut p, env!("CARGO_PKG_VERSION").as_bytes());
@@ -169,7 +281,20 @@ impl Encoder {
         json::write_str(&mut p, name.as_bytes());
         p.extend_from_slice(b",\"db\":");
         json::write_str(&mut p, db.as_bytes());
-        Encoder { source_prefix: p }
+        Encoder {
+            source_prefix: p,
+            options,
+            types: Arc::new(types),
+        }
+    }
+
+    pub fn options(&self) -> EventOptions {
+        self.options
+    }
+
+    /// The type registry built at start.
+    pub fn types(&self) -> &Arc<TypeRegistry> {
+        &self.types
     }
 
     /// The Kafka key: `{"id":42}` from the key columns of `row`, or `None` without a key.
@@ -185,9 +310,9 @@ impl Encoder {
             }
             let col = &table.columns[i];
             out.extend_from_slice(&col.json_label);
-            json::write_datum(
+            json::write_value(
                 &mut out,
-                col.type_oid,
+                &col.kind,
                 row.get(i).copied().unwrap_or(Datum::Null),
             );
         }
@@ -195,36 +320,169 @@ impl Encoder {
         Some(out.into())
     }
 
-    /// The event value: the envelope with `before`, `after`, `source`, `op`, `ts_ms`.
+    /// The event value, in the run's [`Format`].
     pub fn value(&self, table: &TableSchema, change: &Change<'_>, now_ms: i64) -> Bytes {
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"{\"before\":");
-        write_row(&mut out, table, change.before);
-        out.extend_from_slice(b",\"after\":");
-        write_row(&mut out, table, change.after);
-        out.push(b',');
-        out.extend_from_slice(&self.source_prefix);
-        out.extend_from_slice(b",\"schema\":");
-        json::write_str(&mut out, table.schema.as_bytes());
-        out.extend_from_slice(b",\"table\":");
-        json::write_str(&mut out, table.name.as_bytes());
-        let p = &change.position;
-        push_fmt(&mut out, format_args!(",\"lsn\":{}", p.lsn.0));
-        match p.xid {
-            Some(x) => push_fmt(&mut out, format_args!(",\"txId\":{x}")),
-            None => out.extend_from_slice(b",\"txId\":null"),
+        match self.options.format {
+            Format::Envelope => self.envelope(&mut out, table, change, now_ms),
+            Format::Flat => flat(&mut out, table, change),
         }
-        push_fmt(&mut out, format_args!(",\"ts_ms\":{}", p.commit_ts_ms));
-        out.extend_from_slice(b",\"snapshot\":\"");
-        out.extend_from_slice(p.snapshot.as_str().as_bytes());
-        push_fmt(
-            &mut out,
-            format_args!("\",\"commit_lsn\":{}}},\"op\":\"", p.commit_lsn.0),
-        );
-        out.extend_from_slice(change.op.code().as_bytes());
-        push_fmt(&mut out, format_args!("\",\"ts_ms\":{now_ms}}}"));
         out.into()
     }
+
+    fn envelope(&self, out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>, now_ms: i64) {
+        out.extend_from_slice(b"{\"before\":");
+        write_row(out, table, change.before);
+        out.extend_from_slice(b",\"after\":");
+        write_row(out, table, change.after);
+        if let Some(after) = change.after {
+            write_unchanged(out, b",\"unchanged\":", table, after);
+        }
+        out.push(b',');
+        out.extend_from_slice(&self.source_prefix);
+        out.extend_from_slice(&table.source_fields);
+        write_position(out, &change.position);
+        out.extend_from_slice(b"},\"op\":\"");
+        out.extend_from_slice(change.op.code().as_bytes());
+        push_fmt(out, format_args!("\",\"ts_ms\":{now_ms}"));
+        if self.options.transaction_metadata {
+            match &change.transaction {
+                None => out.extend_from_slice(b",\"transaction\":null"),
+                Some(t) => {
+                    out.extend_from_slice(b",\"transaction\":{\"id\":");
+                    json::write_str(out, t.id.as_bytes());
+                    push_fmt(
+                        out,
+                        format_args!(
+                            ",\"total_order\":{},\"data_collection_order\":{}}}",
+                            t.total_order, t.data_collection_order
+                        ),
+                    );
+                }
+            }
+        }
+        out.push(b'}');
+    }
+
+    /// Marks an encoded snapshot read event as the snapshot's last (`"snapshot":"last"`).
+    /// The flat format has no marker: nothing to do.
+    pub fn mark_last(&self, value: &mut [u8]) {
+        if self.options.format != Format::Envelope {
+            return;
+        }
+        // The source block follows the row data and only `transaction` (null for reads)
+        // comes after it, so the last occurrence is the right one; both words have four
+        // letters, so it is patched in place.
+        const NEEDLE: &[u8] = b"\"snapshot\":\"true\"";
+        if let Some(pos) = value.windows(NEEDLE.len()).rposition(|w| w == NEEDLE) {
+            let at = pos + b"\"snapshot\":\"".len();
+            value[at..at + 4].copy_from_slice(b"last");
+        }
+    }
+
+    /// Key and value of a logical decoding message (`<prefix>.message` topic). The key is
+    /// the message prefix, so messages with one prefix stay in order on one partition.
+    pub fn message(&self, m: &MessageEvent<'_>, binary: BinaryMode, now_ms: i64) -> (Bytes, Bytes) {
+        let mut key = Vec::with_capacity(m.prefix.len() + 14);
+        key.extend_from_slice(b"{\"prefix\":");
+        json::write_str(&mut key, m.prefix.as_bytes());
+        key.push(b'}');
+        let mut out = Vec::with_capacity(160 + m.content.len() * 4 / 3);
+        out.extend_from_slice(b"{\"op\":\"m\",\"ts_ms\":");
+        push_fmt(&mut out, format_args!("{now_ms},"));
+        out.extend_from_slice(&self.source_prefix);
+        write_position(&mut out, &m.position);
+        out.extend_from_slice(b"},\"message\":{\"prefix\":");
+        json::write_str(&mut out, m.prefix.as_bytes());
+        out.extend_from_slice(b",\"content\":");
+        json::write_bytes(&mut out, m.content, binary == BinaryMode::Hex);
+        out.extend_from_slice(if m.transactional {
+            b",\"transactional\":true}}"
+        } else {
+            b",\"transactional\":false}}"
+        });
+        (key.into(), out.into())
+    }
+
+    /// Key and value of a transaction's BEGIN (`counts: None`) or END event
+    /// (`<prefix>.transaction` topic). `counts` holds the events per table.
+    pub fn transaction(
+        &self,
+        id: &str,
+        ts_ms: i64,
+        counts: Option<&[(Arc<str>, u64)]>,
+    ) -> (Bytes, Bytes) {
+        let mut key = Vec::with_capacity(id.len() + 10);
+        key.extend_from_slice(b"{\"id\":");
+        json::write_str(&mut key, id.as_bytes());
+        key.push(b'}');
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(b"{\"status\":");
+        out.extend_from_slice(if counts.is_some() {
+            b"\"END\""
+        } else {
+            b"\"BEGIN\""
+        });
+        out.extend_from_slice(b",\"id\":");
+        json::write_str(&mut out, id.as_bytes());
+        push_fmt(&mut out, format_args!(",\"ts_ms\":{ts_ms}"));
+        match counts {
+            None => out.extend_from_slice(b",\"event_count\":null,\"data_collections\":null}"),
+            Some(counts) => {
+                let total: u64 = counts.iter().map(|(_, n)| n).sum();
+                push_fmt(
+                    &mut out,
+                    format_args!(",\"event_count\":{total},\"data_collections\":["),
+                );
+                for (i, (table, n)) in counts.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(b"{\"data_collection\":");
+                    json::write_str(&mut out, table.as_bytes());
+                    push_fmt(&mut out, format_args!(",\"event_count\":{n}}}"));
+                }
+                out.extend_from_slice(b"]}");
+            }
+        }
+        (key.into(), out.into())
+    }
+}
+
+/// `,"lsn":…,"txId":…,"ts_ms":…,"snapshot":…,"commit_lsn":…` (the source block stays open).
+fn write_position(out: &mut Vec<u8>, p: &Position) {
+    push_fmt(out, format_args!(",\"lsn\":{}", p.lsn.0));
+    match p.xid {
+        Some(x) => push_fmt(out, format_args!(",\"txId\":{x}")),
+        None => out.extend_from_slice(b",\"txId\":null"),
+    }
+    push_fmt(out, format_args!(",\"ts_ms\":{}", p.commit_ts_ms));
+    out.extend_from_slice(b",\"snapshot\":\"");
+    out.extend_from_slice(p.snapshot.as_str().as_bytes());
+    push_fmt(out, format_args!("\",\"commit_lsn\":{}", p.commit_lsn.0));
+}
+
+/// The flat format: the row (`after`, or `before` for a delete) and `__` fields.
+fn flat(out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>) {
+    out.push(b'{');
+    let row = change.after.or(change.before);
+    let wrote = row.is_some_and(|r| write_fields(out, table, r));
+    if let Some(after) = change.after {
+        write_unchanged(out, b",\"__unchanged\":", table, after);
+    }
+    if wrote {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"__op\":\"");
+    out.extend_from_slice(change.op.code().as_bytes());
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(&table.flat_table);
+    push_fmt(out, format_args!(",\"__lsn\":{}", change.position.lsn.0));
+    out.extend_from_slice(if change.op == Op::Delete {
+        b",\"__deleted\":true}"
+    } else {
+        b",\"__deleted\":false}"
+    });
 }
 
 fn write_row(out: &mut Vec<u8>, table: &TableSchema, row: Option<&[Datum<'_>]>) {
@@ -233,6 +491,12 @@ fn write_row(out: &mut Vec<u8>, table: &TableSchema, row: Option<&[Datum<'_>]>) 
         return;
     };
     out.push(b'{');
+    write_fields(out, table, row);
+    out.push(b'}');
+}
+
+/// `"a":1,"b":2` without braces; unchanged TOAST values are left out. True if any was written.
+fn write_fields(out: &mut Vec<u8>, table: &TableSchema, row: &[Datum<'_>]) -> bool {
     let mut first = true;
     for (col, datum) in table.columns.iter().zip(row.iter()) {
         if *datum == Datum::Unchanged {
@@ -243,9 +507,29 @@ fn write_row(out: &mut Vec<u8>, table: &TableSchema, row: Option<&[Datum<'_>]>) 
         }
         first = false;
         out.extend_from_slice(&col.json_label);
-        json::write_datum(out, col.type_oid, *datum);
+        json::write_value(out, &col.kind, *datum);
     }
-    out.push(b'}');
+    !first
+}
+
+/// `<label>["a","b"]` naming the unchanged TOAST columns of `row`, if there are any.
+fn write_unchanged(out: &mut Vec<u8>, label: &[u8], table: &TableSchema, row: &[Datum<'_>]) {
+    if !row.contains(&Datum::Unchanged) {
+        return;
+    }
+    out.extend_from_slice(label);
+    out.push(b'[');
+    let mut first = true;
+    for (col, datum) in table.columns.iter().zip(row.iter()) {
+        if *datum == Datum::Unchanged {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            json::write_str(out, col.name.as_bytes());
+        }
+    }
+    out.push(b']');
 }
 
 fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
@@ -317,6 +601,7 @@ mod tests {
             before: None,
             after: Some(&row),
             position: pos(),
+            transaction: None,
         };
         let v = Encoder::new("pgcdc", "shop").value(&table(), &change, 5);
         let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
@@ -351,11 +636,148 @@ mod tests {
             before: None,
             after: Some(&row),
             position: pos(),
+            transaction: None,
         };
         let v = Encoder::new("p", "d").value(&table(), &change, 0);
         let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
         assert!(parsed["after"].get("note").is_none());
         assert_eq!(parsed["after"]["paid"], false);
         assert_eq!(parsed["after"]["doc"], serde_json::Value::Null);
+        assert_eq!(parsed["unchanged"], serde_json::json!(["note"]));
+    }
+
+    #[test]
+    fn schema_id_follows_the_shape() {
+        let a = table();
+        let mut cols = a.columns.clone();
+        assert_eq!(
+            a.schema_id,
+            TableSchema::new("x", "y", Arc::from("t"), cols.clone(), &[]).schema_id
+        );
+        cols[1] = Column::new("note", oid::INT4);
+        assert_ne!(
+            a.schema_id,
+            TableSchema::new("public", "orders", Arc::from("t"), cols, &[]).schema_id
+        );
+        let v = Encoder::new("p", "d").value(
+            &a,
+            &Change {
+                op: Op::Read,
+                before: None,
+                after: Some(&[Datum::Text(b"1"), Datum::Null, Datum::Null, Datum::Null]),
+                position: pos(),
+                transaction: None,
+            },
+            0,
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(
+            parsed["source"]["schema_id"],
+            format!("{:016x}", a.schema_id)
+        );
+        assert!(parsed.get("unchanged").is_none());
+        assert!(parsed.get("transaction").is_none());
+    }
+
+    fn encoder(format: Format, transaction_metadata: bool) -> Encoder {
+        Encoder::with_options(
+            "p",
+            "d",
+            EventOptions {
+                format,
+                transaction_metadata,
+            },
+            TypeRegistry::default(),
+        )
+    }
+
+    #[test]
+    fn flat_format() {
+        let row = [
+            Datum::Text(b"42"),
+            Datum::Unchanged,
+            Datum::Text(b"t"),
+            Datum::Null,
+        ];
+        let e = encoder(Format::Flat, false);
+        let change = |op, before, after| Change {
+            op,
+            before,
+            after,
+            position: pos(),
+            transaction: None,
+        };
+        let v = e.value(&table(), &change(Op::Update, None, Some(&row[..])), 0);
+        assert_eq!(
+            std::str::from_utf8(&v).unwrap(),
+            r#"{"id":42,"paid":true,"doc":null,"__unchanged":["note"],"__op":"u","__table":"public.orders","__lsn":100,"__deleted":false}"#
+        );
+        let key = [Datum::Text(b"42"), Datum::Null, Datum::Null, Datum::Null];
+        let v = e.value(&table(), &change(Op::Delete, Some(&key[..]), None), 0);
+        let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(parsed["id"], 42);
+        assert_eq!(parsed["__deleted"], true);
+        let v = e.value(&table(), &change(Op::Truncate, None, None), 0);
+        assert_eq!(
+            std::str::from_utf8(&v).unwrap(),
+            r#"{"__op":"t","__table":"public.orders","__lsn":100,"__deleted":false}"#
+        );
+        // A column named like the marker must not be patched.
+        let mut v = br#"{"snapshot":"true"}"#.to_vec();
+        e.mark_last(&mut v);
+        assert_eq!(&v, br#"{"snapshot":"true"}"#);
+    }
+
+    #[test]
+    fn transaction_metadata() {
+        let e = encoder(Format::Envelope, true);
+        let row = [Datum::Text(b"1"), Datum::Null, Datum::Null, Datum::Null];
+        let t = TxnOrder {
+            id: "7:200",
+            total_order: 3,
+            data_collection_order: 2,
+        };
+        let v = e.value(
+            &table(),
+            &Change {
+                op: Op::Create,
+                before: None,
+                after: Some(&row),
+                position: pos(),
+                transaction: Some(t),
+            },
+            0,
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(
+            parsed["transaction"],
+            serde_json::json!({"id":"7:200","total_order":3,"data_collection_order":2})
+        );
+        let (k, v) = e.transaction("7:200", 5, None);
+        assert_eq!(&k[..], br#"{"id":"7:200"}"#);
+        assert_eq!(&v[..], br#"{"status":"BEGIN","id":"7:200","ts_ms":5,"event_count":null,"data_collections":null}"#);
+        let counts = [(Arc::from("public.a"), 2), (Arc::from("public.b"), 1)];
+        let (_, v) = e.transaction("7:200", 5, Some(&counts));
+        assert_eq!(&v[..], br#"{"status":"END","id":"7:200","ts_ms":5,"event_count":3,"data_collections":[{"data_collection":"public.a","event_count":2},{"data_collection":"public.b","event_count":1}]}"#);
+    }
+
+    #[test]
+    fn messages() {
+        let e = Encoder::new("p", "d");
+        let m = MessageEvent {
+            prefix: "outbox",
+            content: b"hi",
+            transactional: false,
+            position: pos(),
+        };
+        let (k, v) = e.message(&m, BinaryMode::Base64, 9);
+        assert_eq!(&k[..], br#"{"prefix":"outbox"}"#);
+        let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(parsed["op"], "m");
+        assert_eq!(
+            parsed["message"],
+            serde_json::json!({"prefix":"outbox","content":"aGk=","transactional":false})
+        );
+        assert_eq!(parsed["source"]["lsn"], 100);
     }
 }

@@ -14,8 +14,9 @@
 //! the same `lsn`/`commit_lsn` and is therefore detectable by consumers.
 //!
 //! Modules: `stream` holds the streaming loop and its priorities, `progress` the durable
-//! snapshot state, `failure` the exit codes.
+//! snapshot state, `failure` the exit codes, `events` what shapes the events.
 
+mod events;
 mod failure;
 mod observe;
 mod progress;
@@ -32,9 +33,9 @@ use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::sink::{self, kafka, SinkItem};
 use crate::source::catalog::{self, TableInfo};
-use crate::source::changes::{topic_name, ChangeBuilder};
+use crate::source::changes::{topic_name, ChangeBuilder, ChangeOptions};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
-use crate::source::{connect, snapshot, Lsn};
+use crate::source::{connect, session, snapshot, Lsn};
 
 use failure::{
     Classify,
@@ -42,13 +43,15 @@ use failure::{
 };
 pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
-use stream::{catch_up, start_stream, stream_changes, Until};
+use stream::{catch_up, start_stream, stream_changes, Bounds, Until};
 
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
 pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
     let conninfo = ConnInfo::parse(&args.source)
         .context("invalid --source")
         .or_fail(Usage)?;
+    // Both connections print values in one canonical form (see source::session).
+    let conninfo = session::canonical(&conninfo);
     if args.sink == SinkKind::Kafka && args.kafka.is_none() {
         return Err(Failure::new(
             Usage,
@@ -75,6 +78,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     let tables = catalog::describe_tables(&client, &names)
         .await
         .or_fail(SourceFail)?;
+    let mut events = events::setup(&args, &client, &server.database, &tables).await?;
     let stop_lsn = match args.stop_lsn {
         None => None,
         Some(StopLsn::At(l)) => Some(l),
@@ -87,7 +91,6 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             Some(lsn.parse::<Lsn>().or_fail(SourceFail)?)
         }
     };
-    let encoder = Encoder::new(&args.topic_prefix, &server.database);
     let progress_key = Progress::key(&server.database, &args.slot);
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.
@@ -115,6 +118,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
                     compacted: false,
                 })
                 .collect();
+            specs.extend(events::extra_topics(&args));
             specs.push(kafka::TopicSpec {
                 name: progress_topic.clone(),
                 partitions: 1,
@@ -141,14 +145,20 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             )
         }
     };
+    events.attach_lookup(&args, &conninfo, &store);
+    let events::Events {
+        encoder,
+        changes,
+        tables,
+    } = events;
     let (tx, rx) = mpsc::channel::<SinkItem>(4096);
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));
 
     let outcome = capture(
-        &args, &conninfo, &client, &server, &tables, stop_lsn, &encoder, &store, &tx, acked_rx,
-        &mut stop,
+        &args, &conninfo, &client, &server, &tables, stop_lsn, &encoder, &changes, &store, &tx,
+        acked_rx, &mut stop,
     )
     .await;
 
@@ -161,6 +171,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         Ok(None) => (None, Ok(())),
         Err((stream, e)) => (stream, Err(e)),
     };
+    let output_closed = matches!(sink_result, Ok(Err(sink::SinkError::OutputClosed)));
     let acked = match &sink_result {
         Ok(Ok(summary)) => {
             tracing::info!(?summary, "sink finished");
@@ -175,17 +186,20 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
     };
     if let Some(mut ended) = stream {
         // Everything the sink acknowledged, and nothing else, is confirmed on the way out.
-        let acked = *final_acked.borrow();
-        if acked.is_valid() {
+        let confirm = stream::confirmable(&final_acked, ended.start);
+        if confirm.is_valid() {
             let _ = ended
                 .stream
-                .send_standby_status(acked, acked, acked, false)
+                .send_standby_status(confirm, confirm, confirm, false)
                 .await;
-            tracing::info!(confirmed = %acked, "confirmed position sent to PostgreSQL");
+            tracing::info!(confirmed = %confirm, "confirmed position sent to PostgreSQL");
         }
         let _ = ended.stream.stop().await;
     }
     match (result, acked) {
+        // The reader went away (`pgcdc run | head`): a clean end, and what failed after it
+        // only failed because the sink was gone.
+        (Err(e), _) if output_closed && e.kind == SinkFail => Ok(()),
         (Err(e), _) => Err(e),
         (Ok(()), Some(e)) => Err(e),
         (Ok(()), None) => Ok(()),
@@ -195,6 +209,8 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
 /// A stream that is still open, for the final status update and a clean stop.
 struct EndedStream {
     stream: ReplicationStream,
+    /// Where it started: already confirmed.
+    start: Lsn,
 }
 
 type CaptureResult = Result<Option<EndedStream>, (Option<EndedStream>, Failure)>;
@@ -209,6 +225,7 @@ async fn capture(
     tables: &[TableInfo],
     stop_lsn: Option<Lsn>,
     encoder: &Encoder,
+    changes: &ChangeOptions,
     store: &ProgressStore,
     tx: &mpsc::Sender<SinkItem>,
     acked_rx: watch::Receiver<Lsn>,
@@ -247,14 +264,18 @@ async fn capture(
             .filter(|p| p.system_id == ident.systemid && p.slot == slot_name)
     };
     let table_list: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    // Once the snapshot is acknowledged, everything up to the slot's point is published.
     let new_progress = |snapshot: SnapshotState, slot_lsn: Lsn| Progress {
         version: Progress::VERSION,
         system_id: ident.systemid.clone(),
         database: server.database.clone(),
         slot: slot_name.to_string(),
+        acked_lsn: match snapshot {
+            SnapshotState::InProgress { .. } => 0,
+            _ => slot_lsn.0,
+        },
         snapshot,
         slot_lsn: slot_lsn.0,
-        acked_lsn: 0,
         updated_ms: crate::event::now_ms(),
     };
 
@@ -290,7 +311,7 @@ async fn capture(
             if existing.is_some() {
                 tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then replacing it");
                 let caught_up = catch_up(
-                    args, conninfo, slot_name, at, tables, encoder, tx, &acked_rx, stop,
+                    args, conninfo, slot_name, at, tables, encoder, changes, tx, &acked_rx, stop,
                 )
                 .await
                 .map_err(no_stream)?;
@@ -338,6 +359,9 @@ async fn capture(
         display.finish().await;
         let stats = match stats {
             Ok(s) => s,
+            Err(snapshot::SnapshotError::SinkClosed) => {
+                return Err(no_stream(failure::sink_gone()))
+            }
             Err(snapshot::SnapshotError::Interrupted) => {
                 tracing::info!("stopped during the snapshot; the next run takes it again");
                 return Ok(None);
@@ -416,15 +440,19 @@ async fn capture(
                     &args.topic_prefix,
                     tables,
                     args.tombstones,
-                );
+                )
+                .with_options(changes.clone());
                 stream_changes(
                     stream,
                     builder,
                     tx,
                     acked_rx.clone(),
                     stop,
-                    Until::StopLsn(stop_lsn),
-                    args.status_interval,
+                    Bounds {
+                        start,
+                        until: Until::StopLsn(stop_lsn),
+                        status_interval: args.status_interval,
+                    },
                 )
                 .await
                 .map(|(stream, _)| stream)
@@ -432,7 +460,7 @@ async fn capture(
             Err(f) => Err((None, f)),
         };
         match outcome {
-            Ok(stream) => return Ok(Some(EndedStream { stream })),
+            Ok(stream) => return Ok(Some(EndedStream { stream, start })),
             Err((_, f)) if f.transient => {
                 crate::metrics::global().reconnecting();
                 tracing::warn!(

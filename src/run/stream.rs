@@ -20,7 +20,7 @@ use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::sink::SinkItem;
 use crate::source::catalog::{quote_ident, TableInfo};
-use crate::source::changes::ChangeBuilder;
+use crate::source::changes::{ChangeBuilder, ChangeOptions};
 use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
@@ -57,6 +57,7 @@ pub(super) async fn catch_up(
     until: Lsn,
     tables: &[TableInfo],
     encoder: &Encoder,
+    changes: &ChangeOptions,
     tx: &mpsc::Sender<SinkItem>,
     acked_rx: &watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
@@ -66,27 +67,49 @@ pub(super) async fn catch_up(
         .context("cannot open a replication connection")
         .or_fail(SourceFail)?;
     let stream = start_stream(&args.publication, repl, slot, Lsn::INVALID).await?;
-    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones);
+    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones)
+        .with_options(changes.clone());
     let (mut stream, end) = stream_changes(
         stream,
         builder,
         tx,
         acked_rx.clone(),
         stop,
-        Until::Before(until),
-        args.status_interval,
+        Bounds {
+            start: Lsn::INVALID,
+            until: Until::Before(until),
+            status_interval: args.status_interval,
+        },
     )
     .await
     .map_err(|(_, f)| f)?;
     if end == End::CaughtUp {
         barrier(tx).await?;
-        let acked = *acked_rx.borrow();
-        if acked.is_valid() {
-            let _ = stream.send_standby_status(acked, acked, acked, false).await;
+        let confirm = confirmable(acked_rx, Lsn::INVALID);
+        if confirm.is_valid() {
+            let _ = stream
+                .send_standby_status(confirm, confirm, confirm, false)
+                .await;
         }
     }
     let _ = stream.stop().await;
     Ok(end == End::CaughtUp)
+}
+
+/// The position to report: what the sink acknowledged, but never below where this stream
+/// started — that position is confirmed already, and reporting it keeps the connection alive
+/// (`wal_sender_timeout`) before the first acknowledgement and never moves the slot backwards.
+pub(super) fn confirmable(acked_rx: &watch::Receiver<Lsn>, start: Lsn) -> Lsn {
+    (*acked_rx.borrow()).max(start)
+}
+
+/// Where a streaming session starts and ends, and how often it reports.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bounds {
+    /// The slot position the session started from (already confirmed).
+    pub start: Lsn,
+    pub until: Until,
+    pub status_interval: Duration,
 }
 
 /// When the streaming loop ends by itself.
@@ -117,8 +140,11 @@ pub(super) async fn stream_changes(
     tx: &mpsc::Sender<SinkItem>,
     mut acked_rx: watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
-    until: Until,
-    status_interval: Duration,
+    Bounds {
+        start,
+        until,
+        status_interval,
+    }: Bounds,
 ) -> Result<(ReplicationStream, End), (Option<EndedStream>, Failure)> {
     let mut decoder = Decoder::new();
     let mut pending: VecDeque<SinkItem> = VecDeque::new();
@@ -137,7 +163,7 @@ pub(super) async fn stream_changes(
 
     macro_rules! fail {
         ($failure:expr) => {
-            return Err((Some(EndedStream { stream }), $failure))
+            return Err((Some(EndedStream { stream, start }), $failure))
         };
     }
 
@@ -166,11 +192,9 @@ pub(super) async fn stream_changes(
                 }
             }
             _ = tick.tick() => {
-                let acked = *acked_rx.borrow();
-                if acked.is_valid() {
-                    if let Err(e) = stream.send_standby_status(acked, acked, acked, true).await {
-                        fail!(Failure::replication(e));
-                    }
+                let confirm = confirmable(&acked_rx, start);
+                if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, true).await {
+                    fail!(Failure::replication(e));
                 }
             }
             permit = tx.reserve(), if !pending.is_empty() => {
@@ -195,6 +219,11 @@ pub(super) async fn stream_changes(
                                 break End::CaughtUp;
                             }
                         }
+                        // A new table or type: ask the catalog first (rare; awaited in order).
+                        if let Err(e) = builder.prepare(&decoded).await {
+                            let transient = e.is_transient();
+                            fail!(Failure { transient, ..Failure::new(SourceFail, e) });
+                        }
                         if let Err(e) = builder.handle(decoded, wal_start, &mut scratch) {
                             fail!(Failure::new(SourceFail, e));
                         }
@@ -214,11 +243,9 @@ pub(super) async fn stream_changes(
                             }
                         }
                         if reply_requested {
-                            let acked = *acked_rx.borrow();
-                            if acked.is_valid() {
-                                if let Err(e) = stream.send_standby_status(acked, acked, acked, false).await {
-                                    fail!(Failure::replication(e));
-                                }
+                            let confirm = confirmable(&acked_rx, start);
+                            if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, false).await {
+                                fail!(Failure::replication(e));
                             }
                         }
                     }

@@ -44,6 +44,8 @@ pub enum PreflightError {
         tables: String,
         cause: String,
     },
+    #[error("publication `{0}` publishes the partitions of {1} under their own names, so its changes would not reach its topic. Fix: ALTER PUBLICATION \"{0}\" SET (publish_via_partition_root = true);")]
+    PartitionRoot(String, TableName),
     #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot('{slot}');")]
     SlotPlugin { slot: String, plugin: String },
     #[error("replication slot `{slot}` belongs to database `{database}`, not this one. Fix: choose another --slot")]
@@ -104,45 +106,7 @@ impl FromStr for TableName {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParseTableNameError(s.to_string());
-        let mut parts = Vec::new();
-        let mut chars = s.trim().chars().peekable();
-        loop {
-            let mut part = String::new();
-            if chars.peek() == Some(&'"') {
-                chars.next();
-                loop {
-                    match chars.next() {
-                        Some('"') if chars.peek() == Some(&'"') => {
-                            chars.next();
-                            part.push('"');
-                        }
-                        Some('"') => break,
-                        Some(c) => part.push(c),
-                        None => return Err(err()),
-                    }
-                }
-            } else {
-                while let Some(&c) = chars.peek() {
-                    if c == '.' {
-                        break;
-                    }
-                    if c == '"' || c.is_whitespace() {
-                        return Err(err());
-                    }
-                    part.extend(c.to_lowercase());
-                    chars.next();
-                }
-            }
-            if part.is_empty() {
-                return Err(err());
-            }
-            parts.push(part);
-            match chars.next() {
-                None => break,
-                Some('.') => continue,
-                Some(_) => return Err(err()),
-            }
-        }
+        let parts = split_name(s).ok_or_else(err)?;
         match <[String; 2]>::try_from(parts) {
             Ok([schema, name]) => Ok(TableName { schema, name }),
             Err(parts) if parts.len() == 1 => Ok(TableName {
@@ -151,6 +115,97 @@ impl FromStr for TableName {
             }),
             Err(_) => Err(err()),
         }
+    }
+}
+
+/// Splits a dotted SQL name into its parts: unquoted parts are folded to lower case, quoted
+/// ones kept as written (`""` is a quote). `None` when it is not a name.
+fn split_name(s: &str) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut chars = s.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return None,
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                if c == '"' || c.is_whitespace() {
+                    return None;
+                }
+                part.extend(c.to_lowercase());
+                chars.next();
+            }
+        }
+        if part.is_empty() {
+            return None;
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Some(parts),
+            Some('.') => continue,
+            Some(_) => return None,
+        }
+    }
+}
+
+/// A `schema.table.column` name (`table.column` means schema `public`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ColumnRef {
+    pub table: TableName,
+    pub column: String,
+}
+
+impl fmt::Display for ColumnRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.table, quote_ident(&self.column))
+    }
+}
+
+/// Why a `--exclude-column` value is not a column name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a column name: write schema.table.column, e.g. public.users.email (quote mixed case: '\"Sales\".\"Users\".\"Email\"')")]
+pub struct ParseColumnRefError(pub String);
+
+impl FromStr for ColumnRef {
+    type Err = ParseColumnRefError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseColumnRefError(s.to_string());
+        let mut parts = split_name(s).ok_or_else(err)?;
+        let (schema, name, column) = match parts.len() {
+            3 => {
+                let column = parts.pop().unwrap_or_default();
+                let name = parts.pop().unwrap_or_default();
+                (parts.pop().unwrap_or_default(), name, column)
+            }
+            2 => {
+                let column = parts.pop().unwrap_or_default();
+                (
+                    "public".to_string(),
+                    parts.pop().unwrap_or_default(),
+                    column,
+                )
+            }
+            _ => return Err(err()),
+        };
+        Ok(ColumnRef {
+            table: TableName::new(schema, name),
+            column,
+        })
     }
 }
 
@@ -183,6 +238,9 @@ pub struct TableInfo {
     pub columns: Vec<(String, u32)>,
     /// Kafka key columns in key order: the primary key, else the replica identity index.
     pub key: Vec<String>,
+    /// A partitioned table: its rows live in partitions, and its changes are published under
+    /// its own name only with `publish_via_partition_root`.
+    pub partitioned: bool,
 }
 
 /// Server facts checked at start.
@@ -261,23 +319,7 @@ pub async fn describe_tables(
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
             .collect();
-        // Primary key first, then the replica identity index, in index column order.
-        let key_rows = client
-            .query(
-                "SELECT a.attname::text, i.indisprimary FROM pg_index i \
-                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                 WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
-                 ORDER BY i.indisprimary DESC, k.ord",
-                &[&oid],
-            )
-            .await?;
-        let has_pk = key_rows.iter().any(|r| r.get::<_, bool>(1));
-        let key: Vec<String> = key_rows
-            .iter()
-            .filter(|r| r.get::<_, bool>(1) == has_pk)
-            .map(|r| r.get(0))
-            .collect();
+        let (key, has_pk) = table_key(client, oid).await?;
         match replident.as_str() {
             "d" if !has_pk => return Err(PreflightError::NoIdentity(t.clone(), "DEFAULT")),
             "n" => return Err(PreflightError::NoIdentity(t.clone(), "NOTHING")),
@@ -287,6 +329,7 @@ pub async fn describe_tables(
             tracing::warn!(table = %t, "table has no primary key: its events get a null Kafka key, so per-row ordering across partitions is not guaranteed");
         }
         out.push(TableInfo {
+            partitioned: relkind == "p",
             oid,
             name: t.clone(),
             columns,
@@ -296,8 +339,33 @@ pub async fn describe_tables(
     Ok(out)
 }
 
+/// The Kafka key columns of table `oid`, in key order: the primary key, else the replica
+/// identity index. Also says whether there is a primary key.
+pub async fn table_key(client: &Client, oid: u32) -> Result<(Vec<String>, bool), PreflightError> {
+    let key_rows = client
+        .query(
+            "SELECT a.attname::text, i.indisprimary FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+             ORDER BY i.indisprimary DESC, k.ord",
+            &[&oid],
+        )
+        .await?;
+    let has_pk = key_rows.iter().any(|r| r.get::<_, bool>(1));
+    let key = key_rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(1) == has_pk)
+        .map(|r| r.get(0))
+        .collect();
+    Ok((key, has_pk))
+}
+
 /// Makes sure the publication exists and covers `requested` (created when missing), and
 /// returns the tables to capture: `requested`, or every table of the publication.
+///
+/// Publications are created with `publish_via_partition_root`, so a partitioned table's
+/// changes arrive under its own name, like its snapshot rows.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
@@ -305,7 +373,7 @@ pub async fn ensure_publication(
 ) -> Result<Vec<TableName>, PreflightError> {
     let row = client
         .query_opt(
-            "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1",
+            "SELECT pubinsert, pubupdate, pubdelete, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await?;
@@ -319,7 +387,7 @@ pub async fn ensure_publication(
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {tables}",
+            "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish_via_partition_root = true)",
             quote_ident(publication)
         );
         client
@@ -356,6 +424,23 @@ pub async fn ensure_publication(
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
+    if !row.get::<_, bool>(3) {
+        let partitioned = client
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+                 JOIN pg_publication p ON p.oid = pr.prpubid \
+                 JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.pubname = $1 AND c.relkind = 'p' LIMIT 1",
+                &[&publication],
+            )
+            .await?;
+        if let Some(r) = partitioned {
+            return Err(PreflightError::PartitionRoot(
+                publication.to_string(),
+                TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            ));
+        }
+    }
     if requested.is_empty() {
         if published.is_empty() {
             return Err(PreflightError::EmptyPublication(publication.to_string()));
@@ -447,6 +532,20 @@ mod tests {
         assert_eq!(t.to_string(), r#""My Schema"."Or""ders""#);
         for bad in ["", ".", "a.", ".b", "a.b.c", "a b", "\"x", "a.\"b"] {
             assert!(bad.parse::<TableName>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn column_refs() {
+        let c: ColumnRef = "public.Users.email".parse().unwrap();
+        assert_eq!(c.table, TableName::new("public", "users"));
+        assert_eq!(c.column, "email");
+        let c: ColumnRef = r#"users."E Mail""#.parse().unwrap();
+        assert_eq!(c.table, TableName::new("public", "users"));
+        assert_eq!(c.column, "E Mail");
+        assert_eq!(c.to_string(), r#"public.users."E Mail""#);
+        for bad in ["", "users", "a.b.c.d", "a..b", "a.b c"] {
+            assert!(bad.parse::<ColumnRef>().is_err(), "{bad:?}");
         }
     }
 }

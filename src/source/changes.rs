@@ -9,18 +9,34 @@
 //! A key change (an update whose old key differs from the new one) becomes a delete of the
 //! old key (plus tombstone) and a create of the new key, so each key's topic history stays a
 //! valid sequence of that row's states.
+//!
+//! Shapes change while streaming. pgoutput sends a Relation message before a table's first
+//! change in a session and again after its definition changed (columns added, dropped,
+//! renamed or retyped), so each Relation message rebuilds that table's [`TableSchema`]; the
+//! events that follow carry the new shape and a new `source.schema_id`. What a Relation
+//! message cannot say — how a new type is built, the key of a table that joined the
+//! publication, whether its topic exists — [`ChangeBuilder::prepare`] asks the catalog (see
+//! [`super::schema`]) before the message is handled, which the streaming loop awaits.
+//!
+//! Unchanged TOAST values: pgoutput leaves out large values an UPDATE did not change. Under
+//! REPLICA IDENTITY FULL the old row has them and they are filled in; otherwise they are
+//! left out of `after` and named in the event's `unchanged` list: never invented.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::event::{
-    self, Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema,
+    self, BinaryMode, Change, Column, Datum, Encoder, MessageEvent, Op, Position, SnapshotMarker,
+    TableSchema, TxnOrder, TypeRegistry,
 };
 use crate::sink::{Record, SinkItem};
 use crate::source::catalog::{TableInfo, TableName};
+use crate::source::exclude::{ExcludeError, Exclusions};
 use crate::source::pgoutput::{
-    pg_timestamp_to_unix_millis, ColumnValue, LogicalMessage, OldTuple, Relation, TupleData,
+    pg_timestamp_to_unix_millis, ColumnValue, LogicalMessage, Message, OldTuple, Relation,
+    ReplicaIdentity, TupleData,
 };
+use crate::source::schema::{Lookup, LookupError};
 use crate::source::Lsn;
 
 /// A change stream pgcdc cannot turn into events.
@@ -38,12 +54,83 @@ pub enum ChangeError {
     OutsideTransaction { what: &'static str },
     #[error("received a streamed (in-progress) transaction, which pgcdc did not ask for (protocol violation)")]
     Streamed,
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error("cannot follow a table that joined the publication or whose key changed: {0}")]
+    Exclude(#[from] ExcludeError),
+}
+
+impl ChangeError {
+    /// Reconnecting may help (a catalog connection or the broker went away).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ChangeError::Lookup(e) if e.is_transient())
+    }
+}
+
+/// What to publish besides row changes, and how to follow the catalog.
+#[derive(Clone)]
+pub struct ChangeOptions {
+    /// `op:"t"` events for TRUNCATE.
+    pub truncate: bool,
+    /// `pg_logical_emit_message` messages on `<prefix>.message`.
+    pub messages: bool,
+    /// How message contents are written.
+    pub binary: BinaryMode,
+    /// Capture tables that join the publication (no `--table` given).
+    pub follow_publication: bool,
+    pub exclude: Arc<Exclusions>,
+    /// Catalog access for new types and tables; without it, unknown types are text and
+    /// tables joining the publication are ignored.
+    pub lookup: Option<Arc<Lookup>>,
+}
+
+impl Default for ChangeOptions {
+    fn default() -> Self {
+        ChangeOptions {
+            truncate: true,
+            messages: true,
+            binary: BinaryMode::default(),
+            follow_publication: false,
+            exclude: Arc::default(),
+            lookup: None,
+        }
+    }
 }
 
 struct Txn {
     xid: u32,
     commit_lsn: Lsn,
     commit_ts_ms: i64,
+    /// `<xid>:<commit_lsn>` (with `--transaction-metadata`).
+    id: String,
+    /// Whether its BEGIN event was published (on its first data event).
+    begun: bool,
+    total: u64,
+    per_table: Vec<(Arc<str>, u64)>,
+}
+
+/// A captured relation: its schema, which tuple columns it keeps (`None`: all), and which
+/// kept columns belong to the replica identity (what a key-only old tuple carries).
+struct Rel {
+    schema: TableSchema,
+    keep: Option<Box<[bool]>>,
+    identity: Box<[bool]>,
+}
+
+impl Rel {
+    /// The old row of an update or delete. A key-only tuple sends NULL for the columns
+    /// outside the replica identity; those are not known, so they are left out, not null.
+    fn old<'a>(&self, old: &'a OldTuple) -> Result<Vec<Datum<'a>>, ChangeError> {
+        let mut row = datums(&self.schema, self.keep.as_deref(), old.tuple())?;
+        if let OldTuple::Key(_) = old {
+            for (d, is_key) in row.iter_mut().zip(self.identity.iter()) {
+                if !is_key && *d == Datum::Null {
+                    *d = Datum::Unchanged;
+                }
+            }
+        }
+        Ok(row)
+    }
 }
 
 /// Converts one replication stream's messages into sink items.
@@ -51,11 +138,17 @@ pub struct ChangeBuilder {
     encoder: Encoder,
     topic_prefix: String,
     tombstones: bool,
+    options: ChangeOptions,
     /// Key column names of the captured tables.
     selected: HashMap<TableName, Vec<String>>,
     /// Relation OID → schema, or `None` for a relation that is published but not captured.
-    relations: HashMap<u32, Option<Arc<TableSchema>>>,
+    relations: HashMap<u32, Option<Arc<Rel>>>,
+    /// Types known so far: those of the encoder, plus any learned while streaming.
+    types: TypeRegistry,
     txn: Option<Txn>,
+    message_topic: Arc<str>,
+    message_topic_ready: bool,
+    transaction_topic: Arc<str>,
     /// Changes turned into events, for logs and metrics.
     pub events: u64,
 }
@@ -68,22 +161,86 @@ impl ChangeBuilder {
         tombstones: bool,
     ) -> Self {
         ChangeBuilder {
+            types: TypeRegistry::clone(encoder.types()),
             encoder,
             topic_prefix: topic_prefix.to_string(),
             tombstones,
+            options: ChangeOptions::default(),
             selected: tables
                 .iter()
                 .map(|t| (t.name.clone(), t.key.clone()))
                 .collect(),
             relations: HashMap::new(),
             txn: None,
+            message_topic: format!("{topic_prefix}.message").into(),
+            message_topic_ready: false,
+            transaction_topic: format!("{topic_prefix}.transaction").into(),
             events: 0,
         }
+    }
+
+    pub fn with_options(mut self, options: ChangeOptions) -> Self {
+        self.options = options;
+        self
     }
 
     /// True between a Begin and its Commit: positions seen now must not be confirmed.
     pub fn in_transaction(&self) -> bool {
         self.txn.is_some()
+    }
+
+    /// Learns from the catalog what `msg` needs and a Relation message cannot say: the
+    /// types of its columns, the key and topic of a table that joined the publication, the
+    /// message topic. Call it before [`ChangeBuilder::handle`]; it returns at once unless
+    /// something is new.
+    pub async fn prepare(&mut self, msg: &LogicalMessage) -> Result<(), ChangeError> {
+        let wanted = match msg {
+            LogicalMessage::Relation(_) => true,
+            LogicalMessage::Message(_) => self.options.messages && !self.message_topic_ready,
+            _ => false,
+        };
+        if !wanted {
+            return Ok(());
+        }
+        let Some(lookup) = self.options.lookup.clone() else {
+            return Ok(());
+        };
+        if let LogicalMessage::Relation(r) = msg {
+            return self.prepare_relation(&lookup, r).await;
+        }
+        lookup.ensure_topic(&self.message_topic).await?;
+        self.message_topic_ready = true;
+        Ok(())
+    }
+
+    async fn prepare_relation(&mut self, lookup: &Lookup, r: &Relation) -> Result<(), ChangeError> {
+        let name = TableName::new(r.namespace.clone(), r.name.clone());
+        match self.selected.get(&name) {
+            None if !self.options.follow_publication => return Ok(()),
+            None => {
+                let key = key_or_flags(lookup.table_key(r.oid).await?, r);
+                self.options.exclude.check_key(&name, &key)?;
+                lookup
+                    .ensure_topic(&topic_name(&self.topic_prefix, &name))
+                    .await?;
+                tracing::info!(table = %name, ?key, "a table joined the publication: streaming its changes from here on (rows it held before are not snapshotted)");
+                self.selected.insert(name, key);
+            }
+            Some(key) if !key.iter().all(|k| r.columns.iter().any(|c| &c.name == k)) => {
+                // A key column was renamed (or dropped): ask for the key again.
+                let key = key_or_flags(lookup.table_key(r.oid).await?, r);
+                self.options.exclude.check_key(&name, &key)?;
+                tracing::info!(table = %name, ?key, "key columns changed");
+                self.selected.insert(name, key);
+            }
+            Some(_) => {}
+        }
+        let unknown = self.types.unknown(r.columns.iter().map(|c| c.type_oid));
+        if !unknown.is_empty() {
+            tracing::debug!(types = ?unknown, "looking up new column types");
+            lookup.load_types(&mut self.types, unknown).await?;
+        }
+        Ok(())
     }
 
     /// Handles one message whose XLogData started at `wal_start`, appending items to `out`.
@@ -95,35 +252,51 @@ impl ChangeBuilder {
     ) -> Result<(), ChangeError> {
         match msg {
             LogicalMessage::Begin(b) => {
+                let commit_lsn = b.final_lsn;
                 self.txn = Some(Txn {
                     xid: b.xid,
-                    commit_lsn: b.final_lsn,
+                    commit_lsn,
                     commit_ts_ms: pg_timestamp_to_unix_millis(b.commit_timestamp),
+                    id: if self.encoder.options().transaction_metadata {
+                        format!("{}:{}", b.xid, commit_lsn.0)
+                    } else {
+                        String::new()
+                    },
+                    begun: false,
+                    total: 0,
+                    per_table: Vec::new(),
                 });
             }
             LogicalMessage::Commit(c) => {
-                self.txn = None;
+                if let Some(t) = self.txn.take().filter(|t| t.begun) {
+                    let (key, value) =
+                        self.encoder
+                            .transaction(&t.id, t.commit_ts_ms, Some(&t.per_table));
+                    out.push(record(&self.transaction_topic, Some(key), Some(value)));
+                }
                 out.push(SinkItem::Checkpoint(c.end_lsn));
             }
             LogicalMessage::Relation(r) => self.relation(r),
             LogicalMessage::Insert(i) => {
-                let Some(table) = self.table(i.relation_oid)? else {
+                let Some(rel) = self.table(i.relation_oid)? else {
                     return Ok(());
                 };
-                let new = datums(&table, &i.new)?;
+                let table = &rel.schema;
+                let new = datums(table, rel.keep.as_deref(), &i.new)?;
                 let pos = self.position(wal_start, "insert")?;
-                self.emit(&table, Op::Create, None, Some(&new), pos, out);
+                self.emit(table, Op::Create, None, Some(&new), pos, out);
             }
             LogicalMessage::Update(u) => {
-                let Some(table) = self.table(u.relation_oid)? else {
+                let Some(rel) = self.table(u.relation_oid)? else {
                     return Ok(());
                 };
+                let (table, keep) = (&rel.schema, rel.keep.as_deref());
                 let pos = self.position(wal_start, "update")?;
                 let old = match &u.old {
-                    Some(o) => Some(datums(&table, o.tuple())?),
+                    Some(o) => Some(rel.old(o)?),
                     None => None,
                 };
-                let mut new = datums(&table, &u.new)?;
+                let mut new = datums(table, keep, &u.new)?;
                 if let (Some(OldTuple::Full(_)), Some(old)) = (&u.old, &old) {
                     // REPLICA IDENTITY FULL: the old row has the unchanged TOAST values.
                     for (n, o) in new.iter_mut().zip(old.iter()) {
@@ -137,51 +310,127 @@ impl ChangeBuilder {
                     .is_some_and(|o| table.key.iter().any(|&k| o.get(k) != new.get(k)));
                 if key_changed {
                     let old = old.as_deref();
-                    self.emit(&table, Op::Delete, old, None, pos, out);
-                    self.emit(&table, Op::Create, None, Some(&new), pos, out);
+                    self.emit(table, Op::Delete, old, None, pos, out);
+                    self.emit(table, Op::Create, None, Some(&new), pos, out);
                 } else {
                     let before = match &u.old {
                         Some(OldTuple::Full(_)) => old.as_deref(),
                         _ => None,
                     };
-                    self.emit(&table, Op::Update, before, Some(&new), pos, out);
+                    self.emit(table, Op::Update, before, Some(&new), pos, out);
                 }
             }
             LogicalMessage::Delete(d) => {
-                let Some(table) = self.table(d.relation_oid)? else {
+                let Some(rel) = self.table(d.relation_oid)? else {
                     return Ok(());
                 };
                 let pos = self.position(wal_start, "delete")?;
-                let old = datums(&table, d.old.tuple())?;
-                self.emit(&table, Op::Delete, Some(&old), None, pos, out);
+                let old = rel.old(&d.old)?;
+                self.emit(&rel.schema, Op::Delete, Some(&old), None, pos, out);
             }
             LogicalMessage::StreamStart(_)
             | LogicalMessage::StreamStop
             | LogicalMessage::StreamCommit(_)
             | LogicalMessage::StreamAbort(_) => return Err(ChangeError::Streamed),
             LogicalMessage::Truncate(t) => {
-                tracing::warn!(relations = ?t.relation_oids, "TRUNCATE is not published yet; consumers keep the truncated rows");
+                let pos = self.position(wal_start, "truncate")?;
+                for oid in t.relation_oids {
+                    let Some(rel) = self.table(oid)? else {
+                        continue;
+                    };
+                    if self.options.truncate {
+                        self.emit(&rel.schema, Op::Truncate, None, None, pos, out);
+                    } else {
+                        tracing::warn!(table = %rel.schema.qualified, "TRUNCATE is not published (--truncate false); consumers keep the truncated rows");
+                    }
+                }
             }
-            LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
+            LogicalMessage::Message(m) => self.message(m, wal_start, out),
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
         }
         Ok(())
     }
 
+    fn message(&mut self, m: Message, wal_start: Lsn, out: &mut Vec<SinkItem>) {
+        if !self.options.messages {
+            return;
+        }
+        let lsn = if m.lsn.is_valid() { m.lsn } else { wal_start };
+        let position = match (&self.txn, m.transactional) {
+            (Some(t), true) => Position {
+                lsn,
+                commit_lsn: t.commit_lsn,
+                xid: Some(t.xid),
+                commit_ts_ms: t.commit_ts_ms,
+                snapshot: SnapshotMarker::False,
+            },
+            // Not part of a transaction: sent when written, at its own position.
+            _ => Position {
+                lsn,
+                commit_lsn: lsn,
+                xid: None,
+                commit_ts_ms: event::now_ms(),
+                snapshot: SnapshotMarker::False,
+            },
+        };
+        let event = MessageEvent {
+            prefix: &m.prefix,
+            content: &m.content,
+            transactional: m.transactional,
+            position,
+        };
+        let (key, value) = self
+            .encoder
+            .message(&event, self.options.binary, event::now_ms());
+        out.push(record(&self.message_topic, Some(key), Some(value)));
+    }
+
     fn relation(&mut self, r: Relation) {
         let name = TableName::new(r.namespace.clone(), r.name.clone());
-        let schema = self.selected.get(&name).map(|key| {
+        let rel = self.selected.get(&name).map(|key| {
+            let keep: Vec<bool> = r
+                .columns
+                .iter()
+                .map(|c| !self.options.exclude.excludes(&name, &c.name))
+                .collect();
             let columns = r
                 .columns
                 .iter()
-                .map(|c| Column::new(c.name.clone(), c.type_oid))
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(c, _)| {
+                    Column::with_kind(c.name.clone(), c.type_oid, self.types.kind(c.type_oid))
+                })
+                .collect();
+            let identity = r
+                .columns
+                .iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(c, _)| c.is_key)
                 .collect();
             let topic: Arc<str> = topic_name(&self.topic_prefix, &name).into();
-            Arc::new(TableSchema::new(r.namespace, r.name, topic, columns, key))
+            let schema = TableSchema::new(r.namespace, r.name, topic, columns, key);
+            Arc::new(Rel {
+                schema,
+                keep: keep.contains(&false).then(|| keep.into_boxed_slice()),
+                identity,
+            })
         });
-        self.relations.insert(r.oid, schema);
+        if let (Some(Some(old)), Some(new)) = (self.relations.get(&r.oid), &rel) {
+            if old.schema.schema_id != new.schema.schema_id {
+                tracing::info!(
+                    table = %new.schema.qualified,
+                    schema_id = format!("{:016x}", new.schema.schema_id),
+                    columns = ?new.schema.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+                    "table shape changed"
+                );
+            }
+        }
+        self.relations.insert(r.oid, rel);
     }
 
-    fn table(&self, oid: u32) -> Result<Option<Arc<TableSchema>>, ChangeError> {
+    fn table(&self, oid: u32) -> Result<Option<Arc<Rel>>, ChangeError> {
         self.relations
             .get(&oid)
             .cloned()
@@ -202,6 +451,32 @@ impl ChangeBuilder {
         })
     }
 
+    /// Counts a data event of `table` in the open transaction, publishing its BEGIN event
+    /// first if this is its first. Returns (total order, order within the table).
+    fn count(&mut self, table: &TableSchema, out: &mut Vec<SinkItem>) -> Option<(u64, u64)> {
+        if !self.encoder.options().transaction_metadata {
+            return None;
+        }
+        let t = self.txn.as_mut()?;
+        if !t.begun {
+            t.begun = true;
+            let (key, value) = self.encoder.transaction(&t.id, t.commit_ts_ms, None);
+            out.push(record(&self.transaction_topic, Some(key), Some(value)));
+        }
+        t.total += 1;
+        let n = match t.per_table.iter_mut().find(|(q, _)| *q == table.qualified) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                t.per_table.push((table.qualified.clone(), 1));
+                1
+            }
+        };
+        Some((t.total, n))
+    }
+
     fn emit(
         &mut self,
         table: &TableSchema,
@@ -211,30 +486,55 @@ impl ChangeBuilder {
         position: Position,
         out: &mut Vec<SinkItem>,
     ) {
-        let key_row = after.or(before).unwrap_or(&[]);
-        let key = self.encoder.key(table, key_row);
+        let order = self.count(table, out);
+        let key = match op {
+            Op::Truncate => None,
+            _ => self.encoder.key(table, after.or(before).unwrap_or(&[])),
+        };
+        let transaction = match (order, &self.txn) {
+            (Some((total_order, data_collection_order)), Some(t)) => Some(TxnOrder {
+                id: &t.id,
+                total_order,
+                data_collection_order,
+            }),
+            _ => None,
+        };
         let change = Change {
             op,
             before,
             after,
             position,
+            transaction,
         };
         let value = self.encoder.value(table, &change, event::now_ms());
-        out.push(SinkItem::Record(Record {
-            topic: table.topic.clone(),
-            key: key.clone(),
-            value: Some(value),
-        }));
+        out.push(record(&table.topic, key.clone(), Some(value)));
         self.events += 1;
         crate::metrics::global().count_event(&table.topic, op);
         if op == Op::Delete && self.tombstones && key.is_some() {
-            out.push(SinkItem::Record(Record {
-                topic: table.topic.clone(),
-                key,
-                value: None,
-            }));
+            out.push(record(&table.topic, key, None));
         }
     }
+}
+
+fn record(topic: &Arc<str>, key: Option<bytes::Bytes>, value: Option<bytes::Bytes>) -> SinkItem {
+    SinkItem::Record(Record {
+        topic: topic.clone(),
+        key,
+        value,
+    })
+}
+
+/// `key` from the catalog, or when it has none (or the table is gone), the replica
+/// identity columns the Relation message flags (unless every column is flagged: FULL).
+fn key_or_flags(key: Vec<String>, r: &Relation) -> Vec<String> {
+    if !key.is_empty() || r.replica_identity == ReplicaIdentity::Full {
+        return key;
+    }
+    r.columns
+        .iter()
+        .filter(|c| c.is_key)
+        .map(|c| c.name.clone())
+        .collect()
 }
 
 /// `<prefix>.<schema>.<table>`.
@@ -242,15 +542,26 @@ pub fn topic_name(prefix: &str, table: &TableName) -> String {
     format!("{prefix}.{}.{}", table.schema, table.name)
 }
 
-fn datums<'a>(table: &TableSchema, tuple: &'a TupleData) -> Result<Vec<Datum<'a>>, ChangeError> {
-    tuple
-        .0
-        .iter()
-        .map(|v| match v {
-            ColumnValue::Null => Ok(Datum::Null),
-            ColumnValue::UnchangedToast => Ok(Datum::Unchanged),
-            ColumnValue::Text(b) => Ok(Datum::Text(b)),
-            ColumnValue::Binary(_) => Err(ChangeError::BinaryValue(table.qualified_name())),
-        })
-        .collect()
+/// The values of `tuple` for the kept columns.
+fn datums<'a>(
+    table: &TableSchema,
+    keep: Option<&[bool]>,
+    tuple: &'a TupleData,
+) -> Result<Vec<Datum<'a>>, ChangeError> {
+    let datum = |v: &'a ColumnValue| match v {
+        ColumnValue::Null => Ok(Datum::Null),
+        ColumnValue::UnchangedToast => Ok(Datum::Unchanged),
+        ColumnValue::Text(b) => Ok(Datum::Text(b)),
+        ColumnValue::Binary(_) => Err(ChangeError::BinaryValue(table.qualified_name())),
+    };
+    match keep {
+        None => tuple.0.iter().map(datum).collect(),
+        Some(keep) => tuple
+            .0
+            .iter()
+            .zip(keep.iter())
+            .filter(|(_, k)| **k)
+            .map(|(v, _)| datum(v))
+            .collect(),
+    }
 }

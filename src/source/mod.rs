@@ -1,15 +1,19 @@
 //! Everything that reads from PostgreSQL: start-up checks ([`catalog`]), the replication
 //! connection ([`replication`]) and ordinary connections ([`connect`]), the I/O-free pgoutput
 //! decoder ([`pgoutput`]), the initial [`snapshot`], and the turning of decoded messages into
-//! events ([`changes`]).
+//! events ([`changes`]), with what it learns from the catalog on the way ([`schema`]). Both
+//! connections use one canonical text form for values ([`session`]).
 
 pub mod catalog;
 pub mod changes;
 pub mod connect;
 pub mod copy_text;
+pub mod exclude;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
+pub mod schema;
+pub mod session;
 pub mod snapshot;
 
 pub use lsn::Lsn;

@@ -13,15 +13,18 @@
 //! snapshot transaction has imported it. And streaming starts only after every snapshot row
 //! was acknowledged by the sink, so per key the read event always precedes its changes.
 //!
-//! Rows are read with text `COPY`, whose values are the same text pgoutput sends, and encoded
-//! by the same [`Encoder`] as streamed changes.
+//! Rows are read with text `COPY`, whose values are the same text pgoutput sends (both
+//! sessions pin the settings that shape text output, see [`super::session`]), and encoded by
+//! the same [`Encoder`], with column kinds from the same type registry, as streamed changes.
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::event::{Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
+use crate::event::{
+    Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema, TypeRegistry,
+};
 use crate::sink::{Record, SinkItem};
 use crate::source::catalog::{quote_ident, quote_literal, TableInfo};
 use crate::source::changes::topic_name;
@@ -57,11 +60,15 @@ pub struct SnapshotStats {
 }
 
 /// Builds the encoder's view of a table from the catalog.
-pub fn table_schema(topic_prefix: &str, info: &TableInfo) -> Arc<TableSchema> {
+pub fn table_schema(
+    topic_prefix: &str,
+    info: &TableInfo,
+    types: &TypeRegistry,
+) -> Arc<TableSchema> {
     let columns = info
         .columns
         .iter()
-        .map(|(name, oid)| Column::new(name.clone(), *oid))
+        .map(|(name, oid)| Column::with_kind(name.clone(), *oid, types.kind(*oid)))
         .collect();
     Arc::new(TableSchema::new(
         info.name.schema.clone(),
@@ -103,14 +110,19 @@ pub async fn run(
     // One record is held back so the final one can be marked "last".
     let mut held: Option<(Arc<str>, Option<bytes::Bytes>, Vec<u8>)> = None;
     for info in tables {
-        let table = table_schema(topic_prefix, info);
+        let table = table_schema(topic_prefix, info, encoder.types());
         let cols = info
             .columns
             .iter()
             .map(|(n, _)| quote_ident(n))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("COPY {} ({cols}) TO STDOUT", info.name);
+        // A partitioned table has no rows of its own: read it through a query.
+        let sql = if info.partitioned {
+            format!("COPY (SELECT {cols} FROM {}) TO STDOUT", info.name)
+        } else {
+            format!("COPY {} ({cols}) TO STDOUT", info.name)
+        };
         tracing::info!(table = %info.name, "snapshot: reading table");
         let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
         progress.snapshot_started();
@@ -151,6 +163,7 @@ pub async fn run(
                     before: None,
                     after: Some(&row),
                     position,
+                    transaction: None,
                 };
                 let value = encoder.value(&table, &change, started_ms).to_vec();
                 if let Some((topic, key, value)) = held.take() {
@@ -167,7 +180,7 @@ pub async fn run(
         stats.rows += table_rows;
     }
     if let Some((topic, key, mut value)) = held.take() {
-        mark_last(&mut value);
+        encoder.mark_last(&mut value);
         send(tx, stop, topic, key, value).await?;
     }
     client.batch_execute("COMMIT").await?;
@@ -190,28 +203,5 @@ async fn send(
         biased;
         _ = stop.wait_for(|s| *s) => Err(SnapshotError::Interrupted),
         r = tx.send(item) => r.map_err(|_| SnapshotError::SinkClosed),
-    }
-}
-
-/// Turns the `"snapshot":"true"` of an encoded read event into `"snapshot":"last"`. The
-/// source block follows the row data, so the last occurrence is the right one; both words
-/// have four letters, so it is patched in place.
-fn mark_last(value: &mut [u8]) {
-    const NEEDLE: &[u8] = b"\"snapshot\":\"true\"";
-    if let Some(pos) = value.windows(NEEDLE.len()).rposition(|w| w == NEEDLE) {
-        let at = pos + b"\"snapshot\":\"".len();
-        value[at..at + 4].copy_from_slice(b"last");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mark_last_patches_the_source_block() {
-        let mut v = br#"{"after":{"t":"\"snapshot\":\"true\""},"source":{"snapshot":"true","commit_lsn":1}}"#.to_vec();
-        super::mark_last(&mut v);
-        let s = String::from_utf8(v).unwrap();
-        assert!(s.ends_with(r#""snapshot":"last","commit_lsn":1}}"#), "{s}");
-        assert!(s.contains(r#"\"snapshot\":\"true\""#));
     }
 }

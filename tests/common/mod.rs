@@ -5,6 +5,8 @@
 //! publication names, so tests run in parallel without seeing each other.
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -79,6 +79,8 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("linger.ms", "5"),
     ("compression.type", "lz4"),
     ("client.id", "pgcdc"),
+    // Memory stays bounded whatever the row size: a full buffer is backpressure (QueueFull).
+    ("queue.buffering.max.kbytes", "65536"),
 ];
 
 /// Where Kafka is and how to talk to it.

@@ -617,12 +617,7 @@ mod tests {
     use proptest::prelude::*;
     use tokio_util::codec::Decoder;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use super::codec::tests::frame;
 
     /// Runs every body parser that sees network bytes on whatever the codec yields.
     fn exercise(bytes: &[u8]) {

@@ -1,0 +1,196 @@
+//! The `pgcdc-indexer` binary: flags, logging and signals around [`pgcdc::indexer`].
+//!
+//! Exit codes: 0 stopped by a signal, 1 the search engine refused a write or Kafka failed,
+//! 2 usage.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use pgcdc::cli::Property;
+use pgcdc::indexer::http::HttpClient;
+use pgcdc::indexer::meili::MeiliTarget;
+use pgcdc::indexer::target::{StdoutTarget, Target};
+use pgcdc::indexer::{source, Indexer, IndexerError, DEFAULT_MAX_BATCH};
+use pgcdc::sink::kafka::KafkaConfig;
+
+/// Keeps a search index equal to the tables pgcdc captures: reads pgcdc's topics from the
+/// beginning and applies every event idempotently, versioned by its LSN, so replays and
+/// reordering never make a document older. One index per topic, named after the table.
+#[derive(Debug, Parser)]
+#[command(name = "pgcdc-indexer", version, about, long_about = None, after_help = AFTER_HELP)]
+struct Args {
+    /// Kafka bootstrap servers, host:port[,host:port…].
+    #[arg(long, env = "PGCDC_INDEXER_KAFKA", value_name = "BOOTSTRAP")]
+    kafka: String,
+
+    /// A topic written by pgcdc (repeatable; comma-separated in the variable).
+    #[arg(
+        long = "topic",
+        env = "PGCDC_INDEXER_TOPICS",
+        value_name = "TOPIC",
+        value_delimiter = ',',
+        required = true
+    )]
+    topics: Vec<String>,
+
+    /// Where documents go.
+    #[arg(
+        long,
+        env = "PGCDC_INDEXER_TARGET",
+        value_enum,
+        default_value = "stdout"
+    )]
+    target: TargetKind,
+
+    /// Meilisearch's address (plain HTTP).
+    #[arg(
+        long,
+        env = "PGCDC_INDEXER_MEILI_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    meili_url: String,
+
+    /// Meilisearch API key (or master key), sent as a bearer token.
+    #[arg(
+        long,
+        env = "PGCDC_INDEXER_MEILI_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    meili_key: Option<String>,
+
+    /// A librdkafka property for the reader (repeatable; semicolon-separated in the variable).
+    #[arg(
+        short = 'X',
+        env = "PGCDC_INDEXER_KAFKA_PROPERTIES",
+        value_name = "KEY=VALUE",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    kafka_properties: Vec<Property>,
+
+    /// Records applied together at most.
+    #[arg(long, env = "PGCDC_INDEXER_MAX_BATCH", value_name = "N", default_value_t = DEFAULT_MAX_BATCH)]
+    max_batch: usize,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  pgcdc-indexer --kafka localhost:9092 --topic pgcdc.public.orders
+  pgcdc-indexer --kafka kafka:9092 --topic pgcdc.public.orders --target meilisearch \\
+      --meili-url http://meilisearch:7700 --meili-key \"$MEILI_MASTER_KEY\"
+
+stdout prints one JSON line per write ({\"index\",\"action\":\"upsert\"|\"delete\",…}) and, on
+SIGINT/SIGTERM, every document ({\"action\":\"document\"}). Logs go to stderr (PGCDC_LOG).
+Exit codes: 0 stopped by a signal, 1 indexing failed, 2 usage.";
+
+/// Where documents go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TargetKind {
+    /// Print the derived documents as JSON lines.
+    Stdout,
+    /// Meilisearch over HTTP.
+    Meilisearch,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                IndexerError::Usage(_) => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), IndexerError> {
+    if args.max_batch == 0 {
+        return Err(IndexerError::Usage("--max-batch must be at least 1".into()));
+    }
+    match args.target {
+        TargetKind::Stdout => {
+            let target = StdoutTarget::new(std::io::BufWriter::new(std::io::stdout()));
+            index(args, target).await
+        }
+        TargetKind::Meilisearch => {
+            let http = HttpClient::new(
+                &args.meili_url,
+                args.meili_key.clone(),
+                Duration::from_secs(30),
+            )
+            .map_err(|e| IndexerError::Usage(format!("--meili-url: {e}")))?;
+            index(args, MeiliTarget::new(http)).await
+        }
+    }
+}
+
+async fn index<T: Target>(args: Args, target: T) -> Result<(), IndexerError> {
+    let mut indexer = Indexer::new(target, &args.topics)?;
+    let stop = pgcdc::signals::stop_on_signals();
+    let mut cfg = KafkaConfig::new(args.kafka.clone());
+    for p in &args.kafka_properties {
+        cfg = cfg.property(p.key.clone(), p.value.clone());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4 * args.max_batch);
+    let reader = source::spawn(cfg, args.topics.clone(), tx);
+    let result = indexer.run(rx, stop, args.max_batch).await;
+    // `run` dropped the receiver: the reader ends at its next poll. Its own error explains
+    // a vanished channel better than `ReaderGone`.
+    if matches!(result, Err(IndexerError::ReaderGone)) {
+        if let Ok(Err(e)) = reader.join() {
+            return Err(e.into());
+        }
+    }
+    result
+}
+
+/// Logs go to stderr (stdout carries documents). `PGCDC_LOG` takes a tracing filter.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGCDC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_every_flag_has_a_variable() {
+        let cmd = Args::command();
+        cmd.clone().debug_assert();
+        for arg in cmd.get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert!(
+                env.is_some_and(|e| e.starts_with("PGCDC_INDEXER_")),
+                "--{} has no PGCDC_INDEXER_ variable",
+                arg.get_id()
+            );
+        }
+    }
+}

@@ -1,0 +1,678 @@
+//! Event fidelity end to end: every type's JSON from the snapshot and from the stream, TOAST,
+//! schema changes while streaming, truncate, messages, transaction metadata, the flat format
+//! and column exclusion. The real binary, the private cluster, the real topics.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::pipeline::{assert_fails, assert_success, Event, Pipeline};
+use pgcdc::sink::kafka::ConsumedRecord;
+use serde_json::{json, Value};
+
+/// One column of the type matrix: name, SQL type, the SQL values of rows 1 and 3, and the
+/// exact JSON expected for them. Row 2 is all NULL.
+struct Col {
+    name: &'static str,
+    ty: &'static str,
+    v1: &'static str,
+    v3: &'static str,
+    e1: &'static str,
+    e3: &'static str,
+}
+
+const fn col(
+    name: &'static str,
+    ty: &'static str,
+    v1: &'static str,
+    v3: &'static str,
+    e1: &'static str,
+    e3: &'static str,
+) -> Col {
+    Col {
+        name,
+        ty,
+        v1,
+        v3,
+        e1,
+        e3,
+    }
+}
+
+const MATRIX_TYPES: &str =
+    "CREATE EXTENSION hstore; CREATE EXTENSION citext; CREATE EXTENSION ltree;
+    CREATE TYPE mood AS ENUM ('sad', 'happy');
+    CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+    CREATE TYPE pair AS (a int, b text, c numeric[], d mood);";
+
+#[rustfmt::skip]
+const MATRIX: &[Col] = &[
+    col("i2", "smallint", "32767", "-32768", "32767", "-32768"),
+    col("i4", "int", "2147483647", "-2147483648", "2147483647", "-2147483648"),
+    col("i8", "bigint", "9223372036854775807", "-9223372036854775808", "9223372036854775807", "-9223372036854775808"),
+    col("n", "numeric", "12.3400", "'NaN'", r#""12.3400""#, r#""NaN""#),
+    col("nb", "numeric", "123456789012345678901234567890.123456789", "'-Infinity'",
+        r#""123456789012345678901234567890.123456789""#, r#""-Infinity""#),
+    col("f4", "real", "1.5", "'-Infinity'", "1.5", r#""-Infinity""#),
+    col("f8", "double precision", "0.1", "'NaN'", "0.1", r#""NaN""#),
+    col("f8x", "double precision", "1e308", "'Infinity'", "1e+308", r#""Infinity""#),
+    col("mo", "money", "12345.67", "-92233720368547758.08", r#""$12,345.67""#, r#""-$92,233,720,368,547,758.08""#),
+    col("bo", "boolean", "true", "false", "true", "false"),
+    col("tx", "text", r#"E'h\u00e9llo "q" \\ tab\t'"#, "''", r#""héllo \"q\" \\ tab\t""#, r#""""#),
+    col("vc", "varchar(10)", "'abc'", "'0123456789'", r#""abc""#, r#""0123456789""#),
+    col("ch", "char(5)", "'ab'", "''", r#""ab   ""#, r#""     ""#),
+    col("nm", "name", "'nm'", "'x'", r#""nm""#, r#""x""#),
+    col("ci", "citext", "'MiXeD'", "'a'", r#""MiXeD""#, r#""a""#),
+    col("by", "bytea", r"'\x00ff10'", r"'\x'", r#""AP8Q""#, r#""""#),
+    col("uu", "uuid", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'", "'00000000-0000-0000-0000-000000000000'",
+        r#""a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11""#, r#""00000000-0000-0000-0000-000000000000""#),
+    col("js", "json", r#"'{"b": 1,  "a": [true, null]}'"#, r#"'"str"'"#, r#"{"b":1,"a":[true,null]}"#, r#""str""#),
+    col("jb", "jsonb", r#"'{"big": 123456789012345678901234567890, "a": [1.50]}'"#, "'[]'",
+        r#"{"a":[1.50],"big":123456789012345678901234567890}"#, "[]"),
+    col("d", "date", "'2024-02-29'", "'4714-11-24 BC'", r#""2024-02-29""#, r#""-4713-11-24""#),
+    col("dinf", "date", "'infinity'", "'-infinity'", r#""infinity""#, r#""-infinity""#),
+    col("t", "time", "'23:59:59.999999'", "'24:00:00'", r#""23:59:59.999999""#, r#""24:00:00""#),
+    col("ttz", "timetz", "'12:00:00+05:30'", "'00:00:00-14:59'", r#""12:00:00+05:30""#, r#""00:00:00-14:59""#),
+    col("ts", "timestamp", "'2024-01-02 03:04:05.123456'", "'infinity'", r#""2024-01-02T03:04:05.123456""#, r#""infinity""#),
+    col("tsb", "timestamp", "'0044-03-15 12:00:00 BC'", "'294276-12-31 23:59:59.999999'",
+        r#""-0043-03-15T12:00:00""#, r#""294276-12-31T23:59:59.999999""#),
+    col("tstz", "timestamptz", "'2024-01-02 03:04:05.5+02'", "'-infinity'", r#""2024-01-02T01:04:05.5Z""#, r#""-infinity""#),
+    col("iv", "interval", "'1 year 2 mons -3 days 04:05:06.5'", "'0'", r#""P1Y2M-3DT4H5M6.5S""#, r#""PT0S""#),
+    col("ip", "inet", "'192.168.0.1/24'", "'::1'", r#""192.168.0.1/24""#, r#""::1""#),
+    col("cidr", "cidr", "'10.0.0.0/8'", "'2001:db8::/32'", r#""10.0.0.0/8""#, r#""2001:db8::/32""#),
+    col("mac", "macaddr", "'08:00:2b:01:02:03'", "'ff:ff:ff:ff:ff:ff'", r#""08:00:2b:01:02:03""#, r#""ff:ff:ff:ff:ff:ff""#),
+    col("mac8", "macaddr8", "'08:00:2b:01:02:03:04:05'", "'00:00:00:00:00:00:00:00'",
+        r#""08:00:2b:01:02:03:04:05""#, r#""00:00:00:00:00:00:00:00""#),
+    col("bt", "bit(4)", "B'1010'", "B'0000'", r#""1010""#, r#""0000""#),
+    col("vb", "varbit", "B'1'", "B''", r#""1""#, r#""""#),
+    col("tsv", "tsvector", "'a fat cat'", "''", r#""'a' 'cat' 'fat'""#, r#""""#),
+    col("xm", "xml", "'<a>x &amp; y</a>'", "''", r#""<a>x &amp; y</a>""#, r#""""#),
+    col("lsn", "pg_lsn", "'16/B374D848'", "'0/0'", r#""16/B374D848""#, r#""0/0""#),
+    col("oi", "oid", "4294967295", "0", r#""4294967295""#, r#""0""#),
+    col("pt", "point", "'(1.5,-2)'", "'(0,0)'", r#""(1.5,-2)""#, r#""(0,0)""#),
+    col("ln", "line", "'{1,-1,0}'", "'{0,1,0}'", r#""{1,-1,0}""#, r#""{0,1,0}""#),
+    col("ls", "lseg", "'[(0,0),(1,1)]'", "'[(0,0),(0,0)]'", r#""[(0,0),(1,1)]""#, r#""[(0,0),(0,0)]""#),
+    col("bx", "box", "'(1,1),(0,0)'", "'(0,0),(0,0)'", r#""(1,1),(0,0)""#, r#""(0,0),(0,0)""#),
+    col("pa", "path", "'[(0,0),(1,1)]'", "'((0,0))'", r#""[(0,0),(1,1)]""#, r#""((0,0))""#),
+    col("pg", "polygon", "'((0,0),(1,1),(1,0))'", "'((0,0))'", r#""((0,0),(1,1),(1,0))""#, r#""((0,0))""#),
+    col("cr", "circle", "'<(0,0),1>'", "'<(0,0),0>'", r#""<(0,0),1>""#, r#""<(0,0),0>""#),
+    col("en", "mood", "'happy'", "'sad'", r#""happy""#, r#""sad""#),
+    col("dm", "posint", "42", "2147483647", "42", "2147483647"),
+    col("ia", "int[]", "'{1,NULL,3}'", "'{}'", "[1,null,3]", "[]"),
+    col("ta", "text[]", r#"ARRAY['a b', NULL, 'NULL', 'q"\', '', 'é,{}']"#, "'{{a,b},{c,d}}'",
+        r#"["a b",null,"NULL","q\"\\","","é,{}"]"#, r#"[["a","b"],["c","d"]]"#),
+    col("ma", "int[]", "'{{1,2},{3,4}}'", "'[0:1]={5,6}'", "[[1,2],[3,4]]", "[5,6]"),
+    col("ja", "jsonb[]", r#"ARRAY['{"a": 1}'::jsonb, '"s"']"#, "'{}'", r#"[{"a":1},"s"]"#, "[]"),
+    col("na", "numeric[]", "'{1.10,NaN}'", "'{NULL}'", r#"["1.10","NaN"]"#, "[null]"),
+    col("tza", "timestamptz[]", "ARRAY['2024-01-01 00:00+00'::timestamptz, 'infinity']", "'{}'",
+        r#"["2024-01-01T00:00:00Z","infinity"]"#, "[]"),
+    col("ba", "bytea[]", r"ARRAY['\x01'::bytea, '\x']", "'{}'", r#"["AQ==",""]"#, "[]"),
+    col("bxa", "box[]", "'{(1,1),(0,0);(3,3),(2,2)}'", "'{}'", r#"["(1,1),(0,0)","(3,3),(2,2)"]"#, "[]"),
+    col("ea", "mood[]", "'{sad,happy}'", "'{}'", r#"["sad","happy"]"#, "[]"),
+    col("co", "pair", r#"ROW(1, 'x,y "q" \', '{1.5,NULL}', 'sad')"#, "ROW(NULL, '', NULL, NULL)",
+        r#"{"a":1,"b":"x,y \"q\" \\","c":["1.5",null],"d":"sad"}"#, r#"{"a":null,"b":"","c":null,"d":null}"#),
+    col("coa", "pair[]", "ARRAY[ROW(2, 'z', '{}', 'happy')::pair, NULL]", "'{}'",
+        r#"[{"a":2,"b":"z","c":[],"d":"happy"},null]"#, "[]"),
+    col("ir", "int4range", "'[1,5)'", "'empty'", r#"{"lower":1,"upper":5,"lower_inc":true,"upper_inc":false}"#, r#"{"empty":true}"#),
+    col("tr", "tstzrange", "'[2020-01-01 00:00+00,)'", "'(,infinity]'",
+        r#"{"lower":"2020-01-01T00:00:00Z","upper":null,"lower_inc":true,"upper_inc":false}"#,
+        r#"{"lower":null,"upper":"infinity","lower_inc":false,"upper_inc":true}"#),
+    col("dr", "daterange", "'[2020-01-01,2020-02-01]'", "'(,)'",
+        r#"{"lower":"2020-01-01","upper":"2020-02-02","lower_inc":true,"upper_inc":false}"#,
+        r#"{"lower":null,"upper":null,"lower_inc":false,"upper_inc":false}"#),
+    col("nr", "numrange", "'(1.5,2.5]'", "'empty'", r#"{"lower":"1.5","upper":"2.5","lower_inc":false,"upper_inc":true}"#, r#"{"empty":true}"#),
+    col("mr", "int4multirange", "'{[1,3),[5,7)}'", "'{}'",
+        r#"[{"lower":1,"upper":3,"lower_inc":true,"upper_inc":false},{"lower":5,"upper":7,"lower_inc":true,"upper_inc":false}]"#, "[]"),
+    col("hs", "hstore", r#"'a=>1, "b c"=>NULL, "q\"\\"=>""'"#, "''", r#"{"a":"1","b c":null,"q\"\\":""}"#, "{}"),
+    col("lt", "ltree", "'a.b.c'", "''", r#""a.b.c""#, r#""""#),
+];
+
+/// The exact `after` expected for row `id` (1, 2 or 3) of the matrix, numbered `as_id`.
+fn expected_after(row: usize, as_id: i64) -> String {
+    let mut s = format!("{{\"id\":{as_id}");
+    for c in MATRIX {
+        let v = match row {
+            1 => c.e1,
+            3 => c.e3,
+            _ => "null",
+        };
+        s.push_str(&format!(",\"{}\":{v}", c.name));
+    }
+    s.push('}');
+    s
+}
+
+/// The raw bytes of an envelope's `after`, which the encoder writes right before `source`.
+fn raw_after(r: &ConsumedRecord) -> String {
+    let v = String::from_utf8(r.value.clone().expect("not a tombstone")).expect("UTF-8");
+    let start = v.find("\"after\":").expect("after") + "\"after\":".len();
+    let end = v.rfind(",\"source\":{\"connector\"").expect("source");
+    v[start..end].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn type_matrix_snapshot_and_stream_are_byte_identical() {
+    let columns: Vec<String> = MATRIX
+        .iter()
+        .map(|c| format!("{} {}", c.name, c.ty))
+        .collect();
+    let names: Vec<&str> = MATRIX.iter().map(|c| c.name).collect();
+    let row = |id: i64, vals: Vec<&str>| format!("({id}, {})", vals.join(", "));
+    let setup = format!(
+        "{MATRIX_TYPES}
+         CREATE TABLE public.matrix (id int PRIMARY KEY, {});
+         INSERT INTO public.matrix (id, {}) VALUES {}, {}, {};",
+        columns.join(", "),
+        names.join(", "),
+        row(1, MATRIX.iter().map(|c| c.v1).collect()),
+        row(2, MATRIX.iter().map(|_| "NULL").collect()),
+        row(3, MATRIX.iter().map(|c| c.v3).collect()),
+    );
+    let p = Pipeline::new(&setup).await;
+    // The user's own session options must not change the output (pgcdc pins its own).
+    let source = format!(
+        "{} options='-c DateStyle=German -c TimeZone=America/New_York -c IntervalStyle=postgres_verbose -c extra_float_digits=0 -c bytea_output=escape'",
+        p.source()
+    );
+    let kafka = common::pipeline::kafka();
+    let args = ["--table", "public.matrix", "--stop-lsn", "now"];
+    let out = p.command_with(&source, &kafka, &args).output().unwrap();
+    assert_success(&out, "snapshot");
+
+    p.db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO matrix (id, {0}) SELECT id + 100, {0} FROM matrix ORDER BY id",
+            names.join(", ")
+        ))
+        .await
+        .unwrap();
+    let out = p.command_with(&source, &kafka, &args).output().unwrap();
+    assert_success(&out, "stream");
+
+    let records = p.records(&p.topic("matrix"), Some(6)).await;
+    assert_eq!(records.len(), 6);
+    for (i, r) in records.iter().enumerate() {
+        let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
+        let (want_op, id) = if i < 3 { ("r", i + 1) } else { ("c", i - 2) };
+        assert_eq!(v["op"], want_op);
+        let as_id = if i < 3 { id as i64 } else { id as i64 + 100 };
+        let want = expected_after(id, as_id);
+        let got = raw_after(r);
+        if got != want {
+            // Name the first column that differs rather than dumping two long lines.
+            let got_v: Value = serde_json::from_str(&got).expect("after is JSON");
+            let want_v: Value = serde_json::from_str(&want).expect("expected is JSON");
+            let diff: Vec<String> = MATRIX
+                .iter()
+                .filter(|c| got_v[c.name] != want_v[c.name])
+                .map(|c| {
+                    format!(
+                        "{} ({}): got {} want {}",
+                        c.name, c.ty, got_v[c.name], want_v[c.name]
+                    )
+                })
+                .collect();
+            panic!("row {id} ({want_op}): after differs: {diff:#?}\ngot  {got}\nwant {want}");
+        }
+    }
+    // Byte-identical after for the same row, read and streamed (ids aside).
+    for id in 1..=3 {
+        let read = raw_after(&records[id - 1]);
+        let streamed = raw_after(&records[id + 2]);
+        assert_eq!(
+            read.replacen(&format!("{{\"id\":{id},"), "{", 1),
+            streamed.replacen(&format!("{{\"id\":{},", id + 100), "{", 1)
+        );
+    }
+    // One shape, one schema id.
+    let ids: HashSet<String> = records
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
+            v["source"]["schema_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+}
+
+/// A value big enough to be TOASTed out of line, uncompressed.
+const BIG: &str = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 300) g)";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unchanged_toast_is_filled_under_full_and_listed_otherwise() {
+    let p = Pipeline::new(&format!(
+        "CREATE TABLE public.full_t (id int PRIMARY KEY, big text, n int);
+         CREATE TABLE public.def_t (id int PRIMARY KEY, big text, n int);
+         ALTER TABLE full_t REPLICA IDENTITY FULL;
+         ALTER TABLE full_t ALTER COLUMN big SET STORAGE EXTERNAL;
+         ALTER TABLE def_t ALTER COLUMN big SET STORAGE EXTERNAL;
+         INSERT INTO full_t VALUES (1, {BIG}, 0);
+         INSERT INTO def_t VALUES (1, {BIG}, 0);"
+    ))
+    .await;
+    let args = [
+        "--table",
+        "public.full_t",
+        "--table",
+        "public.def_t",
+        "--stop-lsn",
+        "now",
+    ];
+    assert_success(&p.run(&args), "snapshot");
+    p.db.client()
+        .await
+        .batch_execute("UPDATE full_t SET n = 1; UPDATE def_t SET n = 1;")
+        .await
+        .unwrap();
+    assert_success(&p.run(&args), "stream");
+    let big: String =
+        p.db.client()
+            .await
+            .query_one(&format!("SELECT {BIG}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert!(big.len() > 8000);
+
+    let full = p.events("full_t", Some(2)).await;
+    let u = full[1].value.as_ref().unwrap();
+    assert_eq!(u["op"], "u");
+    assert_eq!(u["after"], json!({"id": 1, "big": big, "n": 1}));
+    assert_eq!(u["before"], json!({"id": 1, "big": big, "n": 0}));
+    assert!(u.get("unchanged").is_none(), "{u}");
+
+    let def = p.events("def_t", Some(2)).await;
+    let u = def[1].value.as_ref().unwrap();
+    assert_eq!(u["op"], "u");
+    assert_eq!(u["after"], json!({"id": 1, "n": 1}), "big is not invented");
+    assert_eq!(u["unchanged"], json!(["big"]));
+    assert_eq!(def[0].value.as_ref().unwrap()["after"]["big"], json!(big));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_while_streaming_reflect_the_new_shape() {
+    let p = Pipeline::new(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE public.a (id int PRIMARY KEY, v text, n int);
+         INSERT INTO a VALUES (1, 'one', 1);",
+    )
+    .await;
+    let client = p.db.client().await;
+    client
+        .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE a", p.slot))
+        .await
+        .unwrap();
+    // Publication-driven: no --table, so tables that join the publication are captured.
+    let mut child = p.spawn(&[], "schema.log");
+    let streaming = common::poll_until(Duration::from_secs(30), || async {
+        p.log("schema.log")
+            .contains("streaming changes")
+            .then_some(())
+    })
+    .await;
+    assert!(streaming.is_some(), "{}", p.log("schema.log"));
+    client
+        .batch_execute(
+            "INSERT INTO a VALUES (2, 'two', 2);
+             ALTER TABLE a ADD COLUMN c int;
+             INSERT INTO a VALUES (3, 'three', 3, 33);
+             ALTER TABLE a ADD COLUMN d text NOT NULL DEFAULT 'dflt';
+             INSERT INTO a (id, v, n) VALUES (4, 'four', 4);
+             UPDATE a SET n = 10 WHERE id = 1;
+             ALTER TABLE a DROP COLUMN c;
+             INSERT INTO a VALUES (5, 'five', 5, 'x');
+             ALTER TABLE a ALTER COLUMN n TYPE numeric USING n::numeric;
+             INSERT INTO a VALUES (6, 'six', 6.5, 'y');
+             ALTER TABLE a RENAME COLUMN v TO w;
+             INSERT INTO a VALUES (7, 'seven', 7, 'z');
+             CREATE TYPE pt2 AS (x int, y int);
+             ALTER TABLE a ADD COLUMN p pt2[], ADD COLUMN m mood;
+             INSERT INTO a VALUES (8, 'eight', 8, 'w', '{\"(1,2)\"}', 'happy');
+             ALTER TABLE a RENAME COLUMN id TO ident;
+             INSERT INTO a VALUES (9, 'nine', 9, 'v', NULL, NULL);
+             CREATE TABLE public.b (k text PRIMARY KEY, r int4range);
+             ALTER PUBLICATION {slot} ADD TABLE b;
+             INSERT INTO b VALUES ('k1', '[1,3)');"
+                .replace("{slot}", &p.slot)
+                .as_str(),
+        )
+        .await
+        .unwrap();
+    let target = p.current_lsn().await;
+    let caught_up = common::poll_until(Duration::from_secs(30), || async {
+        p.confirmed_flush().await.filter(|c| *c >= target)
+    })
+    .await;
+    let log = p.log("schema.log");
+    assert!(caught_up.is_some(), "did not catch up:\n{log}");
+    assert!(child.try_wait().unwrap().is_none(), "pgcdc exited:\n{log}");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+
+    let events = p.events("a", Some(10)).await;
+    let afters: Vec<&Value> = events
+        .iter()
+        .map(|e| &e.value.as_ref().unwrap()["after"])
+        .collect();
+    assert_eq!(afters.len(), 10, "{afters:#?}");
+    let want = [
+        json!({"id": 1, "v": "one", "n": 1}),
+        json!({"id": 2, "v": "two", "n": 2}),
+        json!({"id": 3, "v": "three", "n": 3, "c": 33}),
+        json!({"id": 4, "v": "four", "n": 4, "c": null, "d": "dflt"}),
+        json!({"id": 1, "v": "one", "n": 10, "c": null, "d": "dflt"}),
+        json!({"id": 5, "v": "five", "n": 5, "d": "x"}),
+        json!({"id": 6, "v": "six", "n": "6.5", "d": "y"}),
+        json!({"id": 7, "w": "seven", "n": "7", "d": "z"}),
+        json!({"id": 8, "w": "eight", "n": "8", "d": "w", "p": [{"x": 1, "y": 2}], "m": "happy"}),
+        json!({"ident": 9, "w": "nine", "n": "9", "d": "v", "p": null, "m": null}),
+    ];
+    for (i, (got, want)) in afters.iter().zip(want.iter()).enumerate() {
+        assert_eq!(*got, want, "event {i}\n{log}");
+    }
+    assert_eq!(
+        events[9].key,
+        Some(json!({"ident": 9})),
+        "renamed key column"
+    );
+    // The schema id changes exactly when the shape does.
+    let ids: Vec<&str> = events
+        .iter()
+        .map(|e| {
+            e.value.as_ref().unwrap()["source"]["schema_id"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    let same = [
+        (0, 1, true),
+        (1, 2, false),
+        (2, 3, false),
+        (3, 4, true),
+        (4, 5, false),
+        (5, 6, false),
+        (6, 7, false),
+        (7, 8, false),
+        (8, 9, false),
+    ];
+    for (x, y, eq) in same {
+        assert_eq!(
+            ids[x] == ids[y],
+            eq,
+            "schema_id of events {x} and {y}: {ids:?}"
+        );
+    }
+
+    let b = p.events("b", Some(1)).await;
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].key, Some(json!({"k": "k1"})));
+    let v = b[0].value.as_ref().unwrap();
+    assert_eq!(v["source"]["table"], "b");
+    assert_eq!(
+        v["after"],
+        json!({"k": "k1", "r": {"lower": 1, "upper": 3, "lower_inc": true, "upper_inc": false}})
+    );
+}
+
+/// The events of a topic that carry a transaction block, by transaction id.
+fn by_transaction(events: &[Event]) -> BTreeMap<String, Vec<Value>> {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for v in events.iter().filter_map(|e| e.value.as_ref()) {
+        if let Some(id) = v["transaction"]["id"].as_str() {
+            out.entry(id.to_string())
+                .or_default()
+                .push(v["transaction"].clone());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_messages_and_transaction_metadata() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);
+         CREATE TABLE public.b (id int PRIMARY KEY, v text);
+         INSERT INTO a VALUES (1, 'x');",
+    )
+    .await;
+    let args = [
+        "--table",
+        "public.a",
+        "--table",
+        "public.b",
+        "--transaction-metadata",
+        "--stop-lsn",
+        "now",
+    ];
+    assert_success(&p.run(&args), "snapshot");
+    let client = p.db.client().await;
+    // One statement per call: statements sent together share one implicit transaction.
+    for sql in [
+        "BEGIN;
+         INSERT INTO a VALUES (2, 'y'), (3, 'z');
+         INSERT INTO b VALUES (1, 'p');
+         UPDATE a SET v = 'w' WHERE id = 1;
+         SELECT pg_logical_emit_message(true, 'outbox', '{\"order\": 1}');
+         DELETE FROM b WHERE id = 1;
+         COMMIT;",
+        "SELECT pg_logical_emit_message(false, 'audit', '\\x00ff'::bytea)",
+        "UPDATE a SET id = 10 WHERE id = 2",
+        "TRUNCATE a, b",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    assert_success(&p.run(&args), "stream");
+
+    // a: read, 2 creates, update | delete + tombstone + create (key change) | truncate.
+    let a = p.events("a", Some(8)).await;
+    assert_eq!(a.len(), 8);
+    let ops: Vec<Option<&str>> = a.iter().map(Event::op).collect();
+    assert_eq!(
+        ops,
+        [
+            Some("r"),
+            Some("c"),
+            Some("c"),
+            Some("u"),
+            Some("d"),
+            None,
+            Some("c"),
+            Some("t")
+        ]
+    );
+    // b: create, delete + tombstone | truncate.
+    let b = p.events("b", Some(4)).await;
+    let ops: Vec<Option<&str>> = b.iter().map(Event::op).collect();
+    assert_eq!(ops, [Some("c"), Some("d"), None, Some("t")]);
+    let t = b[3].value.as_ref().unwrap();
+    assert_eq!(b[3].key, None, "truncate events have no key");
+    assert_eq!((&t["before"], &t["after"]), (&Value::Null, &Value::Null));
+    assert_eq!(t["source"]["table"], "b");
+    assert_eq!(a[0].value.as_ref().unwrap()["transaction"], Value::Null);
+
+    // Transaction metadata: BEGIN and END per transaction, counts that match the events.
+    let txns = p
+        .events_in(&format!("{}.transaction", p.prefix), Some(6))
+        .await;
+    assert_eq!(txns.len(), 6);
+    let mut data: BTreeMap<String, Vec<Value>> = by_transaction(&a);
+    for (id, mut v) in by_transaction(&b) {
+        data.entry(id).or_default().append(&mut v);
+    }
+    for pair in txns.chunks(2) {
+        let (begin, end) = (
+            pair[0].value.as_ref().unwrap(),
+            pair[1].value.as_ref().unwrap(),
+        );
+        assert_eq!(
+            (begin["status"].as_str(), end["status"].as_str()),
+            (Some("BEGIN"), Some("END"))
+        );
+        let id = begin["id"].as_str().unwrap();
+        assert_eq!(end["id"], id);
+        assert_eq!(pair[0].key, Some(json!({"id": id})));
+        let events = &data[id];
+        assert_eq!(
+            end["event_count"].as_u64(),
+            Some(events.len() as u64),
+            "{end}"
+        );
+        let mut orders: Vec<u64> = events
+            .iter()
+            .map(|t| t["total_order"].as_u64().unwrap())
+            .collect();
+        orders.sort();
+        assert_eq!(orders, (1..=events.len() as u64).collect::<Vec<_>>());
+        let per_table: u64 = end["data_collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["event_count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(per_table, events.len() as u64);
+    }
+    let first_end = txns[1].value.as_ref().unwrap();
+    assert_eq!(
+        first_end["data_collections"],
+        json!([
+            {"data_collection": "public.a", "event_count": 3},
+            {"data_collection": "public.b", "event_count": 2}
+        ])
+    );
+    let orders: Vec<(u64, u64)> = a[1..4]
+        .iter()
+        .map(|e| {
+            let t = &e.value.as_ref().unwrap()["transaction"];
+            (
+                t["total_order"].as_u64().unwrap(),
+                t["data_collection_order"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(orders, [(1, 1), (2, 2), (4, 3)]);
+
+    // Messages, transactional (inside the first transaction) and not.
+    let msgs = p.events_in(&format!("{}.message", p.prefix), Some(2)).await;
+    assert_eq!(msgs.len(), 2);
+    let outbox = msgs[0].value.as_ref().unwrap();
+    assert_eq!(msgs[0].key, Some(json!({"prefix": "outbox"})));
+    assert_eq!(
+        outbox["message"],
+        json!({"prefix": "outbox", "content": "eyJvcmRlciI6IDF9", "transactional": true})
+    );
+    let created = a[1].value.as_ref().unwrap();
+    assert_eq!(outbox["source"]["txId"], created["source"]["txId"]);
+    assert_eq!(
+        outbox["source"]["commit_lsn"],
+        created["source"]["commit_lsn"]
+    );
+    let audit = msgs[1].value.as_ref().unwrap();
+    assert_eq!(
+        audit["message"],
+        json!({"prefix": "audit", "content": "AP8=", "transactional": false})
+    );
+    assert_eq!(audit["source"]["txId"], Value::Null);
+
+    // --truncate false: a TRUNCATE is not published.
+    client
+        .batch_execute("INSERT INTO a VALUES (20, 'q')")
+        .await
+        .unwrap();
+    client.batch_execute("TRUNCATE a").await.unwrap();
+    let mut off = args.to_vec();
+    off.extend(["--truncate", "false"]);
+    assert_success(&p.run(&off), "stream without truncate");
+    // Everything is published when the run ends: the read finds all there is.
+    let a = p.events("a", None).await;
+    let ops: Vec<Option<&str>> = a[8..].iter().map(Event::op).collect();
+    assert_eq!(ops, [Some("c")], "only the insert");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flat_format_with_excluded_column() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.users (id int PRIMARY KEY, email text, name text, amount numeric, data bytea);
+         INSERT INTO users VALUES (1, 'a@secret', 'A', 12.50, '\\x0102');",
+    )
+    .await;
+    // Clear errors, before anything is created.
+    assert_fails(
+        &p.run(&["--table", "users", "--exclude-column", "public.users.id"]),
+        2,
+        &["public.users.id", "cannot be excluded"],
+    );
+    assert_fails(
+        &p.run(&["--table", "users", "--exclude-column", "users.emial"]),
+        2,
+        &["no such column"],
+    );
+    assert_fails(
+        &p.run(&["--table", "users", "--exclude-column", "email"]),
+        2,
+        &["schema.table.column"],
+    );
+    let args = [
+        "--table",
+        "public.users",
+        "--format",
+        "flat",
+        "--exclude-column",
+        "public.users.email",
+        "--decimal",
+        "number",
+        "--binary",
+        "hex",
+        "--stop-lsn",
+        "now",
+    ];
+    assert_success(&p.run(&args), "snapshot");
+    p.db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO users VALUES (2, 'b@secret', 'B', 'NaN', NULL);
+             UPDATE users SET name = 'AA', email = 'new@secret' WHERE id = 1;
+             DELETE FROM users WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    assert_success(&p.run(&args), "stream");
+
+    let records = p.records(&p.topic("users"), Some(5)).await;
+    assert_eq!(records.len(), 5);
+    for r in &records {
+        let raw = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default());
+        assert!(!raw.contains("secret") && !raw.contains("email"), "{raw}");
+    }
+    let values: Vec<Value> = records
+        .iter()
+        .map(|r| match &r.value {
+            Some(v) => {
+                let mut v: Value = serde_json::from_slice(v).unwrap();
+                assert!(v["__lsn"].as_u64().unwrap() > 0);
+                v.as_object_mut().unwrap().remove("__lsn");
+                v
+            }
+            None => Value::Null,
+        })
+        .collect();
+    assert_eq!(
+        values,
+        [
+            json!({"id": 1, "name": "A", "amount": 12.50, "data": "0102",
+                   "__op": "r", "__table": "public.users", "__deleted": false}),
+            json!({"id": 2, "name": "B", "amount": "NaN", "data": null,
+                   "__op": "c", "__table": "public.users", "__deleted": false}),
+            json!({"id": 1, "name": "AA", "amount": 12.50, "data": "0102",
+                   "__op": "u", "__table": "public.users", "__deleted": false}),
+            json!({"id": 2, "__op": "d", "__table": "public.users", "__deleted": true}),
+            Value::Null,
+        ]
+    );
+    // The exact digits of numeric, as a number.
+    let raw = String::from_utf8(records[0].value.clone().unwrap()).unwrap();
+    assert!(raw.contains("\"amount\":12.50,"), "{raw}");
+}

@@ -1,0 +1,627 @@
+//! The Meilisearch target against a fake Meilisearch: a tiny HTTP server in this test that
+//! implements the endpoints the indexer uses, processes writes as asynchronous tasks (a write
+//! is invisible until its task has been polled), checks the API key, and records every request.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgcdc::indexer::http::HttpClient;
+use pgcdc::indexer::meili::MeiliTarget;
+use pgcdc::indexer::source::SourceRecord;
+use pgcdc::indexer::target::TargetError;
+use pgcdc::indexer::Indexer;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const KEY: &str = "test-master-key";
+
+#[derive(Debug, Default)]
+struct Index {
+    primary_key: Option<String>,
+    filterable: Vec<Value>,
+    docs: BTreeMap<String, Map<String, Value>>,
+}
+
+/// A write waiting in the task queue.
+#[derive(Debug)]
+enum Op {
+    CreateIndex { uid: String, primary_key: Value },
+    SetPrimaryKey { uid: String, primary_key: Value },
+    SetFilterable { uid: String, list: Vec<Value> },
+    Replace { uid: String, docs: Vec<Value> },
+    Merge { uid: String, docs: Vec<Value> },
+    Delete { uid: String, ids: Vec<Value> },
+}
+
+#[derive(Debug)]
+struct Task {
+    op: Option<Op>,
+    polls: u32,
+    result: Option<Result<(), String>>,
+}
+
+#[derive(Debug, Default)]
+struct Fake {
+    indexes: BTreeMap<String, Index>,
+    tasks: Vec<Task>,
+    /// (method, path, body) of every request.
+    log: Vec<(String, String, Value)>,
+    /// Answer the next request whose path ends with this with HTTP 503.
+    fail_next: Option<String>,
+    /// Tasks writing a document with this field fail.
+    poison_field: Option<String>,
+}
+
+impl Fake {
+    fn doc(&self, index: &str, id: &str) -> Option<&Map<String, Value>> {
+        self.indexes.get(index)?.docs.get(id)
+    }
+
+    fn requests(&self, method: &str, suffix: &str) -> usize {
+        self.log
+            .iter()
+            .filter(|(m, p, _)| m == method && p.ends_with(suffix))
+            .count()
+    }
+
+    /// Runs the queue, in order, up to and including task `uid`.
+    fn process_up_to(&mut self, uid: usize) {
+        for i in 0..=uid.min(self.tasks.len().saturating_sub(1)) {
+            if let Some(op) = self.tasks[i].op.take() {
+                let r = self.run(op);
+                self.tasks[i].result = Some(r);
+            }
+        }
+    }
+
+    fn run(&mut self, op: Op) -> Result<(), String> {
+        let poison = self.poison_field.clone();
+        let pk_of = |idx: &Index| idx.primary_key.clone().unwrap_or_else(|| "id".into());
+        match op {
+            Op::CreateIndex { uid, primary_key } => {
+                if self.indexes.contains_key(&uid) {
+                    return Err("index_already_exists".into());
+                }
+                let idx = Index {
+                    primary_key: primary_key.as_str().map(String::from),
+                    ..Index::default()
+                };
+                self.indexes.insert(uid, idx);
+            }
+            Op::SetPrimaryKey { uid, primary_key } => {
+                let idx = self.indexes.entry(uid).or_default();
+                idx.primary_key = primary_key.as_str().map(String::from);
+            }
+            Op::SetFilterable { uid, list } => {
+                self.indexes.entry(uid).or_default().filterable = list;
+            }
+            Op::Replace { uid, docs } => {
+                let idx = self.indexes.entry(uid).or_default();
+                let pk = pk_of(idx);
+                for d in docs {
+                    let Value::Object(d) = d else {
+                        return Err("not an object".into());
+                    };
+                    if poison.as_ref().is_some_and(|p| d.contains_key(p)) {
+                        return Err("invalid_document_fields".into());
+                    }
+                    let id = d[&pk].as_str().ok_or("missing_document_id")?.to_string();
+                    idx.docs.insert(id, d);
+                }
+            }
+            Op::Merge { uid, docs } => {
+                let idx = self.indexes.entry(uid).or_default();
+                let pk = pk_of(idx);
+                for d in docs {
+                    let Value::Object(d) = d else {
+                        return Err("not an object".into());
+                    };
+                    let id = d[&pk].as_str().ok_or("missing_document_id")?.to_string();
+                    idx.docs.entry(id).or_default().extend(d);
+                }
+            }
+            Op::Delete { uid, ids } => {
+                let idx = self.indexes.entry(uid).or_default();
+                for id in ids {
+                    if let Some(id) = id.as_str() {
+                        idx.docs.remove(id);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, op: Op) -> (u16, Value) {
+        self.tasks.push(Task {
+            op: Some(op),
+            polls: 0,
+            result: None,
+        });
+        (
+            202,
+            json!({"taskUid": self.tasks.len() - 1, "status": "enqueued"}),
+        )
+    }
+
+    fn handle(
+        &mut self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
+        self.log.push((method.into(), path.into(), body.clone()));
+        if auth != Some(&format!("Bearer {KEY}")) {
+            return (
+                401,
+                json!({"code": "invalid_api_key", "message": "bad key"}),
+            );
+        }
+        if self
+            .fail_next
+            .as_ref()
+            .is_some_and(|s| path.ends_with(s.as_str()))
+        {
+            self.fail_next = None;
+            return (503, json!({"code": "unavailable", "message": "try later"}));
+        }
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let not_found = (
+            404,
+            json!({"code": "index_not_found", "message": "no such index"}),
+        );
+        match (method, parts.as_slice()) {
+            ("GET", ["health"]) => (200, json!({"status": "available"})),
+            ("GET", ["tasks", uid]) => {
+                let Ok(uid) = uid.parse::<usize>() else {
+                    return (400, json!({}));
+                };
+                let Some(task) = self.tasks.get_mut(uid) else {
+                    return (404, json!({}));
+                };
+                // Every task is seen "enqueued" once before it runs.
+                if task.result.is_none() && task.polls == 0 {
+                    task.polls += 1;
+                    return (200, json!({"uid": uid, "status": "enqueued"}));
+                }
+                self.process_up_to(uid);
+                match &self.tasks[uid].result {
+                    Some(Ok(())) => (
+                        200,
+                        json!({"uid": uid, "status": "succeeded", "error": null}),
+                    ),
+                    Some(Err(code)) => (
+                        200,
+                        json!({"uid": uid, "status": "failed",
+                        "error": {"code": code, "message": format!("task failed: {code}")}}),
+                    ),
+                    None => (200, json!({"uid": uid, "status": "processing"})),
+                }
+            }
+            ("GET", ["indexes", uid]) => match self.indexes.get(*uid) {
+                Some(i) => (200, json!({"uid": uid, "primaryKey": i.primary_key})),
+                None => not_found,
+            },
+            ("POST", ["indexes"]) => {
+                let uid = body["uid"].as_str().unwrap_or_default().to_string();
+                self.enqueue(Op::CreateIndex {
+                    uid,
+                    primary_key: body["primaryKey"].clone(),
+                })
+            }
+            ("PATCH", ["indexes", uid]) => self.enqueue(Op::SetPrimaryKey {
+                uid: uid.to_string(),
+                primary_key: body["primaryKey"].clone(),
+            }),
+            ("GET", ["indexes", uid, "settings", "filterable-attributes"]) => {
+                match self.indexes.get(*uid) {
+                    Some(i) => (200, Value::Array(i.filterable.clone())),
+                    None => not_found,
+                }
+            }
+            ("PUT", ["indexes", uid, "settings", "filterable-attributes"]) => {
+                let list = body.as_array().cloned().unwrap_or_default();
+                self.enqueue(Op::SetFilterable {
+                    uid: uid.to_string(),
+                    list,
+                })
+            }
+            ("POST", ["indexes", uid, "documents"]) => {
+                let docs = body.as_array().cloned().unwrap_or_default();
+                self.enqueue(Op::Replace {
+                    uid: uid.to_string(),
+                    docs,
+                })
+            }
+            ("PUT", ["indexes", uid, "documents"]) => {
+                let docs = body.as_array().cloned().unwrap_or_default();
+                self.enqueue(Op::Merge {
+                    uid: uid.to_string(),
+                    docs,
+                })
+            }
+            ("POST", ["indexes", uid, "documents", "delete-batch"]) => {
+                let ids = body.as_array().cloned().unwrap_or_default();
+                self.enqueue(Op::Delete {
+                    uid: uid.to_string(),
+                    ids,
+                })
+            }
+            ("POST", ["indexes", uid, "documents", "fetch"]) => {
+                let Some(idx) = self.indexes.get(*uid) else {
+                    return not_found;
+                };
+                // Only the filter the indexer sends: `_id IN ["a", "b"]`.
+                let filter = body["filter"].as_str().unwrap_or_default();
+                let Some(list) = filter
+                    .strip_prefix("_id IN [")
+                    .and_then(|f| f.strip_suffix(']'))
+                else {
+                    return (
+                        400,
+                        json!({"code": "invalid_document_filter", "message": filter}),
+                    );
+                };
+                if !idx.filterable.contains(&json!("_id")) {
+                    return (
+                        400,
+                        json!({"code": "invalid_document_filter",
+                        "message": "attribute `_id` is not filterable"}),
+                    );
+                }
+                let fields: Vec<String> = body["fields"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|f| f.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut results = Vec::new();
+                for id in list.split(',').map(|s| s.trim().trim_matches('"')) {
+                    if let Some(d) = idx.docs.get(id) {
+                        let picked: Map<String, Value> = d
+                            .iter()
+                            .filter(|(k, _)| fields.is_empty() || fields.contains(k))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        results.push(Value::Object(picked));
+                    }
+                }
+                (
+                    200,
+                    json!({"results": results, "offset": 0, "limit": 20, "total": results.len()}),
+                )
+            }
+            _ => (
+                404,
+                json!({"code": "not_found", "message": format!("{method} {path}")}),
+            ),
+        }
+    }
+}
+
+/// Serves the fake on a loopback port; returns its URL.
+async fn serve(fake: Arc<Mutex<Fake>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let fake = fake.clone();
+            tokio::spawn(async move {
+                let _ = answer(sock, fake).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn answer(mut sock: TcpStream, fake: Arc<Mutex<Fake>>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0usize);
+            break (i + 4, len);
+        }
+    };
+    while buf.len() < head_end + length {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or_default().to_string();
+    let path = words.next().unwrap_or_default().to_string();
+    let auth = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("authorization")
+            .then(|| v.trim().to_string())
+    });
+    let body: Value = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
+    let (status, reply) =
+        fake.lock()
+            .expect("fake lock")
+            .handle(&method, &path, auth.as_deref(), body);
+    let reply = reply.to_string();
+    // Chunked, in two pieces, to exercise the client's decoder.
+    let (a, b) = reply.split_at(reply.len() / 2);
+    let resp = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    sock.write_all(resp.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+const ORDERS: &str = "t.public.orders";
+const CUSTOMERS: &str = "t.public.customers";
+
+fn record(topic: &str, key: Value, value: Option<Value>) -> SourceRecord {
+    SourceRecord {
+        topic: topic.into(),
+        partition: 0,
+        offset: 0,
+        key: Some(key.to_string().into_bytes()),
+        value: value.map(|v| v.to_string().into_bytes()),
+    }
+}
+
+/// A pgcdc event for `id`, at `(commit, lsn)`.
+fn event(topic: &str, id: i64, op: &str, after: Value, commit: u64, lsn: u64) -> SourceRecord {
+    let value = json!({
+        "before": null, "after": after, "op": op, "ts_ms": 1,
+        "source": {"connector": "pgcdc", "lsn": lsn, "commit_lsn": commit, "snapshot": "false"}
+    });
+    record(topic, json!({"id": id}), Some(value))
+}
+
+fn tombstone(topic: &str, id: i64) -> SourceRecord {
+    record(topic, json!({"id": id}), None)
+}
+
+async fn indexer(url: &str) -> Indexer<MeiliTarget> {
+    let http = HttpClient::new(url, Some(KEY.into()), Duration::from_secs(5)).expect("url");
+    let mut ix =
+        Indexer::new(MeiliTarget::new(http), &[ORDERS.into(), CUSTOMERS.into()]).expect("indexer");
+    ix.prepare().await.expect("prepare");
+    ix
+}
+
+fn history() -> Vec<SourceRecord> {
+    vec![
+        // Snapshot at 100.
+        event(
+            ORDERS,
+            1,
+            "r",
+            json!({"id": 1, "status": "new", "note": "long text"}),
+            100,
+            100,
+        ),
+        event(
+            ORDERS,
+            2,
+            "r",
+            json!({"id": 2, "status": "new", "note": "x"}),
+            100,
+            100,
+        ),
+        event(CUSTOMERS, 7, "r", json!({"id": 7, "name": "Ada"}), 100, 100),
+        // One transaction: update (note left out: unchanged TOAST) and insert.
+        event(ORDERS, 1, "u", json!({"id": 1, "status": "paid"}), 200, 150),
+        event(
+            ORDERS,
+            3,
+            "c",
+            json!({"id": 3, "status": "new", "note": "y"}),
+            200,
+            160,
+        ),
+        // Delete with its tombstone.
+        event(ORDERS, 2, "d", Value::Null, 300, 250),
+        tombstone(ORDERS, 2),
+        // Primary key change 7 → 8.
+        event(CUSTOMERS, 7, "d", Value::Null, 400, 350),
+        tombstone(CUSTOMERS, 7),
+        event(CUSTOMERS, 8, "c", json!({"id": 8, "name": "Ada"}), 400, 350),
+    ]
+}
+
+fn check_final(f: &Fake) {
+    let o1 = f.doc("orders", "1").expect("order 1");
+    assert_eq!(o1["status"], "paid");
+    assert_eq!(
+        o1["note"], "long text",
+        "merge kept the unchanged TOAST column"
+    );
+    assert_eq!(o1["_version"], "00000000000000C8.0000000000000096");
+    assert!(f.doc("orders", "2").is_none(), "order 2 deleted");
+    assert_eq!(f.doc("orders", "3").expect("order 3")["status"], "new");
+    assert!(f.doc("customers", "7").is_none(), "old key gone");
+    assert_eq!(f.doc("customers", "8").expect("new key")["name"], "Ada");
+    let marker = f.doc("orders-pgcdc-deleted", "2").expect("deletion marker");
+    assert_eq!(marker["_version"], "000000000000012C.00000000000000FA");
+    assert!(f.doc("customers-pgcdc-deleted", "7").is_some());
+}
+
+#[tokio::test]
+async fn meilisearch_target_applies_snapshot_and_changes() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve(fake.clone()).await;
+    let mut ix = indexer(&url).await;
+    {
+        let f = fake.lock().unwrap();
+        for uid in [
+            "orders",
+            "customers",
+            "orders-pgcdc-deleted",
+            "customers-pgcdc-deleted",
+        ] {
+            let idx = f
+                .indexes
+                .get(uid)
+                .unwrap_or_else(|| panic!("index {uid} created"));
+            assert_eq!(idx.primary_key.as_deref(), Some("_id"));
+            assert_eq!(idx.filterable, vec![json!("_id")]);
+        }
+    }
+    // In batches of three, as they might arrive.
+    for batch in history().chunks(3) {
+        ix.apply_batch(batch).await.expect("batch applied");
+    }
+    let f = fake.lock().unwrap();
+    check_final(&f);
+    assert_eq!(ix.stats().tombstones, 2);
+    assert_eq!(ix.stats().stale, 0);
+
+    // The marker of a delete is stored (its task succeeded) before the delete is sent.
+    let pos = |method: &str, path: &str| {
+        f.log
+            .iter()
+            .position(|(m, p, _)| m == method && p == path)
+            .unwrap_or_else(|| panic!("{method} {path} sent"))
+    };
+    let marker = pos("POST", "/indexes/orders-pgcdc-deleted/documents");
+    let delete = pos("POST", "/indexes/orders/documents/delete-batch");
+    let marker_task = f.log[..delete]
+        .iter()
+        .filter(|(m, p, _)| m == "GET" && p.starts_with("/tasks/"))
+        .count();
+    assert!(marker < delete && marker_task > 0);
+    // Updates merge (PUT), inserts replace (POST).
+    assert_eq!(f.requests("PUT", "/indexes/orders/documents"), 1);
+    assert!(f.requests("POST", "/indexes/orders/documents") >= 2);
+}
+
+#[tokio::test]
+async fn meilisearch_replays_and_reordering_never_regress() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve(fake.clone()).await;
+    let mut ix = indexer(&url).await;
+    ix.apply_batch(&history()).await.expect("history applied");
+    let snapshot_of = |f: &Fake| {
+        format!(
+            "{:?}",
+            f.indexes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.docs.clone()))
+                .collect::<Vec<_>>()
+        )
+    };
+    let before = snapshot_of(&fake.lock().unwrap());
+
+    // A fresh indexer (empty cache: versions come from the server) replays everything,
+    // backwards, one record per batch, then all at once.
+    let mut again = indexer(&url).await;
+    let mut reversed = history();
+    reversed.reverse();
+    for r in &reversed {
+        again
+            .apply_batch(std::slice::from_ref(r))
+            .await
+            .expect("replay");
+    }
+    again.apply_batch(&history()).await.expect("replay");
+    let f = fake.lock().unwrap();
+    check_final(&f);
+    assert_eq!(snapshot_of(&f), before, "a replay changes nothing");
+    assert!(
+        again.stats().stale >= 4,
+        "older events were dropped: {:?}",
+        again.stats()
+    );
+    assert!(
+        f.requests("POST", "/documents/fetch") > 0,
+        "versions were read back"
+    );
+}
+
+#[tokio::test]
+async fn meilisearch_interrupted_delete_is_finished_by_a_retry() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve(fake.clone()).await;
+    let mut ix = indexer(&url).await;
+    let h = history();
+    ix.apply_batch(&h[..5]).await.expect("first part");
+    fake.lock().unwrap().fail_next = Some("/orders/documents/delete-batch".into());
+    let delete = &h[5..7];
+    let err = ix.apply_batch(delete).await.expect_err("503 on the delete");
+    assert!(err.is_transient(), "{err}");
+    {
+        let f = fake.lock().unwrap();
+        assert!(
+            f.doc("orders-pgcdc-deleted", "2").is_some(),
+            "marker stored"
+        );
+        assert!(f.doc("orders", "2").is_some(), "document not deleted yet");
+    }
+    // An older event arriving now is refused: the marker's version counts.
+    let stale = event(
+        ORDERS,
+        2,
+        "u",
+        json!({"id": 2, "status": "stale"}),
+        250,
+        240,
+    );
+    let s = ix.apply_batch(&[stale]).await.expect("stale event");
+    assert_eq!((s.stale, s.writes), (1, 0));
+    // Retrying the batch (what the indexer's run loop does) finishes the delete.
+    ix.apply_batch(delete).await.expect("retry");
+    assert!(fake.lock().unwrap().doc("orders", "2").is_none());
+}
+
+#[tokio::test]
+async fn meilisearch_failures_are_reported() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve(fake.clone()).await;
+    let mut ix = indexer(&url).await;
+    fake.lock().unwrap().poison_field = Some("bad".into());
+    let err = ix
+        .apply_batch(&[event(ORDERS, 9, "c", json!({"id": 9, "bad": 1}), 10, 10)])
+        .await
+        .expect_err("task fails");
+    assert!(matches!(err, TargetError::TaskFailed { .. }), "{err}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("invalid_document_fields"), "{err}");
+
+    // A wrong key is a 401 with Meilisearch's message, and not retried.
+    let http = HttpClient::new(&url, Some("wrong".into()), Duration::from_secs(5)).expect("url");
+    let mut bad = Indexer::new(MeiliTarget::new(http), &[ORDERS.into()]).expect("indexer");
+    let err = bad.prepare().await.expect_err("401");
+    assert!(
+        matches!(err, TargetError::Status { status: 401, .. }),
+        "{err}"
+    );
+    assert!(
+        !err.is_transient() && err.to_string().contains("invalid_api_key"),
+        "{err}"
+    );
+
+    // Nobody listening: transient.
+    let http = HttpClient::new("http://127.0.0.1:1", None, Duration::from_secs(5)).expect("url");
+    let mut down = Indexer::new(MeiliTarget::new(http), &[ORDERS.into()]).expect("indexer");
+    let err = down.prepare().await.expect_err("refused");
+    assert!(err.is_transient(), "{err}");
+}

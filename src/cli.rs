@@ -486,6 +486,23 @@ pub struct VerifyArgs {
     /// Print one JSON object instead of text.
     #[arg(long, env = "PGCDC_JSON")]
     pub json: bool,
+
+    /// As `run --decimal`: how the topic's `numeric` values were written.
+    #[arg(long, env = "PGCDC_DECIMAL", value_enum, default_value = "string")]
+    pub decimal: crate::event::DecimalMode,
+
+    /// As `run --binary`: how the topic's `bytea` values were written.
+    #[arg(long, env = "PGCDC_BINARY", value_enum, default_value = "base64")]
+    pub binary: crate::event::BinaryMode,
+
+    /// As `run --exclude-column`: columns left out of the events (repeatable).
+    #[arg(
+        long = "exclude-column",
+        env = "PGCDC_EXCLUDE_COLUMNS",
+        value_name = "SCHEMA.TABLE.COLUMN",
+        value_delimiter = ','
+    )]
+    pub exclude_columns: Vec<crate::source::catalog::ColumnRef>,
 }
 
 /// `pgcdc drop`.

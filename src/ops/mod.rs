@@ -35,6 +35,8 @@ pub(crate) async fn connect_source(
     let info = ConnInfo::parse(&conn.source)
         .context("invalid --source")
         .or_fail(FailureKind::Usage)?;
+    // The session settings `run` pins, so values print (and encode) as in the events.
+    let info = crate::source::session::canonical(&info);
     tracing::debug!(source = %info.redacted(), "connecting to PostgreSQL");
     let client = connect::connect(&info)
         .await

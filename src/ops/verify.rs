@@ -170,6 +170,9 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
     let tables = catalog::describe_tables(&client, std::slice::from_ref(&args.table))
         .await
         .or_fail(FailureKind::Source)?;
+    let exclude = crate::source::exclude::Exclusions::new(&args.exclude_columns);
+    exclude.check(&tables).or_fail(FailureKind::Usage)?;
+    let tables: Vec<catalog::TableInfo> = tables.iter().map(|t| exclude.apply(t)).collect();
     let Some(table_info) = tables.into_iter().next() else {
         return Err(Failure::new(
             FailureKind::Source,
@@ -192,7 +195,7 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
         .or_fail(FailureKind::Source)?
         .get(0);
     let topic = topic_name(&args.conn.topic_prefix, &table_info.name);
-    let (schema, encoder) = row_encoding(&args.conn.topic_prefix, &database, &table_info);
+    let (schema, encoder) = row_encoding(&args, &client, &database, &table_info).await?;
 
     // 1. The point: a temporary slot's consistent point, and its snapshot imported here.
     let mut repl = ReplicationClient::connect(&info)
@@ -322,15 +325,26 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
 /// The table's schema and the encoder, built exactly as `run` builds them, so a row read
 /// here encodes to the bytes `run` published for it. (Any event option of `run` that changes
 /// a row's JSON must be applied here too.)
-fn row_encoding(
-    prefix: &str,
+async fn row_encoding(
+    args: &VerifyArgs,
+    client: &tokio_postgres::Client,
     database: &str,
     info: &catalog::TableInfo,
-) -> (Arc<TableSchema>, Encoder) {
-    (
-        snapshot::table_schema(prefix, info),
-        Encoder::new(prefix, database),
-    )
+) -> Result<(Arc<TableSchema>, Encoder), Failure> {
+    let mut types = crate::event::TypeRegistry::new(args.decimal, args.binary);
+    crate::source::schema::load_types(client, &mut types, info.columns.iter().map(|(_, oid)| *oid))
+        .await
+        .or_fail(FailureKind::Source)?;
+    let prefix = &args.conn.topic_prefix;
+    let schema = snapshot::table_schema(prefix, info, &types);
+    let options = crate::event::EventOptions {
+        format: crate::event::Format::Envelope,
+        transaction_metadata: false,
+    };
+    Ok((
+        schema,
+        Encoder::with_options(prefix, database, options, types),
+    ))
 }
 
 /// The row as `run` publishes a snapshot read of it (the caller takes `after` from it).
@@ -345,6 +359,7 @@ fn encode_read(
         before: None,
         after: Some(row),
         position,
+        transaction: None,
     };
     encoder.value(table, &change, 0)
 }
@@ -598,7 +613,12 @@ async fn compare_table(
         .map(|(n, _)| quote_ident(n))
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!("COPY {} ({cols}) TO STDOUT", info.name);
+    // As the snapshot reads it: a partitioned table has no rows of its own.
+    let sql = if info.partitioned {
+        format!("COPY (SELECT {cols} FROM {}) TO STDOUT", info.name)
+    } else {
+        format!("COPY {} ({cols}) TO STDOUT", info.name)
+    };
     let stream = client.copy_out(&sql).await.or_fail(FailureKind::Source)?;
     futures_util::pin_mut!(stream);
     let position = Position {

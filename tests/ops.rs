@@ -634,3 +634,36 @@ async fn config_file_is_overridden_by_env_then_flags() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_encodes_rows_with_runs_event_options() {
+    let o = Ops::new(
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int, amount numeric,
+                                    at timestamptz, secret text);
+         INSERT INTO public.items
+           SELECT g, 'row ' || g, g, g * 1.50, '2024-01-02 03:04:05+02', 'pw' || g
+           FROM generate_series(1, 20) g;",
+    )
+    .await;
+    let options = [
+        "--decimal",
+        "number",
+        "--exclude-column",
+        "public.items.secret",
+    ];
+    let child = o.spawn_run(&options, "run.log");
+    o.wait_for_log("run.log", "streaming changes").await;
+    o.sql("UPDATE items SET amount = 9.99 WHERE id = 1").await;
+
+    let mut args = vec!["--table", "public.items", "--json"];
+    args.extend(options);
+    let out = o.output("verify", &args);
+    assert_code(&out, 0, "same options: equal");
+    assert_eq!(json_of(&out)["same"], 20);
+
+    // Without them, every row encodes differently from what was published.
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(&out, 1, "other options: different");
+    assert_eq!(json_of(&out)["differing"]["count"], 20);
+    stop(child);
+}

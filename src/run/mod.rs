@@ -43,6 +43,11 @@ pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
 use stream::{catch_up, start_stream, stream_changes, Until};
 
+/// First wait before reconnecting after the replication stream was lost; doubles per
+/// failed attempt up to [`RECONNECT_MAX_DELAY`], and starts over once streaming resumed.
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(500);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
 pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
     let conninfo = ConnInfo::parse(&args.source)
@@ -401,7 +406,7 @@ async fn capture(
     // walsender) reconnects with backoff and resumes after the last acknowledged position.
     let mut repl = Some(repl);
     let mut start = start;
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = RECONNECT_FIRST_DELAY;
     loop {
         let attempt = async {
             let client = match repl.take() {
@@ -416,6 +421,8 @@ async fn capture(
         };
         let outcome = match attempt.await {
             Ok(stream) => {
+                // Streaming again: the outage is over, the next one starts with a short wait.
+                backoff = RECONNECT_FIRST_DELAY;
                 let builder = ChangeBuilder::new(
                     encoder.clone(),
                     &args.topic_prefix,
@@ -447,7 +454,7 @@ async fn capture(
                     _ = stop.wait_for(|s| *s) => return Ok(None),
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(RECONNECT_MAX_DELAY);
                 // Resume after what the sink acknowledged; the server skips what it confirmed.
                 let acked = *acked_rx.borrow();
                 if acked > start {

@@ -468,3 +468,74 @@ async fn reconnect_backoff_starts_over_after_each_recovered_outage() {
     }
     s.finish(w, " (walsender terminated)").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_paused_and_restarted() {
+    // The producer's request and socket timeouts are shortened so that a short pause
+    // outlasts them; the soak run keeps librdkafka's defaults and pauses longer.
+    let (rounds, pause, extra): (usize, u64, &[&str]) = if soak() {
+        (4, 70_000, &[])
+    } else {
+        (
+            2,
+            6_000,
+            &[
+                "-X",
+                "request.timeout.ms=2000",
+                "-X",
+                "socket.timeout.ms=2000",
+            ],
+        )
+    };
+    let mut broker = PrivateBroker::start();
+    let kafka = broker.bootstrap();
+    let db = Db::Shared(common::TestDb::create().await);
+    let mut s = Scenario::new(
+        "broker pause/restart",
+        db,
+        None,
+        &kafka,
+        &kafka,
+        (3_000, 50),
+        extra,
+    )
+    .await;
+    s.pgcdc.spawn();
+    s.wait_for_slot().await;
+    let mut w = s.start_workload(Pace::default());
+    s.expect_log("streaming changes", Duration::from_secs(60))
+        .await;
+    let mut exits = 0;
+    for _ in 0..rounds {
+        w.wait_for(w.committed() + 100).await;
+        s.fault();
+        broker.pause();
+        tokio::time::sleep(ms(pause)).await;
+        broker.resume();
+        s.outages += 1;
+        w.wait_for(w.committed() + 100).await;
+        tokio::time::sleep(ms(s.rng.range(0, 1000))).await;
+        broker.stop();
+        tokio::time::sleep(ms(s.rng.range(500, 3000))).await;
+        broker.start_again();
+        s.outages += 1;
+        if let Some(status) = s.pgcdc.exited() {
+            exits += 1;
+            eprintln!("pgcdc exited with {status:?}:\n{}", s.pgcdc.log());
+            s.pgcdc.spawn();
+        }
+    }
+    // pgcdc rides the outages out: records are retried until the broker is back.
+    assert_eq!(exits, 0, "pgcdc exited during broker outages");
+    let restarts = s
+        .pgcdc
+        .log()
+        .matches("starting again from the last confirmed")
+        .count();
+    let note = format!(
+        " ({rounds} pauses of {}s, {rounds} broker restarts; {restarts} in-process pipeline restarts after failed deliveries)",
+        pause / 1000
+    );
+    s.finish(w, &note).await;
+    drop(broker);
+}

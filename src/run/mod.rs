@@ -48,8 +48,45 @@ use stream::{catch_up, start_stream, stream_changes, Until};
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(500);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 
+/// First wait before starting the pipeline again after Kafka failed a delivery; doubles up to
+/// [`RESTART_MAX_DELAY`], and starts over after a run that lasted [`RESTART_RESET_AFTER`].
+const RESTART_FIRST_DELAY: Duration = Duration::from_secs(1);
+const RESTART_MAX_DELAY: Duration = Duration::from_secs(30);
+const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
+
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
-pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
+///
+/// A Kafka delivery failure that a restart can clear (the broker failed a record after an
+/// outage, or the producer entered a fatal state) starts the pipeline again, as a supervisor
+/// would: nothing after the confirmed position was confirmed, so the new run re-publishes
+/// it from the slot. Configuration, permission and size problems end the run.
+pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failure> {
+    let mut delay = RESTART_FIRST_DELAY;
+    loop {
+        let started = std::time::Instant::now();
+        let mut stop_rx = stop.clone();
+        match run_once(args.clone(), stop.clone()).await {
+            Err(f) if f.transient && f.kind == SinkFail && !*stop.borrow() => {
+                if started.elapsed() >= RESTART_RESET_AFTER {
+                    delay = RESTART_FIRST_DELAY;
+                }
+                tracing::warn!(
+                    error = format!("{:#}", f.error),
+                    "Kafka failed a delivery; starting again from the last confirmed position in {delay:?}"
+                );
+                tokio::select! {
+                    _ = stop_rx.wait_for(|s| *s) => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(RESTART_MAX_DELAY);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One run of the pipeline: checks, snapshot or resume, stream.
+async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
     let conninfo = ConnInfo::parse(&args.source)
         .context("invalid --source")
         .or_fail(Usage)?;
@@ -165,7 +202,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         Err((stream, e)) => (stream, Err(e)),
     };
     let output_closed = matches!(sink_result, Ok(Err(sink::SinkError::OutputClosed)));
-    let acked = match &sink_result {
+    let acked = match sink_result {
         Ok(Ok(summary)) => {
             tracing::info!(?summary, "sink finished");
             None
@@ -174,7 +211,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             tracing::info!("output closed; stopping without confirming what was not written");
             None
         }
-        Ok(Err(e)) => Some(Failure::new(SinkFail, anyhow!("{e}"))),
+        Ok(Err(e)) => Some(Failure::sink(e)),
         Err(e) => Some(Failure::new(SinkFail, anyhow!("sink task failed: {e}"))),
     };
     if let Some(mut ended) = stream {
@@ -193,6 +230,8 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         // The reader went away (`pgcdc run | head`): a clean end, and what failed after it
         // only failed because the sink was gone.
         (Err(e), _) if output_closed && e.kind == SinkFail => Ok(()),
+        // The pipeline failed because the sink did: the sink's own error says why.
+        (Err(e), Some(sink)) if e.kind == SinkFail => Err(sink),
         (Err(e), _) => Err(e),
         (Ok(()), Some(e)) => Err(e),
         (Ok(()), None) => Ok(()),

@@ -219,6 +219,12 @@ pub struct RunArgs {
     /// How often to report the confirmed position to PostgreSQL (well under wal_sender_timeout).
     #[arg(long, env = "PGCDC_STATUS_INTERVAL", value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
     pub status_interval: Duration,
+
+    /// Treat the replication connection as lost when PostgreSQL sends nothing for this long
+    /// while pgcdc waits for it (a silent network partition), and reconnect. PostgreSQL
+    /// answers every status update, so keep it well above --status-interval; 0 turns it off.
+    #[arg(long, env = "PGCDC_RECEIVE_TIMEOUT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub receive_timeout: Duration,
 }
 
 #[cfg(test)]

@@ -539,3 +539,145 @@ async fn broker_paused_and_restarted() {
     s.finish(w, &note).await;
     drop(broker);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_cut_to_postgres_and_broker() {
+    let rounds = if soak() { 6 } else { 2 };
+    let pg_port = common::env().port;
+    let pg_proxy = proxy::Proxy::start(pg_port);
+    // The broker advertises the proxy's address, so every connection to it goes through.
+    let kafka_port = servers::free_port();
+    let broker = PrivateBroker::start_advertising(Some(kafka_port));
+    let kafka_proxy = proxy::Proxy::start_on(kafka_port, broker.port);
+    let kafka = broker.bootstrap();
+    let test_db = common::TestDb::create().await;
+    let source = format!(
+        "host=127.0.0.1 port={} user={} dbname={} sslmode=disable connect_timeout=5",
+        pg_proxy.port, test_db.env.superuser, test_db.name
+    );
+    let mut s = Scenario::new(
+        "network cut",
+        Db::Shared(test_db),
+        Some(source),
+        &kafka,
+        &kafka,
+        (3_000, 50),
+        &["--receive-timeout", "3"],
+    )
+    .await;
+    s.pgcdc.spawn();
+    s.wait_for_slot().await;
+    let mut w = s.start_workload(Pace::default());
+    s.expect_log("streaming changes", Duration::from_secs(60))
+        .await;
+    let mut streams = 1;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..rounds {
+        // pgcdc ↔ PostgreSQL: connections dropped, new ones refused for a while.
+        w.wait_for(w.committed() + 50).await;
+        s.fault();
+        pg_proxy.cut();
+        tokio::time::sleep(ms(s.rng.range(500, 3000))).await;
+        pg_proxy.restore();
+        let back = Instant::now();
+        s.outages += 1;
+        streams += 1;
+        assert!(
+            s.wait_streaming(streams, Duration::from_secs(30)).await,
+            "pgcdc did not resume after the cut to PostgreSQL:\n{}",
+            s.pgcdc.log()
+        );
+        slowest = slowest.max(back.elapsed());
+
+        // pgcdc ↔ broker.
+        w.wait_for(w.committed() + 50).await;
+        kafka_proxy.cut();
+        tokio::time::sleep(ms(s.rng.range(1000, 4000))).await;
+        kafka_proxy.restore();
+        s.outages += 1;
+
+        // Both at once.
+        w.wait_for(w.committed() + 50).await;
+        pg_proxy.cut();
+        kafka_proxy.cut();
+        tokio::time::sleep(ms(s.rng.range(500, 3000))).await;
+        pg_proxy.restore();
+        kafka_proxy.restore();
+        s.outages += 1;
+        streams += 1;
+        assert!(
+            s.wait_streaming(streams, Duration::from_secs(30)).await,
+            "pgcdc did not resume after the cut to both:\n{}",
+            s.pgcdc.log()
+        );
+    }
+    // A silent partition: the connection stays open but nothing passes, ever again. Only
+    // pgcdc's own receive timeout can notice.
+    w.wait_for(w.committed() + 50).await;
+    pg_proxy.silence();
+    tokio::time::sleep(ms(1000)).await;
+    pg_proxy.restore();
+    s.outages += 1;
+    streams += 1;
+    assert!(
+        s.wait_streaming(streams, Duration::from_secs(40)).await,
+        "pgcdc did not notice the silent connection:\n{}",
+        s.pgcdc.log()
+    );
+    let log = s.pgcdc.log();
+    assert!(log.contains("reconnecting"), "{log}");
+    assert_eq!(s.pgcdc.runs, 1, "pgcdc was restarted");
+    let note = format!(
+        " ({rounds}× PostgreSQL link, {rounds}× broker link, {rounds}× both, 1 silent partition; resumed within {slowest:.1?} of a restored link)"
+    );
+    s.finish(w, &note).await;
+    drop(kafka_proxy);
+    drop(broker);
+    drop(pg_proxy);
+}
+
+/// Regression: a connection to PostgreSQL that went silent (a partition that neither
+/// delivers nor resets) left pgcdc waiting forever; it now gives up after --receive-timeout
+/// and reconnects.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_replication_connection_is_detected_and_replaced() {
+    let pg_proxy = proxy::Proxy::start(common::env().port);
+    let kafka = shared_kafka();
+    let test_db = common::TestDb::create().await;
+    let source = format!(
+        "host=127.0.0.1 port={} user={} dbname={} sslmode=disable connect_timeout=5",
+        pg_proxy.port, test_db.env.superuser, test_db.name
+    );
+    let mut s = Scenario::new(
+        "silent connection",
+        Db::Shared(test_db),
+        Some(source),
+        &kafka,
+        &kafka,
+        (100, 5),
+        &["--receive-timeout", "2"],
+    )
+    .await;
+    s.pgcdc.spawn();
+    s.wait_for_slot().await;
+    let mut w = s.start_workload(Pace {
+        pause: ms(20),
+        ..Pace::default()
+    });
+    s.expect_log("streaming changes", Duration::from_secs(60))
+        .await;
+    w.wait_for(w.committed() + 20).await;
+    s.fault();
+    pg_proxy.silence();
+    tokio::time::sleep(ms(500)).await;
+    pg_proxy.restore();
+    s.outages += 1;
+    assert!(
+        s.wait_streaming(2, Duration::from_secs(40)).await,
+        "pgcdc did not notice the silent connection:\n{}",
+        s.pgcdc.log()
+    );
+    assert!(s.pgcdc.log().contains("presumed lost"), "{}", s.pgcdc.log());
+    s.finish(w, " (silent partition)").await;
+    drop(pg_proxy);
+}

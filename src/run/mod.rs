@@ -41,7 +41,7 @@ use failure::{
 };
 pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
-use stream::{catch_up, start_stream, stream_changes, Until};
+use stream::{catch_up, start_stream, stream_changes, Timers, Until};
 
 /// First wait before reconnecting after the replication stream was lost; doubles per
 /// failed attempt up to [`RECONNECT_MAX_DELAY`], and starts over once streaming resumed.
@@ -475,7 +475,7 @@ async fn capture(
                     acked_rx.clone(),
                     stop,
                     Until::StopLsn(stop_lsn),
-                    args.status_interval,
+                    Timers::of(args),
                 )
                 .await
                 .map(|(stream, _)| stream)

@@ -75,6 +75,8 @@ struct Scenario {
     kills: usize,
     outages: usize,
     first_fault_ms: Option<i64>,
+    /// Transactions committed by the test itself, besides the workload's.
+    extra_txns: Vec<workload::Txn>,
 }
 
 impl Scenario {
@@ -131,6 +133,7 @@ impl Scenario {
             kills: 0,
             outages: 0,
             first_fault_ms: None,
+            extra_txns: Vec::new(),
         };
         let client = s.client().await;
         client
@@ -231,7 +234,8 @@ impl Scenario {
     /// WAL to shrink, stops pgcdc with SIGTERM, then checks the topics and tables and prints
     /// the summary line.
     async fn finish(mut self, workload: Workload, outage_note: &str) -> Summary {
-        let report = workload.stop().await;
+        let mut report = workload.stop().await;
+        report.committed.append(&mut self.extra_txns);
         let client = self.client().await;
         if !self.pgcdc.running() {
             self.pgcdc.spawn();
@@ -680,4 +684,129 @@ async fn silent_replication_connection_is_detected_and_replaced() {
     assert!(s.pgcdc.log().contains("presumed lost"), "{}", s.pgcdc.log());
     s.finish(w, " (silent partition)").await;
     drop(pg_proxy);
+}
+
+/// Commits one transaction inserting `rows` orders from `first_id`, marked `marker`.
+async fn large_transaction(
+    client: &tokio_postgres::Client,
+    first_id: i64,
+    rows: i64,
+    marker: &str,
+) -> workload::Txn {
+    let last = first_id + rows - 1;
+    let tx = client.simple_query("BEGIN; SELECT txid_current()").await;
+    let xid: i64 = tx
+        .ok()
+        .and_then(|m| {
+            m.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+        })
+        .and_then(|x| x.parse().ok())
+        .expect("xid");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO orders SELECT g, 1, g, 'bulk', '{marker}' \
+             FROM generate_series({first_id}, {last}) g; COMMIT"
+        ))
+        .await
+        .expect("large transaction");
+    workload::Txn {
+        xid: (xid & 0xFFFF_FFFF) as u32,
+        marker: marker.to_string(),
+        expects: (first_id..=last)
+            .map(|id| workload::Expect::Upsert {
+                table: "orders",
+                key: serde_json::json!({ "id": id }),
+            })
+            .collect(),
+    }
+}
+
+/// How many events of the transaction marked `marker` the orders topic holds, and their
+/// commit LSN.
+async fn published_of(kafka: &str, topic: &str, marker: &str) -> (usize, Option<u64>) {
+    let (kafka, topic) = (kafka.to_string(), topic.to_string());
+    let records = tokio::task::spawn_blocking(move || check::read_all(&kafka, &topic))
+        .await
+        .expect("reader");
+    let mut n = 0;
+    let mut commit = None;
+    for r in records {
+        let Some(v) = r.value else { continue };
+        let v: serde_json::Value = serde_json::from_slice(&v).expect("JSON");
+        if v["after"]["marker"] == marker {
+            n += 1;
+            commit = v["source"]["commit_lsn"].as_u64();
+        }
+    }
+    (n, commit)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_large_transaction() {
+    const ROWS: i64 = 30_000;
+    let kafka = shared_kafka();
+    let db = Db::Shared(common::TestDb::create().await);
+    let mut s = Scenario::new("SIGTERM", db, None, &kafka, &kafka, (1_000, 20), &[]).await;
+    s.pgcdc.spawn();
+    s.wait_for_slot().await;
+    let w = s.start_workload(Pace {
+        pause: ms(20),
+        ..Pace::default()
+    });
+    let client = s.client().await;
+    let topic = format!("{}.public.orders", s.prefix);
+    let mut mid_transaction = 0;
+    let mut stops = 0;
+    for attempt in 0..4 {
+        s.expect_log("streaming changes", Duration::from_secs(60))
+            .await;
+        // Start from a caught-up pgcdc, so that the stop lands in the new transaction.
+        let now = check::current_lsn(&client).await;
+        check::wait_confirmed(&client, &s.slot, now, Duration::from_secs(60)).await;
+        let marker = format!("big{attempt}");
+        let txn = large_transaction(&client, 10_000_000 * (attempt + 1), ROWS, &marker).await;
+        s.extra_txns.push(txn);
+        // Let pgcdc get into the transaction, then ask it to stop.
+        tokio::time::sleep(ms(s.rng.range(100, 1000))).await;
+        s.fault();
+        let stopped = Instant::now();
+        let status = s.pgcdc.sigterm(Duration::from_secs(30));
+        let took = stopped.elapsed();
+        stops += 1;
+        s.outages += 1;
+        let status =
+            status.unwrap_or_else(|| panic!("no exit 30s after SIGTERM:\n{}", s.pgcdc.log()));
+        assert!(status.success(), "{status:?}:\n{}", s.pgcdc.log());
+        let (published, commit_lsn) = published_of(&kafka, &topic, &marker).await;
+        let confirmed = check::confirmed_flush(&client, &s.slot)
+            .await
+            .expect("the slot");
+        eprintln!(
+            "SIGTERM #{}: exited 0 after {took:.1?}; {published} of {ROWS} rows of the large transaction published",
+            attempt + 1
+        );
+        if published > 0 && (published as i64) < ROWS {
+            mid_transaction += 1;
+            // Nothing of a transaction that was not entirely acknowledged is confirmed.
+            let commit_lsn = commit_lsn.expect("commit_lsn");
+            assert!(
+                confirmed <= commit_lsn,
+                "confirmed {confirmed} past the unfinished transaction committing at {commit_lsn}"
+            );
+        }
+        s.pgcdc.spawn();
+        if mid_transaction >= 2 {
+            break;
+        }
+    }
+    assert!(
+        mid_transaction >= 1,
+        "no SIGTERM landed in the middle of the large transaction"
+    );
+    let note =
+        format!(" ({stops} SIGTERMs, {mid_transaction} in the middle of a {ROWS}-row transaction)");
+    s.finish(w, &note).await;
 }

@@ -149,14 +149,15 @@ fn watermark_total(kafka: &str, topic: &str) -> usize {
 
 /// Reads a topic from the beginning: until the records the broker's watermarks announce
 /// have arrived, or nothing new arrived for a while.
-fn read_all(kafka: &str, topic: &str) -> Vec<ConsumedRecord> {
+pub fn read_all(kafka: &str, topic: &str) -> Vec<ConsumedRecord> {
     let expected = watermark_total(kafka, topic);
     let records = read_topic(
         &KafkaConfig::new(kafka),
         topic,
         ReadStop::Quiet {
             expected: Some(expected),
-            quiet: Duration::from_secs(5),
+            // Only matters when the broker delivers less than it announced.
+            quiet: Duration::from_secs(30),
             max_wait: Duration::from_secs(180),
         },
     )

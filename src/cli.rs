@@ -52,7 +52,7 @@ pub enum SnapshotMode {
     Initial,
     /// Never snapshot; stream changes from the slot's position only.
     Never,
-    /// Snapshot at every start (re-creates the slot).
+    /// Snapshot at every start (the slot is first drained up to the new snapshot).
     Always,
 }
 

@@ -810,3 +810,70 @@ async fn sigterm_during_a_large_transaction() {
         format!(" ({stops} SIGTERMs, {mid_transaction} in the middle of a {ROWS}-row transaction)");
     s.finish(w, &note).await;
 }
+
+/// Regression: taking the snapshot again over an existing slot dropped the old slot and then
+/// copied the new one to its name. A crash between the two left no slot at all, and the next
+/// run started from a fresh snapshot: the deletes committed in between were never published.
+/// The slot must exist at every moment of a re-snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn resnapshot_never_leaves_the_slot_missing() {
+    let kafka = shared_kafka();
+    let db = Db::Shared(common::TestDb::create().await);
+    let mut s = Scenario::new("re-snapshot", db, None, &kafka, &kafka, (200, 5), &[]).await;
+    let (status, log) = s.pgcdc.run_to_end(&["--stop-lsn", "now"]);
+    assert!(status.success(), "{log}");
+    // Watch the slot as closely as we can while snapshots are taken again.
+    let watcher = s.client().await;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let slot = s.slot.clone();
+    let watch = tokio::spawn(async move {
+        let q = watcher
+            .prepare("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
+            .await
+            .expect("prepare");
+        let (mut polls, mut missing) = (0u64, 0u64);
+        while !*stop_rx.borrow_and_update() {
+            let n: i64 = watcher.query_one(&q, &[&slot]).await.expect("poll").get(0);
+            polls += 1;
+            missing += u64::from(n == 0);
+        }
+        (polls, missing)
+    });
+    let client = s.client().await;
+    for i in 0..5 {
+        let id = i + 1;
+        let msgs = client
+            .simple_query(&format!(
+                "BEGIN; SELECT txid_current(); DELETE FROM orders WHERE id = {id}; COMMIT"
+            ))
+            .await
+            .expect("delete");
+        let xid: i64 = msgs
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+                _ => None,
+            })
+            .expect("xid");
+        s.extra_txns.push(workload::Txn {
+            xid: (xid & 0xFFFF_FFFF) as u32,
+            marker: String::new(),
+            expects: vec![workload::Expect::Delete {
+                table: "orders",
+                key: serde_json::json!({ "id": id }),
+            }],
+        });
+        let (status, log) = s
+            .pgcdc
+            .run_to_end(&["--snapshot", "always", "--stop-lsn", "now"]);
+        assert!(status.success(), "{log}");
+    }
+    let _ = stop_tx.send(true);
+    let (polls, missing) = watch.await.expect("watcher");
+    assert_eq!(
+        missing, 0,
+        "the slot was missing in {missing} of {polls} polls during re-snapshots"
+    );
+    let w = s.start_workload(Pace::default());
+    s.finish(w, " (5 re-snapshots)").await;
+}

@@ -319,8 +319,11 @@ async fn capture(
     let start = if take_snapshot {
         // The snapshot comes from a temporary slot: its consistent point C is where the new
         // stream starts. An old slot is first drained up to C (so nothing committed between
-        // its position and C is skipped, deletes included), then replaced by a copy of the
-        // temporary slot. `--snapshot-only` keeps nothing.
+        // its position and C is skipped, deletes included), then advanced to C: it then
+        // yields exactly what the snapshot does not see, and it exists at every moment, so a
+        // crash at any point leaves a slot that covers everything not yet published.
+        // Without an old slot, the temporary one is copied to the permanent name.
+        // `--snapshot-only` keeps nothing.
         let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
         let created = repl
             .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
@@ -338,7 +341,7 @@ async fn capture(
         tracing::info!(consistent_point = %at, snapshot = %snapshot_name, "snapshot exported");
         if !args.snapshot_only {
             if existing.is_some() {
-                tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then replacing it");
+                tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then moving it to the snapshot's position");
                 let caught_up = catch_up(
                     args, conninfo, slot_name, at, tables, encoder, tx, &acked_rx, stop,
                 )
@@ -347,17 +350,20 @@ async fn capture(
                 if !caught_up {
                     return Ok(None);
                 }
-                drop_slot(client, slot_name).await.map_err(no_stream)?;
+                advance_slot(client, slot_name, at)
+                    .await
+                    .map_err(no_stream)?;
+            } else {
+                client
+                    .query_one(
+                        "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
+                        &[&temp_name, &slot_name],
+                    )
+                    .await
+                    .context("cannot copy the new slot to its permanent name")
+                    .or_fail(SourceFail)
+                    .map_err(no_stream)?;
             }
-            client
-                .query_one(
-                    "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
-                    &[&temp_name, &slot_name],
-                )
-                .await
-                .context("cannot copy the new slot to its permanent name")
-                .or_fail(SourceFail)
-                .map_err(no_stream)?;
             store
                 .save(
                     &new_progress(
@@ -505,12 +511,15 @@ async fn capture(
     }
 }
 
-/// Drops a slot whose walsender may take a moment to exit.
-async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Failure> {
+/// Moves a slot (whose walsender may take a moment to exit) forward to `to`.
+async fn advance_slot(client: &tokio_postgres::Client, slot: &str, to: Lsn) -> Result<(), Failure> {
     let mut attempts = 0;
     loop {
         match client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                &[&slot, &to.to_string()],
+            )
             .await
         {
             Ok(_) => return Ok(()),
@@ -523,7 +532,7 @@ async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Fa
             }
             Err(e) => {
                 return Err(anyhow::Error::new(e))
-                    .with_context(|| format!("cannot drop the old slot `{slot}`"))
+                    .with_context(|| format!("cannot move the slot `{slot}` to {to}"))
                     .or_fail(SourceFail)
             }
         }

@@ -56,6 +56,15 @@ pub enum SnapshotMode {
     Always,
 }
 
+/// What to do with a record larger than Kafka accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Oversized {
+    /// Stop (exit 4) without confirming it: raise the limit and run again, nothing is lost.
+    Fail,
+    /// Leave it out, with an error in the log naming topic and size, and count it.
+    Skip,
+}
+
 /// `--stop-lsn`: an LSN, or `now` for the server's WAL position at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopLsn {
@@ -184,6 +193,11 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub kafka_properties: Vec<Property>,
+
+    /// A record larger than Kafka accepts (message.max.bytes): fail, or skip it with a loud
+    /// log line and a count (its change is then lost for consumers).
+    #[arg(long, env = "PGCDC_OVERSIZED", value_enum, default_value = "fail")]
+    pub oversized: Oversized,
 
     /// Follow each delete with a tombstone (same key, null value) so compacted topics forget
     /// the row.

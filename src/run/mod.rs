@@ -26,7 +26,7 @@ use anyhow::{anyhow, Context};
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{FileStore, Progress, SnapshotState};
-use crate::cli::{RunArgs, SinkKind, SnapshotMode, StopLsn};
+use crate::cli::{Oversized, RunArgs, SinkKind, SnapshotMode, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::sink::{self, kafka, SinkItem};
@@ -141,6 +141,10 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
                     .map(|p| (p.key.clone(), p.value.clone()))
                     .collect(),
                 max_in_flight: 100_000,
+                oversized: match args.oversized {
+                    Oversized::Fail => kafka::Oversized::Fail,
+                    Oversized::Skip => kafka::Oversized::Skip,
+                },
             };
             kafka::wait_for_cluster(&cfg, args.kafka_timeout)
                 .await

@@ -13,8 +13,8 @@
 //!
 //! Startup therefore decides: a slot with a completed snapshot recorded for it resumes
 //! streaming; anything else (a crash mid-snapshot, a slot without a record, a record without
-//! its slot) means the snapshot is redone from a freshly created slot, never a stream without
-//! a complete snapshot behind it. Because the record is an ordinary keyed Kafka message, a
+//! its slot) means the snapshot is redone — an existing slot is first drained up to the new
+//! snapshot and moved to its position — never a stream without a complete snapshot behind it. Because the record is an ordinary keyed Kafka message, a
 //! later transactional mode can commit events and progress in one transaction.
 
 use std::path::{Path, PathBuf};

@@ -67,8 +67,17 @@ pub enum SnapshotMode {
     Initial,
     /// Never snapshot; stream changes from the slot's position only.
     Never,
-    /// Snapshot at every start (re-creates the slot).
+    /// Snapshot at every start (the slot is first drained up to the new snapshot).
     Always,
+}
+
+/// What to do with a record larger than Kafka accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Oversized {
+    /// Stop (exit 4) without confirming it: raise the limit and run again, nothing is lost.
+    Fail,
+    /// Leave it out, with an error in the log naming topic and size, and count it.
+    Skip,
 }
 
 /// `--stop-lsn`: an LSN, or `now` for the server's WAL position at start.
@@ -205,6 +214,11 @@ pub struct RunArgs {
     )]
     pub kafka_properties: Vec<Property>,
 
+    /// A record larger than Kafka accepts (message.max.bytes): fail, or skip it with a loud
+    /// log line and a count (its change is then lost for consumers).
+    #[arg(long, env = "PGCDC_OVERSIZED", value_enum, default_value = "fail")]
+    pub oversized: Oversized,
+
     /// Follow each delete with a tombstone (same key, null value) so compacted topics forget
     /// the row.
     #[arg(long, env = "PGCDC_TOMBSTONES", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
@@ -276,6 +290,12 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub exclude_columns: Vec<ColumnRef>,
+
+    /// Treat the replication connection as lost when PostgreSQL sends nothing for this long
+    /// while pgcdc waits for it (a silent network partition), and reconnect. PostgreSQL
+    /// answers every status update, so keep it well above --status-interval; 0 turns it off.
+    #[arg(long, env = "PGCDC_RECEIVE_TIMEOUT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub receive_timeout: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------

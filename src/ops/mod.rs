@@ -55,6 +55,8 @@ pub(crate) fn kafka_config(conn: &ConnArgs) -> Option<KafkaConfig> {
             .map(|p| (p.key.clone(), p.value.clone()))
             .collect(),
         max_in_flight: kafka::DEFAULT_MAX_IN_FLIGHT,
+        // Only `run` produces events; the other commands read.
+        oversized: kafka::Oversized::default(),
     })
 }
 

@@ -1,5 +1,6 @@
 //! Why a run failed, and the exit code that says so.
 
+use crate::sink::SinkError;
 use crate::source::replication::ReplicationError;
 
 /// What kind of failure ended the run; decides the exit code.
@@ -63,6 +64,23 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The sink task's failure: transient when restarting the pipeline may clear it (a
+    /// delivery Kafka failed, a producer in a fatal state), not for configuration, permission,
+    /// size or output problems.
+    pub(super) fn sink(e: SinkError) -> Self {
+        let transient = matches!(
+            e,
+            SinkError::Delivery { .. } | SinkError::ProducerFatal { .. }
+        );
+        Failure {
+            kind: FailureKind::Sink,
+            error: e.into(),
+            transient,
+        }
+    }
+}
+
 pub(crate) trait Classify<T> {
     fn or_fail(self, kind: FailureKind) -> Result<T, Failure>;
 }
@@ -76,4 +94,30 @@ impl<T, E: Into<anyhow::Error>> Classify<T> for Result<T, E> {
 /// The sink task ended before it was asked to.
 pub(super) fn sink_gone() -> Failure {
     Failure::new(FailureKind::Sink, anyhow::anyhow!("the sink stopped"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: after a broker outage Kafka failed a record ("Unknown broker error") and
+    /// pgcdc exited with code 4; such failures now restart the pipeline in process.
+    #[test]
+    fn failed_deliveries_restart_the_pipeline_but_size_and_config_problems_do_not() {
+        let delivery = SinkError::Delivery {
+            topic: "t".into(),
+            source: rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::Unknown,
+            ),
+        };
+        assert!(Failure::sink(delivery).transient);
+        assert!(Failure::sink(SinkError::ProducerFatal { reason: "x".into() }).transient);
+        let too_large = SinkError::MessageTooLarge {
+            topic: "t".into(),
+            bytes: 10,
+        };
+        assert!(!Failure::sink(too_large).transient);
+        assert!(!Failure::sink(SinkError::Config("x".into())).transient);
+        assert!(!Failure::sink(SinkError::OutputClosed).transient);
+    }
 }

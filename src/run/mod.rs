@@ -28,7 +28,7 @@ use anyhow::{anyhow, Context};
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{FileStore, Progress, SnapshotState};
-use crate::cli::{RunArgs, SinkKind, SnapshotMode, StopLsn};
+use crate::cli::{Oversized, RunArgs, SinkKind, SnapshotMode, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::sink::{self, kafka, SinkItem};
@@ -43,10 +43,52 @@ use failure::{
 };
 pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
-use stream::{catch_up, start_stream, stream_changes, Bounds, Until};
+use stream::{catch_up, start_stream, stream_changes, Bounds, Timers, Until};
+
+/// First wait before reconnecting after the replication stream was lost; doubles per
+/// failed attempt up to [`RECONNECT_MAX_DELAY`], and starts over once streaming resumed.
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(500);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// First wait before starting the pipeline again after Kafka failed a delivery; doubles up to
+/// [`RESTART_MAX_DELAY`], and starts over after a run that lasted [`RESTART_RESET_AFTER`].
+const RESTART_FIRST_DELAY: Duration = Duration::from_secs(1);
+const RESTART_MAX_DELAY: Duration = Duration::from_secs(30);
+const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
 
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
-pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
+///
+/// A Kafka delivery failure that a restart can clear (the broker failed a record after an
+/// outage, or the producer entered a fatal state) starts the pipeline again, as a supervisor
+/// would: nothing after the confirmed position was confirmed, so the new run re-publishes
+/// it from the slot. Configuration, permission and size problems end the run.
+pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failure> {
+    let mut delay = RESTART_FIRST_DELAY;
+    loop {
+        let started = std::time::Instant::now();
+        let mut stop_rx = stop.clone();
+        match run_once(args.clone(), stop.clone()).await {
+            Err(f) if f.transient && f.kind == SinkFail && !*stop.borrow() => {
+                if started.elapsed() >= RESTART_RESET_AFTER {
+                    delay = RESTART_FIRST_DELAY;
+                }
+                tracing::warn!(
+                    error = format!("{:#}", f.error),
+                    "Kafka failed a delivery; starting again from the last confirmed position in {delay:?}"
+                );
+                tokio::select! {
+                    _ = stop_rx.wait_for(|s| *s) => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(RESTART_MAX_DELAY);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One run of the pipeline: checks, snapshot or resume, stream.
+async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
     let conninfo = ConnInfo::parse(&args.source)
         .context("invalid --source")
         .or_fail(Usage)?;
@@ -104,6 +146,10 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
                     .map(|p| (p.key.clone(), p.value.clone()))
                     .collect(),
                 max_in_flight: 100_000,
+                oversized: match args.oversized {
+                    Oversized::Fail => kafka::Oversized::Fail,
+                    Oversized::Skip => kafka::Oversized::Skip,
+                },
             };
             kafka::wait_for_cluster(&cfg, args.kafka_timeout)
                 .await
@@ -172,7 +218,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         Err((stream, e)) => (stream, Err(e)),
     };
     let output_closed = matches!(sink_result, Ok(Err(sink::SinkError::OutputClosed)));
-    let acked = match &sink_result {
+    let acked = match sink_result {
         Ok(Ok(summary)) => {
             tracing::info!(?summary, "sink finished");
             None
@@ -181,7 +227,7 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
             tracing::info!("output closed; stopping without confirming what was not written");
             None
         }
-        Ok(Err(e)) => Some(Failure::new(SinkFail, anyhow!("{e}"))),
+        Ok(Err(e)) => Some(Failure::sink(e)),
         Err(e) => Some(Failure::new(SinkFail, anyhow!("sink task failed: {e}"))),
     };
     if let Some(mut ended) = stream {
@@ -200,6 +246,8 @@ pub async fn run(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), F
         // The reader went away (`pgcdc run | head`): a clean end, and what failed after it
         // only failed because the sink was gone.
         (Err(e), _) if output_closed && e.kind == SinkFail => Ok(()),
+        // The pipeline failed because the sink did: the sink's own error says why.
+        (Err(e), Some(sink)) if e.kind == SinkFail => Err(sink),
         (Err(e), _) => Err(e),
         (Ok(()), Some(e)) => Err(e),
         (Ok(()), None) => Ok(()),
@@ -290,8 +338,11 @@ async fn capture(
     let start = if take_snapshot {
         // The snapshot comes from a temporary slot: its consistent point C is where the new
         // stream starts. An old slot is first drained up to C (so nothing committed between
-        // its position and C is skipped, deletes included), then replaced by a copy of the
-        // temporary slot. `--snapshot-only` keeps nothing.
+        // its position and C is skipped, deletes included), then advanced to C: it then
+        // yields exactly what the snapshot does not see, and it exists at every moment, so a
+        // crash at any point leaves a slot that covers everything not yet published.
+        // Without an old slot, the temporary one is copied to the permanent name.
+        // `--snapshot-only` keeps nothing.
         let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
         let created = repl
             .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
@@ -309,7 +360,7 @@ async fn capture(
         tracing::info!(consistent_point = %at, snapshot = %snapshot_name, "snapshot exported");
         if !args.snapshot_only {
             if existing.is_some() {
-                tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then replacing it");
+                tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then moving it to the snapshot's position");
                 let caught_up = catch_up(
                     args, conninfo, slot_name, at, tables, encoder, changes, tx, &acked_rx, stop,
                 )
@@ -318,17 +369,20 @@ async fn capture(
                 if !caught_up {
                     return Ok(None);
                 }
-                drop_slot(client, slot_name).await.map_err(no_stream)?;
+                advance_slot(client, slot_name, at)
+                    .await
+                    .map_err(no_stream)?;
+            } else {
+                client
+                    .query_one(
+                        "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
+                        &[&temp_name, &slot_name],
+                    )
+                    .await
+                    .context("cannot copy the new slot to its permanent name")
+                    .or_fail(SourceFail)
+                    .map_err(no_stream)?;
             }
-            client
-                .query_one(
-                    "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
-                    &[&temp_name, &slot_name],
-                )
-                .await
-                .context("cannot copy the new slot to its permanent name")
-                .or_fail(SourceFail)
-                .map_err(no_stream)?;
             store
                 .save(
                     &new_progress(
@@ -419,7 +473,7 @@ async fn capture(
     // walsender) reconnects with backoff and resumes after the last acknowledged position.
     let mut repl = Some(repl);
     let mut start = start;
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = RECONNECT_FIRST_DELAY;
     loop {
         let attempt = async {
             let client = match repl.take() {
@@ -435,6 +489,8 @@ async fn capture(
         };
         let outcome = match attempt.await {
             Ok(stream) => {
+                // Streaming again: the outage is over, the next one starts with a short wait.
+                backoff = RECONNECT_FIRST_DELAY;
                 let builder = ChangeBuilder::new(
                     encoder.clone(),
                     &args.topic_prefix,
@@ -451,7 +507,7 @@ async fn capture(
                     Bounds {
                         start,
                         until: Until::StopLsn(stop_lsn),
-                        status_interval: args.status_interval,
+                        timers: Timers::of(args),
                     },
                 )
                 .await
@@ -471,7 +527,7 @@ async fn capture(
                     _ = stop.wait_for(|s| *s) => return Ok(None),
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(RECONNECT_MAX_DELAY);
                 // Resume after what the sink acknowledged; the server skips what it confirmed.
                 let acked = *acked_rx.borrow();
                 if acked > start {
@@ -483,12 +539,15 @@ async fn capture(
     }
 }
 
-/// Drops a slot whose walsender may take a moment to exit.
-async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Failure> {
+/// Moves a slot (whose walsender may take a moment to exit) forward to `to`.
+async fn advance_slot(client: &tokio_postgres::Client, slot: &str, to: Lsn) -> Result<(), Failure> {
     let mut attempts = 0;
     loop {
         match client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                &[&slot, &to.to_string()],
+            )
             .await
         {
             Ok(_) => return Ok(()),
@@ -501,7 +560,7 @@ async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Fa
             }
             Err(e) => {
                 return Err(anyhow::Error::new(e))
-                    .with_context(|| format!("cannot drop the old slot `{slot}`"))
+                    .with_context(|| format!("cannot move the slot `{slot}` to {to}"))
                     .or_fail(SourceFail)
             }
         }

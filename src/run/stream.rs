@@ -3,8 +3,16 @@
 //! One `select!` with fixed priorities: (1) a stop signal, (2) the sink's acknowledgements,
 //! (3) the status timer — it fires even while the sink applies backpressure, so
 //! `wal_sender_timeout` never cuts a slow but healthy stream — (4) handing queued items to the
-//! sink, and only when nothing is queued, (5) reading more WAL. At most one message's items are
-//! queued here; everything else waits in the bounded channel or in PostgreSQL.
+//! sink, and only when nothing is queued, (5) the receive timeout and (6) reading more WAL. At
+//! most one message's items are queued here; everything else waits in the bounded channel or in
+//! PostgreSQL.
+//!
+//! The receive timeout exists because a connection can die silently: a partition or a
+//! middlebox that forgets the connection delivers neither data nor a reset, and TCP would only
+//! notice after many minutes. Every status update asks the server for a reply, so a healthy
+//! connection is never silent for long while pgcdc reads; silence for `--receive-timeout`
+//! counts as a lost connection and the usual reconnect follows. Time spent waiting for the
+//! sink does not count.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -78,7 +86,7 @@ pub(super) async fn catch_up(
         Bounds {
             start: Lsn::INVALID,
             until: Until::Before(until),
-            status_interval: args.status_interval,
+            timers: Timers::of(args),
         },
     )
     .await
@@ -103,13 +111,32 @@ pub(super) fn confirmable(acked_rx: &watch::Receiver<Lsn>, start: Lsn) -> Lsn {
     (*acked_rx.borrow()).max(start)
 }
 
-/// Where a streaming session starts and ends, and how often it reports.
+/// Where a streaming session starts and ends, and its clocks.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Bounds {
     /// The slot position the session started from (already confirmed).
     pub start: Lsn,
     pub until: Until,
+    pub timers: Timers,
+}
+
+/// The streaming loop's clocks.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timers {
+    /// How often the confirmed position is reported (asking for a reply).
     pub status_interval: Duration,
+    /// Silence from the server for this long, while reading, means the connection is lost
+    /// (zero: never).
+    pub receive_timeout: Duration,
+}
+
+impl Timers {
+    pub(super) fn of(args: &RunArgs) -> Self {
+        Timers {
+            status_interval: args.status_interval,
+            receive_timeout: args.receive_timeout,
+        }
+    }
 }
 
 /// When the streaming loop ends by itself.
@@ -143,14 +170,16 @@ pub(super) async fn stream_changes(
     Bounds {
         start,
         until,
-        status_interval,
+        timers,
     }: Bounds,
 ) -> Result<(ReplicationStream, End), (Option<EndedStream>, Failure)> {
     let mut decoder = Decoder::new();
     let mut pending: VecDeque<SinkItem> = VecDeque::new();
     let mut scratch: Vec<SinkItem> = Vec::new();
     let mut queued_position = Lsn::INVALID;
-    let mut tick = tokio::time::interval(status_interval);
+    let mut tick = tokio::time::interval(timers.status_interval);
+    // Last time the server was heard from, or pgcdc stopped waiting for the sink.
+    let mut heard = tokio::time::Instant::now();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reached = |acked: Lsn| match until {
         Until::StopLsn(Some(s)) => acked.is_valid() && acked >= s,
@@ -202,8 +231,19 @@ pub(super) async fn stream_changes(
                     (Ok(permit), Some(item)) => permit.send(item),
                     _ => break End::Stopped,
                 }
+                heard = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep_until(heard + timers.receive_timeout), if pending.is_empty() && !timers.receive_timeout.is_zero() => {
+                fail!(Failure::replication(ReplicationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "PostgreSQL sent nothing for {:?} (--receive-timeout): the connection is presumed lost",
+                        timers.receive_timeout
+                    ),
+                ))));
             }
             msg = stream.next_message(), if pending.is_empty() => {
+                heard = tokio::time::Instant::now();
                 match msg {
                     Ok(Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. })) => {
                         metrics.server_message(wal_end);

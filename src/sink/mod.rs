@@ -70,6 +70,8 @@ pub struct SinkSummary {
     pub bytes: u64,
     /// Of those records, how many were tombstones (`value: None`).
     pub tombstones: u64,
+    /// Records left out because they were larger than Kafka accepts (`--oversized skip`).
+    pub oversized_skipped: u64,
 }
 
 impl SinkSummary {

@@ -21,11 +21,12 @@ pub enum ConnectError {
     #[error(transparent)]
     Tls(#[from] TlsError),
 
-    #[error("could not connect to PostgreSQL at {target}: {source}")]
+    /// The message is complete in itself (the server's error, or the network's, and how to
+    /// fix it), so `error` is not chained as a source: printing the chain would repeat it.
+    #[error("could not connect to PostgreSQL at {target}: {}", explain(error))]
     Postgres {
         target: String,
-        #[source]
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
 
     #[error(
@@ -39,7 +40,7 @@ impl ConnectError {
     /// The SQLSTATE when the server refused the connection.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            ConnectError::Postgres { source, .. } => source.code().map(|c| c.code()),
+            ConnectError::Postgres { error, .. } => error.code().map(|c| c.code()),
             _ => None,
         }
     }
@@ -49,7 +50,7 @@ impl ConnectError {
     /// errors are definite.
     pub fn is_transient(&self) -> bool {
         match self {
-            ConnectError::Postgres { source, .. } => match source.code() {
+            ConnectError::Postgres { error, .. } => match error.code() {
                 Some(code) => {
                     let c = code.code();
                     c.starts_with("08") || ["57P01", "57P02", "57P03", "53300"].contains(&c)
@@ -57,8 +58,8 @@ impl ConnectError {
                 // No SQLSTATE: transient when it is a closed connection or an I/O
                 // error (refused, reset, timed out) somewhere in the chain.
                 None => {
-                    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
-                    let mut io = source.is_closed();
+                    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+                    let mut io = error.is_closed();
                     while let Some(c) = cause {
                         io |= c.is::<std::io::Error>();
                         cause = c.source();
@@ -68,6 +69,53 @@ impl ConnectError {
             },
             _ => false,
         }
+    }
+}
+
+/// The server's or the network's account of a failed connection, with the fix for the
+/// mistakes users make most: wrong password, unknown user or database, unknown host, nothing
+/// listening.
+fn explain(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let fix = match db.code().code() {
+            "28P01" => {
+                ". Fix: check the password (password= in --source, PGPASSWORD, or ~/.pgpass)"
+            }
+            "28000" => ". Fix: check the user name, and that pg_hba.conf lets it connect from here",
+            "3D000" => {
+                ". Fix: create the database, or name an existing one with dbname= in --source \
+                 (or PGDATABASE)"
+            }
+            _ => "",
+        };
+        return format!(
+            "{} {}: {}{fix}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        );
+    }
+    // The innermost cause says what happened on the network.
+    let mut innermost: &(dyn std::error::Error + 'static) = e;
+    while let Some(c) = innermost.source() {
+        innermost = c;
+    }
+    let what = innermost.to_string();
+    let io_kind = innermost
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind);
+    let fix = if what.contains("lookup address") {
+        ". Fix: check host= in --source (or PGHOST): the name does not resolve"
+    } else if io_kind == Some(std::io::ErrorKind::ConnectionRefused) {
+        ". Fix: check that PostgreSQL runs and listens on that address and port \
+         (listen_addresses, port)"
+    } else {
+        ""
+    };
+    if what == e.to_string() {
+        format!("{what}{fix}")
+    } else {
+        format!("{e}: {what}{fix}")
     }
 }
 
@@ -159,9 +207,9 @@ where
         config
             .connect(tls)
             .await
-            .map_err(|source| ConnectError::Postgres {
+            .map_err(|error| ConnectError::Postgres {
                 target: info.target(),
-                source,
+                error,
             })?;
     let target = info.target();
     tokio::spawn(async move {

@@ -171,7 +171,7 @@ async fn drop_database(env: &TestEnv, name: &str) -> Result<(), tokio_postgres::
     let admin = pgcdc::source::connect::connect(&env.admin("postgres"))
         .await
         .map_err(|e| match e {
-            pgcdc::source::connect::ConnectError::Postgres { source, .. } => source,
+            pgcdc::source::connect::ConnectError::Postgres { error, .. } => error,
             other => panic!("{other}"),
         })?;
     // Logical slots block DROP DATABASE even WITH (FORCE): end their walsenders,

@@ -92,6 +92,21 @@ pub struct KafkaConfig {
     pub properties: Vec<(String, String)>,
     /// Bound on records awaiting their delivery report (backpressure beyond it).
     pub max_in_flight: usize,
+    /// What to do with a record larger than Kafka accepts.
+    pub oversized: Oversized,
+}
+
+/// What to do with a record larger than Kafka accepts (`message.max.bytes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Oversized {
+    /// Stop with [`SinkError::MessageTooLarge`], confirming nothing from that record on: the
+    /// operator raises the limit and restarts, and nothing is lost.
+    #[default]
+    Fail,
+    /// Leave the record out, with an error in the log naming its topic, key and size, and
+    /// count it ([`crate::sink::SinkSummary::oversized_skipped`]). The row's change is lost for
+    /// consumers; the user asked for that.
+    Skip,
 }
 
 impl KafkaConfig {
@@ -101,6 +116,7 @@ impl KafkaConfig {
             bootstrap: bootstrap.into(),
             properties: Vec::new(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            oversized: Oversized::Fail,
         }
     }
 

@@ -26,7 +26,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{client_config, config_error, KafkaConfig, PgcdcContext, Role};
+use super::{client_config, config_error, KafkaConfig, Oversized, PgcdcContext, Role};
 use crate::sink::{report, Record, SinkError, SinkItem, SinkSummary};
 use crate::source::Lsn;
 
@@ -43,6 +43,7 @@ pub struct KafkaSink {
     producer: FutureProducer<PgcdcContext>,
     bootstrap: String,
     max_in_flight: usize,
+    oversized: Oversized,
 }
 
 impl KafkaSink {
@@ -56,6 +57,7 @@ impl KafkaSink {
             producer,
             bootstrap: cfg.bootstrap,
             max_in_flight: cfg.max_in_flight.max(1),
+            oversized: cfg.oversized,
         })
     }
 
@@ -79,7 +81,9 @@ impl KafkaSink {
             tokio::select! {
                 biased;
                 res = fifo.complete_front(), if fifo.deliveries > 0 => {
-                    res.map_err(|e| self.classify(e))?;
+                    if let Err(failed) = res {
+                        self.skip_or_fail(failed, &mut fifo)?;
+                    }
                 }
                 item = rx.recv(), if can_read => match item {
                     None => closed = true,
@@ -115,20 +119,41 @@ impl KafkaSink {
                     // Keep the record; make room by waiting for the oldest delivery.
                     fifo.complete_markers();
                     if fifo.deliveries > 0 {
-                        fifo.complete_front().await.map_err(|e| self.classify(e))?;
+                        if let Err(failed) = fifo.complete_front().await {
+                            self.skip_or_fail(failed, fifo)?;
+                        }
                     } else {
                         tokio::time::sleep(QUEUE_FULL_RETRY).await;
                     }
                 }
                 Err((e, _)) => {
-                    return Err(self.classify(Failed {
+                    let failed = Failed {
                         error: e,
                         topic: record.topic.clone(),
                         bytes: record.payload_len(),
-                    }))
+                    };
+                    return self.skip_or_fail(failed, fifo);
                 }
             }
         }
+    }
+
+    /// With `--oversized skip`, a record too large for Kafka is left out — loudly, and
+    /// counted; every other failure (and that one by default) ends the run.
+    fn skip_or_fail(&self, failed: Failed, fifo: &mut Fifo) -> Result<(), SinkError> {
+        let too_large =
+            failed.error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
+        if !(too_large && self.oversized == Oversized::Skip) {
+            return Err(self.classify(failed));
+        }
+        fifo.summary.oversized_skipped += 1;
+        tracing::error!(
+            topic = %failed.topic,
+            bytes = failed.bytes,
+            skipped = fifo.summary.oversized_skipped,
+            "SKIPPED a record larger than Kafka accepts (--oversized skip): consumers will not see this change; raise message.max.bytes to keep such records"
+        );
+        Ok(())
     }
 
     /// Turns a librdkafka failure into the error that tells the operator what to do.

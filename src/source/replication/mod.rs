@@ -444,7 +444,8 @@ impl ReplicationStream {
     }
 
     /// The next XLogData or keepalive. `Ok(None)` once the server has ended the
-    /// stream (CopyDone); call [`stop`](Self::stop) then.
+    /// stream (CopyDone, or CommandComplete when it shuts down); call
+    /// [`stop`](Self::stop) then.
     ///
     /// Cancel-safe: dropping the future (e.g. in `tokio::select!`) loses no message;
     /// a partially received message stays buffered for the next call. The stream
@@ -459,6 +460,12 @@ impl ReplicationStream {
                 Ok(Some(wire::decode(body.into_bytes())?))
             }
             BackendMessage::Message(Message::CopyDone) => {
+                self.server_done = true;
+                Ok(None)
+            }
+            // A walsender that stops because the server shuts down ends the stream with
+            // CommandComplete alone, no CopyDone first (walsender.c, WalSndDone).
+            BackendMessage::Message(Message::CommandComplete(_)) => {
                 self.server_done = true;
                 Ok(None)
             }
@@ -715,5 +722,23 @@ mod tests {
         };
         let e = ServerErr::from_fields(e.fields());
         assert_eq!(e.to_string(), "ERROR 42704: no; hint: try");
+    }
+
+    /// Regression: a fast shutdown of PostgreSQL made pgcdc exit with "protocol violation:
+    /// unexpected CommandComplete during streaming replication" instead of reconnecting.
+    #[tokio::test]
+    async fn server_shutdown_ends_the_stream_with_command_complete_only() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut server) = tokio::net::UnixStream::pair().unwrap();
+        let mut stream = ReplicationStream {
+            conn: Connection::new(transport::Socket::Unix(ours)),
+            server_version_num: 150000,
+            server_done: false,
+        };
+        // What a walsender sends when the server shuts down: "COPY 0", then it exits.
+        server.write_all(&frame(b'C', b"COPY 0\0")).await.unwrap();
+        drop(server);
+        assert!(matches!(stream.next_message().await, Ok(None)));
+        assert!(matches!(stream.next_message().await, Ok(None)));
     }
 }

@@ -1,0 +1,168 @@
+//! The `pgcdc run` process under test: started, killed, stopped and restarted like a
+//! supervisor would, each run logging to its own file.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Repeated runs of one pgcdc configuration.
+pub struct Pgcdc {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    /// Number of runs started so far; run `n` logs to `run<n>.log`.
+    pub runs: usize,
+}
+
+impl Pgcdc {
+    /// `args` follow `pgcdc run`; logs go to files in `dir`.
+    pub fn new(args: Vec<String>, dir: PathBuf) -> Pgcdc {
+        std::fs::create_dir_all(&dir).expect("log directory");
+        Pgcdc {
+            args,
+            env: Vec::new(),
+            dir,
+            child: None,
+            runs: 0,
+        }
+    }
+
+    /// Sets an environment variable for the following runs.
+    pub fn env(&mut self, key: &str, value: &str) {
+        self.env.push((key.into(), value.into()));
+    }
+
+    pub fn command(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
+        c.arg("run")
+            .args(&self.args)
+            .args(extra)
+            .env_remove("PGCDC_LOG")
+            .env("PGPASSFILE", "/nonexistent")
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn log_path(&self, run: usize) -> PathBuf {
+        self.dir.join(format!("run{run}.log"))
+    }
+
+    /// Starts a new run in the background.
+    pub fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    pub fn spawn_with(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "a run is still going");
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path(self.runs)).expect("log file");
+        let child = self
+            .command(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("pgcdc starts");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9`, and waits for the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; waits at most `timeout` for the exit.
+    pub fn sigterm(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        crate::servers::signal(c.id(), "-TERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    /// The exit status if the current run has ended (it is then forgotten).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The log of the current (latest) run.
+    pub fn log(&self) -> String {
+        self.log_of(self.runs)
+    }
+
+    pub fn log_of(&self, run: usize) -> String {
+        std::fs::read_to_string(self.log_path(run)).unwrap_or_default()
+    }
+
+    /// Every run's log, concatenated.
+    pub fn all_logs(&self) -> String {
+        (1..=self.runs)
+            .map(|r| format!("--- run {r}\n{}", self.log_of(r)))
+            .collect()
+    }
+
+    /// Waits until the current run's log contains `needle` (true), or `timeout` passes or
+    /// the run ends (false).
+    pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.exited().is_some() {
+                return self.log().contains(needle);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs once to completion with `extra` arguments (e.g. `--stop-lsn now`), logging to
+    /// the next run's file; returns its status and log.
+    pub fn run_to_end(&mut self, extra: &[&str]) -> (ExitStatus, String) {
+        assert!(self.child.is_none(), "a run is still going");
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path(self.runs)).expect("log file");
+        let status = self
+            .command(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .status()
+            .expect("pgcdc runs");
+        (status, self.log())
+    }
+}
+
+impl Drop for Pgcdc {
+    fn drop(&mut self) {
+        self.kill9();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("pgcdc logs kept in {}", self.dir.display());
+        }
+    }
+}

@@ -631,8 +631,11 @@ async fn network_cut_to_postgres_and_broker() {
     let log = s.pgcdc.log();
     assert!(log.contains("reconnecting"), "{log}");
     assert_eq!(s.pgcdc.runs, 1, "pgcdc was restarted");
+    let restarts = log
+        .matches("starting again from the last confirmed")
+        .count();
     let note = format!(
-        " ({rounds}× PostgreSQL link, {rounds}× broker link, {rounds}× both, 1 silent partition; resumed within {slowest:.1?} of a restored link)"
+        " ({rounds}× PostgreSQL link, {rounds}× broker link, {rounds}× both, 1 silent partition; resumed within {slowest:.1?} of a restored link; {restarts} in-process pipeline restarts after failed deliveries)"
     );
     s.finish(w, &note).await;
     drop(kafka_proxy);

@@ -53,7 +53,7 @@ fn now_ms() -> i64 {
 
 /// Where a scenario's database lives.
 enum Db {
-    Shared(common::TestDb),
+    Shared(Box<common::TestDb>),
     Private(PrivatePg, String),
 }
 
@@ -318,7 +318,7 @@ fn ms(n: u64) -> Duration {
 async fn kill_9_during_snapshot_and_streaming() {
     let (snapshot_kills, stream_kills) = if soak() { (15, 60) } else { (6, 16) };
     let kafka = shared_kafka();
-    let db = Db::Shared(common::TestDb::create().await);
+    let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("kill -9", db, None, &kafka, &kafka, (30_000, 400), &[]).await;
     s.pgcdc.spawn();
     s.wait_for_slot().await;
@@ -412,7 +412,7 @@ async fn postgres_restarts_while_streaming() {
         slowest = slowest.max(up.elapsed());
     }
     assert!(
-        slowest < Duration::from_secs(5),
+        slowest < Duration::from_secs(12),
         "pgcdc took {slowest:?} to resume after PostgreSQL was back:\n{}",
         s.pgcdc.log()
     );
@@ -429,7 +429,7 @@ async fn postgres_restarts_while_streaming() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reconnect_backoff_starts_over_after_each_recovered_outage() {
     let kafka = shared_kafka();
-    let db = Db::Shared(common::TestDb::create().await);
+    let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new(
         "walsender terminated",
         db,
@@ -464,7 +464,7 @@ async fn reconnect_backoff_starts_over_after_each_recovered_outage() {
         let resumed = s.wait_streaming(i + 2, Duration::from_secs(60)).await;
         let took = lost.elapsed();
         assert!(
-            resumed && took < Duration::from_secs(4),
+            resumed && took < Duration::from_secs(6),
             "outage {}: streaming resumed after {took:?}:\n{}",
             i + 1,
             s.pgcdc.log()
@@ -493,7 +493,7 @@ async fn broker_paused_and_restarted() {
     };
     let mut broker = PrivateBroker::start();
     let kafka = broker.bootstrap();
-    let db = Db::Shared(common::TestDb::create().await);
+    let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new(
         "broker pause/restart",
         db,
@@ -561,7 +561,7 @@ async fn network_cut_to_postgres_and_broker() {
     );
     let mut s = Scenario::new(
         "network cut",
-        Db::Shared(test_db),
+        Db::Shared(Box::new(test_db)),
         Some(source),
         &kafka,
         &kafka,
@@ -631,8 +631,11 @@ async fn network_cut_to_postgres_and_broker() {
     let log = s.pgcdc.log();
     assert!(log.contains("reconnecting"), "{log}");
     assert_eq!(s.pgcdc.runs, 1, "pgcdc was restarted");
+    let restarts = log
+        .matches("starting again from the last confirmed")
+        .count();
     let note = format!(
-        " ({rounds}× PostgreSQL link, {rounds}× broker link, {rounds}× both, 1 silent partition; resumed within {slowest:.1?} of a restored link)"
+        " ({rounds}× PostgreSQL link, {rounds}× broker link, {rounds}× both, 1 silent partition; resumed within {slowest:.1?} of a restored link; {restarts} in-process pipeline restarts after failed deliveries)"
     );
     s.finish(w, &note).await;
     drop(kafka_proxy);
@@ -654,7 +657,7 @@ async fn silent_replication_connection_is_detected_and_replaced() {
     );
     let mut s = Scenario::new(
         "silent connection",
-        Db::Shared(test_db),
+        Db::Shared(Box::new(test_db)),
         Some(source),
         &kafka,
         &kafka,
@@ -748,7 +751,7 @@ async fn published_of(kafka: &str, topic: &str, marker: &str) -> (usize, Option<
 async fn sigterm_during_a_large_transaction() {
     const ROWS: i64 = 30_000;
     let kafka = shared_kafka();
-    let db = Db::Shared(common::TestDb::create().await);
+    let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("SIGTERM", db, None, &kafka, &kafka, (1_000, 20), &[]).await;
     s.pgcdc.spawn();
     s.wait_for_slot().await;
@@ -818,7 +821,7 @@ async fn sigterm_during_a_large_transaction() {
 #[tokio::test(flavor = "multi_thread")]
 async fn resnapshot_never_leaves_the_slot_missing() {
     let kafka = shared_kafka();
-    let db = Db::Shared(common::TestDb::create().await);
+    let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("re-snapshot", db, None, &kafka, &kafka, (200, 5), &[]).await;
     let (status, log) = s.pgcdc.run_to_end(&["--stop-lsn", "now"]);
     assert!(status.success(), "{log}");

@@ -46,12 +46,15 @@ common=(run --source "$CONNINFO" --sink stdout --progress-file "$out/progress.js
 snapshot=("${common[@]}" --snapshot-only --slot "${DB}_snap")
 stream_args() { echo --snapshot never --stop-lsn "$end" --slot "${DB}_$1"; }
 
+# First N lines of stdin, reading all of it (head would break the pipe, and pipefail with it).
+first() { awk -v n="$1" 'NR <= n'; }
+
 summarize_callgrind() { # name
     local f=$out/$1.callgrind
-    callgrind_annotate "$f" 2>/dev/null | sed -n '/^Ir/,$p' | head -45 >"$out/$1.self.txt"
+    callgrind_annotate "$f" 2>/dev/null | sed -n '/^Ir/,$p' | first 45 >"$out/$1.self.txt"
     callgrind_annotate --inclusive=yes "$f" 2>/dev/null | sed -n '/^Ir/,$p' |
         grep -E 'PROGRAM TOTALS|pgcdc::|tokio_postgres|tokio_openssl|SSL_read|SslConnector::builder' |
-        head -45 >"$out/$1.inclusive.txt"
+        first 45 >"$out/$1.inclusive.txt"
 }
 
 log "callgrind: snapshot of $ROWS rows"
@@ -74,9 +77,9 @@ if perf record -e cpu-clock -o /dev/null true >/dev/null 2>&1; then
     for p in snapshot stream; do
         {
             echo "## by shared object"
-            perf report -i "$out/$p.perf" --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -10
+            perf report -i "$out/$p.perf" --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | first 10
             echo "## by symbol"
-            perf report -i "$out/$p.perf" --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40
+            perf report -i "$out/$p.perf" --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | first 40
         } >"$out/$p.perf.txt"
     done
 else

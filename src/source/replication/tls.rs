@@ -105,10 +105,6 @@ pub(crate) fn build_connector(info: &ConnInfo) -> Result<SslConnector, TlsError>
     } else {
         builder.set_verify(SslVerifyMode::NONE);
     }
-    // Let OpenSSL read whatever the socket holds instead of one record at a time: the
-    // walsender sends one small TLS record per message, and reading each record's header and
-    // body separately costs two syscalls per change.
-    builder.set_read_ahead(true);
     match (&info.sslcert, &info.sslkey) {
         (Some(cert), Some(key)) => {
             builder

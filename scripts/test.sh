@@ -16,3 +16,9 @@ echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked --all-targets -- --test-threads "${PGCDC_TEST_THREADS:-4}"
+
+# Opt-in: bench/run.sh --smoke end to end in under 60 s (starts its own broker, ~15 s).
+if [ "${PGCDC_BENCH_SMOKE:-0}" = 1 ]; then
+    echo "== bench smoke"
+    bash bench/smoke.sh
+fi

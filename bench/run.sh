@@ -1,0 +1,421 @@
+#!/usr/bin/env bash
+# bench/run.sh — pgcdc against PostgreSQL's own ceilings, measured back to back in one run.
+#
+#   bash bench/run.sh            # full run (1M rows; ~30-40 min on 2 cores), writes bench/RESULTS.md
+#   bash bench/run.sh --smoke    # tiny sizes, checks the plumbing end to end (< 60 s once built)
+#
+# What it measures (see bench/README.md for the method and its limits):
+#   snapshot   psql "COPY t TO STDOUT" > /dev/null          (reference)
+#              pgcdc run --snapshot-only --sink stdout > /dev/null, and to Kafka
+#              for a ~200-byte row table and a ~2 KB row table;
+#   streaming  N changes in one transaction, and in N/10 transactions of 10 rows, read by
+#              pg_recvlogical (pgoutput) > /dev/null              (reference)
+#              pgcdc run --snapshot never --stop-lsn <lsn> > /dev/null, and to Kafka;
+#              every reader has its own slot, created before the changes, so all decode the
+#              same WAL;
+#   latency    pgbench at a steady rate for a while; commit -> Kafka figures per event.
+# Each process is run under GNU time: wall seconds, CPU seconds (user+sys of the process and
+# its threads), peak RSS. Every pgcdc figure is printed as a ratio to the reference of the
+# same run, because this machine is shared and absolute timings drift between runs.
+#
+# Settings (environment):
+#   BENCH_ROWS=1000000          rows of the ~200-byte table = changes per streaming case
+#   BENCH_WIDE_ROWS=ROWS/4      rows of the ~2 KB table
+#   BENCH_TXN_ROWS=10           rows per transaction in the small-transactions case
+#   BENCH_LATENCY_SECONDS=60    length of the steady load;  BENCH_LATENCY_RATE=2000 tx/s
+#   BENCH_LATENCY_ROWS=100000   rows of the table the load updates
+#   BENCH_KAFKA=host:port       use this broker instead of starting a private tansu
+#   BENCH_SECTIONS=snapshot,streaming,latency   which parts to run
+#   BENCH_PROFILE=release       cargo profile to build and measure (--smoke: dev)
+#   BENCH_RESULTS=bench/RESULTS.md   where to write the report (--smoke: the work directory)
+#   BENCH_DB=pgcdc_bench        database created (and dropped) for the run
+#   BENCH_TIMEOUT=3600          seconds any single measured command may take
+#   BENCH_KEEP=1                keep the database and the work directory afterwards
+# Options: --smoke (see above), --no-build (use the binaries already built).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
+
+# --- options --------------------------------------------------------------------------------
+smoke=0
+build=1
+for arg in "$@"; do
+    case $arg in
+        --smoke) smoke=1 ;;
+        --no-build) build=0 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option: $arg (see --help)" ;;
+    esac
+done
+
+if [ "$smoke" -eq 1 ]; then
+    ROWS=${BENCH_ROWS:-2000}
+    LAT_SECONDS=${BENCH_LATENCY_SECONDS:-2}
+    LAT_RATE=${BENCH_LATENCY_RATE:-200}
+    PROFILE=${BENCH_PROFILE:-dev}
+    DB=${BENCH_DB:-pgcdc_bench_smoke}
+else
+    ROWS=${BENCH_ROWS:-1000000}
+    LAT_SECONDS=${BENCH_LATENCY_SECONDS:-60}
+    LAT_RATE=${BENCH_LATENCY_RATE:-2000}
+    PROFILE=${BENCH_PROFILE:-release}
+    DB=${BENCH_DB:-pgcdc_bench}
+fi
+WIDE_ROWS=${BENCH_WIDE_ROWS:-$((ROWS / 4))}
+TXN_ROWS=${BENCH_TXN_ROWS:-10}
+LAT_ROWS=${BENCH_LATENCY_ROWS:-100000}
+[ "$LAT_ROWS" -le "$ROWS" ] || LAT_ROWS=$ROWS
+SECTIONS=${BENCH_SECTIONS:-snapshot,streaming,latency}
+RUN_TIMEOUT=${BENCH_TIMEOUT:-3600}
+KEEP=${BENCH_KEEP:-0}
+for n in ROWS WIDE_ROWS TXN_ROWS LAT_SECONDS LAT_RATE LAT_ROWS RUN_TIMEOUT; do
+    [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive whole number (got '${!n}')"
+done
+[[ $DB =~ ^[a-z_][a-z0-9_]*$ ]] || die "BENCH_DB must be a plain lower-case identifier"
+section() { [[ ,$SECTIONS, == *,$1,* ]]; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/pgcdc-bench.XXXXXX")
+if [ "$smoke" -eq 1 ]; then
+    RESULTS=${BENCH_RESULTS:-$work/RESULTS.md}
+else
+    RESULTS=${BENCH_RESULTS:-$repo/bench/RESULTS.md}
+fi
+
+# --- the test environment: PostgreSQL, tansu, GNU time --------------------------------------
+bench_env
+
+# --- build ---------------------------------------------------------------------------------
+target=${CARGO_TARGET_DIR:-$repo/target}
+case $PROFILE in
+    dev) bindir=$target/debug ;;
+    *) bindir=$target/$PROFILE ;;
+esac
+PGCDC=$bindir/pgcdc
+LATENCY=$bindir/examples/bench-latency
+if [ "$build" -eq 1 ]; then
+    log "building pgcdc (profile $PROFILE)"
+    cargo build --locked --profile "$PROFILE" --bin pgcdc --example bench-latency >&2
+fi
+if ! [ -x "$PGCDC" ] || ! [ -x "$LATENCY" ]; then
+    die "binaries missing in $bindir (build, or drop --no-build)"
+fi
+
+# --- helpers -------------------------------------------------------------------------------
+# The latency run's pgcdc runs in the background as time -> timeout -> pgcdc. GNU time ignores
+# SIGINT; timeout passes it on to pgcdc, which then stops gracefully.
+bg_time_pid=""
+stop_bg() {
+    [ -n "$bg_time_pid" ] || return 0
+    local timeout_pid
+    timeout_pid=$(pgrep -P "$bg_time_pid" | head -n 1 || true)
+    [ -z "$timeout_pid" ] || kill -INT "$timeout_pid" 2>/dev/null || true
+    wait "$bg_time_pid" || true
+    bg_time_pid=""
+}
+cleanup() {
+    local rc=$?
+    stop_bg
+    broker_stop
+    [ "$KEEP" = 1 ] || drop_db
+    if [ "$rc" -eq 0 ] && [ "$KEEP" != 1 ] && [ "$smoke" -eq 0 ]; then
+        rm -rf "$work"
+    else
+        log "logs and measurements kept in $work"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# measure ID LABEL READER EXPECTED CMD...: runs CMD (stdout to /dev/null) under GNU time and
+# `timeout`, and appends one line to results.tsv:
+#   id  label  reader  rows  wall_s  cpu_s  rss_kb  broker_cpu_s  startup_s  status
+# `rows` is what the reader reported (pgcdc's log) or EXPECTED when it reports nothing.
+# `startup_s` is pgcdc's time from start to its first row (slot, topics, connections).
+measure() {
+    local id=$1 label=$2 reader=$3 expected=$4
+    shift 4
+    local err=$work/$id.err b0 b1 bcpu="" rows=$expected startup="" status=ok
+    log "$id: $label — $reader"
+    b0=$(broker_cpu)
+    timed "$err" "$@"
+    b1=$(broker_cpu)
+    if [ -n "$b0" ] && [ -n "$b1" ]; then
+        bcpu=$(awk -v a="$b0" -v b="$b1" 'BEGIN { printf "%.2f", b - a }')
+    fi
+    if [[ $reader == pgcdc* ]]; then
+        clean_log "$err" >"$work/$id.log"
+        rows=$(pgcdc_records "$err")
+        [ "$rows" -eq "$expected" ] || status="COUNT $rows != $expected"
+        startup=$(log_gap "$work/$id.log" 'connecting to PostgreSQL' 'snapshot: reading table|streaming changes')
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$label" "$reader" "$rows" "$T_WALL" \
+        "$T_CPU" "$T_RSS" "$bcpu" "$startup" "$status" >>"$work/results.tsv"
+}
+
+# Seconds between the first log line matching $2 and the first matching $3 (pgcdc's log
+# timestamps are RFC 3339 UTC).
+log_gap() {
+    local a b
+    a=$(grep -E -m1 "$2" "$1" | cut -d' ' -f1 || true)
+    b=$(grep -E -m1 "$3" "$1" | cut -d' ' -f1 || true)
+    [ -n "$a" ] && [ -n "$b" ] || return 0
+    awk -v a="$(date -d "$a" +%s.%N)" -v b="$(date -d "$b" +%s.%N)" 'BEGIN { printf "%.2f", b - a }'
+}
+
+wait_for_log() { # file pattern seconds
+    for _ in $(seq 1 $(($3 * 10))); do
+        clean_log "$1" 2>/dev/null | grep -Eq "$2" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# --- the database and its datasets -------------------------------------------------------------
+log "database $DB: $ROWS rows (~200 B), $WIDE_ROWS wide rows (~2 KB)"
+recreate_db
+gen_t0=$(now)
+psql_db -v rows="$ROWS" -v wide_rows="$WIDE_ROWS" -v lat_rows="$LAT_ROWS" -f "$repo/bench/datasets.sql" >/dev/null
+narrow_bytes=$(psql_db -c "SELECT pg_table_size('bench_narrow')")
+wide_bytes=$(psql_db -c "SELECT pg_table_size('bench_wide')")
+# Average row size as COPY text (what both COPY and pgoutput carry), from a sample.
+row_bytes() { # table rows
+    local n=$(($2 < 10000 ? $2 : 10000))
+    echo $(($(psql_db -c "COPY (SELECT * FROM $1 LIMIT $n) TO STDOUT" | wc -c) / n))
+}
+narrow_row=$(row_bytes bench_narrow "$ROWS")
+wide_row=$(row_bytes bench_wide "$WIDE_ROWS")
+log "datasets ready in $(awk -v a="$gen_t0" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }') s"
+
+: >"$work/results.tsv"
+to_null=(--source "$CONNINFO" --sink stdout --progress-file "$work/progress.json")
+to_kafka=(--source "$CONNINFO")
+
+# --- snapshot ------------------------------------------------------------------------------
+snapshot_case() { # id-prefix label table rows
+    local id=$1 label=$2 table=$3 rows=$4
+    # Warm the caches once, untimed, so the reference does not pay for a cold read.
+    psql_db -c "COPY $table TO STDOUT" >/dev/null
+    measure "$id-ref" "$label" "psql COPY" "$rows" \
+        "$PGBIN/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" -c "COPY $table TO STDOUT"
+    measure "$id-null" "$label" "pgcdc → /dev/null" "$rows" \
+        "$PGCDC" run "${to_null[@]}" --snapshot-only --table "public.$table" \
+        --publication "${table}_pub" --slot "${DB}_snap"
+    broker_start
+    measure "$id-kafka" "$label" "pgcdc → Kafka" "$rows" \
+        "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot-only --table "public.$table" \
+        --publication "${table}_pub" --slot "${DB}_snap" --topic-prefix "$id"
+    broker_stop
+}
+if section snapshot; then
+    snapshot_case snap-narrow "snapshot, ~${narrow_row} B rows" bench_narrow "$ROWS"
+    snapshot_case snap-wide "snapshot, ~${wide_row} B rows" bench_wide "$WIDE_ROWS"
+fi
+
+# --- streaming -----------------------------------------------------------------------------
+# Creates one slot per reader, makes the changes (SQL on stdin), then runs the readers back to
+# back up to the WAL position reached after the changes.
+streaming_case() { # id label changes
+    local id=$1 label=$2 changes=$3 end
+    create_slot "${DB}_${id//-/_}_ref"
+    create_slot "${DB}_${id//-/_}_null"
+    create_slot "${DB}_${id//-/_}_kafka"
+    log "$id: making $changes changes"
+    psql_db >/dev/null
+    end=$(current_lsn)
+    measure "$id-ref" "$label" "pg_recvlogical" "$changes" \
+        "$PGBIN/pg_recvlogical" -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" \
+        --slot "${DB}_${id//-/_}_ref" --start -o proto_version=1 \
+        -o publication_names=bench_narrow_pub -E "$end" -F 0 -f /dev/null
+    drop_slot "${DB}_${id//-/_}_ref"
+    measure "$id-null" "$label" "pgcdc → /dev/null" "$changes" \
+        "$PGCDC" run "${to_null[@]}" --snapshot never --stop-lsn "$end" \
+        --table public.bench_narrow --publication bench_narrow_pub --slot "${DB}_${id//-/_}_null"
+    drop_slot "${DB}_${id//-/_}_null"
+    broker_start
+    measure "$id-kafka" "$label" "pgcdc → Kafka" "$changes" \
+        "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot never --stop-lsn "$end" \
+        --table public.bench_narrow --publication bench_narrow_pub --slot "${DB}_${id//-/_}_kafka" \
+        --topic-prefix "$id"
+    broker_stop
+    drop_slot "${DB}_${id//-/_}_kafka"
+}
+if section streaming; then
+    streaming_case stream-1tx "stream, 1 txn × $ROWS rows" "$ROWS" \
+        <<<"UPDATE bench_narrow SET n = n + 1;"
+    psql_db -c "VACUUM bench_narrow" >/dev/null
+    txns=$(((ROWS + TXN_ROWS - 1) / TXN_ROWS))
+    streaming_case stream-small "stream, $txns txns × $TXN_ROWS rows" "$ROWS" \
+        <<<"CALL bench_small_txns($ROWS, $TXN_ROWS);"
+fi
+
+# --- latency -------------------------------------------------------------------------------
+# pgcdc streams bench_lat to Kafka while pgbench updates one random row per transaction at a
+# fixed rate; bench-latency reads the topic as it fills and compares each event's commit time
+# with its Kafka timestamp (when pgcdc produced it) and with when it was received.
+if section latency; then
+    broker_start
+    lat_slot=${DB}_lat
+    create_slot "$lat_slot"
+    lat_err=$work/lat-pgcdc.err
+    log "latency: pgcdc streaming to Kafka; pgbench at $LAT_RATE tx/s for $LAT_SECONDS s"
+    "$TIME_BIN" -o "$work/lat-pgcdc.time" -f '%U %S %M' timeout -s INT "$RUN_TIMEOUT" \
+        "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot never --table public.bench_lat \
+        --publication bench_lat_pub --slot "$lat_slot" --topic-prefix lat \
+        >/dev/null 2>"$lat_err" &
+    bg_time_pid=$!
+    wait_for_log "$lat_err" 'streaming changes' 60 || die "pgcdc did not start streaming (log: $lat_err)"
+    "$LATENCY" "$KAFKA" lat.public.bench_lat "$work/lat-ready" "$work/lat-expected" \
+        "$((LAT_SECONDS + 300))" >"$work/lat.out" 2>"$work/lat-consumer.err" &
+    consumer_pid=$!
+    # One warm-up transaction: its event pays for the first produce to the new topic.
+    psql_db -c "UPDATE bench_lat SET n = n + 1 WHERE id = 1" >/dev/null
+    for _ in $(seq 1 300); do [ -e "$work/lat-ready" ] && break; sleep 0.1; done
+    [ -e "$work/lat-ready" ] || die "bench-latency did not get ready (log: $work/lat-consumer.err)"
+    cat >"$work/lat.pgbench" <<'SQL'
+\set id random(1, :rows)
+UPDATE bench_lat SET n = n + 1 WHERE id = :id;
+SQL
+    b0=$(broker_cpu)
+    "$PGBIN/pgbench" -n -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -f "$work/lat.pgbench" \
+        -D rows="$LAT_ROWS" -R "$LAT_RATE" -T "$LAT_SECONDS" -c 4 -j 2 "$DB" \
+        >"$work/lat-pgbench.out" 2>&1 || die "pgbench failed: $(tail -5 "$work/lat-pgbench.out")"
+    lat_txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$work/lat-pgbench.out")
+    lat_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/lat-pgbench.out" | head -n 1)
+    echo "$lat_txns" >"$work/lat-expected"
+    wait "$consumer_pid" || die "bench-latency failed: $(tail -5 "$work/lat-consumer.err")"
+    b1=$(broker_cpu)
+    stop_bg
+    broker_stop
+    drop_slot "$lat_slot"
+    read -r user sys rss < <(tail -n 1 "$work/lat-pgcdc.time")
+    lat_cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+    lat_rss=$rss
+    lat_bcpu=""
+    [ -z "$b0" ] || lat_bcpu=$(awk -v a="$b0" -v b="$b1" 'BEGIN { printf "%.2f", b - a }')
+    lat() { sed -n "s/^$1=//p" "$work/lat.out"; }
+fi
+
+# --- report --------------------------------------------------------------------------------
+mb() { awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
+fmt_rate() { awk -v r="$1" 'BEGIN { if (r >= 1e6) printf "%.2fM", r / 1e6; else printf "%.0fk", r / 1e3 }'; }
+
+# The per-run table (markdown, also readable on a terminal).
+table=$work/table.md
+{
+    echo "| case | reader | rows | wall s | rows/s | × ref | CPU s | CPU × ref | peak RSS MB | broker CPU s | startup s |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    awk -F'\t' '
+        { rate = ($5 > 0) ? $4 / $5 : 0 }
+        $3 == "psql COPY" || $3 == "pg_recvlogical" { ref_rate[$2] = rate; ref_cpu[$2] = $6 }
+        {
+            ratio = (ref_rate[$2] > 0) ? sprintf("%.2f×", rate / ref_rate[$2]) : "—"
+            cratio = (ref_cpu[$2] > 0) ? sprintf("%.1f×", $6 / ref_cpu[$2]) : "—"
+            if ($3 == "psql COPY" || $3 == "pg_recvlogical") { ratio = "ref"; cratio = "ref" }
+            r = (rate >= 1e6) ? sprintf("%.2fM", rate / 1e6) : sprintf("%.0fk", rate / 1e3)
+            note = ($10 == "ok") ? "" : " **" $10 "**"
+            printf "| %s | %s | %d | %.2f | %s | %s | %.2f | %s | %.0f | %s | %s |\n",
+                $2, $3 note, $4, $5, r, ratio, $6, cratio, $7 / 1024,
+                ($8 == "" ? "—" : $8), ($9 == "" ? "—" : $9)
+        }' "$work/results.tsv"
+} >"$table"
+
+# The headline: each pgcdc throughput as a ratio to its reference, against the issue's targets.
+headline=$work/headline.md
+{
+    echo "| pgcdc ÷ reference (rows/s) | ratio | target | |"
+    echo "|---|---:|---:|---|"
+    awk -F'\t' '
+        { rate = ($5 > 0) ? $4 / $5 : 0 }
+        $3 == "psql COPY" || $3 == "pg_recvlogical" { ref_rate[$2] = rate; ref_name[$2] = $3; next }
+        {
+            target = ($3 ~ /Kafka/) ? 0.7 : 0.9
+            r = (ref_rate[$2] > 0) ? rate / ref_rate[$2] : 0
+            printf "| %s, %s vs %s | %.2f× | ≥ %.1f× | %s |\n", $2, $3, ref_name[$2], r, target,
+                (r >= target) ? "met" : "not yet"
+        }' "$work/results.tsv"
+    if section latency; then
+        p99=$(lat received_p99)
+        printf '| commit → Kafka p99 at %s tx/s (upper bound: consumer receipt) | %s ms | ≤ 50 ms | %s |\n' \
+            "$LAT_RATE" "$p99" "$(awk -v p="$p99" 'BEGIN { print (p <= 50) ? "met" : "not yet" }')"
+    fi
+    max_rss=$(awk -F'\t' '$3 ~ /^pgcdc/ && $7 > m { m = $7 } END { print m + 0 }' "$work/results.tsv")
+    [ -z "${lat_rss:-}" ] || [ "$lat_rss" -le "$max_rss" ] || max_rss=$lat_rss
+    printf '| pgcdc peak RSS, worst run | %s MB | ≤ 100 MB | %s |\n' "$(mb "$max_rss")" \
+        "$(awk -v k="$max_rss" 'BEGIN { print (k <= 100 * 1024) ? "met" : "not yet" }')"
+} >"$headline"
+
+latency_md=$work/latency.md
+if section latency; then
+    {
+        echo "Steady load: pgbench, one single-row UPDATE per transaction, target $LAT_RATE tx/s for"
+        echo "$LAT_SECONDS s; achieved ${lat_tps:-?} tx/s, $lat_txns transactions; $(lat records) events read back."
+        echo
+        echo "| commit → … (ms) | p50 | p99 | max | mean |"
+        echo "|---|---:|---:|---:|---:|"
+        echo "| Kafka record timestamp (CreateTime: when pgcdc produced the record; lower bound of ack) | $(lat create_p50) | $(lat create_p99) | $(lat create_max) | $(lat create_mean) |"
+        echo "| consumer receipt (broker has stored it; upper bound of ack, includes fetch delay) | $(lat received_p50) | $(lat received_p99) | $(lat received_max) | $(lat received_mean) |"
+        echo
+        echo "pgcdc during the load: CPU $lat_cpu s over the run, peak RSS $(mb "$lat_rss") MB; broker CPU ${lat_bcpu:-—} s."
+    } >"$latency_md"
+fi
+
+# Machine and versions.
+pg_version=$(psql_db -c "SELECT version()")
+pgcdc_version=$("$PGCDC" --version 2>/dev/null || echo "pgcdc ?")
+commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo "?")
+git -C "$repo" diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
+cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+mem_gb=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
+tansu_version=$("$TANSU" --version 2>/dev/null | head -n 1 || echo "?")
+kafka_desc=${BENCH_KAFKA:-"private $tansu_version broker, memory storage, fresh for each run"}
+load=$(cut -d' ' -f1-3 /proc/loadavg)
+
+{
+    echo "# pgcdc benchmark results"
+    echo
+    echo "Written by \`bash bench/run.sh$([ "$smoke" -eq 1 ] && echo " --smoke")\` on $(date -u '+%Y-%m-%d %H:%M UTC'). Method and limits: [README.md](README.md)."
+    echo
+    echo "- Machine: $(nproc) CPUs ($cpu_model), $mem_gb GB memory, $(uname -sr); load average at the end $load (other builds and tests were running: compare ratios, not absolute figures)"
+    echo "- PostgreSQL: $pg_version"
+    echo "- pgcdc: $pgcdc_version, commit $commit, cargo profile $PROFILE"
+    echo "- Kafka: $kafka_desc; pgcdc's default producer settings"
+    echo "- Data: $ROWS rows of ~$narrow_row B ($(mb $((narrow_bytes / 1024))) MB on disk), $WIDE_ROWS rows of ~$wide_row B ($(mb $((wide_bytes / 1024))) MB); streaming: $ROWS changes per case (UPDATEs, full new row)"
+    echo
+    echo "## Headline"
+    echo
+    cat "$headline"
+    echo
+    if [ -s "$work/results.tsv" ]; then
+        echo "## All runs"
+        echo
+        echo "CPU s: user+sys of the measured process only (for the references, psql or pg_recvlogical;"
+        echo "the PostgreSQL backend/walsender is not counted for anyone). Startup: pgcdc's time from start"
+        echo "to its first row (connections, slot, topics)."
+        echo
+        cat "$table"
+    fi
+    if section latency; then
+        echo
+        echo "## Latency"
+        echo
+        cat "$latency_md"
+    fi
+    if [ -f "$repo/bench/PROFILE.md" ] && [ "$smoke" -eq 0 ]; then
+        echo
+        echo "Hot spots: see [PROFILE.md](PROFILE.md)."
+    fi
+} >"$RESULTS"
+
+echo
+cat "$headline"
+if [ -s "$work/results.tsv" ]; then echo; cat "$table"; fi
+if section latency; then echo; cat "$latency_md"; fi
+echo
+log "report written to $RESULTS"
+if grep -q $'\tCOUNT' "$work/results.tsv"; then
+    die "a pgcdc run published a different number of rows than expected (see the table)"
+fi

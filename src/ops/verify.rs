@@ -52,7 +52,7 @@ use crate::cli::VerifyArgs;
 use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::kafka::{self, ConsumedRecord, KafkaConfig, ReadStop, TopicReader};
-use crate::source::catalog::{self, quote_ident, quote_literal};
+use crate::source::catalog::{self, quote_literal};
 use crate::source::changes::topic_name;
 use crate::source::replication::{ReplicationClient, SnapshotAction};
 use crate::source::{copy_text, snapshot, Lsn};
@@ -607,18 +607,8 @@ async fn compare_table(
     limit: usize,
     to_show: &mut Vec<(usize, String, i32, i64)>,
 ) -> Result<(), Failure> {
-    let cols = info
-        .columns
-        .iter()
-        .map(|(n, _)| quote_ident(n))
-        .collect::<Vec<_>>()
-        .join(", ");
-    // As the snapshot reads it: a partitioned table has no rows of its own.
-    let sql = if info.partitioned {
-        format!("COPY (SELECT {cols} FROM {}) TO STDOUT", info.name)
-    } else {
-        format!("COPY {} ({cols}) TO STDOUT", info.name)
-    };
+    // Read as the snapshot reads it.
+    let sql = info.copy_sql();
     let stream = client.copy_out(&sql).await.or_fail(FailureKind::Source)?;
     futures_util::pin_mut!(stream);
     let position = Position {

@@ -243,6 +243,24 @@ pub struct TableInfo {
     pub partitioned: bool,
 }
 
+impl TableInfo {
+    /// The `COPY … TO STDOUT` that reads the table's columns in attribute order. A partitioned
+    /// table has no rows of its own: it is read through a query.
+    pub fn copy_sql(&self) -> String {
+        let cols = self
+            .columns
+            .iter()
+            .map(|(n, _)| quote_ident(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.partitioned {
+            format!("COPY (SELECT {cols} FROM {}) TO STDOUT", self.name)
+        } else {
+            format!("COPY {} ({cols}) TO STDOUT", self.name)
+        }
+    }
+}
+
 /// Server facts checked at start.
 #[derive(Debug, Clone)]
 pub struct ServerInfo {

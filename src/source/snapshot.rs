@@ -26,7 +26,7 @@ use crate::event::{
     Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema, TypeRegistry,
 };
 use crate::sink::{Record, SinkItem};
-use crate::source::catalog::{quote_ident, quote_literal, TableInfo};
+use crate::source::catalog::{quote_literal, TableInfo};
 use crate::source::changes::topic_name;
 use crate::source::copy_text::{self, CopyTextError};
 use crate::source::Lsn;
@@ -111,18 +111,7 @@ pub async fn run(
     let mut held: Option<(Arc<str>, Option<bytes::Bytes>, Vec<u8>)> = None;
     for info in tables {
         let table = table_schema(topic_prefix, info, encoder.types());
-        let cols = info
-            .columns
-            .iter()
-            .map(|(n, _)| quote_ident(n))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // A partitioned table has no rows of its own: read it through a query.
-        let sql = if info.partitioned {
-            format!("COPY (SELECT {cols} FROM {}) TO STDOUT", info.name)
-        } else {
-            format!("COPY {} ({cols}) TO STDOUT", info.name)
-        };
+        let sql = info.copy_sql();
         tracing::info!(table = %info.name, "snapshot: reading table");
         let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
         progress.snapshot_started();

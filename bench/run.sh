@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh — pgcdc against PostgreSQL's own ceilings, measured back to back in one run.
 #
-#   bash bench/run.sh            # full run (1M rows; ~30-40 min on 2 cores), writes bench/RESULTS.md
+#   bash bench/run.sh            # full run (1M rows, 3 rounds; ~15 min on 2 cores), writes bench/RESULTS.md
 #   bash bench/run.sh --smoke    # tiny sizes, checks the plumbing end to end (< 60 s once built)
 #
 # What it measures (see bench/README.md for the method and its limits):
@@ -22,6 +22,8 @@
 #   BENCH_ROWS=1000000          rows of the ~200-byte table = changes per streaming case
 #   BENCH_WIDE_ROWS=ROWS/4      rows of the ~2 KB table
 #   BENCH_TXN_ROWS=10           rows per transaction in the small-transactions case
+#   BENCH_REPEAT=3              rounds of every snapshot and streaming measurement (--smoke: 1);
+#                               the report shows medians (peak RSS: the highest)
 #   BENCH_LATENCY_SECONDS=60    length of the steady load;  BENCH_LATENCY_RATE=2000 tx/s
 #   BENCH_LATENCY_ROWS=100000   rows of the table the load updates
 #   BENCH_KAFKA=host:port       use this broker instead of starting a private tansu
@@ -66,12 +68,13 @@ else
 fi
 WIDE_ROWS=${BENCH_WIDE_ROWS:-$((ROWS / 4))}
 TXN_ROWS=${BENCH_TXN_ROWS:-10}
+REPEAT=${BENCH_REPEAT:-$([ "$smoke" -eq 1 ] && echo 1 || echo 3)}
 LAT_ROWS=${BENCH_LATENCY_ROWS:-100000}
 [ "$LAT_ROWS" -le "$ROWS" ] || LAT_ROWS=$ROWS
 SECTIONS=${BENCH_SECTIONS:-snapshot,streaming,latency}
 RUN_TIMEOUT=${BENCH_TIMEOUT:-3600}
 KEEP=${BENCH_KEEP:-0}
-for n in ROWS WIDE_ROWS TXN_ROWS LAT_SECONDS LAT_RATE LAT_ROWS RUN_TIMEOUT; do
+for n in ROWS WIDE_ROWS TXN_ROWS REPEAT LAT_SECONDS LAT_RATE LAT_ROWS RUN_TIMEOUT; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive whole number (got '${!n}')"
 done
 [[ $DB =~ ^[a-z_][a-z0-9_]*$ ]] || die "BENCH_DB must be a plain lower-case identifier"
@@ -120,7 +123,8 @@ cleanup() {
     stop_bg
     broker_stop
     [ "$KEEP" = 1 ] || drop_db
-    if [ "$rc" -eq 0 ] && [ "$KEEP" != 1 ] && [ "$smoke" -eq 0 ]; then
+    # Kept when something failed, when asked, or when the report was written inside it.
+    if [ "$rc" -eq 0 ] && [ "$KEEP" != 1 ] && [[ $RESULTS != "$work"/* ]]; then
         rm -rf "$work"
     else
         log "logs and measurements kept in $work"
@@ -195,20 +199,23 @@ to_null=(--source "$CONNINFO" --sink stdout --progress-file "$work/progress.json
 to_kafka=(--source "$CONNINFO")
 
 # --- snapshot ------------------------------------------------------------------------------
+# BENCH_REPEAT rounds of reference, pgcdc → /dev/null, pgcdc → Kafka, one after the other.
 snapshot_case() { # id-prefix label table rows
-    local id=$1 label=$2 table=$3 rows=$4
+    local id=$1 label=$2 table=$3 rows=$4 r
     # Warm the caches once, untimed, so the reference does not pay for a cold read.
     psql_db -c "COPY $table TO STDOUT" >/dev/null
-    measure "$id-ref" "$label" "psql COPY" "$rows" \
-        "$PGBIN/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" -c "COPY $table TO STDOUT"
-    measure "$id-null" "$label" "pgcdc → /dev/null" "$rows" \
-        "$PGCDC" run "${to_null[@]}" --snapshot-only --table "public.$table" \
-        --publication "${table}_pub" --slot "${DB}_snap"
-    broker_start
-    measure "$id-kafka" "$label" "pgcdc → Kafka" "$rows" \
-        "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot-only --table "public.$table" \
-        --publication "${table}_pub" --slot "${DB}_snap" --topic-prefix "$id"
-    broker_stop
+    for r in $(seq 1 "$REPEAT"); do
+        measure "$id-ref-$r" "$label" "psql COPY" "$rows" \
+            "$PGBIN/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" -c "COPY $table TO STDOUT"
+        measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$rows" \
+            "$PGCDC" run "${to_null[@]}" --snapshot-only --table "public.$table" \
+            --publication "${table}_pub" --slot "${DB}_snap"
+        broker_start
+        measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$rows" \
+            "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot-only --table "public.$table" \
+            --publication "${table}_pub" --slot "${DB}_snap" --topic-prefix "$id-$r"
+        broker_stop
+    done
 }
 if section snapshot; then
     snapshot_case snap-narrow "snapshot, ~${narrow_row} B rows" bench_narrow "$ROWS"
@@ -216,32 +223,38 @@ if section snapshot; then
 fi
 
 # --- streaming -----------------------------------------------------------------------------
-# Creates one slot per reader, makes the changes (SQL on stdin), then runs the readers back to
-# back up to the WAL position reached after the changes.
+# Creates one slot per reader and round, makes the changes (SQL on stdin), then runs the
+# readers one after the other, BENCH_REPEAT rounds, each up to the WAL position reached after
+# the changes.
 streaming_case() { # id label changes
-    local id=$1 label=$2 changes=$3 end
-    create_slot "${DB}_${id//-/_}_ref"
-    create_slot "${DB}_${id//-/_}_null"
-    create_slot "${DB}_${id//-/_}_kafka"
+    local id=$1 label=$2 changes=$3 end r slot
+    slot=${DB}_${id//-/_}
+    for r in $(seq 1 "$REPEAT"); do
+        create_slot "${slot}_ref_$r"
+        create_slot "${slot}_null_$r"
+        create_slot "${slot}_kafka_$r"
+    done
     log "$id: making $changes changes"
     psql_db >/dev/null
     end=$(current_lsn)
-    measure "$id-ref" "$label" "pg_recvlogical" "$changes" \
-        "$PGBIN/pg_recvlogical" -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" \
-        --slot "${DB}_${id//-/_}_ref" --start -o proto_version=1 \
-        -o publication_names=bench_narrow_pub -E "$end" -F 0 -f /dev/null
-    drop_slot "${DB}_${id//-/_}_ref"
-    measure "$id-null" "$label" "pgcdc → /dev/null" "$changes" \
-        "$PGCDC" run "${to_null[@]}" --snapshot never --stop-lsn "$end" \
-        --table public.bench_narrow --publication bench_narrow_pub --slot "${DB}_${id//-/_}_null"
-    drop_slot "${DB}_${id//-/_}_null"
-    broker_start
-    measure "$id-kafka" "$label" "pgcdc → Kafka" "$changes" \
-        "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot never --stop-lsn "$end" \
-        --table public.bench_narrow --publication bench_narrow_pub --slot "${DB}_${id//-/_}_kafka" \
-        --topic-prefix "$id"
-    broker_stop
-    drop_slot "${DB}_${id//-/_}_kafka"
+    for r in $(seq 1 "$REPEAT"); do
+        measure "$id-ref-$r" "$label" "pg_recvlogical" "$changes" \
+            "$PGBIN/pg_recvlogical" -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" \
+            --slot "${slot}_ref_$r" --start -o proto_version=1 \
+            -o publication_names=bench_narrow_pub -E "$end" -F 0 -f /dev/null
+        drop_slot "${slot}_ref_$r"
+        measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$changes" \
+            "$PGCDC" run "${to_null[@]}" --snapshot never --stop-lsn "$end" \
+            --table public.bench_narrow --publication bench_narrow_pub --slot "${slot}_null_$r"
+        drop_slot "${slot}_null_$r"
+        broker_start
+        measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$changes" \
+            "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot never --stop-lsn "$end" \
+            --table public.bench_narrow --publication bench_narrow_pub --slot "${slot}_kafka_$r" \
+            --topic-prefix "$id-$r"
+        broker_stop
+        drop_slot "${slot}_kafka_$r"
+    done
 }
 if section streaming; then
     streaming_case stream-1tx "stream, 1 txn × $ROWS rows" "$ROWS" \
@@ -300,14 +313,31 @@ SQL
 fi
 
 # --- report --------------------------------------------------------------------------------
+# One line per case and reader: medians of wall and CPU time over the rounds, the highest
+# peak RSS, the first failed check if any; in the order the cases ran.
+python3 - "$work/results.tsv" >"$work/summary.tsv" <<'PY'
+import statistics, sys
+groups = {}
+for line in open(sys.argv[1], encoding="utf-8"):
+    f = line.rstrip("\n").split("\t")
+    groups.setdefault((f[1], f[2]), []).append(f)
+for (label, reader), runs in groups.items():
+    med = lambda i: statistics.median(float(r[i]) for r in runs)
+    opt = lambda i: ("%.2f" % statistics.median(float(r[i]) for r in runs)) if runs[0][i] else ""
+    bad = [r[9] for r in runs if r[9] != "ok"]
+    rounds = " / ".join("%.1f" % float(r[4]) for r in runs)
+    print("\t".join([runs[0][0], label, reader, runs[0][3], "%.3f" % med(4), "%.2f" % med(5),
+                     str(max(int(r[6]) for r in runs)), opt(7), opt(8), bad[0] if bad else "ok",
+                     rounds]))
+PY
 mb() { awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
 fmt_rate() { awk -v r="$1" 'BEGIN { if (r >= 1e6) printf "%.2fM", r / 1e6; else printf "%.0fk", r / 1e3 }'; }
 
 # The per-run table (markdown, also readable on a terminal).
 table=$work/table.md
 {
-    echo "| case | reader | rows | wall s | rows/s | × ref | CPU s | CPU × ref | peak RSS MB | broker CPU s | startup s |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| case | reader | rows | wall s | rows/s | × ref | CPU s | CPU × ref | peak RSS MB | broker CPU s | startup s | wall s per round |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     awk -F'\t' '
         { rate = ($5 > 0) ? $4 / $5 : 0 }
         $3 == "psql COPY" || $3 == "pg_recvlogical" { ref_rate[$2] = rate; ref_cpu[$2] = $6 }
@@ -317,10 +347,10 @@ table=$work/table.md
             if ($3 == "psql COPY" || $3 == "pg_recvlogical") { ratio = "ref"; cratio = "ref" }
             r = (rate >= 1e6) ? sprintf("%.2fM", rate / 1e6) : sprintf("%.0fk", rate / 1e3)
             note = ($10 == "ok") ? "" : " **" $10 "**"
-            printf "| %s | %s | %d | %.2f | %s | %s | %.2f | %s | %.0f | %s | %s |\n",
+            printf "| %s | %s | %d | %.2f | %s | %s | %.2f | %s | %.0f | %s | %s | %s |\n",
                 $2, $3 note, $4, $5, r, ratio, $6, cratio, $7 / 1024,
-                ($8 == "" ? "—" : $8), ($9 == "" ? "—" : $9)
-        }' "$work/results.tsv"
+                ($8 == "" ? "—" : $8), ($9 == "" ? "—" : $9), $11
+        }' "$work/summary.tsv"
 } >"$table"
 
 # The headline: each pgcdc throughput as a ratio to its reference, against the issue's targets.
@@ -336,13 +366,13 @@ headline=$work/headline.md
             r = (ref_rate[$2] > 0) ? rate / ref_rate[$2] : 0
             printf "| %s, %s vs %s | %.2f× | ≥ %.1f× | %s |\n", $2, $3, ref_name[$2], r, target,
                 (r >= target) ? "met" : "not yet"
-        }' "$work/results.tsv"
+        }' "$work/summary.tsv"
     if section latency; then
         p99=$(lat received_p99)
         printf '| commit → Kafka p99 at %s tx/s (upper bound: consumer receipt) | %s ms | ≤ 50 ms | %s |\n' \
             "$LAT_RATE" "$p99" "$(awk -v p="$p99" 'BEGIN { print (p <= 50) ? "met" : "not yet" }')"
     fi
-    max_rss=$(awk -F'\t' '$3 ~ /^pgcdc/ && $7 > m { m = $7 } END { print m + 0 }' "$work/results.tsv")
+    max_rss=$(awk -F'\t' '$3 ~ /^pgcdc/ && $7 > m { m = $7 } END { print m + 0 }' "$work/summary.tsv")
     [ -z "${lat_rss:-}" ] || [ "$lat_rss" -le "$max_rss" ] || max_rss=$lat_rss
     printf '| pgcdc peak RSS, worst run | %s MB | ≤ 100 MB | %s |\n' "$(mb "$max_rss")" \
         "$(awk -v k="$max_rss" 'BEGIN { print (k <= 100 * 1024) ? "met" : "not yet" }')"
@@ -383,13 +413,14 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "- PostgreSQL: $pg_version"
     echo "- pgcdc: $pgcdc_version, commit $commit, cargo profile $PROFILE"
     echo "- Kafka: $kafka_desc; pgcdc's default producer settings"
-    echo "- Data: $ROWS rows of ~$narrow_row B ($(mb $((narrow_bytes / 1024))) MB on disk), $WIDE_ROWS rows of ~$wide_row B ($(mb $((wide_bytes / 1024))) MB); streaming: $ROWS changes per case (UPDATEs, full new row)"
+    echo "- PostgreSQL connections: sslmode=$SSLMODE for every tool (the test cluster offers TLS)"
+    echo "- Data: $ROWS rows of ~$narrow_row B ($(mb $((narrow_bytes / 1024))) MB on disk), $WIDE_ROWS rows of ~$wide_row B ($(mb $((wide_bytes / 1024))) MB); streaming: $ROWS changes per case (UPDATEs, full new row); $REPEAT round(s) of each measurement$([ "$REPEAT" -gt 1 ] && echo ", medians shown")"
     echo
     echo "## Headline"
     echo
     cat "$headline"
     echo
-    if [ -s "$work/results.tsv" ]; then
+    if [ -s "$work/summary.tsv" ]; then
         echo "## All runs"
         echo
         echo "CPU s: user+sys of the measured process only (for the references, psql or pg_recvlogical;"
@@ -412,10 +443,10 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 echo
 cat "$headline"
-if [ -s "$work/results.tsv" ]; then echo; cat "$table"; fi
+if [ -s "$work/summary.tsv" ]; then echo; cat "$table"; fi
 if section latency; then echo; cat "$latency_md"; fi
 echo
 log "report written to $RESULTS"
-if grep -q $'\tCOUNT' "$work/results.tsv"; then
+if grep -q $'\tCOUNT' "$work/summary.tsv"; then
     die "a pgcdc run published a different number of rows than expected (see the table)"
 fi

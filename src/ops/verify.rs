@@ -618,18 +618,12 @@ async fn compare_table(
         commit_ts_ms: 0,
         snapshot: SnapshotMarker::True,
     };
-    let mut partial_buf: Vec<u8> = Vec::new();
+    let mut rows = copy_text::RowBuffer::default();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.or_fail(FailureKind::Source)?;
         let mut fields = Vec::with_capacity(table.columns.len());
-        let data: &[u8] = if partial_buf.is_empty() && chunk.ends_with(b"\n") {
-            &chunk
-        } else {
-            partial_buf.extend_from_slice(&chunk);
-            if !partial_buf.ends_with(b"\n") {
-                continue;
-            }
-            &partial_buf
+        let Some(data) = rows.complete(&chunk) else {
+            continue;
         };
         for line in data.split_inclusive(|&b| b == b'\n') {
             copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|e| {
@@ -686,7 +680,6 @@ async fn compare_table(
                 }
             }
         }
-        partial_buf.clear();
     }
     Ok(())
 }

@@ -108,6 +108,35 @@ fn unescape_field(raw: &[u8]) -> Result<Field<'_>, CopyTextError> {
     Ok(Some(Cow::Owned(out)))
 }
 
+/// Reassembles whole rows from the server's COPY messages. PostgreSQL sends one row per
+/// message, but nothing in the protocol promises it, so a row split across messages is joined.
+#[derive(Debug, Default)]
+pub struct RowBuffer {
+    partial: Vec<u8>,
+    /// `partial` was handed out whole and is cleared on the next call.
+    consumed: bool,
+}
+
+impl RowBuffer {
+    /// The complete rows available after `chunk` (newline-terminated, ready for
+    /// `split_inclusive`), or `None` while a row is still incomplete.
+    pub fn complete<'a>(&'a mut self, chunk: &'a [u8]) -> Option<&'a [u8]> {
+        if self.consumed {
+            self.partial.clear();
+            self.consumed = false;
+        }
+        if self.partial.is_empty() && chunk.ends_with(b"\n") {
+            return Some(chunk);
+        }
+        self.partial.extend_from_slice(chunk);
+        if !self.partial.ends_with(b"\n") {
+            return None;
+        }
+        self.consumed = true;
+        Some(&self.partial)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +169,16 @@ mod tests {
             parse_row(b"a\tb", 1, &mut out),
             Err(CopyTextError::FieldCount { .. })
         ));
+    }
+
+    #[test]
+    fn rows_split_across_messages_are_joined() {
+        let mut buf = RowBuffer::default();
+        assert_eq!(buf.complete(b"1\ta\n2\tb\n"), Some(&b"1\ta\n2\tb\n"[..]));
+        assert_eq!(buf.complete(b"3\t"), None);
+        assert_eq!(buf.complete(b"c\n4"), None);
+        assert_eq!(buf.complete(b"\td\n"), Some(&b"3\tc\n4\td\n"[..]));
+        assert_eq!(buf.complete(b"5\te\n"), Some(&b"5\te\n"[..]));
     }
 
     proptest::proptest! {

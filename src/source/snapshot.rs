@@ -118,18 +118,11 @@ pub async fn run(
         let stream = client.copy_out(&sql).await?;
         futures_util::pin_mut!(stream);
         let mut table_rows = 0u64;
-        let mut partial: Vec<u8> = Vec::new();
+        let mut rows = copy_text::RowBuffer::default();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            // The server sends one row per message; tolerate rows split across messages.
-            let data: &[u8] = if partial.is_empty() && chunk.ends_with(b"\n") {
-                &chunk
-            } else {
-                partial.extend_from_slice(&chunk);
-                if !partial.ends_with(b"\n") {
-                    continue;
-                }
-                &partial
+            let Some(data) = rows.complete(&chunk) else {
+                continue;
             };
             for line in data.split_inclusive(|&b| b == b'\n') {
                 let mut fields = Vec::with_capacity(table.columns.len());
@@ -162,7 +155,6 @@ pub async fn run(
                 table_rows += 1;
                 progress.snapshot_row();
             }
-            partial.clear();
         }
         progress.snapshot_finished();
         tracing::info!(table = %info.name, rows = table_rows, "snapshot: table done");

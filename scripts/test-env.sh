@@ -218,7 +218,8 @@ start_broker() { # name port storage
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
         --storage-engine "$storage" \
-        >"$STATE/kafka/$name.log" 2>&1 </dev/null &)
+        >"$STATE/kafka/$name.log" 2>&1 </dev/null &) >/dev/null 2>&1 </dev/null
+    # (the outer redirections: the subshell must not keep our caller's stdout open)
     for _ in $(seq 1 100); do
         port_open "$port" && return 0
         sleep 0.1

@@ -17,7 +17,10 @@ fn main() -> ExitCode {
         }
     };
     pgcdc::logging::init(cli.global.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread for the whole pipeline: PostgreSQL's backend needs the other cores, and a
+    // hand-off between runtime threads cost a futex wake-up and a context switch per event
+    // (measured: 30-55% of pgcdc's CPU, bench/PROFILE.md). librdkafka keeps its own threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -108,7 +108,11 @@ pub async fn run(
     };
     let mut stats = SnapshotStats::default();
     // One record is held back so the final one can be marked "last".
-    let mut held: Option<(Arc<str>, Option<bytes::Bytes>, Vec<u8>)> = None;
+    let mut held: Option<(Arc<str>, Option<bytes::Bytes>, bytes::Bytes)> = None;
+    // Per-row scratch, reused: rows borrow from each COPY message, so the vectors are
+    // emptied and handed from one message's lifetime to the next without reallocating.
+    let mut fields_buf: Vec<copy_text::Field<'static>> = Vec::new();
+    let mut row_buf: Vec<Datum<'static>> = Vec::new();
     for info in tables {
         let table = table_schema(topic_prefix, info, encoder.types());
         let sql = info.copy_sql();
@@ -124,21 +128,19 @@ pub async fn run(
             let Some(data) = rows.complete(&chunk) else {
                 continue;
             };
+            let mut fields = recycle_fields(std::mem::take(&mut fields_buf));
             for line in data.split_inclusive(|&b| b == b'\n') {
-                let mut fields = Vec::with_capacity(table.columns.len());
                 copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|source| {
                     SnapshotError::Copy {
                         table: info.name.to_string(),
                         source,
                     }
                 })?;
-                let row: Vec<Datum<'_>> = fields
-                    .iter()
-                    .map(|f| match f {
-                        None => Datum::Null,
-                        Some(v) => Datum::Text(v),
-                    })
-                    .collect();
+                let mut row = recycle_row(std::mem::take(&mut row_buf));
+                row.extend(fields.iter().map(|f| match f {
+                    None => Datum::Null,
+                    Some(v) => Datum::Text(v),
+                }));
                 let key = encoder.key(&table, &row);
                 let change = Change {
                     op: Op::Read,
@@ -147,22 +149,25 @@ pub async fn run(
                     position,
                     transaction: None,
                 };
-                let value = encoder.value(&table, &change, started_ms).to_vec();
+                let value = encoder.value(&table, &change, started_ms);
                 if let Some((topic, key, value)) = held.take() {
                     send(tx, stop, topic, key, value).await?;
                 }
                 held = Some((table.topic.clone(), key, value));
+                row_buf = recycle_row(row);
                 table_rows += 1;
                 progress.snapshot_row();
             }
+            fields_buf = recycle_fields(fields);
         }
         progress.snapshot_finished();
         tracing::info!(table = %info.name, rows = table_rows, "snapshot: table done");
         stats.rows += table_rows;
     }
-    if let Some((topic, key, mut value)) = held.take() {
+    if let Some((topic, key, value)) = held.take() {
+        let mut value = value.to_vec();
         encoder.mark_last(&mut value);
-        send(tx, stop, topic, key, value).await?;
+        send(tx, stop, topic, key, value.into()).await?;
     }
     client.batch_execute("COMMIT").await?;
     Ok(stats)
@@ -173,16 +178,37 @@ async fn send(
     stop: &mut tokio::sync::watch::Receiver<bool>,
     topic: Arc<str>,
     key: Option<bytes::Bytes>,
-    value: Vec<u8>,
+    value: bytes::Bytes,
 ) -> Result<(), SnapshotError> {
     let item = SinkItem::Record(Record {
         topic,
         key,
-        value: Some(value.into()),
+        value: Some(value),
     });
+    if *stop.borrow() {
+        return Err(SnapshotError::Interrupted);
+    }
+    // Fast path while the sink keeps up; wait (interruptibly) only when the channel is full.
+    let item = match tx.try_send(item) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(SnapshotError::SinkClosed),
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+    };
     tokio::select! {
         biased;
         _ = stop.wait_for(|s| *s) => Err(SnapshotError::Interrupted),
         r = tx.send(item) => r.map_err(|_| SnapshotError::SinkClosed),
     }
+}
+
+/// Empties `v` and gives its allocation to borrows of another lifetime.
+fn recycle_fields<'b>(mut v: Vec<copy_text::Field<'_>>) -> Vec<copy_text::Field<'b>> {
+    v.clear();
+    v.into_iter().map(|_| None).collect()
+}
+
+/// Empties `v` and gives its allocation to borrows of another lifetime.
+fn recycle_row<'b>(mut v: Vec<Datum<'_>>) -> Vec<Datum<'b>> {
+    v.clear();
+    v.into_iter().map(|_| Datum::Null).collect()
 }

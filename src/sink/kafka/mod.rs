@@ -80,7 +80,9 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("compression.type", "lz4"),
     ("client.id", "pgcdc"),
     // Memory stays bounded whatever the row size: a full buffer is backpressure (QueueFull).
-    ("queue.buffering.max.kbytes", "65536"),
+    // 16 MiB keeps peak RSS near 60 MB and is still tens of thousands of typical events;
+    // raised automatically when -X message.max.bytes needs more (see `client_config`).
+    ("queue.buffering.max.kbytes", "16384"),
 ];
 
 /// Where Kafka is and how to talk to it.
@@ -160,7 +162,23 @@ pub(crate) fn client_config(cfg: &KafkaConfig, role: Role) -> ClientConfig {
         c.set(k, v);
     }
     match role {
-        Role::Producer => {}
+        Role::Producer => {
+            // The queue must hold at least two of the largest records, or one that size would
+            // wait forever for room (QueueFull with nothing in flight).
+            let user_set = |key: &str| cfg.properties.iter().any(|(k, _)| k == key);
+            let max_bytes = c
+                .get("message.max.bytes")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            let queue_kb = c
+                .get("queue.buffering.max.kbytes")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            let needed_kb = (2 * max_bytes).div_ceil(1024);
+            if !user_set("queue.buffering.max.kbytes") && queue_kb < needed_kb {
+                c.set("queue.buffering.max.kbytes", needed_kb.to_string());
+            }
+        }
         Role::Admin => {
             // Asking for a topic's metadata must not create it.
             c.set("allow.auto.create.topics", "false");
@@ -351,6 +369,18 @@ mod tests {
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("message.timeout.ms"), Some("0"));
         assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn producer_queue_holds_two_of_the_largest_records() {
+        let c = client_config(&KafkaConfig::new("b:9092"), Role::Producer);
+        assert_eq!(c.get("queue.buffering.max.kbytes"), Some("16384"));
+        let cfg = KafkaConfig::new("b:9092").property("message.max.bytes", "20000000");
+        let c = client_config(&cfg, Role::Producer);
+        assert_eq!(c.get("queue.buffering.max.kbytes"), Some("39063"));
+        let cfg = cfg.property("queue.buffering.max.kbytes", "1000");
+        let c = client_config(&cfg, Role::Producer);
+        assert_eq!(c.get("queue.buffering.max.kbytes"), Some("1000"));
     }
 
     #[test]

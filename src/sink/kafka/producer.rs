@@ -18,6 +18,7 @@
 //! channel is closed, the loop drains the FIFO and returns.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,10 @@ impl KafkaSink {
     }
 
     /// Runs until `rx` is closed and every record is acknowledged. See [`crate::sink::run`].
+    ///
+    /// Work that is ready is done without waiting first: delivery reports already in, then
+    /// items already queued in the channel. Only then does the loop wait, so a burst of records
+    /// costs one wake-up, not one per record.
     pub async fn run(
         self,
         mut rx: mpsc::Receiver<SinkItem>,
@@ -70,11 +75,29 @@ impl KafkaSink {
         let mut fifo = Fifo::new(&self.bootstrap, acked);
         let mut closed = false;
         loop {
-            fifo.complete_markers();
+            while let Some(res) = fifo.try_complete_front() {
+                if let Err(failed) = res {
+                    self.skip_or_fail(failed, &mut fifo)?;
+                }
+            }
             if closed && fifo.is_empty() {
                 return Ok(fifo.summary);
             }
-            // Invariant: at least one branch below is enabled. After `complete_markers`, a
+            let mut read_any = false;
+            while !closed && fifo.deliveries < self.max_in_flight {
+                match rx.try_recv() {
+                    Ok(item) => {
+                        self.handle(item, &mut fifo).await?;
+                        read_any = true;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+                }
+            }
+            if read_any || (closed && fifo.deliveries == 0) {
+                continue;
+            }
+            // Invariant: at least one branch below is enabled. After `try_complete_front`, a
             // non-empty FIFO starts with a delivery (so `deliveries > 0`), and reading is
             // disabled only when the channel is closed or `deliveries` is at its bound (≥ 1).
             let can_read = !closed && fifo.deliveries < self.max_in_flight;
@@ -87,12 +110,19 @@ impl KafkaSink {
                 }
                 item = rx.recv(), if can_read => match item {
                     None => closed = true,
-                    Some(SinkItem::Record(record)) => self.send(record, &mut fifo).await?,
-                    Some(SinkItem::Checkpoint(lsn)) => fifo.push(Pending::Checkpoint(lsn)),
-                    Some(SinkItem::Barrier(done)) => fifo.push(Pending::Barrier(done)),
+                    Some(item) => self.handle(item, &mut fifo).await?,
                 },
             }
         }
+    }
+
+    async fn handle(&self, item: SinkItem, fifo: &mut Fifo) -> Result<(), SinkError> {
+        match item {
+            SinkItem::Record(record) => self.send(record, fifo).await?,
+            SinkItem::Checkpoint(lsn) => fifo.push(Pending::Checkpoint(lsn)),
+            SinkItem::Barrier(done) => fifo.push(Pending::Barrier(done)),
+        }
+        Ok(())
     }
 
     /// Hands `record` to librdkafka, waiting for deliveries while its queue is full.
@@ -187,6 +217,9 @@ impl KafkaSink {
     }
 }
 
+/// What a delivery future resolves to.
+type DeliveryOutcome = <DeliveryFuture as std::future::Future>::Output;
+
 /// A record Kafka did not take.
 struct Failed {
     error: KafkaError,
@@ -215,9 +248,12 @@ struct Fifo {
     bootstrap: String,
     /// Last time a delivery completed, or the window became non-empty.
     last_progress: Instant,
-    /// When to warn next about a stall.
+    /// When to warn again about a stall that was already reported.
     next_warning: Instant,
     warned: bool,
+    /// Wakes the wait for the front delivery to check for a stall. One timer for the whole
+    /// run, moved only when it fires: re-arming one per record cost more than the check.
+    stall_timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Fifo {
@@ -230,8 +266,11 @@ impl Fifo {
             acked,
             bootstrap: bootstrap.to_string(),
             last_progress: now,
-            next_warning: now + STALL_WARNING_AFTER,
+            next_warning: now,
             warned: false,
+            stall_timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                now + STALL_WARNING_AFTER,
+            ))),
         }
     }
 
@@ -263,7 +302,24 @@ impl Fifo {
             self.warned = false;
         }
         self.last_progress = now;
-        self.next_warning = now + STALL_WARNING_AFTER;
+    }
+
+    /// When the current stall (if the front stays pending) is to be reported.
+    fn stall_due(&self) -> Instant {
+        if self.warned {
+            self.next_warning
+        } else {
+            self.last_progress + STALL_WARNING_AFTER
+        }
+    }
+
+    /// The stall timer fired: warn if the stall is real, and set the timer to the next due time.
+    fn on_stall_timer(&mut self) {
+        if Instant::now() >= self.stall_due() {
+            self.warn_stall();
+        }
+        let due = tokio::time::Instant::from_std(self.stall_due());
+        self.stall_timer.as_mut().reset(due);
     }
 
     /// Reports the checkpoints and resolves the barriers at the front: everything before them
@@ -291,6 +347,17 @@ impl Fifo {
         }
     }
 
+    /// Completes the markers at the front, then the front delivery if its report is in
+    /// already. `None`: nothing more is ready.
+    fn try_complete_front(&mut self) -> Option<Result<(), Failed>> {
+        self.complete_markers();
+        let Some(Pending::Delivery { delivery, .. }) = self.queue.front_mut() else {
+            return None;
+        };
+        let outcome = (&mut *delivery).now_or_never()?;
+        Some(self.finish_front(outcome))
+    }
+
     /// Waits for the front delivery (the caller has completed the markers before it) and
     /// records it. Warns while it takes long. Cancel-safe: the entry is removed only once its
     /// report is in hand, with no await in between.
@@ -299,53 +366,47 @@ impl Fifo {
             let Some(Pending::Delivery { delivery, .. }) = self.queue.front_mut() else {
                 return Ok(());
             };
-            // Fast path: the report is usually in already; no timer needed then.
-            let outcome = match (&mut *delivery).now_or_never() {
-                Some(outcome) => outcome,
-                None => {
-                    let warn_at = tokio::time::Instant::from_std(self.next_warning);
-                    tokio::select! {
-                        biased;
-                        outcome = delivery => outcome,
-                        () = tokio::time::sleep_until(warn_at) => {
-                            self.warn_stall();
-                            continue;
-                        }
-                    }
-                }
-            };
-            let Some(Pending::Delivery {
+            tokio::select! {
+                biased;
+                outcome = delivery => return self.finish_front(outcome),
+                () = self.stall_timer.as_mut() => self.on_stall_timer(),
+            }
+        }
+    }
+
+    /// Removes the front delivery, whose report is `outcome`, and accounts for it.
+    fn finish_front(&mut self, outcome: DeliveryOutcome) -> Result<(), Failed> {
+        let Some(Pending::Delivery {
+            topic,
+            bytes,
+            tombstone,
+            ..
+        }) = self.queue.pop_front()
+        else {
+            return Ok(());
+        };
+        self.deliveries -= 1;
+        crate::metrics::global()
+            .sink_in_flight
+            .store(self.deliveries as u64, std::sync::atomic::Ordering::Relaxed);
+        match outcome {
+            Ok(Ok(_delivered)) => {
+                self.summary.add(bytes, tombstone);
+                self.progress();
+                Ok(())
+            }
+            Ok(Err((error, _message))) => Err(Failed {
+                error,
                 topic,
                 bytes,
-                tombstone,
-                ..
-            }) = self.queue.pop_front()
-            else {
-                return Ok(());
-            };
-            self.deliveries -= 1;
-            crate::metrics::global()
-                .sink_in_flight
-                .store(self.deliveries as u64, std::sync::atomic::Ordering::Relaxed);
-            return match outcome {
-                Ok(Ok(_delivered)) => {
-                    self.summary.add(bytes, tombstone);
-                    self.progress();
-                    Ok(())
-                }
-                Ok(Err((error, _message))) => Err(Failed {
-                    error,
-                    topic,
-                    bytes,
-                }),
-                // The producer went away under us; it lives as long as the sink, so this
-                // would be a bug — report it rather than panic.
-                Err(_canceled) => Err(Failed {
-                    error: KafkaError::Canceled,
-                    topic,
-                    bytes,
-                }),
-            };
+            }),
+            // The producer went away under us; it lives as long as the sink, so this
+            // would be a bug — report it rather than panic.
+            Err(_canceled) => Err(Failed {
+                error: KafkaError::Canceled,
+                topic,
+                bytes,
+            }),
         }
     }
 

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pgcdc::event::json::{oid, write_datum};
-use pgcdc::event::{
-    Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema,
-};
+use pgcdc::event::{Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
 use pgcdc::source::copy_text;
 use pgcdc::source::Lsn;
 
@@ -144,11 +142,51 @@ fn corpus() -> u64 {
         1700, 3802, 1007, 1009, 3904, 2950, 9999,
     ];
     let pieces: &[&[u8]] = &[
-        b"\"", b"\\", b"\n", b"\t", b"\x01", b"\x1f", b"\x7f", b"\x08", b"\x0c", b"\r", b"a",
-        b"abcdefghijklmnop", b"\xc3\xa9", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xff",
-        b"\xc3", b"\xed\xa0\x80", b"{", b"}", b"[", b"]", b":", b",", b" ", b"1", b"-", b".",
-        b"e", b"0", b"true", b"null", b"\"k\": ", b", ", b"{\"a\": [1, 2]}", b"\\u00e9",
-        b"\\x", b"NaN", b"2024-01-02 03:04:05.5+00", b" BC", b"t", b"f", b"=>", b"(", b")",
+        b"\"",
+        b"\\",
+        b"\n",
+        b"\t",
+        b"\x01",
+        b"\x1f",
+        b"\x7f",
+        b"\x08",
+        b"\x0c",
+        b"\r",
+        b"a",
+        b"abcdefghijklmnop",
+        b"\xc3\xa9",
+        b"\xe2\x82\xac",
+        b"\xf0\x9f\x98\x80",
+        b"\xff",
+        b"\xc3",
+        b"\xed\xa0\x80",
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b":",
+        b",",
+        b" ",
+        b"1",
+        b"-",
+        b".",
+        b"e",
+        b"0",
+        b"true",
+        b"null",
+        b"\"k\": ",
+        b", ",
+        b"{\"a\": [1, 2]}",
+        b"\\u00e9",
+        b"\\x",
+        b"NaN",
+        b"2024-01-02 03:04:05.5+00",
+        b" BC",
+        b"t",
+        b"f",
+        b"=>",
+        b"(",
+        b")",
     ];
     let mut rng = Rng(7);
     let mut hash = Hash(0xcbf2_9ce4_8422_2325);

@@ -88,47 +88,103 @@ fn write_number(out: &mut Vec<u8>, text: &[u8]) -> bool {
 
 /// Writes `s` as a JSON string. Invalid UTF-8 is replaced, never passed through.
 pub fn write_str(out: &mut Vec<u8>, s: &[u8]) {
-    match std::str::from_utf8(s) {
-        Ok(s) => write_utf8_str(out, s),
-        Err(_) => write_utf8_str(out, &String::from_utf8_lossy(s)),
+    let mark = out.len();
+    if !write_escaped(out, s, true) {
+        // Rare: only now pay for the replacement (the result is valid UTF-8).
+        out.truncate(mark);
+        write_escaped(out, String::from_utf8_lossy(s).as_bytes(), false);
     }
 }
 
-fn write_utf8_str(out: &mut Vec<u8>, s: &str) {
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// A mask with the high bit set in the bytes of `w` that are zero. Only the lowest set bit
+/// is exact (a borrow may also mark bytes above it), which is all a forward scan needs.
+#[inline(always)]
+fn zero_bytes(w: u64) -> u64 {
+    w.wrapping_sub(LO) & !w & HI
+}
+
+/// Bytes of `w` that are `"`, `\` or below 0x20, plus those >= 0x80 if `high`; exact up to
+/// the lowest set bit (see [`zero_bytes`]).
+#[inline(always)]
+fn special_bytes(w: u64, high: bool) -> u64 {
+    let control = w.wrapping_sub(0x20 * LO) & !w & HI;
+    let quote = zero_bytes(w ^ (b'"' as u64 * LO));
+    let backslash = zero_bytes(w ^ (b'\\' as u64 * LO));
+    let hi = if high { w & HI } else { 0 };
+    control | quote | backslash | hi
+}
+
+/// Index of the first byte at or after `i` that is `"`, `\`, below 0x20, or (if `high`)
+/// >= 0x80; `s.len()` if none. Eight bytes at a time.
+#[inline]
+fn next_special(s: &[u8], mut i: usize, high: bool) -> usize {
+    while let Some(chunk) = s.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let m = special_bytes(u64::from_le_bytes(w), high);
+        if m != 0 {
+            return i + (m.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&b) = s.get(i) {
+        if b < 0x20 || b == b'"' || b == b'\\' || (high && b >= 0x80) {
+            return i;
+        }
+        i += 1;
+    }
+    s.len()
+}
+
+/// Writes `s` quoted and escaped. With `check`, returns false (having written part of it)
+/// if `s` is not UTF-8; the first byte >= 0x80 triggers one validation of the rest.
+fn write_escaped(out: &mut Vec<u8>, s: &[u8], check: bool) -> bool {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push(b'"');
-    let bytes = s.as_bytes();
+    let mut high = check;
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => b"",
-            _ => continue,
+    let mut i = 0;
+    loop {
+        i = next_special(s, i, high);
+        let Some(&b) = s.get(i) else {
+            break;
         };
-        out.extend_from_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(&[
+        if b >= 0x80 {
+            // Valid from here on: no need to stop at high bytes any more.
+            if std::str::from_utf8(&s[i..]).is_err() {
+                return false;
+            }
+            high = false;
+            continue;
+        }
+        out.extend_from_slice(&s[start..i]);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => out.extend_from_slice(&[
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[(b >> 4) as usize],
                 HEX[(b & 0xf) as usize],
-            ]);
-        } else {
-            out.extend_from_slice(esc);
+            ]),
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.extend_from_slice(&s[start..]);
     out.push(b'"');
+    true
 }
 
 /// True when `s` is a number in JSON's grammar.
@@ -522,7 +578,70 @@ mod tests {
         }
     }
 
+    /// The escaper as first written: validate, then one byte at a time.
+    fn reference_str(out: &mut Vec<u8>, s: &[u8]) {
+        let s = String::from_utf8_lossy(s);
+        out.push(b'"');
+        for &b in s.as_bytes() {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+                _ => out.push(b),
+            }
+        }
+        out.push(b'"');
+    }
+
+    /// Bytes that exercise the escaper: mostly plain, with specials and UTF-8 pieces.
+    fn tricky_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            4 => proptest::collection::vec(b'a'..=b'z', 1..12),
+            1 => proptest::sample::select(vec![
+                b"\"".to_vec(), b"\\".to_vec(), b"\n".to_vec(), b"\x01".to_vec(),
+                b"\x1f".to_vec(), b" ".to_vec(), b"\x7f".to_vec(), b"\xc3\xa9".to_vec(),
+                b"\xe2\x82\xac".to_vec(), b"\xf0\x9f\x98\x80".to_vec(), b"\xff".to_vec(),
+                b"\xc3".to_vec(), b"\xed\xa0\x80".to_vec(), b"\x80".to_vec(),
+            ]),
+            1 => proptest::collection::vec(any::<u8>(), 1..4),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+    }
+
+    #[test]
+    fn escaper_edges() {
+        for s in [
+            &b""[..],
+            b"abcdefgh",
+            b"abcdefg\"",
+            b"\"abcdefgh",
+            b"abcdefgh\x1f",
+            b"\x20\x21\x1f!\x20\x20\x20\x20\x20\x20\x1f",
+            b"\xc3\xa9abcdefgh\xff",
+            b"abcdefgh\xc3\xa9\"\\\x00",
+        ] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            write_str(&mut a, s);
+            reference_str(&mut b, s);
+            assert_eq!(a, b, "{s:?}");
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn escaper_matches_reference(s in proptest::prop_oneof![tricky_bytes(), proptest::collection::vec(proptest::num::u8::ANY, 0..80)]) {
+            let (mut a, mut b) = (b"x".to_vec(), b"x".to_vec());
+            write_str(&mut a, &s);
+            reference_str(&mut b, &s);
+            proptest::prop_assert_eq!(a, b);
+        }
+
         #[test]
         fn always_valid_json(type_oid in proptest::sample::select(vec![16u32, 17, 20, 25, 114, 701, 1082, 1114, 1184, 1266, 1700, 3802]), text in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
             let mut out = Vec::new();

@@ -344,20 +344,19 @@ impl Encoder {
         write_position(out, &change.position);
         out.extend_from_slice(b"},\"op\":\"");
         out.extend_from_slice(change.op.code().as_bytes());
-        push_fmt(out, format_args!("\",\"ts_ms\":{now_ms}"));
+        out.extend_from_slice(b"\",\"ts_ms\":");
+        push_int(out, now_ms);
         if self.options.transaction_metadata {
             match &change.transaction {
                 None => out.extend_from_slice(b",\"transaction\":null"),
                 Some(t) => {
                     out.extend_from_slice(b",\"transaction\":{\"id\":");
                     json::write_str(out, t.id.as_bytes());
-                    push_fmt(
-                        out,
-                        format_args!(
-                            ",\"total_order\":{},\"data_collection_order\":{}}}",
-                            t.total_order, t.data_collection_order
-                        ),
-                    );
+                    out.extend_from_slice(b",\"total_order\":");
+                    push_int(out, t.total_order);
+                    out.extend_from_slice(b",\"data_collection_order\":");
+                    push_int(out, t.data_collection_order);
+                    out.push(b'}');
                 }
             }
         }
@@ -389,7 +388,8 @@ impl Encoder {
         key.push(b'}');
         let mut out = Vec::with_capacity(160 + m.content.len() * 4 / 3);
         out.extend_from_slice(b"{\"op\":\"m\",\"ts_ms\":");
-        push_fmt(&mut out, format_args!("{now_ms},"));
+        push_int(&mut out, now_ms);
+        out.push(b',');
         out.extend_from_slice(&self.source_prefix);
         write_position(&mut out, &m.position);
         out.extend_from_slice(b"},\"message\":{\"prefix\":");
@@ -425,22 +425,24 @@ impl Encoder {
         });
         out.extend_from_slice(b",\"id\":");
         json::write_str(&mut out, id.as_bytes());
-        push_fmt(&mut out, format_args!(",\"ts_ms\":{ts_ms}"));
+        out.extend_from_slice(b",\"ts_ms\":");
+        push_int(&mut out, ts_ms);
         match counts {
             None => out.extend_from_slice(b",\"event_count\":null,\"data_collections\":null}"),
             Some(counts) => {
                 let total: u64 = counts.iter().map(|(_, n)| n).sum();
-                push_fmt(
-                    &mut out,
-                    format_args!(",\"event_count\":{total},\"data_collections\":["),
-                );
+                out.extend_from_slice(b",\"event_count\":");
+                push_int(&mut out, total);
+                out.extend_from_slice(b",\"data_collections\":[");
                 for (i, (table, n)) in counts.iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
                     out.extend_from_slice(b"{\"data_collection\":");
                     json::write_str(&mut out, table.as_bytes());
-                    push_fmt(&mut out, format_args!(",\"event_count\":{n}}}"));
+                    out.extend_from_slice(b",\"event_count\":");
+                    push_int(&mut out, *n);
+                    out.push(b'}');
                 }
                 out.extend_from_slice(b"]}");
             }
@@ -451,15 +453,19 @@ impl Encoder {
 
 /// `,"lsn":…,"txId":…,"ts_ms":…,"snapshot":…,"commit_lsn":…` (the source block stays open).
 fn write_position(out: &mut Vec<u8>, p: &Position) {
-    push_fmt(out, format_args!(",\"lsn\":{}", p.lsn.0));
+    out.extend_from_slice(b",\"lsn\":");
+    push_int(out, p.lsn.0);
+    out.extend_from_slice(b",\"txId\":");
     match p.xid {
-        Some(x) => push_fmt(out, format_args!(",\"txId\":{x}")),
-        None => out.extend_from_slice(b",\"txId\":null"),
+        Some(x) => push_int(out, x),
+        None => out.extend_from_slice(b"null"),
     }
-    push_fmt(out, format_args!(",\"ts_ms\":{}", p.commit_ts_ms));
+    out.extend_from_slice(b",\"ts_ms\":");
+    push_int(out, p.commit_ts_ms);
     out.extend_from_slice(b",\"snapshot\":\"");
     out.extend_from_slice(p.snapshot.as_str().as_bytes());
-    push_fmt(out, format_args!("\",\"commit_lsn\":{}", p.commit_lsn.0));
+    out.extend_from_slice(b"\",\"commit_lsn\":");
+    push_int(out, p.commit_lsn.0);
 }
 
 /// The flat format: the row (`after`, or `before` for a delete) and `__` fields.
@@ -477,7 +483,8 @@ fn flat(out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>) {
     out.extend_from_slice(change.op.code().as_bytes());
     out.extend_from_slice(b"\",");
     out.extend_from_slice(&table.flat_table);
-    push_fmt(out, format_args!(",\"__lsn\":{}", change.position.lsn.0));
+    out.extend_from_slice(b",\"__lsn\":");
+    push_int(out, change.position.lsn.0);
     out.extend_from_slice(if change.op == Op::Delete {
         b",\"__deleted\":true}"
     } else {
@@ -530,6 +537,11 @@ fn write_unchanged(out: &mut Vec<u8>, label: &[u8], table: &TableSchema, row: &[
         }
     }
     out.push(b']');
+}
+
+/// Appends an integer in decimal, as `Display` would write it.
+fn push_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
@@ -759,6 +771,32 @@ mod tests {
         let counts = [(Arc::from("public.a"), 2), (Arc::from("public.b"), 1)];
         let (_, v) = e.transaction("7:200", 5, Some(&counts));
         assert_eq!(&v[..], br#"{"status":"END","id":"7:200","ts_ms":5,"event_count":3,"data_collections":[{"data_collection":"public.a","event_count":2},{"data_collection":"public.b","event_count":1}]}"#);
+    }
+
+    #[test]
+    fn position_digits_match_display() {
+        for (lsn, xid, ts) in [
+            (0, None, 0),
+            (u64::MAX, Some(u32::MAX), i64::MIN),
+            (0x1_6B37_4D48, Some(7), -1),
+            (10, Some(0), i64::MAX),
+        ] {
+            let p = Position {
+                lsn: Lsn(lsn),
+                commit_lsn: Lsn(lsn / 3),
+                xid,
+                commit_ts_ms: ts,
+                snapshot: SnapshotMarker::True,
+            };
+            let mut out = Vec::new();
+            write_position(&mut out, &p);
+            let xid = xid.map_or("null".to_string(), |x| x.to_string());
+            let want = format!(
+                ",\"lsn\":{lsn},\"txId\":{xid},\"ts_ms\":{ts},\"snapshot\":\"true\",\"commit_lsn\":{}",
+                lsn / 3
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
     }
 
     #[test]

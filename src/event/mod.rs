@@ -129,6 +129,8 @@ pub struct TableSchema {
     source_fields: Box<[u8]>,
     /// `"__table":"schema.table"` pre-encoded for the flat format.
     flat_table: Box<[u8]>,
+    /// Bytes of one encoded row besides its values: braces, labels, commas, quotes.
+    row_overhead: usize,
 }
 
 impl TableSchema {
@@ -158,6 +160,10 @@ impl TableSchema {
             &mut source_fields,
             format_args!(",\"schema_id\":\"{id:016x}\""),
         );
+        let row_overhead = 2 + columns
+            .iter()
+            .map(|c| c.json_label.len() + 3)
+            .sum::<usize>();
         let mut flat_table = b"\"__table\":".to_vec();
         json::write_str(&mut flat_table, qualified.as_bytes());
         TableSchema {
@@ -170,6 +176,7 @@ impl TableSchema {
             qualified,
             source_fields: source_fields.into_boxed_slice(),
             flat_table: flat_table.into_boxed_slice(),
+            row_overhead,
         }
     }
 
@@ -302,7 +309,8 @@ impl Encoder {
         if table.key.is_empty() {
             return None;
         }
-        let mut out = Vec::with_capacity(16 * table.key.len());
+        let values: usize = table.key.iter().map(|&i| text_len(row.get(i))).sum();
+        let mut out = Vec::with_capacity(values + 16 * table.key.len());
         out.push(b'{');
         for (n, &i) in table.key.iter().enumerate() {
             if n > 0 {
@@ -322,12 +330,30 @@ impl Encoder {
 
     /// The event value, in the run's [`Format`].
     pub fn value(&self, table: &TableSchema, change: &Change<'_>, now_ms: i64) -> Bytes {
-        let mut out = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(self.value_capacity(table, change));
         match self.options.format {
             Format::Envelope => self.envelope(&mut out, table, change, now_ms),
             Format::Flat => flat(&mut out, table, change),
         }
         out.into()
+    }
+
+    /// A guess at the encoded size, so the buffer is rarely reallocated: the values' text
+    /// (JSON is about as long; escapes and the odd long timestamp may exceed it) plus the rest.
+    fn value_capacity(&self, table: &TableSchema, change: &Change<'_>) -> usize {
+        let row = |r: Option<&[Datum<'_>]>| {
+            r.map_or(4, |r| {
+                table.row_overhead + r.iter().map(|d| text_len(Some(d))).sum::<usize>()
+            })
+        };
+        let transaction = change.transaction.map_or(0, |t| t.id.len() + 96);
+        // 192: the envelope's field names, the op, and up to five 20-digit integers.
+        row(change.before)
+            + row(change.after)
+            + self.source_prefix.len()
+            + table.source_fields.len()
+            + transaction
+            + 192
     }
 
     fn envelope(&self, out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>, now_ms: i64) {
@@ -500,6 +526,14 @@ fn write_row(out: &mut Vec<u8>, table: &TableSchema, row: Option<&[Datum<'_>]>) 
     out.push(b'{');
     write_fields(out, table, row);
     out.push(b'}');
+}
+
+/// Length of a datum's text form (0 for none).
+fn text_len(d: Option<&Datum<'_>>) -> usize {
+    match d {
+        Some(Datum::Text(t)) => t.len(),
+        _ => 0,
+    }
 }
 
 /// `"a":1,"b":2` without braces; unchanged TOAST values are left out. True if any was written.

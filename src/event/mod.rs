@@ -309,8 +309,17 @@ impl Encoder {
         if table.key.is_empty() {
             return None;
         }
-        let values: usize = table.key.iter().map(|&i| text_len(row.get(i))).sum();
-        let mut out = Vec::with_capacity(values + 16 * table.key.len());
+        // Exact for numbers and plain text, so `Bytes` can take the buffer over without
+        // allocating its shared header.
+        let len = 1 + table
+            .key
+            .iter()
+            .map(|&i| {
+                let col = &table.columns[i];
+                1 + col.json_label.len() + json_len_guess(&col.kind, row.get(i))
+            })
+            .sum::<usize>();
+        let mut out = Vec::with_capacity(len);
         out.push(b'{');
         for (n, &i) in table.key.iter().enumerate() {
             if n > 0 {
@@ -533,6 +542,16 @@ fn text_len(d: Option<&Datum<'_>>) -> usize {
     match d {
         Some(Datum::Text(t)) => t.len(),
         _ => 0,
+    }
+}
+
+/// The likely length of a datum's JSON.
+fn json_len_guess(kind: &Kind, d: Option<&Datum<'_>>) -> usize {
+    match (kind, d) {
+        (Kind::Int | Kind::NumericNumber | Kind::Float, Some(Datum::Text(t))) => t.len(),
+        (Kind::Bool, Some(Datum::Text(t))) => 4 + usize::from(*t == b"f"),
+        (_, Some(Datum::Text(t))) => t.len() + 2,
+        _ => 4,
     }
 }
 

@@ -350,7 +350,7 @@ struct Nesting {
 impl Nesting {
     fn push(&mut self, object: bool) {
         if self.depth < 64 {
-            self.bits = self.bits & !(1 << self.depth) | u64::from(object) << self.depth;
+            self.bits = (self.bits & !(1 << self.depth)) | (u64::from(object) << self.depth);
         } else {
             self.deep.push(object);
         }
@@ -361,7 +361,7 @@ impl Nesting {
     fn last(&self) -> Option<bool> {
         match self.depth {
             0 => None,
-            d @ 1..=64 => Some(self.bits >> (d - 1) & 1 == 1),
+            d @ 1..=64 => Some((self.bits >> (d - 1)) & 1 == 1),
             _ => self.deep.last().copied(),
         }
     }

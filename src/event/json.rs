@@ -88,47 +88,103 @@ fn write_number(out: &mut Vec<u8>, text: &[u8]) -> bool {
 
 /// Writes `s` as a JSON string. Invalid UTF-8 is replaced, never passed through.
 pub fn write_str(out: &mut Vec<u8>, s: &[u8]) {
-    match std::str::from_utf8(s) {
-        Ok(s) => write_utf8_str(out, s),
-        Err(_) => write_utf8_str(out, &String::from_utf8_lossy(s)),
+    let mark = out.len();
+    if !write_escaped(out, s, true) {
+        // Rare: only now pay for the replacement (the result is valid UTF-8).
+        out.truncate(mark);
+        write_escaped(out, String::from_utf8_lossy(s).as_bytes(), false);
     }
 }
 
-fn write_utf8_str(out: &mut Vec<u8>, s: &str) {
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// A mask with the high bit set in the bytes of `w` that are zero. Only the lowest set bit
+/// is exact (a borrow may also mark bytes above it), which is all a forward scan needs.
+#[inline(always)]
+fn zero_bytes(w: u64) -> u64 {
+    w.wrapping_sub(LO) & !w & HI
+}
+
+/// Bytes of `w` that are `"`, `\` or below 0x20, plus those >= 0x80 if `high`; exact up to
+/// the lowest set bit (see [`zero_bytes`]).
+#[inline(always)]
+fn special_bytes(w: u64, high: bool) -> u64 {
+    let control = w.wrapping_sub(0x20 * LO) & !w & HI;
+    let quote = zero_bytes(w ^ (b'"' as u64 * LO));
+    let backslash = zero_bytes(w ^ (b'\\' as u64 * LO));
+    let hi = if high { w & HI } else { 0 };
+    control | quote | backslash | hi
+}
+
+/// Index of the first byte at or after `i` that is `"`, `\`, below 0x20, or (if `high`)
+/// >= 0x80; `s.len()` if none. Eight bytes at a time.
+#[inline]
+fn next_special(s: &[u8], mut i: usize, high: bool) -> usize {
+    while let Some(chunk) = s.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let m = special_bytes(u64::from_le_bytes(w), high);
+        if m != 0 {
+            return i + (m.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&b) = s.get(i) {
+        if b < 0x20 || b == b'"' || b == b'\\' || (high && b >= 0x80) {
+            return i;
+        }
+        i += 1;
+    }
+    s.len()
+}
+
+/// Writes `s` quoted and escaped. With `check`, returns false (having written part of it)
+/// if `s` is not UTF-8; the first byte >= 0x80 triggers one validation of the rest.
+fn write_escaped(out: &mut Vec<u8>, s: &[u8], check: bool) -> bool {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push(b'"');
-    let bytes = s.as_bytes();
+    let mut high = check;
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => b"",
-            _ => continue,
+    let mut i = 0;
+    loop {
+        i = next_special(s, i, high);
+        let Some(&b) = s.get(i) else {
+            break;
         };
-        out.extend_from_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(&[
+        if b >= 0x80 {
+            // Valid from here on: no need to stop at high bytes any more.
+            if std::str::from_utf8(&s[i..]).is_err() {
+                return false;
+            }
+            high = false;
+            continue;
+        }
+        out.extend_from_slice(&s[start..i]);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => out.extend_from_slice(&[
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[(b >> 4) as usize],
                 HEX[(b & 0xf) as usize],
-            ]);
-        } else {
-            out.extend_from_slice(esc);
+            ]),
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.extend_from_slice(&s[start..]);
     out.push(b'"');
+    true
 }
 
 /// True when `s` is a number in JSON's grammar.
@@ -257,15 +313,16 @@ fn write_bytea(out: &mut Vec<u8>, text: &[u8], hex: bool) -> bool {
 /// validated the document already; if it is not JSON after all, nothing is written and the
 /// caller falls back to a string.
 fn write_compact_json(out: &mut Vec<u8>, text: &[u8]) -> bool {
-    if std::str::from_utf8(text).is_err() {
-        return false;
-    }
     let mark = out.len();
-    if compact_json(out, text).is_none() {
-        out.truncate(mark);
-        return false;
+    out.reserve(text.len());
+    match compact_json(out, text) {
+        // Bytes >= 0x80 can only be inside strings; check them only if there were any.
+        Some(non_ascii) if !non_ascii || std::str::from_utf8(text).is_ok() => true,
+        _ => {
+            out.truncate(mark);
+            false
+        }
     }
-    true
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,32 +338,76 @@ enum Expect {
     Next,
 }
 
-fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
-    let mut stack: Vec<u8> = Vec::new();
+/// The open containers, innermost last: a bit per level (set for an object), spilling to
+/// the heap only past 64 levels.
+#[derive(Default)]
+struct Nesting {
+    bits: u64,
+    depth: usize,
+    deep: Vec<bool>,
+}
+
+impl Nesting {
+    fn push(&mut self, object: bool) {
+        if self.depth < 64 {
+            self.bits = (self.bits & !(1 << self.depth)) | (u64::from(object) << self.depth);
+        } else {
+            self.deep.push(object);
+        }
+        self.depth += 1;
+    }
+
+    /// Whether the innermost container is an object; `None` at the top level.
+    fn last(&self) -> Option<bool> {
+        match self.depth {
+            0 => None,
+            d @ 1..=64 => Some((self.bits >> (d - 1)) & 1 == 1),
+            _ => self.deep.last().copied(),
+        }
+    }
+
+    fn pop(&mut self) {
+        if self.depth > 64 {
+            self.deep.pop();
+        }
+        self.depth = self.depth.saturating_sub(1);
+    }
+}
+
+/// Validates `s` and appends it without whitespace outside strings, copying the runs
+/// between whitespace whole. Returns whether any string held bytes >= 0x80 (not yet
+/// checked to be UTF-8), or `None` (with part of `s` written) if `s` is not JSON.
+fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<bool> {
+    let mut nesting = Nesting::default();
     let mut expect = Expect::Value;
+    let mut non_ascii = false;
+    // `s[run..i]` is validated but not yet copied.
+    let mut run = 0;
     let mut i = 0;
     loop {
-        while i < s.len() && matches!(s[i], b' ' | b'\n' | b'\r' | b'\t') {
-            i += 1;
+        if matches!(s.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            out.extend_from_slice(&s[run..i]);
+            while i < s.len() && matches!(s[i], b' ' | b'\n' | b'\r' | b'\t') {
+                i += 1;
+            }
+            run = i;
         }
         let Some(&c) = s.get(i) else {
-            return (expect == Expect::Next && stack.is_empty()).then_some(());
+            out.extend_from_slice(&s[run..]);
+            return (expect == Expect::Next && nesting.depth == 0).then_some(non_ascii);
         };
         match expect {
-            Expect::Next => match (c, stack.last()) {
-                (b',', Some(b'{')) => {
-                    out.push(c);
+            Expect::Next => match (c, nesting.last()) {
+                (b',', Some(true)) => {
                     i += 1;
                     expect = Expect::Key;
                 }
-                (b',', Some(b'[')) => {
-                    out.push(c);
+                (b',', Some(false)) => {
                     i += 1;
                     expect = Expect::Value;
                 }
-                (b'}', Some(b'{')) | (b']', Some(b'[')) => {
-                    out.push(c);
-                    stack.pop();
+                (b'}', Some(true)) | (b']', Some(false)) => {
+                    nesting.pop();
                     i += 1;
                 }
                 _ => return None,
@@ -315,18 +416,16 @@ fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
                 if c != b':' {
                     return None;
                 }
-                out.push(c);
                 i += 1;
                 expect = Expect::Value;
             }
             Expect::FirstKey | Expect::Key => {
                 if c == b'}' && expect == Expect::FirstKey {
-                    out.push(c);
-                    stack.pop();
+                    nesting.pop();
                     i += 1;
                     expect = Expect::Next;
                 } else if c == b'"' {
-                    i = json_string(out, s, i)?;
+                    i = json_string(s, i, &mut non_ascii)?;
                     expect = Expect::Colon;
                 } else {
                     return None;
@@ -334,16 +433,14 @@ fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
             }
             Expect::Value | Expect::FirstItem => {
                 if c == b']' && expect == Expect::FirstItem {
-                    out.push(c);
-                    stack.pop();
+                    nesting.pop();
                     i += 1;
                     expect = Expect::Next;
                     continue;
                 }
                 match c {
                     b'{' | b'[' => {
-                        out.push(c);
-                        stack.push(c);
+                        nesting.push(c == b'{');
                         i += 1;
                         expect = if c == b'{' {
                             Expect::FirstKey
@@ -352,7 +449,7 @@ fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
                         };
                         continue;
                     }
-                    b'"' => i = json_string(out, s, i)?,
+                    b'"' => i = json_string(s, i, &mut non_ascii)?,
                     b't' | b'f' | b'n' => {
                         let word: &[u8] = match c {
                             b't' => b"true",
@@ -362,7 +459,6 @@ fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
                         if !s[i..].starts_with(word) {
                             return None;
                         }
-                        out.extend_from_slice(word);
                         i += word.len();
                     }
                     _ => {
@@ -375,7 +471,6 @@ fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
                         if !is_json_number(&s[start..i]) {
                             return None;
                         }
-                        out.extend_from_slice(&s[start..i]);
                     }
                 }
                 expect = Expect::Next;
@@ -384,16 +479,15 @@ fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
     }
 }
 
-/// Copies the string starting at `s[i] == '"'`; returns the index after its closing quote.
-fn json_string(out: &mut Vec<u8>, s: &[u8], mut i: usize) -> Option<usize> {
-    let start = i;
+/// Checks the string starting at `s[i] == '"'`; returns the index after its closing quote.
+/// Sets `non_ascii` if the string holds bytes >= 0x80.
+fn json_string(s: &[u8], mut i: usize, non_ascii: &mut bool) -> Option<usize> {
     i += 1;
     loop {
+        // Skip to the next quote, backslash, control byte or (once) non-ASCII byte.
+        i = next_special(s, i, !*non_ascii);
         match *s.get(i)? {
-            b'"' => {
-                i += 1;
-                break;
-            }
+            b'"' => return Some(i + 1),
             b'\\' => match *s.get(i + 1)? {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
                 b'u' => {
@@ -406,11 +500,12 @@ fn json_string(out: &mut Vec<u8>, s: &[u8], mut i: usize) -> Option<usize> {
                 _ => return None,
             },
             0..=0x1f => return None,
-            _ => i += 1,
+            _ => {
+                *non_ascii = true;
+                i += 1;
+            }
         }
     }
-    out.extend_from_slice(&s[start..i]);
-    Some(i)
 }
 
 #[cfg(test)]
@@ -522,7 +617,289 @@ mod tests {
         }
     }
 
+    /// The compactor as first written (validate UTF-8, then push token by token), as a
+    /// reference for the faster one.
+    mod first_compactor {
+        use super::super::is_json_number;
+
+        pub fn write_compact_json(out: &mut Vec<u8>, text: &[u8]) -> bool {
+            if std::str::from_utf8(text).is_err() {
+                return false;
+            }
+            let mark = out.len();
+            if compact_json(out, text).is_none() {
+                out.truncate(mark);
+                return false;
+            }
+            true
+        }
+
+        #[derive(Clone, Copy, PartialEq, Eq)]
+        enum Expect {
+            Value,
+            /// After `[`: a value or `]`.
+            FirstItem,
+            /// After `{`: a key or `}`.
+            FirstKey,
+            Key,
+            Colon,
+            /// After a value: `,`, the container's end, or the end of input.
+            Next,
+        }
+
+        fn compact_json(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
+            let mut stack: Vec<u8> = Vec::new();
+            let mut expect = Expect::Value;
+            let mut i = 0;
+            loop {
+                while i < s.len() && matches!(s[i], b' ' | b'\n' | b'\r' | b'\t') {
+                    i += 1;
+                }
+                let Some(&c) = s.get(i) else {
+                    return (expect == Expect::Next && stack.is_empty()).then_some(());
+                };
+                match expect {
+                    Expect::Next => match (c, stack.last()) {
+                        (b',', Some(b'{')) => {
+                            out.push(c);
+                            i += 1;
+                            expect = Expect::Key;
+                        }
+                        (b',', Some(b'[')) => {
+                            out.push(c);
+                            i += 1;
+                            expect = Expect::Value;
+                        }
+                        (b'}', Some(b'{')) | (b']', Some(b'[')) => {
+                            out.push(c);
+                            stack.pop();
+                            i += 1;
+                        }
+                        _ => return None,
+                    },
+                    Expect::Colon => {
+                        if c != b':' {
+                            return None;
+                        }
+                        out.push(c);
+                        i += 1;
+                        expect = Expect::Value;
+                    }
+                    Expect::FirstKey | Expect::Key => {
+                        if c == b'}' && expect == Expect::FirstKey {
+                            out.push(c);
+                            stack.pop();
+                            i += 1;
+                            expect = Expect::Next;
+                        } else if c == b'"' {
+                            i = json_string(out, s, i)?;
+                            expect = Expect::Colon;
+                        } else {
+                            return None;
+                        }
+                    }
+                    Expect::Value | Expect::FirstItem => {
+                        if c == b']' && expect == Expect::FirstItem {
+                            out.push(c);
+                            stack.pop();
+                            i += 1;
+                            expect = Expect::Next;
+                            continue;
+                        }
+                        match c {
+                            b'{' | b'[' => {
+                                out.push(c);
+                                stack.push(c);
+                                i += 1;
+                                expect = if c == b'{' {
+                                    Expect::FirstKey
+                                } else {
+                                    Expect::FirstItem
+                                };
+                                continue;
+                            }
+                            b'"' => i = json_string(out, s, i)?,
+                            b't' | b'f' | b'n' => {
+                                let word: &[u8] = match c {
+                                    b't' => b"true",
+                                    b'f' => b"false",
+                                    _ => b"null",
+                                };
+                                if !s[i..].starts_with(word) {
+                                    return None;
+                                }
+                                out.extend_from_slice(word);
+                                i += word.len();
+                            }
+                            _ => {
+                                let start = i;
+                                while i < s.len()
+                                    && matches!(
+                                        s[i],
+                                        b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'
+                                    )
+                                {
+                                    i += 1;
+                                }
+                                if !is_json_number(&s[start..i]) {
+                                    return None;
+                                }
+                                out.extend_from_slice(&s[start..i]);
+                            }
+                        }
+                        expect = Expect::Next;
+                    }
+                }
+            }
+        }
+
+        /// Copies the string starting at `s[i] == '"'`; returns the index after its closing quote.
+        fn json_string(out: &mut Vec<u8>, s: &[u8], mut i: usize) -> Option<usize> {
+            let start = i;
+            i += 1;
+            loop {
+                match *s.get(i)? {
+                    b'"' => {
+                        i += 1;
+                        break;
+                    }
+                    b'\\' => match *s.get(i + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                        b'u' => {
+                            let hex = s.get(i + 2..i + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            i += 6;
+                        }
+                        _ => return None,
+                    },
+                    0..=0x1f => return None,
+                    _ => i += 1,
+                }
+            }
+            out.extend_from_slice(&s[start..i]);
+            Some(i)
+        }
+    }
+
+    fn compact_both(text: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let (mut a, mut b) = (b"x".to_vec(), b"x".to_vec());
+        let a = write_compact_json(&mut a, text).then_some(a);
+        let b = first_compactor::write_compact_json(&mut b, text).then_some(b);
+        (a, b)
+    }
+
+    #[test]
+    fn compactor_edges() {
+        let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        let mixed = |n: usize| "[{\"k\": ".repeat(n) + "1" + &"}]".repeat(n);
+        for text in [
+            deep(63),
+            deep(64),
+            deep(65),
+            deep(200),
+            mixed(70),
+            mixed(70).replacen('}', "]", 1),
+            deep(70) + "]",
+            "{\"é\": \"ü\\u00e9\"}".to_string(),
+            " [ 1 , 2 ] ".to_string(),
+        ] {
+            let (a, b) = compact_both(text.as_bytes());
+            assert_eq!(a, b, "{text}");
+        }
+        let (a, b) = compact_both(b"[\"\xff\"]");
+        assert_eq!((a, b), (None, None));
+    }
+
+    /// The escaper as first written: validate, then one byte at a time.
+    fn reference_str(out: &mut Vec<u8>, s: &[u8]) {
+        let s = String::from_utf8_lossy(s);
+        out.push(b'"');
+        for &b in s.as_bytes() {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+                _ => out.push(b),
+            }
+        }
+        out.push(b'"');
+    }
+
+    /// Bytes that exercise the escaper: mostly plain, with specials and UTF-8 pieces.
+    fn tricky_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            4 => proptest::collection::vec(b'a'..=b'z', 1..12),
+            1 => proptest::sample::select(vec![
+                b"\"".to_vec(), b"\\".to_vec(), b"\n".to_vec(), b"\x01".to_vec(),
+                b"\x1f".to_vec(), b" ".to_vec(), b"\x7f".to_vec(), b"\xc3\xa9".to_vec(),
+                b"\xe2\x82\xac".to_vec(), b"\xf0\x9f\x98\x80".to_vec(), b"\xff".to_vec(),
+                b"\xc3".to_vec(), b"\xed\xa0\x80".to_vec(), b"\x80".to_vec(),
+            ]),
+            1 => proptest::collection::vec(any::<u8>(), 1..4),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+    }
+
+    #[test]
+    fn escaper_edges() {
+        for s in [
+            &b""[..],
+            b"abcdefgh",
+            b"abcdefg\"",
+            b"\"abcdefgh",
+            b"abcdefgh\x1f",
+            b"\x20\x21\x1f!\x20\x20\x20\x20\x20\x20\x1f",
+            b"\xc3\xa9abcdefgh\xff",
+            b"abcdefgh\xc3\xa9\"\\\x00",
+        ] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            write_str(&mut a, s);
+            reference_str(&mut b, s);
+            assert_eq!(a, b, "{s:?}");
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn escaper_matches_reference(s in proptest::prop_oneof![tricky_bytes(), proptest::collection::vec(proptest::num::u8::ANY, 0..80)]) {
+            let (mut a, mut b) = (b"x".to_vec(), b"x".to_vec());
+            write_str(&mut a, &s);
+            reference_str(&mut b, &s);
+            proptest::prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn compactor_matches_reference(
+            v in json_value(),
+            edits in proptest::collection::vec((proptest::num::usize::ANY, proptest::sample::select(b" \t\n\"\\{}[],:0-.eE+tfnu\xc3\xa9\x01".to_vec()), proptest::bool::ANY), 0..3),
+        ) {
+            let mut text = serde_json::to_string_pretty(&v).unwrap().into_bytes();
+            for (at, byte, insert) in edits {
+                let at = at % (text.len() + 1);
+                if insert {
+                    text.insert(at, byte);
+                } else if at < text.len() {
+                    text.remove(at);
+                }
+            }
+            let (a, b) = compact_both(&text);
+            proptest::prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn compactor_matches_reference_on_bytes(text in proptest::collection::vec(proptest::sample::select(b" \t\"\\{}[],:0123-.eEtruefalsn\xc3\xa9\xff\x01".to_vec()), 0..40)) {
+            let (a, b) = compact_both(&text);
+            proptest::prop_assert_eq!(a, b);
+        }
+
         #[test]
         fn always_valid_json(type_oid in proptest::sample::select(vec![16u32, 17, 20, 25, 114, 701, 1082, 1114, 1184, 1266, 1700, 3802]), text in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
             let mut out = Vec::new();

@@ -129,6 +129,8 @@ pub struct TableSchema {
     source_fields: Box<[u8]>,
     /// `"__table":"schema.table"` pre-encoded for the flat format.
     flat_table: Box<[u8]>,
+    /// Bytes of one encoded row besides its values: braces, labels, commas, quotes.
+    row_overhead: usize,
 }
 
 impl TableSchema {
@@ -158,6 +160,10 @@ impl TableSchema {
             &mut source_fields,
             format_args!(",\"schema_id\":\"{id:016x}\""),
         );
+        let row_overhead = 2 + columns
+            .iter()
+            .map(|c| c.json_label.len() + 3)
+            .sum::<usize>();
         let mut flat_table = b"\"__table\":".to_vec();
         json::write_str(&mut flat_table, qualified.as_bytes());
         TableSchema {
@@ -170,6 +176,7 @@ impl TableSchema {
             qualified,
             source_fields: source_fields.into_boxed_slice(),
             flat_table: flat_table.into_boxed_slice(),
+            row_overhead,
         }
     }
 
@@ -302,7 +309,17 @@ impl Encoder {
         if table.key.is_empty() {
             return None;
         }
-        let mut out = Vec::with_capacity(16 * table.key.len());
+        // Exact for numbers and plain text, so `Bytes` can take the buffer over without
+        // allocating its shared header.
+        let len = 1 + table
+            .key
+            .iter()
+            .map(|&i| {
+                let col = &table.columns[i];
+                1 + col.json_label.len() + json_len_guess(&col.kind, row.get(i))
+            })
+            .sum::<usize>();
+        let mut out = Vec::with_capacity(len);
         out.push(b'{');
         for (n, &i) in table.key.iter().enumerate() {
             if n > 0 {
@@ -322,12 +339,30 @@ impl Encoder {
 
     /// The event value, in the run's [`Format`].
     pub fn value(&self, table: &TableSchema, change: &Change<'_>, now_ms: i64) -> Bytes {
-        let mut out = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(self.value_capacity(table, change));
         match self.options.format {
             Format::Envelope => self.envelope(&mut out, table, change, now_ms),
             Format::Flat => flat(&mut out, table, change),
         }
         out.into()
+    }
+
+    /// A guess at the encoded size, so the buffer is rarely reallocated: the values' text
+    /// (JSON is about as long; escapes and the odd long timestamp may exceed it) plus the rest.
+    fn value_capacity(&self, table: &TableSchema, change: &Change<'_>) -> usize {
+        let row = |r: Option<&[Datum<'_>]>| {
+            r.map_or(4, |r| {
+                table.row_overhead + r.iter().map(|d| text_len(Some(d))).sum::<usize>()
+            })
+        };
+        let transaction = change.transaction.map_or(0, |t| t.id.len() + 96);
+        // 192: the envelope's field names, the op, and up to five 20-digit integers.
+        row(change.before)
+            + row(change.after)
+            + self.source_prefix.len()
+            + table.source_fields.len()
+            + transaction
+            + 192
     }
 
     fn envelope(&self, out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>, now_ms: i64) {
@@ -344,20 +379,19 @@ impl Encoder {
         write_position(out, &change.position);
         out.extend_from_slice(b"},\"op\":\"");
         out.extend_from_slice(change.op.code().as_bytes());
-        push_fmt(out, format_args!("\",\"ts_ms\":{now_ms}"));
+        out.extend_from_slice(b"\",\"ts_ms\":");
+        push_int(out, now_ms);
         if self.options.transaction_metadata {
             match &change.transaction {
                 None => out.extend_from_slice(b",\"transaction\":null"),
                 Some(t) => {
                     out.extend_from_slice(b",\"transaction\":{\"id\":");
                     json::write_str(out, t.id.as_bytes());
-                    push_fmt(
-                        out,
-                        format_args!(
-                            ",\"total_order\":{},\"data_collection_order\":{}}}",
-                            t.total_order, t.data_collection_order
-                        ),
-                    );
+                    out.extend_from_slice(b",\"total_order\":");
+                    push_int(out, t.total_order);
+                    out.extend_from_slice(b",\"data_collection_order\":");
+                    push_int(out, t.data_collection_order);
+                    out.push(b'}');
                 }
             }
         }
@@ -389,7 +423,8 @@ impl Encoder {
         key.push(b'}');
         let mut out = Vec::with_capacity(160 + m.content.len() * 4 / 3);
         out.extend_from_slice(b"{\"op\":\"m\",\"ts_ms\":");
-        push_fmt(&mut out, format_args!("{now_ms},"));
+        push_int(&mut out, now_ms);
+        out.push(b',');
         out.extend_from_slice(&self.source_prefix);
         write_position(&mut out, &m.position);
         out.extend_from_slice(b"},\"message\":{\"prefix\":");
@@ -425,22 +460,24 @@ impl Encoder {
         });
         out.extend_from_slice(b",\"id\":");
         json::write_str(&mut out, id.as_bytes());
-        push_fmt(&mut out, format_args!(",\"ts_ms\":{ts_ms}"));
+        out.extend_from_slice(b",\"ts_ms\":");
+        push_int(&mut out, ts_ms);
         match counts {
             None => out.extend_from_slice(b",\"event_count\":null,\"data_collections\":null}"),
             Some(counts) => {
                 let total: u64 = counts.iter().map(|(_, n)| n).sum();
-                push_fmt(
-                    &mut out,
-                    format_args!(",\"event_count\":{total},\"data_collections\":["),
-                );
+                out.extend_from_slice(b",\"event_count\":");
+                push_int(&mut out, total);
+                out.extend_from_slice(b",\"data_collections\":[");
                 for (i, (table, n)) in counts.iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
                     out.extend_from_slice(b"{\"data_collection\":");
                     json::write_str(&mut out, table.as_bytes());
-                    push_fmt(&mut out, format_args!(",\"event_count\":{n}}}"));
+                    out.extend_from_slice(b",\"event_count\":");
+                    push_int(&mut out, *n);
+                    out.push(b'}');
                 }
                 out.extend_from_slice(b"]}");
             }
@@ -451,15 +488,19 @@ impl Encoder {
 
 /// `,"lsn":…,"txId":…,"ts_ms":…,"snapshot":…,"commit_lsn":…` (the source block stays open).
 fn write_position(out: &mut Vec<u8>, p: &Position) {
-    push_fmt(out, format_args!(",\"lsn\":{}", p.lsn.0));
+    out.extend_from_slice(b",\"lsn\":");
+    push_int(out, p.lsn.0);
+    out.extend_from_slice(b",\"txId\":");
     match p.xid {
-        Some(x) => push_fmt(out, format_args!(",\"txId\":{x}")),
-        None => out.extend_from_slice(b",\"txId\":null"),
+        Some(x) => push_int(out, x),
+        None => out.extend_from_slice(b"null"),
     }
-    push_fmt(out, format_args!(",\"ts_ms\":{}", p.commit_ts_ms));
+    out.extend_from_slice(b",\"ts_ms\":");
+    push_int(out, p.commit_ts_ms);
     out.extend_from_slice(b",\"snapshot\":\"");
     out.extend_from_slice(p.snapshot.as_str().as_bytes());
-    push_fmt(out, format_args!("\",\"commit_lsn\":{}", p.commit_lsn.0));
+    out.extend_from_slice(b"\",\"commit_lsn\":");
+    push_int(out, p.commit_lsn.0);
 }
 
 /// The flat format: the row (`after`, or `before` for a delete) and `__` fields.
@@ -477,7 +518,8 @@ fn flat(out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>) {
     out.extend_from_slice(change.op.code().as_bytes());
     out.extend_from_slice(b"\",");
     out.extend_from_slice(&table.flat_table);
-    push_fmt(out, format_args!(",\"__lsn\":{}", change.position.lsn.0));
+    out.extend_from_slice(b",\"__lsn\":");
+    push_int(out, change.position.lsn.0);
     out.extend_from_slice(if change.op == Op::Delete {
         b",\"__deleted\":true}"
     } else {
@@ -493,6 +535,24 @@ fn write_row(out: &mut Vec<u8>, table: &TableSchema, row: Option<&[Datum<'_>]>) 
     out.push(b'{');
     write_fields(out, table, row);
     out.push(b'}');
+}
+
+/// Length of a datum's text form (0 for none).
+fn text_len(d: Option<&Datum<'_>>) -> usize {
+    match d {
+        Some(Datum::Text(t)) => t.len(),
+        _ => 0,
+    }
+}
+
+/// The likely length of a datum's JSON.
+fn json_len_guess(kind: &Kind, d: Option<&Datum<'_>>) -> usize {
+    match (kind, d) {
+        (Kind::Int | Kind::NumericNumber | Kind::Float, Some(Datum::Text(t))) => t.len(),
+        (Kind::Bool, Some(Datum::Text(t))) => 4 + usize::from(*t == b"f"),
+        (_, Some(Datum::Text(t))) => t.len() + 2,
+        _ => 4,
+    }
 }
 
 /// `"a":1,"b":2` without braces; unchanged TOAST values are left out. True if any was written.
@@ -530,6 +590,11 @@ fn write_unchanged(out: &mut Vec<u8>, label: &[u8], table: &TableSchema, row: &[
         }
     }
     out.push(b']');
+}
+
+/// Appends an integer in decimal, as `Display` would write it.
+fn push_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
@@ -759,6 +824,32 @@ mod tests {
         let counts = [(Arc::from("public.a"), 2), (Arc::from("public.b"), 1)];
         let (_, v) = e.transaction("7:200", 5, Some(&counts));
         assert_eq!(&v[..], br#"{"status":"END","id":"7:200","ts_ms":5,"event_count":3,"data_collections":[{"data_collection":"public.a","event_count":2},{"data_collection":"public.b","event_count":1}]}"#);
+    }
+
+    #[test]
+    fn position_digits_match_display() {
+        for (lsn, xid, ts) in [
+            (0, None, 0),
+            (u64::MAX, Some(u32::MAX), i64::MIN),
+            (0x1_6B37_4D48, Some(7), -1),
+            (10, Some(0), i64::MAX),
+        ] {
+            let p = Position {
+                lsn: Lsn(lsn),
+                commit_lsn: Lsn(lsn / 3),
+                xid,
+                commit_ts_ms: ts,
+                snapshot: SnapshotMarker::True,
+            };
+            let mut out = Vec::new();
+            write_position(&mut out, &p);
+            let xid = xid.map_or("null".to_string(), |x| x.to_string());
+            let want = format!(
+                ",\"lsn\":{lsn},\"txId\":{xid},\"ts_ms\":{ts},\"snapshot\":\"true\",\"commit_lsn\":{}",
+                lsn / 3
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
     }
 
     #[test]

@@ -625,7 +625,7 @@ async fn compare_table(
         let Some(data) = rows.complete(&chunk) else {
             continue;
         };
-        for line in data.split_inclusive(|&b| b == b'\n') {
+        for line in copy_text::lines(data) {
             copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|e| {
                 Failure::new(FailureKind::Source, anyhow!("COPY of {}: {e}", info.name))
             })?;

@@ -8,11 +8,10 @@
 //!
 //! Acknowledgement means *written and flushed*: output goes through a 64 KiB buffer, and a
 //! [`SinkItem::Checkpoint`] is reported only after a flush that covers every line before it.
-//! Checkpoints mark ends of transactions, so a flush happens at the end of a transaction as
-//! soon as nothing else is waiting in the channel; under a steady stream of small
-//! transactions, consecutive checkpoints share one flush (at most [`MAX_CHECKPOINTS_PER_FLUSH`]
-//! of them), which keeps one `write(2)` per transaction from becoming the bottleneck. A
-//! [`SinkItem::Barrier`] always flushes at once.
+//! Checkpoints mark ends of transactions; a checkpoint is flushed within [`FLUSH_DELAY`]
+//! (2 ms), and consecutive checkpoints share that flush (at most
+//! [`MAX_CHECKPOINTS_PER_FLUSH`] of them), which keeps one `write(2)` per transaction from
+//! becoming the bottleneck. A [`SinkItem::Barrier`] always flushes at once.
 //!
 //! When the reader goes away (`pgcdc … | head`), the write fails with `EPIPE` (Rust ignores
 //! `SIGPIPE`), and the run ends with [`SinkError::OutputClosed`]: a clean end for the caller,
@@ -22,6 +21,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch};
@@ -32,8 +32,13 @@ use crate::source::Lsn;
 /// Size of the output buffer.
 pub const BUFFER_BYTES: usize = 64 * 1024;
 
-/// How many checkpoints may wait for one flush while more items are already queued.
+/// How many checkpoints may wait for one flush.
 pub const MAX_CHECKPOINTS_PER_FLUSH: usize = 64;
+
+/// How long a checkpoint may wait for its flush. Flushing at every transaction's end cost a
+/// thread hand-off per transaction (stdout writes run on tokio's blocking pool): 40% of
+/// pgcdc's CPU on a stream of 10-row transactions.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(2);
 
 type Output = Box<dyn AsyncWrite + Send + Unpin>;
 
@@ -71,8 +76,33 @@ impl StdoutSink {
         let mut unflushed = SinkSummary::default();
         let mut pending_checkpoint: Option<Lsn> = None;
         let mut pending_checkpoints = 0usize;
+        // Armed at the first checkpoint after a flush; one timer for the whole run.
+        let flush_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(flush_timer);
+        let mut flush_armed = false;
 
-        while let Some(item) = rx.recv().await {
+        macro_rules! flush_and_report {
+            () => {{
+                self.flush().await?;
+                merge(&mut summary, &mut unflushed);
+                if let Some(lsn) = pending_checkpoint.take() {
+                    report(&acked, lsn);
+                }
+                pending_checkpoints = 0;
+                flush_armed = false;
+            }};
+        }
+
+        loop {
+            let item = tokio::select! {
+                biased;
+                () = &mut flush_timer, if flush_armed => {
+                    flush_and_report!();
+                    continue;
+                }
+                item = rx.recv() => item,
+            };
+            let Some(item) = item else { break };
             match item {
                 SinkItem::Record(record) => {
                     self.write_record(&record).await?;
@@ -84,22 +114,17 @@ impl StdoutSink {
                 SinkItem::Checkpoint(lsn) => {
                     pending_checkpoint = Some(lsn);
                     pending_checkpoints += 1;
-                    if rx.is_empty() || pending_checkpoints >= MAX_CHECKPOINTS_PER_FLUSH {
-                        self.flush().await?;
-                        merge(&mut summary, &mut unflushed);
-                        if let Some(lsn) = pending_checkpoint.take() {
-                            report(&acked, lsn);
-                        }
-                        pending_checkpoints = 0;
+                    if pending_checkpoints >= MAX_CHECKPOINTS_PER_FLUSH {
+                        flush_and_report!();
+                    } else if !flush_armed {
+                        flush_timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + FLUSH_DELAY);
+                        flush_armed = true;
                     }
                 }
                 SinkItem::Barrier(done) => {
-                    self.flush().await?;
-                    merge(&mut summary, &mut unflushed);
-                    if let Some(lsn) = pending_checkpoint.take() {
-                        report(&acked, lsn);
-                    }
-                    pending_checkpoints = 0;
+                    flush_and_report!();
                     // The waiter may have given up; that is its business.
                     let _ = done.send(());
                 }

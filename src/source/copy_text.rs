@@ -135,9 +135,22 @@ pub struct RowBuffer {
     consumed: bool,
 }
 
+/// The rows of `data`, each with its trailing newline (a final row without one included).
+pub fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', data)
+        .map(|i| i + 1)
+        .chain(std::iter::once(data.len()))
+        .filter_map(move |end| {
+            let line = data.get(start..end).filter(|l| !l.is_empty());
+            start = end;
+            line
+        })
+}
+
 impl RowBuffer {
-    /// The complete rows available after `chunk` (newline-terminated, ready for
-    /// `split_inclusive`), or `None` while a row is still incomplete.
+    /// The complete rows available after `chunk` (newline-terminated, ready for [`lines`]),
+    /// or `None` while a row is still incomplete.
     pub fn complete<'a>(&'a mut self, chunk: &'a [u8]) -> Option<&'a [u8]> {
         if self.consumed {
             self.partial.clear();
@@ -163,6 +176,15 @@ mod tests {
         let mut out = Vec::new();
         parse_row(row, n, &mut out).unwrap();
         out.into_iter().map(|f| f.map(|c| c.into_owned())).collect()
+    }
+
+    #[test]
+    fn lines_match_split_inclusive() {
+        for data in [&b""[..], b"\n", b"a\n", b"a\nbc\n", b"a\nb", b"\n\nx\n"] {
+            let ours: Vec<&[u8]> = lines(data).collect();
+            let std: Vec<&[u8]> = data.split_inclusive(|&b| b == b'\n').collect();
+            assert_eq!(ours, std, "{data:?}");
+        }
     }
 
     #[test]

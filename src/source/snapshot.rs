@@ -129,7 +129,7 @@ pub async fn run(
                 continue;
             };
             let mut fields = recycle_fields(std::mem::take(&mut fields_buf));
-            for line in data.split_inclusive(|&b| b == b'\n') {
+            for line in copy_text::lines(data) {
                 copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|source| {
                     SnapshotError::Copy {
                         table: info.name.to_string(),

@@ -79,6 +79,9 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("linger.ms", "5"),
     ("compression.type", "lz4"),
     ("client.id", "pgcdc"),
+    // Connect to the brokers as soon as they are known: with sparse connections the
+    // idempotent producer waited up to a second for its producer id at every start.
+    ("enable.sparse.connections", "false"),
     // Memory stays bounded whatever the row size: a full buffer is backpressure (QueueFull).
     // 16 MiB keeps peak RSS near 60 MB and is still tens of thousands of typical events;
     // raised automatically when -X message.max.bytes needs more (see `client_config`).

@@ -46,7 +46,7 @@ pub async fn wait_for_cluster(
     let client: BaseProducer<PgcdcContext> = client_config(cfg, Role::Admin)
         .create_with_context(PgcdcContext::new(Role::Admin).quiet())
         .map_err(config_error)?;
-    let client = std::sync::Arc::new(client);
+    let client = super::OffThreadDrop::new(std::sync::Arc::new(client));
     let started = Instant::now();
     let deadline = give_up_after.map(|d| started + d);
     let mut delay = FIRST_RETRY_DELAY;
@@ -56,7 +56,7 @@ pub async fn wait_for_cluster(
             None => ATTEMPT_TIMEOUT,
         }
         .max(Duration::from_millis(100));
-        let c = client.clone();
+        let c = std::sync::Arc::clone(&client);
         let result = tokio::task::spawn_blocking(move || {
             let r = c.client().fetch_metadata(None, timeout).map(|_| ());
             // Serve the log and error events the attempt produced (the reason it failed).
@@ -149,6 +149,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
     let admin: AdminClient<PgcdcContext> = client_config(cfg, Role::Admin)
         .create_with_context(PgcdcContext::new(Role::Admin))
         .map_err(config_error)?;
+    let admin = super::OffThreadDrop::new(admin);
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
@@ -195,6 +196,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
 
     // Let the new topics show up in metadata before anyone produces to or reads from them.
     let deadline = Instant::now() + CREATED_TOPIC_VISIBLE_WITHIN;
+    // Usually a matter of milliseconds: check often at first.
+    let mut pause = Duration::from_millis(10);
     loop {
         let existing = existing_topics(cfg).await?;
         let all_there = missing
@@ -203,7 +206,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
         if all_there || Instant::now() >= deadline {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
 
@@ -213,9 +217,12 @@ async fn existing_topics(cfg: &KafkaConfig) -> Result<HashMap<String, usize>, Si
         .create_with_context(PgcdcContext::new(Role::Admin))
         .map_err(config_error)?;
     let bootstrap = cfg.bootstrap.clone();
+    // Destroyed after the answer is in, not before it is returned.
+    let client = super::OffThreadDrop::new(std::sync::Arc::new(client));
+    let c = std::sync::Arc::clone(&client);
     let result = tokio::task::spawn_blocking(move || {
-        let r = client.client().fetch_metadata(None, METADATA_TIMEOUT);
-        client.poll(Duration::ZERO);
+        let r = c.client().fetch_metadata(None, METADATA_TIMEOUT);
+        c.poll(Duration::ZERO);
         r.map(|md| {
             md.topics()
                 .iter()

@@ -27,7 +27,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{client_config, config_error, KafkaConfig, Oversized, PgcdcContext, Role};
+use super::{
+    client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
+};
 use crate::sink::{report, Record, SinkError, SinkItem, SinkSummary};
 use crate::source::Lsn;
 
@@ -41,7 +43,7 @@ const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
 
 /// Publishes records to Kafka and reports checkpoints once Kafka has acknowledged them.
 pub struct KafkaSink {
-    producer: FutureProducer<PgcdcContext>,
+    producer: OffThreadDrop<FutureProducer<PgcdcContext>>,
     bootstrap: String,
     max_in_flight: usize,
     oversized: Oversized,
@@ -55,7 +57,7 @@ impl KafkaSink {
             .create_with_context(PgcdcContext::new(Role::Producer))
             .map_err(config_error)?;
         Ok(KafkaSink {
-            producer,
+            producer: OffThreadDrop::new(producer),
             bootstrap: cfg.bootstrap,
             max_in_flight: cfg.max_in_flight.max(1),
             oversized: cfg.oversized,

@@ -181,6 +181,10 @@ pub(super) async fn stream_changes(
     // Last time the server was heard from, or pgcdc stopped waiting for the sink.
     let mut heard = tokio::time::Instant::now();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One timer for the receive timeout, moved forward only when it fires early: re-arming a
+    // timer per WAL message cost more than the rest of the loop.
+    let silence = tokio::time::sleep_until(heard + timers.receive_timeout);
+    tokio::pin!(silence);
     let reached = |acked: Lsn| match until {
         Until::StopLsn(Some(s)) => acked.is_valid() && acked >= s,
         _ => false,
@@ -233,7 +237,12 @@ pub(super) async fn stream_changes(
                 }
                 heard = tokio::time::Instant::now();
             }
-            _ = tokio::time::sleep_until(heard + timers.receive_timeout), if pending.is_empty() && !timers.receive_timeout.is_zero() => {
+            () = &mut silence, if pending.is_empty() && !timers.receive_timeout.is_zero() => {
+                let due = heard + timers.receive_timeout;
+                if tokio::time::Instant::now() < due {
+                    silence.as_mut().reset(due);
+                    continue;
+                }
                 fail!(Failure::replication(ReplicationError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(

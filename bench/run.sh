@@ -274,11 +274,12 @@ if section latency; then
     lat_slot=${DB}_lat
     create_slot "$lat_slot"
     lat_err=$work/lat-pgcdc.err
+    metrics_port=$(free_port)
     log "latency: pgcdc streaming to Kafka; pgbench at $LAT_RATE tx/s for $LAT_SECONDS s"
     "$TIME_BIN" -o "$work/lat-pgcdc.time" -f '%U %S %M' timeout -s INT "$RUN_TIMEOUT" \
         "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot never --table public.bench_lat \
         --publication bench_lat_pub --slot "$lat_slot" --topic-prefix lat \
-        >/dev/null 2>"$lat_err" &
+        --metrics-addr "127.0.0.1:$metrics_port" >/dev/null 2>"$lat_err" &
     bg_time_pid=$!
     wait_for_log "$lat_err" 'streaming changes' 60 || die "pgcdc did not start streaming (log: $lat_err)"
     "$LATENCY" "$KAFKA" lat.public.bench_lat "$work/lat-ready" "$work/lat-expected" \
@@ -300,6 +301,30 @@ SQL
     lat_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/lat-pgbench.out" | head -n 1)
     echo "$lat_txns" >"$work/lat-expected"
     wait "$consumer_pid" || die "bench-latency failed: $(tail -5 "$work/lat-consumer.err")"
+    # pgcdc's own commit -> acknowledgement histogram (delivery reports, acks=all): quantiles
+    # as the upper bound of the bucket that holds them.
+    python3 - "$metrics_port" >"$work/ack.out" <<'PY' || die "cannot read pgcdc's /metrics"
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+name = "pgcdc_commit_to_ack_milliseconds"
+buckets, total, count = [], 0.0, 0
+for line in text.splitlines():
+    if line.startswith(name + "_bucket{le=\""):
+        le = line.split('"')[1]
+        buckets.append((float("inf") if le == "+Inf" else float(le), int(line.split()[-1])))
+    elif line.startswith(name + "_sum "):
+        total = float(line.split()[-1])
+    elif line.startswith(name + "_count "):
+        count = int(line.split()[-1])
+def q(p):
+    for le, c in buckets:
+        if count and c >= p * count:
+            return "≤ %g" % le
+    return "?"
+print(f"ack_p50={q(0.5)}\nack_p99={q(0.99)}\nack_max={q(1.0)}")
+print("ack_mean=%.1f" % (total / count if count else 0))
+print(f"ack_count={count}")
+PY
     b1=$(broker_cpu)
     stop_bg
     broker_stop
@@ -309,7 +334,7 @@ SQL
     lat_rss=$rss
     lat_bcpu=""
     [ -z "$b0" ] || lat_bcpu=$(awk -v a="$b0" -v b="$b1" 'BEGIN { printf "%.2f", b - a }')
-    lat() { sed -n "s/^$1=//p" "$work/lat.out"; }
+    lat() { sed -n "s/^$1=//p" "$work/lat.out" "$work/ack.out"; }
 fi
 
 # --- report --------------------------------------------------------------------------------
@@ -368,9 +393,9 @@ headline=$work/headline.md
                 (r >= target) ? "met" : "not yet"
         }' "$work/summary.tsv"
     if section latency; then
-        p99=$(lat received_p99)
-        printf '| commit → Kafka p99 at %s tx/s (upper bound: consumer receipt) | %s ms | ≤ 50 ms | %s |\n' \
-            "$LAT_RATE" "$p99" "$(awk -v p="$p99" 'BEGIN { print (p <= 50) ? "met" : "not yet" }')"
+        p99=$(lat ack_p99)
+        printf '| commit → Kafka acknowledgement p99 at %s tx/s (pgcdc'"'"'s histogram) | %s ms | ≤ 50 ms | %s |\n' \
+            "$LAT_RATE" "$p99" "$(awk -v p="${p99#≤ }" 'BEGIN { print (p != "" && p + 0 <= 50) ? "met" : "not yet" }')"
     fi
     max_rss=$(awk -F'\t' '$3 ~ /^pgcdc/ && $7 > m { m = $7 } END { print m + 0 }' "$work/summary.tsv")
     [ -z "${lat_rss:-}" ] || [ "$lat_rss" -le "$max_rss" ] || max_rss=$lat_rss
@@ -388,6 +413,7 @@ if section latency; then
         echo "|---|---:|---:|---:|---:|"
         echo "| Kafka record timestamp (CreateTime: when pgcdc produced the record; lower bound of ack) | $(lat create_p50) | $(lat create_p99) | $(lat create_max) | $(lat create_mean) |"
         echo "| consumer receipt (broker has stored it; upper bound of ack, includes fetch delay) | $(lat received_p50) | $(lat received_p99) | $(lat received_max) | $(lat received_mean) |"
+        echo "| **acknowledgement** (pgcdc's \`pgcdc_commit_to_ack_milliseconds\`: all of the transaction's delivery reports in, \`acks=all\`; bucket bounds) | $(lat ack_p50) | $(lat ack_p99) | $(lat ack_max) | $(lat ack_mean) |"
         echo
         echo "pgcdc during the load: CPU $lat_cpu s over the run, peak RSS $(mb "$lat_rss") MB; broker CPU ${lat_bcpu:-—} s."
     } >"$latency_md"

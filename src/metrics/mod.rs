@@ -35,6 +35,49 @@ use crate::source::Lsn;
 /// Bound on the commits remembered for the lag in milliseconds.
 const MAX_TRACKED_COMMITS: usize = 65_536;
 
+/// Upper bounds (ms) of the commit → acknowledgement histogram's buckets.
+pub const ACK_BUCKETS_MS: [i64; 22] = [
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10_000,
+    30_000, 60_000,
+];
+
+/// Time from a transaction's commit (server clock) to the sink's acknowledgement of all of it
+/// (pgcdc's clock), as a Prometheus histogram.
+#[derive(Debug, Default)]
+pub struct AckHistogram {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; ACK_BUCKETS_MS.len() + 1],
+    sum_ms: AtomicU64,
+    count: AtomicU64,
+}
+
+impl AckHistogram {
+    pub fn observe(&self, ms: i64) {
+        let ms = ms.max(0);
+        let i = ACK_BUCKETS_MS.partition_point(|&b| b < ms);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_ms.fetch_add(ms as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, o: &mut String, name: &str) {
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            match ACK_BUCKETS_MS.get(i) {
+                Some(le) => {
+                    let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(o, "{name}_sum {}", self.sum_ms.load(Relaxed));
+        let _ = writeln!(o, "{name}_count {}", self.count.load(Relaxed));
+    }
+}
+
 /// Counters of one captured table.
 #[derive(Debug, Default)]
 pub struct TableMetrics {
@@ -114,6 +157,8 @@ pub struct Metrics {
     reconnecting_since: AtomicI64,
     /// (end LSN, commit time ms) of received, not yet acknowledged transactions.
     unacked: Mutex<VecDeque<(u64, i64)>>,
+    /// Commit → acknowledgement of streamed transactions.
+    pub commit_to_ack: AckHistogram,
 }
 
 impl Default for Metrics {
@@ -133,6 +178,7 @@ impl Default for Metrics {
             last_snapshot_progress: AtomicI64::new(0),
             reconnecting_since: AtomicI64::new(-1),
             unacked: Mutex::new(VecDeque::new()),
+            commit_to_ack: AckHistogram::default(),
         }
     }
 }
@@ -220,8 +266,13 @@ impl Metrics {
             self.last_confirmed_move.store(self.now(), Relaxed);
         }
         if let Ok(mut q) = self.unacked.lock() {
-            while q.front().is_some_and(|(end, _)| *end <= lsn.0) {
+            let now = crate::event::now_ms();
+            while let Some(&(end, commit_ms)) = q.front() {
+                if end > lsn.0 {
+                    break;
+                }
                 q.pop_front();
+                self.commit_to_ack.observe(now - commit_ms);
             }
         }
     }
@@ -367,6 +418,14 @@ impl Metrics {
             header(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {value}");
         }
+        let name = "pgcdc_commit_to_ack_milliseconds";
+        header(
+            &mut o,
+            name,
+            "histogram",
+            "Streamed transactions: commit time (server clock) to the sink's acknowledgement of all of their events.",
+        );
+        self.commit_to_ack.render(&mut o, name);
         o
     }
 }
@@ -411,6 +470,22 @@ mod tests {
         m.confirmed(Lsn(1000));
         assert_eq!(m.lag_ms(), 0);
         assert_eq!(escape("a\"b\\"), "a\\\"b\\\\");
+        // The transaction committed 5 s before its acknowledgement.
+        let text = m.render(Duration::from_secs(60));
+        let name = "pgcdc_commit_to_ack_milliseconds";
+        assert!(
+            text.contains(&format!("{name}_bucket{{le=\"2000\"}} 0")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{name}_bucket{{le=\"5000\"}} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 1")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{name}_count 1")), "{text}");
     }
 
     #[test]

@@ -77,10 +77,16 @@ impl KafkaSink {
         let mut fifo = Fifo::new(&self.bootstrap, acked);
         let mut closed = false;
         loop {
+            let mut completed = false;
             while let Some(res) = fifo.try_complete_front() {
+                completed = true;
                 if let Err(failed) = res {
                     self.skip_or_fail(failed, &mut fifo)?;
                 }
+            }
+            if completed {
+                // Once per batch of reports: the clock is read per batch, not per record.
+                fifo.progress();
             }
             if closed && fifo.is_empty() {
                 return Ok(fifo.summary);
@@ -370,7 +376,10 @@ impl Fifo {
             };
             tokio::select! {
                 biased;
-                outcome = delivery => return self.finish_front(outcome),
+                outcome = delivery => {
+                    self.progress();
+                    return self.finish_front(outcome);
+                }
                 () = self.stall_timer.as_mut() => self.on_stall_timer(),
             }
         }
@@ -394,7 +403,6 @@ impl Fifo {
         match outcome {
             Ok(Ok(_delivered)) => {
                 self.summary.add(bytes, tombstone);
-                self.progress();
                 Ok(())
             }
             Ok(Err((error, _message))) => Err(Failed {

@@ -27,7 +27,7 @@ elapsed=$(($(date +%s) - start))
 # Every case must have produced its line, and the latency run must have read its events back.
 missing=()
 for want in "snapshot, " "stream, 1 txn" "stream, " "pgcdc → /dev/null" "pgcdc → Kafka" \
-    "psql COPY" "pg_recvlogical" "commit → Kafka p99" "pgcdc peak RSS"; do
+    "psql COPY" "pg_recvlogical" "commit → Kafka acknowledgement p99" "pgcdc peak RSS"; do
     grep -qF "$want" "$out/RESULTS.md" || missing+=("$want")
 done
 if [ "$(grep -c 'pgcdc → ' "$out/RESULTS.md")" -lt 16 ]; then

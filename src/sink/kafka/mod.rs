@@ -177,7 +177,7 @@ pub(crate) fn client_config(cfg: &KafkaConfig, role: Role) -> ClientConfig {
                 .get("queue.buffering.max.kbytes")
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0);
-            let needed_kb = (2 * max_bytes).div_ceil(1024);
+            let needed_kb = max_bytes.saturating_mul(2).div_ceil(1024);
             if !user_set("queue.buffering.max.kbytes") && queue_kb < needed_kb {
                 c.set("queue.buffering.max.kbytes", needed_kb.to_string());
             }

@@ -13,9 +13,8 @@
 //! operating system's trust store. `sslcert`/`sslkey` present a client certificate.
 //! Over Unix sockets TLS is never attempted, as in libpq.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use openssl::error::ErrorStack;
 use openssl::ssl::{ConnectConfiguration, SslConnector, SslFiletype, SslMethod, SslVerifyMode};
@@ -85,35 +84,35 @@ fn default_root_cert() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// An OpenSSL connector for `info`'s sslmode (not `disable`), built once per process and
-/// settings: building one loads the system trust store (~40 ms of CPU), and every start opens
+/// An OpenSSL connector for `info`'s sslmode (not `disable`), reused while the settings stay
+/// the same: building one loads the system trust store (~40 ms of CPU), and every start opens
 /// two connections and every reconnect another. The key includes the certificate files'
 /// modification times, so rotated certificates are picked up by the next connection.
 pub(crate) fn build_connector(info: &ConnInfo) -> Result<SslConnector, TlsError> {
-    static CACHE: OnceLock<Mutex<HashMap<String, SslConnector>>> = OnceLock::new();
-    let mtime = |p: &Option<PathBuf>| {
-        p.as_ref()
+    // One entry: a process connects to one source.
+    static LAST: Mutex<Option<(String, SslConnector)>> = Mutex::new(None);
+    let with_mtime = |p: Option<PathBuf>| {
+        let modified = p
+            .as_ref()
             .and_then(|p| std::fs::metadata(p).ok())
-            .and_then(|m| m.modified().ok())
+            .and_then(|m| m.modified().ok());
+        (p, modified)
     };
     let key = format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        "{:?}|{:?}|{:?}|{:?}",
         effective_mode(info),
-        info.sslrootcert,
-        mtime(&info.sslrootcert),
-        info.sslcert,
-        mtime(&info.sslcert),
-        info.sslkey,
-        mtime(&info.sslkey),
-        std::env::var_os("HOME"),
+        with_mtime(info.sslrootcert.clone().or_else(default_root_cert)),
+        with_mtime(info.sslcert.clone()),
+        with_mtime(info.sslkey.clone()),
     );
-    let cache = CACHE.get_or_init(Mutex::default);
-    if let Some(c) = cache.lock().ok().and_then(|m| m.get(&key).cloned()) {
-        return Ok(c);
+    if let Ok(last) = LAST.lock() {
+        if let Some((_, c)) = last.as_ref().filter(|(k, _)| *k == key) {
+            return Ok(c.clone());
+        }
     }
     let connector = new_connector(info)?;
-    if let Ok(mut m) = cache.lock() {
-        m.insert(key, connector.clone());
+    if let Ok(mut last) = LAST.lock() {
+        *last = Some((key, connector.clone()));
     }
     Ok(connector)
 }

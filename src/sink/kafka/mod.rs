@@ -24,19 +24,20 @@
 //!   row, whichever tool wrote it.
 //! - **`linger.ms=5`, `compression.type=lz4`.** Small batches cost latency nothing noticeable
 //!   and save most of the per-request overhead; lz4 is cheap on CPU.
-//! - **Bounded in flight.** At most [`KafkaConfig::max_in_flight`] records await their delivery
-//!   report. At the limit — or when librdkafka answers `QueueFull` — the sink waits for the
-//!   oldest delivery before taking more: backpressure, never a dropped record.
+//! - **Bounded in flight.** At most [`KafkaConfig::max_in_flight`] records lie between the
+//!   oldest one not yet acknowledged and the newest one sent. At the limit — or when
+//!   librdkafka answers `QueueFull` — the sink waits for acknowledgements before taking more:
+//!   backpressure, never a dropped record.
 //!
 //! Every `-X key=value` property given by the user overrides these defaults; an invalid one
 //! fails at creation with [`SinkError::Config`] naming it.
 //!
 //! # Ordering of acknowledgements
 //!
-//! Delivery reports of different partitions arrive in any order. The sink keeps one FIFO of
-//! pending deliveries and checkpoint markers, and only ever completes its *front*: a checkpoint
-//! reaches the front only after every record before it has been acknowledged. See
-//! [`producer`].
+//! Delivery reports of different partitions arrive in any order. The sink numbers its records
+//! and keeps a watermark: how many records, counted from the first, are acknowledged without
+//! a gap. A checkpoint is reported only once the watermark has passed every record sent before
+//! it. See [`producer`].
 //!
 //! # Utilities
 //!
@@ -380,7 +381,8 @@ impl ClientContext for PgcdcContext {
 impl ConsumerContext for PgcdcContext {}
 
 /// Only the metadata clients ([`BaseProducer`](rdkafka::producer::BaseProducer)) use this;
-/// they produce nothing. The sink's producer wraps the context in its own delivery handling.
+/// they produce nothing. The sink's producer wraps the context in its own
+/// (`producer::SinkContext`), which counts delivery reports.
 impl ProducerContext for PgcdcContext {
     type DeliveryOpaque = ();
 

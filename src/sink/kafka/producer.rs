@@ -1,31 +1,44 @@
 //! The Kafka producer loop: records out, delivery reports back, checkpoints in order.
 //!
-//! One FIFO holds, in channel order, a pending delivery for every record handed to librdkafka
-//! and a marker for every checkpoint and barrier. Only the front is ever completed:
+//! Every record handed to librdkafka gets the next sequence number. librdkafka's polling
+//! thread calls [`SinkContext::delivery`] for each delivery report, in whatever order the
+//! partitions complete; it marks that number done and moves the **watermark**: the count of
+//! records acknowledged *without a gap*. A checkpoint or barrier is queued with the number of
+//! records sent before it and completes once the watermark reaches that number:
 //!
 //! ```text
-//!   front → [rec a] [rec b] [ckpt 0/10] [rec c] [barrier] [ckpt 0/20] ← back
+//!   seq:      0   1   2   3 | 4   5          acked: 0 1 2 3 5  →  watermark 4
+//!   markers:  [ckpt 0/10 @ 4] [ckpt 0/20 @ 6]   →  0/10 reported, 0/20 waits for seq 4
 //! ```
 //!
-//! `ckpt 0/10` is reported only when `a` and `b` have their successful delivery reports,
-//! whatever order librdkafka produced the reports in (different partitions complete
-//! independently). A failed delivery ends the run before anything behind it is reported.
+//! A failed delivery stops the watermark at that record: nothing behind it is ever reported,
+//! and the run ends with the error (unless it is an oversized record under
+//! `--oversized skip`, which counts as done, loudly).
 //!
-//! The loop has two sources of work, in this priority: (1) the front delivery completing,
-//! (2) the next item from the channel, read only while fewer than `max_in_flight` deliveries
-//! are pending. When librdkafka's own queue is full (`QueueFull`), the record is kept and the
-//! loop waits for the front delivery before retrying it: backpressure, never a drop. When the
-//! channel is closed, the loop drains the FIFO and returns.
+//! Why not a future per record: a delivery future costs an allocation, a oneshot channel and
+//! a wake-up per record, and the FIFO of futures an entry per record. Here a record costs one
+//! bit in a ring and, on the polling thread, one uncontended lock; the sink's task is woken
+//! only when the watermark reaches what it waits for (the front checkpoint, room in the
+//! window, or the drain).
+//!
+//! Backpressure: the loop reads the channel only while fewer than `max_in_flight` records lie
+//! between the watermark and the next sequence number. When librdkafka's own queue is full
+//! (`QueueFull`), the record is kept and the loop waits for the watermark to move before
+//! retrying it — never a drop. When the channel is closed, the loop waits until every record
+//! is acknowledged and returns.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use tokio::sync::{mpsc, oneshot, watch};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{
     client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
@@ -37,166 +50,192 @@ use crate::source::Lsn;
 pub const STALL_WARNING_AFTER: Duration = Duration::from_secs(10);
 /// Repeat the stall warning this often while the stall lasts.
 const STALL_WARNING_EVERY: Duration = Duration::from_secs(30);
-/// How long to wait before retrying after `QueueFull` when none of our deliveries is pending
+/// How often the loop looks for a stall while records are in flight: a stall is reported
+/// between [`STALL_WARNING_AFTER`] and that plus this after the last acknowledgement.
+const STALL_CHECK_EVERY: Duration = Duration::from_millis(2500);
+/// How long to wait before retrying after `QueueFull` when none of our records is in flight
 /// (librdkafka's queue is then full of someone else's messages — not expected, but harmless).
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
 
 /// Publishes records to Kafka and reports checkpoints once Kafka has acknowledged them.
 pub struct KafkaSink {
-    producer: OffThreadDrop<FutureProducer<PgcdcContext>>,
+    producer: OffThreadDrop<ThreadedProducer<SinkContext>>,
+    acks: Arc<Acks>,
     bootstrap: String,
-    max_in_flight: usize,
-    oversized: Oversized,
 }
 
 impl KafkaSink {
     /// Creates the producer. Fails with [`SinkError::Config`] naming an invalid property.
     /// Connecting happens in the background; see [`super::wait_for_cluster`] to wait for it.
     pub fn new(cfg: KafkaConfig) -> Result<Self, SinkError> {
-        let producer: FutureProducer<PgcdcContext> = client_config(&cfg, Role::Producer)
-            .create_with_context(PgcdcContext::new(Role::Producer))
+        let acks = Arc::new(Acks::new(cfg.max_in_flight.max(1), cfg.oversized));
+        let context = SinkContext {
+            base: PgcdcContext::new(Role::Producer),
+            acks: Arc::clone(&acks),
+        };
+        let producer: ThreadedProducer<SinkContext> = client_config(&cfg, Role::Producer)
+            .create_with_context(context)
             .map_err(config_error)?;
         Ok(KafkaSink {
             producer: OffThreadDrop::new(producer),
+            acks,
             bootstrap: cfg.bootstrap,
-            max_in_flight: cfg.max_in_flight.max(1),
-            oversized: cfg.oversized,
         })
     }
 
     /// Runs until `rx` is closed and every record is acknowledged. See [`crate::sink::run`].
     ///
-    /// Work that is ready is done without waiting first: delivery reports already in, then
-    /// items already queued in the channel. Only then does the loop wait, so a burst of records
-    /// costs one wake-up, not one per record.
+    /// Work that is ready is done without waiting first: markers the watermark has passed,
+    /// then items already queued in the channel. Only then does the loop wait, so a burst of
+    /// records costs one wake-up, not one per record.
     pub async fn run(
         self,
         mut rx: mpsc::Receiver<SinkItem>,
         acked: watch::Sender<Lsn>,
     ) -> Result<SinkSummary, SinkError> {
-        let mut fifo = Fifo::new(&self.bootstrap, acked);
+        let mut st = Loop::new(&self.bootstrap, acked);
+        let window = self.acks.window() as u64;
         let mut closed = false;
         loop {
-            let mut completed = false;
-            while let Some(res) = fifo.try_complete_front() {
-                completed = true;
-                if let Err(failed) = res {
-                    self.skip_or_fail(failed, &mut fifo)?;
-                }
+            let watermark = self.acks.watermark();
+            st.complete_markers(watermark);
+            st.observe(watermark);
+            crate::metrics::global()
+                .sink_in_flight
+                .store(st.sent - watermark, Ordering::Relaxed);
+            if self.acks.failed.load(Ordering::Acquire) {
+                return Err(self.failure());
             }
-            if completed {
-                // Once per batch of reports: the clock is read per batch, not per record.
-                fifo.progress();
-            }
-            if closed && fifo.is_empty() {
-                return Ok(fifo.summary);
+            if closed && st.markers.is_empty() && watermark == st.sent {
+                return Ok(self.acks.summary());
             }
             let mut read_any = false;
-            while !closed && fifo.deliveries < self.max_in_flight {
+            while !closed && st.sent - self.acks.watermark() < window {
                 match rx.try_recv() {
                     Ok(item) => {
-                        self.handle(item, &mut fifo).await?;
+                        self.handle(item, &mut st).await?;
                         read_any = true;
                     }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
                 }
             }
-            if read_any || (closed && fifo.deliveries == 0) {
+            if read_any {
                 continue;
             }
-            // Invariant: at least one branch below is enabled. After `try_complete_front`, a
-            // non-empty FIFO starts with a delivery (so `deliveries > 0`), and reading is
-            // disabled only when the channel is closed or `deliveries` is at its bound (≥ 1).
-            let can_read = !closed && fifo.deliveries < self.max_in_flight;
+            // Nothing ready: wait for the watermark to reach what completes the next step,
+            // for the channel (while the window has room), or for the stall check.
+            let can_read = !closed && st.sent - watermark < window;
+            let mut wanted = st.markers.front().map_or(u64::MAX, |m| m.after);
+            if !can_read {
+                // Window full, or draining: any progress may be what is needed.
+                wanted = wanted.min(watermark + 1);
+            }
+            if st.warned {
+                // Report the end of a stall as soon as it ends.
+                wanted = wanted.min(watermark + 1);
+            }
+            if !self.acks.wait_for(wanted) {
+                continue;
+            }
+            let pending = st.sent > watermark;
             tokio::select! {
                 biased;
-                res = fifo.complete_front(), if fifo.deliveries > 0 => {
-                    if let Err(failed) = res {
-                        self.skip_or_fail(failed, &mut fifo)?;
-                    }
-                }
+                () = self.acks.notify.notified() => {}
                 item = rx.recv(), if can_read => match item {
                     None => closed = true,
-                    Some(item) => self.handle(item, &mut fifo).await?,
+                    Some(item) => self.handle(item, &mut st).await?,
                 },
+                () = st.stall_timer.as_mut(), if pending => st.on_stall_timer(&self.acks),
             }
         }
     }
 
-    async fn handle(&self, item: SinkItem, fifo: &mut Fifo) -> Result<(), SinkError> {
+    async fn handle(&self, item: SinkItem, st: &mut Loop) -> Result<(), SinkError> {
         match item {
-            SinkItem::Record(record) => self.send(record, fifo).await?,
-            SinkItem::Checkpoint(lsn) => fifo.push(Pending::Checkpoint(lsn)),
-            SinkItem::Barrier(done) => fifo.push(Pending::Barrier(done)),
+            SinkItem::Record(record) => self.send(record, st).await?,
+            SinkItem::Checkpoint(lsn) => st.push_marker(Marker::Checkpoint(lsn)),
+            SinkItem::Barrier(done) => st.push_marker(Marker::Barrier(done)),
         }
         Ok(())
     }
 
-    /// Hands `record` to librdkafka, waiting for deliveries while its queue is full.
-    async fn send(&self, record: Record, fifo: &mut Fifo) -> Result<(), SinkError> {
+    /// Hands `record` to librdkafka, waiting for acknowledgements while its queue is full.
+    async fn send(&self, record: Record, st: &mut Loop) -> Result<(), SinkError> {
         loop {
-            let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic);
+            let seq = st.sent;
+            // The ring slot of `seq` is free: the loop reads only while the window has room.
+            let mut br: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&record.topic, seq as usize);
             if let Some(key) = &record.key {
-                fr = fr.key(key.as_ref());
+                br = br.key(key.as_ref());
             }
             if let Some(value) = &record.value {
-                fr = fr.payload(value.as_ref());
+                br = br.payload(value.as_ref());
             }
-            match self.producer.send_result(fr) {
-                Ok(delivery) => {
-                    fifo.push(Pending::Delivery {
-                        delivery,
-                        topic: record.topic.clone(),
-                        bytes: record.payload_len(),
-                        tombstone: record.value.is_none(),
-                    });
+            match self.producer.send(br) {
+                Ok(()) => {
+                    if st.sent == self.acks.watermark() {
+                        // The window was empty: the stall clock starts now.
+                        st.start_stall_clock(seq);
+                    }
+                    st.sent += 1;
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    // Keep the record; make room by waiting for the oldest delivery.
-                    fifo.complete_markers();
-                    if fifo.deliveries > 0 {
-                        if let Err(failed) = fifo.complete_front().await {
-                            self.skip_or_fail(failed, fifo)?;
+                    // Keep the record; make room by waiting for acknowledgements.
+                    let watermark = self.acks.watermark();
+                    st.complete_markers(watermark);
+                    if self.acks.failed.load(Ordering::Acquire) {
+                        return Err(self.failure());
+                    }
+                    if st.sent > watermark {
+                        if self.acks.wait_for(watermark + 1) {
+                            tokio::select! {
+                                biased;
+                                () = self.acks.notify.notified() => {}
+                                () = st.stall_timer.as_mut() => st.on_stall_timer(&self.acks),
+                            }
                         }
+                        st.observe(self.acks.watermark());
                     } else {
                         tokio::time::sleep(QUEUE_FULL_RETRY).await;
                     }
                 }
-                Err((e, _)) => {
+                Err((error, _)) => {
+                    // Refused before it was queued (e.g. larger than message.max.bytes): the
+                    // same verdict as a failed delivery.
                     let failed = Failed {
-                        error: e,
-                        topic: record.topic.clone(),
+                        error,
+                        topic: record.topic.to_string(),
                         bytes: record.payload_len(),
                     };
-                    return self.skip_or_fail(failed, fifo);
+                    if self.acks.skips(&failed) {
+                        // Nothing was queued: no sequence number was used.
+                        self.acks.lock().skip(&failed);
+                        return Ok(());
+                    }
+                    return Err(self.classify(failed));
                 }
             }
         }
     }
 
-    /// With `--oversized skip`, a record too large for Kafka is left out — loudly, and
-    /// counted; every other failure (and that one by default) ends the run.
-    fn skip_or_fail(&self, failed: Failed, fifo: &mut Fifo) -> Result<(), SinkError> {
-        let too_large =
-            failed.error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
-        if !(too_large && self.oversized == Oversized::Skip) {
-            return Err(self.classify(failed));
+    /// The first failed delivery, as the error that tells the operator what to do.
+    fn failure(&self) -> SinkError {
+        match self.acks.lock().failure.take() {
+            Some(failed) => self.classify(failed),
+            // Taken already: only one caller ever sees `failed`, so this is not reached.
+            None => SinkError::Delivery {
+                topic: String::new(),
+                source: KafkaError::Canceled,
+            },
         }
-        fifo.summary.oversized_skipped += 1;
-        tracing::error!(
-            topic = %failed.topic,
-            bytes = failed.bytes,
-            skipped = fifo.summary.oversized_skipped,
-            "SKIPPED a record larger than Kafka accepts (--oversized skip): consumers will not see this change; raise message.max.bytes to keep such records"
-        );
-        Ok(())
     }
 
     /// Turns a librdkafka failure into the error that tells the operator what to do.
     fn classify(&self, failed: Failed) -> SinkError {
-        let topic = failed.topic.to_string();
+        let topic = failed.topic;
         match failed.error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::MessageSizeTooLarge) => SinkError::MessageTooLarge {
                 topic,
@@ -225,129 +264,253 @@ impl KafkaSink {
     }
 }
 
-/// What a delivery future resolves to.
-type DeliveryOutcome = <DeliveryFuture as std::future::Future>::Output;
-
 /// A record Kafka did not take.
 struct Failed {
     error: KafkaError,
-    topic: Arc<str>,
+    topic: String,
     bytes: usize,
 }
 
-enum Pending {
-    Delivery {
-        delivery: DeliveryFuture,
-        topic: Arc<str>,
-        bytes: usize,
-        tombstone: bool,
-    },
+/// Delivery bookkeeping, shared by the sink's loop and librdkafka's polling thread.
+struct Acks {
+    state: Mutex<AckState>,
+    /// Copy of `AckState::watermark`, readable without the lock.
+    watermark: AtomicU64,
+    /// The loop sleeps until the watermark reaches this (`u64::MAX`: only a failure wakes it).
+    wanted: AtomicU64,
+    /// Set once a delivery failed for good; the loop then ends the run.
+    failed: AtomicBool,
+    notify: Notify,
+    oversized: Oversized,
+}
+
+struct AckState {
+    /// `done[seq % len]`: whether record `seq` (at or above the watermark) is acknowledged.
+    done: Vec<bool>,
+    watermark: u64,
+    summary: SinkSummary,
+    failure: Option<Failed>,
+}
+
+impl Acks {
+    fn new(window: usize, oversized: Oversized) -> Self {
+        Acks {
+            state: Mutex::new(AckState {
+                done: vec![false; window],
+                watermark: 0,
+                summary: SinkSummary::default(),
+                failure: None,
+            }),
+            watermark: AtomicU64::new(0),
+            wanted: AtomicU64::new(u64::MAX),
+            failed: AtomicBool::new(false),
+            notify: Notify::new(),
+            oversized,
+        }
+    }
+
+    fn window(&self) -> usize {
+        self.lock().done.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AckState> {
+        // The state stays consistent at every unlock; a panic elsewhere cannot corrupt it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Acquire)
+    }
+
+    fn summary(&self) -> SinkSummary {
+        self.lock().summary
+    }
+
+    /// Asks to be woken when the watermark reaches `wanted`. `false`: it has already (or a
+    /// failure is in), so there is nothing to wait for.
+    fn wait_for(&self, wanted: u64) -> bool {
+        self.wanted.store(wanted, Ordering::SeqCst);
+        // Pairs with the polling thread's store-then-load in `record`: one side sees the other.
+        self.watermark.load(Ordering::SeqCst) < wanted && !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Whether this failure is an oversized record that `--oversized skip` leaves out.
+    fn skips(&self, failed: &Failed) -> bool {
+        self.oversized == Oversized::Skip
+            && failed.error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+    }
+
+    /// One delivery report (polling thread).
+    fn record(&self, seq: u64, outcome: Result<(usize, bool), Failed>) {
+        let mut st = self.lock();
+        let ok = match outcome {
+            Ok((bytes, tombstone)) => {
+                st.summary.add(bytes, tombstone);
+                true
+            }
+            Err(failed) if self.skips(&failed) => {
+                st.skip(&failed);
+                true
+            }
+            Err(failed) => {
+                if st.failure.is_none() {
+                    st.failure = Some(failed);
+                }
+                false
+            }
+        };
+        let len = st.done.len() as u64;
+        if ok {
+            st.done[(seq % len) as usize] = true;
+        }
+        let before = st.watermark;
+        while st.done[(st.watermark % len) as usize] {
+            let slot = (st.watermark % len) as usize;
+            st.done[slot] = false;
+            st.watermark += 1;
+        }
+        let watermark = st.watermark;
+        let failed = !ok && st.failure.is_some();
+        drop(st);
+        if failed {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        if watermark != before {
+            self.watermark.store(watermark, Ordering::SeqCst);
+        }
+        if failed || (watermark != before && watermark >= self.wanted.load(Ordering::SeqCst)) {
+            self.notify.notify_one();
+        }
+    }
+}
+
+impl AckState {
+    /// With `--oversized skip`, a record too large for Kafka is left out — loudly, and
+    /// counted.
+    fn skip(&mut self, failed: &Failed) {
+        self.summary.oversized_skipped += 1;
+        tracing::error!(
+            topic = %failed.topic,
+            bytes = failed.bytes,
+            skipped = self.summary.oversized_skipped,
+            "SKIPPED a record larger than Kafka accepts (--oversized skip): consumers will not see this change; raise message.max.bytes to keep such records"
+        );
+    }
+}
+
+/// The producer's client context: pgcdc's logging, plus the delivery reports.
+struct SinkContext {
+    base: PgcdcContext,
+    acks: Arc<Acks>,
+}
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.base.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.base.error(error, reason);
+    }
+}
+
+impl ProducerContext for SinkContext {
+    /// The record's sequence number.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let size = |m: &dyn MessageSize| m.size();
+        let outcome = match result {
+            Ok(msg) => Ok((size(msg), msg.payload().is_none())),
+            Err((error, msg)) => Err(Failed {
+                error: error.clone(),
+                topic: msg.topic().to_string(),
+                bytes: size(msg),
+            }),
+        };
+        self.acks.record(seq as u64, outcome);
+    }
+}
+
+/// Key plus value bytes of a delivered message, as counted in [`SinkSummary`].
+trait MessageSize {
+    fn size(&self) -> usize;
+}
+
+impl<M: Message> MessageSize for M {
+    fn size(&self) -> usize {
+        self.key().map_or(0, <[u8]>::len) + self.payload().map_or(0, <[u8]>::len)
+    }
+}
+
+/// A checkpoint or barrier, waiting for the records sent before it.
+struct Pending {
+    /// Records sent before the marker: it completes when the watermark reaches this.
+    after: u64,
+    marker: Marker,
+}
+
+enum Marker {
     Checkpoint(Lsn),
     Barrier(oneshot::Sender<()>),
 }
 
-/// The in-order queue of pending deliveries and markers.
-struct Fifo {
-    queue: VecDeque<Pending>,
-    /// How many `Pending::Delivery` are in `queue`.
-    deliveries: usize,
-    summary: SinkSummary,
+/// The sink task's side: markers, the sequence counter, and the stall watch.
+struct Loop {
+    markers: VecDeque<Pending>,
+    /// Records handed to librdkafka so far (the next sequence number).
+    sent: u64,
     acked: watch::Sender<Lsn>,
     bootstrap: String,
-    /// Last time a delivery completed, or the window became non-empty.
+    /// The watermark when progress was last seen, and when.
+    seen: u64,
     last_progress: Instant,
     /// When to warn again about a stall that was already reported.
     next_warning: Instant,
     warned: bool,
-    /// Wakes the wait for the front delivery to check for a stall. One timer for the whole
-    /// run, moved only when it fires: re-arming one per record cost more than the check.
+    /// Wakes the loop to look for a stall while records are in flight. One timer for the
+    /// whole run, moved only when it fires or when the window becomes non-empty.
     stall_timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl Fifo {
+impl Loop {
     fn new(bootstrap: &str, acked: watch::Sender<Lsn>) -> Self {
         let now = Instant::now();
-        Fifo {
-            queue: VecDeque::new(),
-            deliveries: 0,
-            summary: SinkSummary::default(),
+        Loop {
+            markers: VecDeque::new(),
+            sent: 0,
             acked,
             bootstrap: bootstrap.to_string(),
+            seen: 0,
             last_progress: now,
             next_warning: now,
             warned: false,
             stall_timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
-                now + STALL_WARNING_AFTER,
+                now + STALL_CHECK_EVERY,
             ))),
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+    fn push_marker(&mut self, marker: Marker) {
+        self.markers.push_back(Pending {
+            after: self.sent,
+            marker,
+        });
     }
 
-    fn push(&mut self, p: Pending) {
-        if matches!(p, Pending::Delivery { .. }) {
-            if self.deliveries == 0 {
-                self.progress();
-            }
-            self.deliveries += 1;
-            crate::metrics::global()
-                .sink_in_flight
-                .store(self.deliveries as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.queue.push_back(p);
-    }
-
-    fn progress(&mut self) {
-        let now = Instant::now();
-        if self.warned {
-            tracing::info!(
-                "Kafka at {} acknowledges again after {}s",
-                self.bootstrap,
-                now.duration_since(self.last_progress).as_secs()
-            );
-            self.warned = false;
-        }
-        self.last_progress = now;
-    }
-
-    /// When the current stall (if the front stays pending) is to be reported.
-    fn stall_due(&self) -> Instant {
-        if self.warned {
-            self.next_warning
-        } else {
-            self.last_progress + STALL_WARNING_AFTER
-        }
-    }
-
-    /// The stall timer fired: warn if the stall is real, and set the timer to the next due time.
-    fn on_stall_timer(&mut self) {
-        if Instant::now() >= self.stall_due() {
-            self.warn_stall();
-        }
-        let due = tokio::time::Instant::from_std(self.stall_due());
-        self.stall_timer.as_mut().reset(due);
-    }
-
-    /// Reports the checkpoints and resolves the barriers at the front: everything before them
-    /// is acknowledged.
-    fn complete_markers(&mut self) {
-        // Only the last of several consecutive checkpoints needs publishing.
+    /// Reports the checkpoints and resolves the barriers that every record before them has
+    /// reached.
+    fn complete_markers(&mut self, watermark: u64) {
+        // Only the last of several completed checkpoints needs publishing.
         let mut checkpoint = None;
-        loop {
-            match self.queue.front() {
-                Some(Pending::Checkpoint(lsn)) => {
-                    checkpoint = Some(*lsn);
-                    self.queue.pop_front();
-                }
-                Some(Pending::Barrier(_)) => {
-                    if let Some(Pending::Barrier(done)) = self.queue.pop_front() {
-                        // The waiter may have gone; nothing to do about it.
-                        let _ = done.send(());
-                    }
-                }
-                Some(Pending::Delivery { .. }) | None => break,
+        while self.markers.front().is_some_and(|m| m.after <= watermark) {
+            match self.markers.pop_front().map(|m| m.marker) {
+                Some(Marker::Checkpoint(lsn)) => checkpoint = Some(lsn),
+                // The waiter may have gone; nothing to do about it.
+                Some(Marker::Barrier(done)) => drop(done.send(())),
+                None => break,
             }
         }
         if let Some(lsn) = checkpoint {
@@ -355,80 +518,127 @@ impl Fifo {
         }
     }
 
-    /// Completes the markers at the front, then the front delivery if its report is in
-    /// already. `None`: nothing more is ready.
-    fn try_complete_front(&mut self) -> Option<Result<(), Failed>> {
-        self.complete_markers();
-        let Some(Pending::Delivery { delivery, .. }) = self.queue.front_mut() else {
-            return None;
-        };
-        let outcome = (&mut *delivery).now_or_never()?;
-        Some(self.finish_front(outcome))
-    }
-
-    /// Waits for the front delivery (the caller has completed the markers before it) and
-    /// records it. Warns while it takes long. Cancel-safe: the entry is removed only once its
-    /// report is in hand, with no await in between.
-    async fn complete_front(&mut self) -> Result<(), Failed> {
-        loop {
-            let Some(Pending::Delivery { delivery, .. }) = self.queue.front_mut() else {
-                return Ok(());
-            };
-            tokio::select! {
-                biased;
-                outcome = delivery => {
-                    self.progress();
-                    return self.finish_front(outcome);
-                }
-                () = self.stall_timer.as_mut() => self.on_stall_timer(),
-            }
+    /// Ends a reported stall as soon as the watermark moves. (Progress without a stall is
+    /// noted by the stall timer only: no clock read per loop turn.)
+    fn observe(&mut self, watermark: u64) {
+        if !self.warned || watermark == self.seen {
+            return;
         }
+        let now = Instant::now();
+        tracing::info!(
+            "Kafka at {} acknowledges again after {}s",
+            self.bootstrap,
+            now.duration_since(self.last_progress).as_secs()
+        );
+        self.warned = false;
+        self.seen = watermark;
+        self.last_progress = now;
     }
 
-    /// Removes the front delivery, whose report is `outcome`, and accounts for it.
-    fn finish_front(&mut self, outcome: DeliveryOutcome) -> Result<(), Failed> {
-        let Some(Pending::Delivery {
-            topic,
-            bytes,
-            tombstone,
-            ..
-        }) = self.queue.pop_front()
-        else {
-            return Ok(());
-        };
-        self.deliveries -= 1;
-        crate::metrics::global()
-            .sink_in_flight
-            .store(self.deliveries as u64, std::sync::atomic::Ordering::Relaxed);
-        match outcome {
-            Ok(Ok(_delivered)) => {
-                self.summary.add(bytes, tombstone);
-                Ok(())
-            }
-            Ok(Err((error, _message))) => Err(Failed {
-                error,
-                topic,
-                bytes,
-            }),
-            // The producer went away under us; it lives as long as the sink, so this
-            // would be a bug — report it rather than panic.
-            Err(_canceled) => Err(Failed {
-                error: KafkaError::Canceled,
-                topic,
-                bytes,
-            }),
+    /// The window was empty and record `seq` is the first in it.
+    fn start_stall_clock(&mut self, seq: u64) {
+        let now = Instant::now();
+        self.seen = seq;
+        self.last_progress = now;
+        self.warned = false;
+        self.stall_timer
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(now + STALL_CHECK_EVERY));
+    }
+
+    /// The stall timer fired while records are in flight.
+    fn on_stall_timer(&mut self, acks: &Acks) {
+        let now = Instant::now();
+        let watermark = acks.watermark();
+        if watermark != self.seen {
+            self.observe(watermark);
+            self.seen = watermark;
+            self.last_progress = now;
+        } else if !self.warned && now.duration_since(self.last_progress) >= STALL_WARNING_AFTER
+            || self.warned && now >= self.next_warning
+        {
+            self.warn_stall(watermark);
         }
+        self.stall_timer
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(now + STALL_CHECK_EVERY));
     }
 
-    fn warn_stall(&mut self) {
+    fn warn_stall(&mut self, watermark: u64) {
         let waited = self.last_progress.elapsed().as_secs();
         tracing::warn!(
             "no acknowledgement from Kafka at {} for {waited}s with {} records in flight; \
              pgcdc keeps retrying and has stopped reading from PostgreSQL until Kafka catches up",
             self.bootstrap,
-            self.deliveries
+            self.sent - watermark
         );
         self.warned = true;
         self.next_warning = Instant::now() + STALL_WARNING_EVERY;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Result<(usize, bool), Failed> {
+        Ok((10, false))
+    }
+
+    #[test]
+    fn the_watermark_waits_for_the_gap() {
+        let acks = Acks::new(4, Oversized::Fail);
+        acks.record(1, ok());
+        acks.record(2, ok());
+        assert_eq!(acks.watermark(), 0);
+        acks.record(0, ok());
+        assert_eq!(acks.watermark(), 3);
+        // The ring wraps: slots of 0..3 are free again.
+        for seq in [4, 5, 6, 3] {
+            acks.record(seq, ok());
+        }
+        assert_eq!(acks.watermark(), 7);
+        assert_eq!(acks.summary().records, 7);
+    }
+
+    #[test]
+    fn a_failure_stops_the_watermark_and_skips_count_as_done() {
+        let too_large = |seq| Failed {
+            error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            topic: format!("t{seq}"),
+            bytes: 1,
+        };
+        let acks = Acks::new(8, Oversized::Skip);
+        acks.record(0, Err(too_large(0)));
+        acks.record(1, ok());
+        assert_eq!(acks.watermark(), 2);
+        assert!(!acks.failed.load(Ordering::SeqCst));
+        assert_eq!(acks.summary().oversized_skipped, 1);
+
+        let acks = Acks::new(8, Oversized::Fail);
+        acks.record(0, ok());
+        acks.record(1, Err(too_large(1)));
+        acks.record(2, ok());
+        assert_eq!(acks.watermark(), 1);
+        assert!(acks.failed.load(Ordering::SeqCst));
+        assert!(!acks.wait_for(5), "a failure is never waited for");
+    }
+
+    #[tokio::test]
+    async fn markers_complete_in_order_at_the_watermark() {
+        let (tx, rx) = watch::channel(Lsn(0));
+        let mut st = Loop::new("b", tx);
+        st.sent = 2;
+        st.push_marker(Marker::Checkpoint(Lsn(10)));
+        st.sent = 5;
+        st.push_marker(Marker::Checkpoint(Lsn(20)));
+        st.push_marker(Marker::Checkpoint(Lsn(30)));
+        st.complete_markers(1);
+        assert_eq!(*rx.borrow(), Lsn(0));
+        st.complete_markers(4);
+        assert_eq!(*rx.borrow(), Lsn(10));
+        st.complete_markers(5);
+        assert_eq!(*rx.borrow(), Lsn(30));
+        assert!(st.markers.is_empty());
     }
 }

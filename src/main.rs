@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use pgcdc::cli::{Command, LogFormat};
 use pgcdc::config::file::{parse_cli, ConfigError};
 
+/// pgcdc allocates a key and a value per row and frees them on another path moments later;
+/// mimalloc's per-thread free lists make that cheaper than glibc's malloc (measured in
+/// bench/PROFILE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match parse_cli(std::env::args_os()) {
         Ok(cli) => cli,

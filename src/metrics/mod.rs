@@ -95,9 +95,13 @@ pub struct TableMetrics {
 impl TableMetrics {
     /// One row read by the snapshot.
     pub fn snapshot_row(&self) {
-        self.snapshot_rows.fetch_add(1, Relaxed);
+        let rows = self.snapshot_rows.fetch_add(1, Relaxed);
         self.events[0].fetch_add(1, Relaxed);
-        global().touch_snapshot();
+        // The health check's progress clock, read once per 64 rows rather than per row
+        // (a clock read was 1.4% of the snapshot's samples); stalls are judged in seconds.
+        if rows % 64 == 0 {
+            global().touch_snapshot();
+        }
     }
 
     pub fn snapshot_started(&self) {

@@ -22,9 +22,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::event::{
-    Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema, TypeRegistry,
-};
+use crate::event::{Column, Datum, Encoder, Position, SnapshotMarker, TableSchema, TypeRegistry};
 use crate::sink::{Record, SinkItem};
 use crate::source::catalog::{quote_literal, TableInfo};
 use crate::source::changes::topic_name;
@@ -117,6 +115,7 @@ pub async fn run(
         let table = table_schema(topic_prefix, info, encoder.types());
         let sql = info.copy_sql();
         tracing::info!(table = %info.name, "snapshot: reading table");
+        let tail = encoder.read_tail(&table, position, started_ms);
         let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
         progress.snapshot_started();
         let stream = client.copy_out(&sql).await?;
@@ -142,14 +141,7 @@ pub async fn run(
                     Some(v) => Datum::Text(v),
                 }));
                 let key = encoder.key(&table, &row);
-                let change = Change {
-                    op: Op::Read,
-                    before: None,
-                    after: Some(&row),
-                    position,
-                    transaction: None,
-                };
-                let value = encoder.value(&table, &change, started_ms);
+                let value = encoder.read_value(&table, &row, &tail);
                 if let Some((topic, key, value)) = held.take() {
                     send(tx, stop, topic, key, value).await?;
                 }

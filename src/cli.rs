@@ -195,6 +195,7 @@ pub struct RunArgs {
     pub snapshot: SnapshotMode,
 
     /// Take the snapshot, publish it, and exit 0 (uses a temporary slot; nothing is left behind).
+    /// A bulk export: the Kafka producer batches longer by default (linger.ms=25).
     #[arg(long, env = "PGCDC_SNAPSHOT_ONLY")]
     pub snapshot_only: bool,
 

@@ -57,6 +57,7 @@ pub(crate) fn kafka_config(conn: &ConnArgs) -> Option<KafkaConfig> {
         max_in_flight: kafka::DEFAULT_MAX_IN_FLIGHT,
         // Only `run` produces events; the other commands read.
         oversized: kafka::Oversized::default(),
+        bulk: false,
     })
 }
 

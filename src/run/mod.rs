@@ -150,6 +150,7 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
                     Oversized::Fail => kafka::Oversized::Fail,
                     Oversized::Skip => kafka::Oversized::Skip,
                 },
+                bulk: args.snapshot_only,
             };
             kafka::wait_for_cluster(&cfg, args.kafka_timeout)
                 .await

@@ -89,6 +89,12 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("queue.buffering.max.kbytes", "16384"),
 ];
 
+/// Overrides of [`PRODUCER_DEFAULTS`] for bulk runs (`--snapshot-only`), applied before the
+/// user's `-X`: nobody waits for a single row there, so librdkafka may wait longer to fill a
+/// batch. Fewer, larger requests cost pgcdc and the broker less CPU (-11% wall time on the
+/// 1M-row snapshot of bench/run.sh). Streaming keeps `linger.ms=5` for latency.
+pub const BULK_PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "25")];
+
 /// Where Kafka is and how to talk to it.
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
@@ -100,6 +106,8 @@ pub struct KafkaConfig {
     pub max_in_flight: usize,
     /// What to do with a record larger than Kafka accepts.
     pub oversized: Oversized,
+    /// A bulk run (`--snapshot-only`): [`BULK_PRODUCER_DEFAULTS`] apply.
+    pub bulk: bool,
 }
 
 /// What to do with a record larger than Kafka accepts (`message.max.bytes`).
@@ -123,6 +131,7 @@ impl KafkaConfig {
             properties: Vec::new(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             oversized: Oversized::Fail,
+            bulk: false,
         }
     }
 
@@ -153,6 +162,11 @@ pub(crate) fn client_config(cfg: &KafkaConfig, role: Role) -> ClientConfig {
         Role::Producer => {
             for (k, v) in PRODUCER_DEFAULTS {
                 c.set(*k, *v);
+            }
+            if cfg.bulk {
+                for (k, v) in BULK_PRODUCER_DEFAULTS {
+                    c.set(*k, *v);
+                }
             }
         }
         Role::Admin => {
@@ -404,6 +418,25 @@ mod tests {
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("message.timeout.ms"), Some("0"));
         assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn bulk_runs_batch_longer_unless_the_user_says_otherwise() {
+        let mut cfg = KafkaConfig::new("b:9092");
+        assert_eq!(
+            client_config(&cfg, Role::Producer).get("linger.ms"),
+            Some("5")
+        );
+        cfg.bulk = true;
+        assert_eq!(
+            client_config(&cfg, Role::Producer).get("linger.ms"),
+            Some("25")
+        );
+        let cfg = cfg.property("linger.ms", "1");
+        assert_eq!(
+            client_config(&cfg, Role::Producer).get("linger.ms"),
+            Some("1")
+        );
     }
 
     #[test]

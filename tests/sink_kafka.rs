@@ -411,6 +411,33 @@ async fn queue_full_is_backpressure_not_loss() {
     assert_eq!(summary.records, n);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_returns_as_soon_as_the_channel_closes_after_the_last_ack() {
+    // Regression: the sink saw the channel close in its non-blocking read, after its check
+    // for "drained", and then waited for an acknowledgement that would never come.
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique("close");
+    mock.create_topic(&topic, 2, 1).expect("mock topic");
+    let cfg = KafkaConfig::new(mock.bootstrap_servers()).property("linger.ms", "0");
+    for round in 1..=30u64 {
+        let (tx, mut acked, handle) = start(cfg.clone(), 16);
+        tx.send(rec(&topic, Some("k"), Some("1")))
+            .await
+            .expect("alive");
+        tx.send(SinkItem::Checkpoint(Lsn(round)))
+            .await
+            .expect("alive");
+        wait_acked(&mut acked, Lsn(round), Duration::from_secs(20)).await;
+        drop(tx);
+        let summary = tokio::time::timeout(Duration::from_secs(10), handle)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the sink did not return"))
+            .expect("join")
+            .expect("run ok");
+        assert_eq!(summary.records, 1);
+    }
+}
+
 #[tokio::test]
 async fn a_small_in_flight_window_stops_reading_the_channel() {
     let mock = MockCluster::new(1).expect("mock cluster");

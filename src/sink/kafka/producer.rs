@@ -110,6 +110,7 @@ impl KafkaSink {
                 return Ok(self.acks.summary());
             }
             let mut read_any = false;
+            let was_closed = closed;
             while !closed && st.sent - self.acks.watermark() < window {
                 match rx.try_recv() {
                     Ok(item) => {
@@ -120,7 +121,8 @@ impl KafkaSink {
                     Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
                 }
             }
-            if read_any {
+            // Just closed: the drain may be complete already; check before waiting for more.
+            if read_any || closed != was_closed {
                 continue;
             }
             // Nothing ready: wait for the watermark to reach what completes the next step,

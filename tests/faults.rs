@@ -749,7 +749,9 @@ async fn published_of(kafka: &str, topic: &str, marker: &str) -> (usize, Option<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_large_transaction() {
-    const ROWS: i64 = 30_000;
+    // Big enough, and the pause short enough, that a stop lands while pgcdc is publishing
+    // the transaction: pgcdc takes well under a second for it.
+    const ROWS: i64 = 50_000;
     let kafka = shared_kafka();
     let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("SIGTERM", db, None, &kafka, &kafka, (1_000, 20), &[]).await;
@@ -773,7 +775,7 @@ async fn sigterm_during_a_large_transaction() {
         let txn = large_transaction(&client, 10_000_000 * (attempt + 1), ROWS, &marker).await;
         s.extra_txns.push(txn);
         // Let pgcdc get into the transaction, then ask it to stop.
-        tokio::time::sleep(ms(s.rng.range(100, 1000))).await;
+        tokio::time::sleep(ms(s.rng.range(20, 400))).await;
         s.fault();
         let stopped = Instant::now();
         let status = s.pgcdc.sigterm(Duration::from_secs(30));

@@ -1,6 +1,7 @@
 //! Start-up helpers: wait for the cluster, create missing topics.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -137,7 +138,13 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
     if topics.is_empty() {
         return Ok(());
     }
-    let existing = existing_topics(cfg).await?;
+    // One client lists, creates and polls: each new client costs a connection and a thread
+    // set-up (pgcdc's start-up waits for all of it).
+    let admin: AdminClient<PgcdcContext> = client_config(cfg, Role::Admin)
+        .create_with_context(PgcdcContext::new(Role::Admin))
+        .map_err(config_error)?;
+    let admin = super::OffThreadDrop::new(Arc::new(admin));
+    let existing = existing_topics(&admin, &cfg.bootstrap).await?;
     let missing: Vec<&TopicSpec> = topics
         .iter()
         .filter(|t| !existing.contains_key(&t.name))
@@ -146,10 +153,6 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
         return Ok(());
     }
 
-    let admin: AdminClient<PgcdcContext> = client_config(cfg, Role::Admin)
-        .create_with_context(PgcdcContext::new(Role::Admin))
-        .map_err(config_error)?;
-    let admin = super::OffThreadDrop::new(admin);
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
@@ -199,7 +202,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
     // Usually a matter of milliseconds: check often at first.
     let mut pause = Duration::from_millis(10);
     loop {
-        let existing = existing_topics(cfg).await?;
+        let existing = existing_topics(&admin, &cfg.bootstrap).await?;
         let all_there = missing
             .iter()
             .all(|t| existing.get(&t.name).is_some_and(|&n| n > 0));
@@ -212,18 +215,14 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
 }
 
 /// Topic name → partition count, for every topic the cluster lists.
-async fn existing_topics(cfg: &KafkaConfig) -> Result<HashMap<String, usize>, SinkError> {
-    let client: BaseProducer<PgcdcContext> = client_config(cfg, Role::Admin)
-        .create_with_context(PgcdcContext::new(Role::Admin))
-        .map_err(config_error)?;
-    let bootstrap = cfg.bootstrap.clone();
-    // Destroyed after the answer is in, not before it is returned.
-    let client = super::OffThreadDrop::new(std::sync::Arc::new(client));
-    let c = std::sync::Arc::clone(&client);
+async fn existing_topics(
+    admin: &Arc<AdminClient<PgcdcContext>>,
+    bootstrap: &str,
+) -> Result<HashMap<String, usize>, SinkError> {
+    let bootstrap = bootstrap.to_string();
+    let c = Arc::clone(admin);
     let result = tokio::task::spawn_blocking(move || {
-        let r = c.client().fetch_metadata(None, METADATA_TIMEOUT);
-        c.poll(Duration::ZERO);
-        r.map(|md| {
+        c.inner().fetch_metadata(None, METADATA_TIMEOUT).map(|md| {
             md.topics()
                 .iter()
                 .filter(|t| t.error().is_none())

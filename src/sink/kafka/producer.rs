@@ -166,6 +166,10 @@ impl KafkaSink {
     async fn send(&self, record: Record, st: &mut Loop) -> Result<(), SinkError> {
         loop {
             let seq = st.sent;
+            let was_empty = seq == self.acks.watermark();
+            // Counted before librdkafka has it, so that the watermark (which its report may
+            // move at once, on another thread) never passes `sent`.
+            st.sent = seq + 1;
             // The ring slot of `seq` is free: the loop reads only while the window has room.
             let mut br: BaseRecord<'_, [u8], [u8], usize> =
                 BaseRecord::with_opaque_to(&record.topic, seq as usize);
@@ -175,13 +179,16 @@ impl KafkaSink {
             if let Some(value) = &record.value {
                 br = br.payload(value.as_ref());
             }
-            match self.producer.send(br) {
+            let sent = self.producer.send(br);
+            if sent.is_err() {
+                st.sent = seq;
+            }
+            match sent {
                 Ok(()) => {
-                    if st.sent == self.acks.watermark() {
+                    if was_empty {
                         // The window was empty: the stall clock starts now.
                         st.start_stall_clock(seq);
                     }
-                    st.sent += 1;
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

@@ -104,6 +104,11 @@ impl TableMetrics {
         }
     }
 
+    /// One streamed event of this table.
+    pub fn count(&self, op: Op) {
+        self.events[op_index(op)].fetch_add(1, Relaxed);
+    }
+
     pub fn snapshot_started(&self) {
         self.snapshot_running.store(true, Relaxed);
         global().touch_snapshot();
@@ -219,9 +224,14 @@ impl Metrics {
 
     /// One event for the table of `topic` (registered by [`Metrics::table`]).
     pub fn count_event(&self, topic: &str, op: Op) {
-        if let Some(t) = self.tables.read().ok().and_then(|m| m.get(topic).cloned()) {
-            t.events[op_index(op)].fetch_add(1, Relaxed);
+        if let Some(t) = self.existing_table(topic) {
+            t.count(op);
         }
+    }
+
+    /// The counters of the table published to `topic`, if it has any yet.
+    pub fn existing_table(&self, topic: &str) -> Option<Arc<TableMetrics>> {
+        self.tables.read().ok().and_then(|m| m.get(topic).cloned())
     }
 
     fn touch_snapshot(&self) {

@@ -22,6 +22,7 @@
 #   BENCH_ROWS=1000000          rows of the ~200-byte table = changes per streaming case
 #   BENCH_WIDE_ROWS=ROWS/4      rows of the ~2 KB table
 #   BENCH_TXN_ROWS=10           rows per transaction in the small-transactions case
+#   BENCH_SNAPSHOT_WORKERS=1    pgcdc's --snapshot-workers in the snapshot cases
 #   BENCH_REPEAT=3              rounds of every snapshot and streaming measurement (--smoke: 1);
 #                               the report shows medians (peak RSS: the highest)
 #   BENCH_LATENCY_SECONDS=60    length of the steady load;  BENCH_LATENCY_RATE=2000 tx/s
@@ -74,6 +75,7 @@ LAT_ROWS=${BENCH_LATENCY_ROWS:-100000}
 SECTIONS=${BENCH_SECTIONS:-snapshot,streaming,latency}
 RUN_TIMEOUT=${BENCH_TIMEOUT:-3600}
 KEEP=${BENCH_KEEP:-0}
+SNAPSHOT_WORKERS=${BENCH_SNAPSHOT_WORKERS:-1}
 for n in ROWS WIDE_ROWS TXN_ROWS REPEAT LAT_SECONDS LAT_RATE LAT_ROWS RUN_TIMEOUT; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive whole number (got '${!n}')"
 done
@@ -209,11 +211,12 @@ snapshot_case() { # id-prefix label table rows
             "$PGBIN/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" -c "COPY $table TO STDOUT"
         measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$rows" \
             "$PGCDC" run "${to_null[@]}" --snapshot-only --table "public.$table" \
-            --publication "${table}_pub" --slot "${DB}_snap"
+            --publication "${table}_pub" --slot "${DB}_snap" --snapshot-workers "$SNAPSHOT_WORKERS"
         broker_start
         measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$rows" \
             "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot-only --table "public.$table" \
-            --publication "${table}_pub" --slot "${DB}_snap" --topic-prefix "$id-$r"
+            --publication "${table}_pub" --slot "${DB}_snap" --topic-prefix "$id-$r" \
+            --snapshot-workers "$SNAPSHOT_WORKERS"
         broker_stop
     done
 }
@@ -437,7 +440,7 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
     echo
     echo "- Machine: $(nproc) CPUs ($cpu_model), $mem_gb GB memory, $(uname -sr); load average at the end $load (other builds and tests were running: compare ratios, not absolute figures)"
     echo "- PostgreSQL: $pg_version"
-    echo "- pgcdc: $pgcdc_version, commit $commit, cargo profile $PROFILE"
+    echo "- pgcdc: $pgcdc_version, commit $commit, cargo profile $PROFILE; snapshots with --snapshot-workers $SNAPSHOT_WORKERS"
     echo "- Kafka: $kafka_desc; pgcdc's default producer settings"
     echo "- PostgreSQL connections: sslmode=$SSLMODE for every tool (the test cluster offers TLS)"
     echo "- Data: $ROWS rows of ~$narrow_row B ($(mb $((narrow_bytes / 1024))) MB on disk), $WIDE_ROWS rows of ~$wide_row B ($(mb $((wide_bytes / 1024))) MB); streaming: $ROWS changes per case (UPDATEs, full new row); $REPEAT round(s) of each measurement$([ "$REPEAT" -gt 1 ] && echo ", medians shown")"

@@ -199,6 +199,19 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_SNAPSHOT_ONLY")]
     pub snapshot_only: bool,
 
+    /// Connections that read the snapshot at once, each on a thread of its own. Tables are
+    /// read concurrently and big ones cut into page ranges (PostgreSQL 14+); all connections
+    /// import the same exported snapshot, so the events are the same as with 1, in another
+    /// order. Each worker is one more connection and one more busy backend on the server.
+    #[arg(
+        long,
+        env = "PGCDC_SNAPSHOT_WORKERS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=64),
+        value_name = "N"
+    )]
+    pub snapshot_workers: u16,
+
     /// Exit 0 once everything committed up to this LSN (e.g. 16/B374D848) is published and
     /// confirmed; `now` means the server's WAL position at start.
     #[arg(long, env = "PGCDC_STOP_LSN", value_name = "LSN|now")]

@@ -701,3 +701,99 @@ async fn partitioned_table_is_captured_under_its_own_name() {
         &["publish_via_partition_root = true"],
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_snapshot_reads_each_row_once_and_meets_the_stream() {
+    // fillfactor 10 spreads 30k rows over ~4k pages: enough for several page ranges.
+    let p = Pipeline::new(
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text, n int) WITH (fillfactor = 10);
+         INSERT INTO public.big SELECT g, repeat('x', 60), g FROM generate_series(1, 30000) g;
+         UPDATE public.big SET n = -n WHERE id % 7 = 0;
+         DELETE FROM public.big WHERE id % 11 = 0;
+         CREATE TABLE public.small (id int PRIMARY KEY, v text);
+         INSERT INTO public.small SELECT g, 's' || g FROM generate_series(1, 20) g;",
+    )
+    .await;
+    let live = 30000 - 30000 / 11;
+    let args = [
+        "--table",
+        "public.big",
+        "--table",
+        "public.small",
+        "--snapshot-workers",
+        "3",
+        "--stop-lsn",
+        "now",
+    ];
+    let mut child = p.spawn(&args, "snap.log");
+    p.wait_for_log("snap.log", "reading with several connections")
+        .await;
+    // Changes after the export: in the stream (next run), never in the snapshot.
+    let client = p.db.client().await;
+    client
+        .batch_execute(
+            "UPDATE big SET v = 'later' WHERE id % 1000 = 1;
+             DELETE FROM big WHERE id = 2;
+             INSERT INTO big VALUES (40001, 'new', 1);",
+        )
+        .await
+        .unwrap();
+    let status = child.wait().expect("pgcdc exits");
+    let log = p.log("snap.log");
+    assert!(status.success(), "first run failed:\n{log}");
+    let units: usize = log
+        .split("units=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no unit count in the log:\n{log}"));
+    assert!(
+        units >= 4,
+        "big was not cut into ranges ({units} units):\n{log}"
+    );
+
+    let big = p.events("big", Some(live)).await;
+    let small = p.events("small", Some(20)).await;
+    assert_eq!(big.len(), live, "one read event per live row");
+    assert_eq!(small.len(), 20);
+    let mut ids = HashSet::new();
+    for e in &big {
+        let v = e.value.as_ref().expect("a value");
+        assert_eq!(e.op(), Some("r"));
+        let id = v["after"]["id"].as_i64().expect("id");
+        assert!(ids.insert(id), "key {id} read twice");
+        assert_ne!(
+            v["after"]["v"], "later",
+            "a change after the export in the snapshot"
+        );
+        let n = v["after"]["n"].as_i64().expect("n");
+        assert_eq!(n, if id % 7 == 0 { -id } else { id }, "key {id}");
+    }
+    assert!(ids.iter().all(|id| id % 11 != 0), "a deleted row was read");
+    let last = big
+        .iter()
+        .chain(&small)
+        .filter(|e| e.value.as_ref().unwrap()["source"]["snapshot"] == "last")
+        .count();
+    assert_eq!(last, 1, "exactly one event marked last");
+
+    let out = p.run(&[
+        "--table",
+        "public.big",
+        "--table",
+        "public.small",
+        "--stop-lsn",
+        "now",
+    ]);
+    assert_success(&out, "second run");
+    // The updates of live rows, the delete and its tombstone, the insert.
+    let updated = (0..30)
+        .map(|k| 1 + 1000 * k)
+        .filter(|id| id % 11 != 0)
+        .count();
+    let events = p.events("big", Some(live + updated + 2 + 1)).await;
+    assert_eq!(events.len(), live + updated + 3);
+    let (state, duplicates) = replay(&events);
+    assert_eq!(duplicates, 0);
+    assert_same_state(&state, &p.table_rows("big").await);
+}

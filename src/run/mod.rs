@@ -409,6 +409,10 @@ async fn capture(
             encoder,
             tx,
             stop,
+            snapshot::SnapshotOptions {
+                workers: usize::from(args.snapshot_workers),
+                conninfo,
+            },
         )
         .await;
         display.finish().await;

@@ -247,17 +247,32 @@ impl TableInfo {
     /// The `COPY … TO STDOUT` that reads the table's columns in attribute order. A partitioned
     /// table has no rows of its own: it is read through a query.
     pub fn copy_sql(&self) -> String {
-        let cols = self
-            .columns
-            .iter()
-            .map(|(n, _)| quote_ident(n))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols = self.column_list();
         if self.partitioned {
             format!("COPY (SELECT {cols} FROM {}) TO STDOUT", self.name)
         } else {
             format!("COPY {} ({cols}) TO STDOUT", self.name)
         }
+    }
+
+    /// The `COPY … TO STDOUT` that reads the rows stored in pages `from` up to (not
+    /// including) `to`, or to the end; PostgreSQL 14+ reads just those pages (a TID range
+    /// scan). Not for partitioned tables, whose row addresses repeat across partitions.
+    pub fn copy_pages_sql(&self, from: u64, to: Option<u64>) -> String {
+        let cols = self.column_list();
+        let end = to.map_or(String::new(), |to| format!(" AND ctid < '({to},0)'::tid"));
+        format!(
+            "COPY (SELECT {cols} FROM {} WHERE ctid >= '({from},0)'::tid{end}) TO STDOUT",
+            self.name
+        )
+    }
+
+    fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|(n, _)| quote_ident(n))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

@@ -1,0 +1,358 @@
+//! The initial snapshot, and why it meets the stream exactly.
+//!
+//! `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')` does two things at one
+//! instant: it fixes the slot's *consistent point* C — decoding from the slot yields exactly
+//! the transactions that commit after C — and it exports a snapshot that sees exactly the
+//! transactions committed before C. A transaction that imports that snapshot (`SET TRANSACTION
+//! SNAPSHOT`, in a REPEATABLE READ transaction) therefore reads the tables as of C, while the
+//! slot holds every later change. Publishing the snapshot rows, then the stream from C, gives
+//! every committed change exactly once: none missed at the hand-over, none doubled.
+//!
+//! Two rules keep this true. The exported snapshot stays valid only while the connection that
+//! created the slot runs no other command, so the replication connection waits, idle, until the
+//! snapshot transactions have imported it. And streaming starts only after every snapshot row
+//! was acknowledged by the sink, so per key the read event always precedes its changes.
+//!
+//! Several connections may import the same snapshot ([`parallel`], `--snapshot-workers`):
+//! they all see the tables as of C, so splitting a table into ranges of pages read by
+//! different connections reads each row version visible at C exactly once. Each key appears
+//! once in a snapshot, so the order of read events between workers does not matter.
+//!
+//! Rows are read with text `COPY`, whose values are the same text pgoutput sends (all
+//! sessions pin the settings that shape text output, see [`super::session`]), and encoded by
+//! the same [`Encoder`], with column kinds from the same type registry, as streamed changes.
+
+mod parallel;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::conninfo::ConnInfo;
+use crate::event::{
+    Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
+};
+use crate::metrics::TableMetrics;
+use crate::sink::{Record, SinkItem};
+use crate::source::catalog::{quote_literal, TableInfo};
+use crate::source::changes::topic_name;
+use crate::source::connect::ConnectError;
+use crate::source::copy_text::{self, CopyTextError};
+use crate::source::Lsn;
+
+/// Why the snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("snapshot worker: {0}")]
+    Connect(#[from] ConnectError),
+    #[error("snapshot worker: {0}")]
+    Worker(String),
+    #[error("snapshot of {table}: {source}")]
+    Copy {
+        table: String,
+        source: CopyTextError,
+    },
+    #[error("the sink stopped during the snapshot")]
+    SinkClosed,
+    #[error("stopped by a signal during the snapshot")]
+    Interrupted,
+}
+
+impl SnapshotError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SnapshotError::Query(e) => e.is_closed() || e.code().is_none(),
+            SnapshotError::Connect(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// What a finished snapshot read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotStats {
+    pub rows: u64,
+}
+
+/// How the snapshot is read.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotOptions<'a> {
+    /// Connections that read at once (`--snapshot-workers`); 1 reads on the caller's
+    /// connection and thread.
+    pub workers: usize,
+    /// What the workers connect with.
+    pub conninfo: &'a ConnInfo,
+}
+
+/// Builds the encoder's view of a table from the catalog.
+pub fn table_schema(
+    topic_prefix: &str,
+    info: &TableInfo,
+    types: &TypeRegistry,
+) -> Arc<TableSchema> {
+    let columns = info
+        .columns
+        .iter()
+        .map(|(name, oid)| Column::with_kind(name.clone(), *oid, types.kind(*oid)))
+        .collect();
+    Arc::new(TableSchema::new(
+        info.name.schema.clone(),
+        info.name.name.clone(),
+        topic_name(topic_prefix, &info.name).into(),
+        columns,
+        &info.key,
+    ))
+}
+
+/// Starts a transaction on `client` that reads as of the exported snapshot.
+async fn import(client: &tokio_postgres::Client, snapshot_name: &str) -> Result<(), SnapshotError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_name)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// The position every read event carries: the consistent point.
+fn read_position(consistent_point: Lsn, started_ms: i64) -> Position {
+    Position {
+        lsn: consistent_point,
+        commit_lsn: consistent_point,
+        xid: None,
+        commit_ts_ms: started_ms,
+        snapshot: SnapshotMarker::True,
+    }
+}
+
+/// Reads every table inside `snapshot_name` and sends one read event per row to `tx`.
+/// The very last row of the whole snapshot is marked `snapshot: "last"`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: &tokio_postgres::Client,
+    snapshot_name: &str,
+    consistent_point: Lsn,
+    tables: &[TableInfo],
+    topic_prefix: &str,
+    encoder: &Encoder,
+    tx: &mpsc::Sender<SinkItem>,
+    stop: &mut watch::Receiver<bool>,
+    options: SnapshotOptions<'_>,
+) -> Result<SnapshotStats, SnapshotError> {
+    import(client, snapshot_name).await?;
+    let started_ms = crate::event::now_ms();
+    let position = read_position(consistent_point, started_ms);
+    if options.workers > 1 {
+        let stats = parallel::run(
+            client,
+            snapshot_name,
+            position,
+            tables,
+            topic_prefix,
+            encoder,
+            tx,
+            stop,
+            options,
+        )
+        .await?;
+        client.batch_execute("COMMIT").await?;
+        return Ok(stats);
+    }
+    let mut stats = SnapshotStats::default();
+    let mut reader = Reader::new(encoder, Out::Sink(tx), stop.clone());
+    for info in tables {
+        let table = table_schema(topic_prefix, info, encoder.types());
+        tracing::info!(table = %info.name, "snapshot: reading table");
+        let tail = encoder.read_tail(&table, position, started_ms);
+        let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
+        progress.snapshot_started();
+        let table_rows = reader
+            .copy(client, &info.copy_sql(), info, &table, &tail, &progress)
+            .await?;
+        progress.snapshot_finished();
+        tracing::info!(table = %info.name, rows = table_rows, "snapshot: table done");
+        stats.rows += table_rows;
+    }
+    let last = reader.held.take();
+    reader.finish(last).await?;
+    client.batch_execute("COMMIT").await?;
+    Ok(stats)
+}
+
+/// A read event not yet sent: the last one is held back so it can be marked "last".
+type Held = (Arc<str>, Option<Bytes>, Bytes);
+
+/// Where a [`Reader`] sends its events.
+enum Out<'a> {
+    /// Straight into the sink's channel: one connection, on the pipeline's thread.
+    Sink(&'a mpsc::Sender<SinkItem>),
+    /// In batches to the coordinator of a parallel snapshot, which forwards them to the sink's
+    /// channel: one hand-off between threads per batch rather than per event (a hand-off per
+    /// event made one worker thread slower than no thread at all).
+    Batches {
+        tx: &'a mpsc::Sender<Vec<Record>>,
+        batch: Vec<Record>,
+        bytes: usize,
+    },
+}
+
+/// A batch is handed over when it holds this many bytes of keys and values...
+const BATCH_BYTES: usize = 64 * 1024;
+/// ...or this many events.
+const BATCH_EVENTS: usize = 256;
+
+/// Turns `COPY` output into read events and sends them: the per-row loop of both the
+/// single-connection snapshot and each worker of a parallel one.
+struct Reader<'a> {
+    encoder: &'a Encoder,
+    out: Out<'a>,
+    stop: watch::Receiver<bool>,
+    /// The latest event, sent when the next one is ready (see [`Held`]).
+    held: Option<Held>,
+    // Per-row scratch, reused: rows borrow from each COPY message, so the vectors are
+    // emptied and handed from one message's lifetime to the next without reallocating.
+    fields_buf: Vec<copy_text::Field<'static>>,
+    row_buf: Vec<Datum<'static>>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(encoder: &'a Encoder, out: Out<'a>, stop: watch::Receiver<bool>) -> Self {
+        Reader {
+            encoder,
+            out,
+            stop,
+            held: None,
+            fields_buf: Vec::new(),
+            row_buf: Vec::new(),
+        }
+    }
+
+    /// Sends one event on its way.
+    async fn emit(&mut self, (topic, key, value): Held) -> Result<(), SnapshotError> {
+        let record = Record {
+            topic,
+            key,
+            value: Some(value),
+        };
+        match &mut self.out {
+            Out::Sink(tx) => send(tx, &mut self.stop, SinkItem::Record(record)).await,
+            Out::Batches { batch, bytes, .. } => {
+                *bytes += record.payload_len();
+                batch.push(record);
+                if *bytes >= BATCH_BYTES || batch.len() >= BATCH_EVENTS {
+                    self.flush().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands over the current batch, if any.
+    async fn flush(&mut self) -> Result<(), SnapshotError> {
+        if let Out::Batches { tx, batch, bytes } = &mut self.out {
+            if !batch.is_empty() {
+                let full = std::mem::replace(batch, Vec::with_capacity(BATCH_EVENTS));
+                *bytes = 0;
+                send(tx, &mut self.stop, full).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `sql` (a `COPY … TO STDOUT` of `info`'s columns) and sends a read event per row;
+    /// returns the number of rows.
+    async fn copy(
+        &mut self,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        info: &TableInfo,
+        table: &TableSchema,
+        tail: &ReadTail,
+        progress: &TableMetrics,
+    ) -> Result<u64, SnapshotError> {
+        let stream = client.copy_out(sql).await?;
+        futures_util::pin_mut!(stream);
+        let mut table_rows = 0u64;
+        let mut rows = copy_text::RowBuffer::default();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let Some(data) = rows.complete(&chunk) else {
+                continue;
+            };
+            let mut fields = recycle_fields(std::mem::take(&mut self.fields_buf));
+            for line in copy_text::lines(data) {
+                copy_text::parse_row(line, table.columns.len(), &mut fields).map_err(|source| {
+                    SnapshotError::Copy {
+                        table: info.name.to_string(),
+                        source,
+                    }
+                })?;
+                let mut row = recycle_row(std::mem::take(&mut self.row_buf));
+                row.extend(fields.iter().map(|f| match f {
+                    None => Datum::Null,
+                    Some(v) => Datum::Text(v),
+                }));
+                let key = self.encoder.key(table, &row);
+                let value = self.encoder.read_value(table, &row, tail);
+                if let Some(held) = self.held.take() {
+                    self.emit(held).await?;
+                }
+                self.held = Some((table.topic.clone(), key, value));
+                self.row_buf = recycle_row(row);
+                table_rows += 1;
+                progress.snapshot_row();
+            }
+            self.fields_buf = recycle_fields(fields);
+        }
+        Ok(table_rows)
+    }
+
+    /// Sends `last`, the snapshot's final event, marked as such.
+    async fn finish(&mut self, last: Option<Held>) -> Result<(), SnapshotError> {
+        if let Some((topic, key, value)) = last {
+            let mut value = value.to_vec();
+            self.encoder.mark_last(&mut value);
+            self.emit((topic, key, value.into())).await?;
+        }
+        self.flush().await
+    }
+}
+
+/// Sends `item`, waiting while the channel is full; gives up when `stop` is set.
+async fn send<T>(
+    tx: &mpsc::Sender<T>,
+    stop: &mut watch::Receiver<bool>,
+    item: T,
+) -> Result<(), SnapshotError> {
+    if *stop.borrow() {
+        return Err(SnapshotError::Interrupted);
+    }
+    // Fast path while the sink keeps up; wait (interruptibly) only when the channel is full.
+    let item = match tx.try_send(item) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(SnapshotError::SinkClosed),
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+    };
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => Err(SnapshotError::Interrupted),
+        r = tx.send(item) => r.map_err(|_| SnapshotError::SinkClosed),
+    }
+}
+
+/// Empties `v` and gives its allocation to borrows of another lifetime.
+fn recycle_fields<'b>(mut v: Vec<copy_text::Field<'_>>) -> Vec<copy_text::Field<'b>> {
+    v.clear();
+    v.into_iter().map(|_| None).collect()
+}
+
+/// Empties `v` and gives its allocation to borrows of another lifetime.
+fn recycle_row<'b>(mut v: Vec<Datum<'_>>) -> Vec<Datum<'b>> {
+    v.clear();
+    v.into_iter().map(|_| Datum::Null).collect()
+}

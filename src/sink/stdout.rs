@@ -6,7 +6,7 @@
 //! again on this path, and a missing key or a tombstone is written as `null`. Only the topic is
 //! escaped here, once per distinct topic in a row.
 //!
-//! Acknowledgement means *written and flushed*: output goes through a 64 KiB buffer, and a
+//! Acknowledgement means *written and flushed*: output goes through a 1 MiB buffer, and a
 //! [`SinkItem::Checkpoint`] is reported only after a flush that covers every line before it.
 //! Checkpoints mark ends of transactions; a checkpoint is flushed within [`FLUSH_DELAY`]
 //! (2 ms), and consecutive checkpoints share that flush (at most
@@ -29,8 +29,10 @@ use tokio::sync::{mpsc, watch};
 use super::{report, Record, SinkError, SinkItem, SinkSummary};
 use crate::source::Lsn;
 
-/// Size of the output buffer.
-pub const BUFFER_BYTES: usize = 64 * 1024;
+/// Size of the output buffer. Each write of it is a hand-off to tokio's blocking pool (and
+/// back): at 64 KiB those hand-offs were most of pgcdc's system time on a large transaction
+/// (1M rows: 1 MiB cut its CPU by ~20%, wall by ~6%).
+pub const BUFFER_BYTES: usize = 1024 * 1024;
 
 /// How many checkpoints may wait for one flush.
 pub const MAX_CHECKPOINTS_PER_FLUSH: usize = 64;

@@ -884,6 +884,45 @@ async fn standby_status_confirms_the_flushed_lsn() {
     .await
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn batched_reads_still_deliver_a_small_transaction_at_once() {
+    bounded(async {
+        let db = TestDb::create().await;
+        let (publication, slot, start) = setup_slot(&db).await;
+        let repl = connect(&db.admin()).await;
+        let pubs = format!("\"{publication}\"");
+        let mut stream = repl
+            .start_logical_replication(
+                &slot,
+                start,
+                &[("proto_version", "1"), ("publication_names", &pubs)],
+            )
+            .await
+            .unwrap();
+        // A batch waits for 64 KB or 1 ms; a few hundred bytes must not wait for more
+        // (the next keepalive is half of wal_sender_timeout away). read_transactions also
+        // cancels its reads every millisecond, which must not stretch the wait.
+        stream.batch_reads(true);
+        db.client()
+            .await
+            .execute("INSERT INTO t VALUES (1, 'a')", &[])
+            .await
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let txns = read_transactions(&mut stream, |_| true).await;
+        assert_eq!(
+            txns[0].changes,
+            vec![Change::Insert {
+                id: 1,
+                v: Some("a".into())
+            }]
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        stream.stop().await.unwrap();
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------
 // (g) stop() ends cleanly and frees the slot
 

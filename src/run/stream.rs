@@ -161,6 +161,10 @@ pub(super) enum End {
 
 /// The streaming loop; see the module docs for its priorities. Returns the stream (for the
 /// final status update and a clean stop) and why it ended.
+/// A transaction whose commit is older than this when its `Begin` arrives is part of a
+/// backlog: the stream is read in batches until a recent one arrives.
+const BACKLOG_AGE_MS: i64 = 200;
+
 pub(super) async fn stream_changes(
     mut stream: ReplicationStream,
     mut builder: ChangeBuilder,
@@ -177,6 +181,8 @@ pub(super) async fn stream_changes(
     let mut pending: VecDeque<SinkItem> = VecDeque::new();
     let mut scratch: Vec<SinkItem> = Vec::new();
     let mut queued_position = Lsn::INVALID;
+    // Whether the current transaction is part of a backlog (see BACKLOG_AGE_MS).
+    let mut backlog = false;
     let mut tick = tokio::time::interval(timers.status_interval);
     // Last time the server was heard from, or pgcdc stopped waiting for the sink.
     let mut heard = tokio::time::Instant::now();
@@ -263,11 +269,16 @@ pub(super) async fn stream_changes(
                         if let LogicalMessage::Commit(c) = &decoded {
                             metrics.commit_received(c.end_lsn, crate::source::pgoutput::pg_timestamp_to_unix_millis(c.commit_timestamp));
                         }
-                        if let (LogicalMessage::Begin(b), Some(l)) = (&decoded, before) {
-                            if b.final_lsn >= l {
+                        if let LogicalMessage::Begin(b) = &decoded {
+                            if before.is_some_and(|l| b.final_lsn >= l) {
                                 break End::CaughtUp;
                             }
+                            // A transaction committed a while ago: a backlog, read in batches.
+                            let committed = crate::source::pgoutput::pg_timestamp_to_unix_millis(b.commit_timestamp);
+                            backlog = crate::event::now_ms() - committed > BACKLOG_AGE_MS;
                         }
+                        // Also after a batch that timed out (a no-op while batching).
+                        stream.batch_reads(backlog);
                         // A new table or type: ask the catalog first (rare; awaited in order).
                         if let Err(e) = builder.prepare(&decoded).await {
                             let transient = e.is_transient();

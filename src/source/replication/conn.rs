@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use bytes::BytesMut;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use postgres_protocol::message::backend::Message;
 use tokio_util::codec::Framed;
 
@@ -12,8 +12,17 @@ use super::codec::{BackendMessage, PgCodec};
 use super::error::{ReplicationError, ServerError};
 use super::transport::Socket;
 
+/// While batching reads, the socket wakes pgcdc once this much is queued...
+const BATCH_BYTES: usize = 64 * 1024;
+/// ...or once this long has passed, whichever comes first.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
 pub(crate) struct Connection {
     framed: Framed<Socket, PgCodec>,
+    /// See [`Connection::batch_reads`].
+    batching: bool,
+    /// When a batched read stops waiting for more.
+    batch_deadline: Option<tokio::time::Instant>,
     parameters: HashMap<String, String>,
     backend_pid: Option<i32>,
 }
@@ -22,6 +31,8 @@ impl Connection {
     pub(crate) fn new(socket: Socket) -> Connection {
         Connection {
             framed: Framed::new(socket, PgCodec),
+            batching: false,
+            batch_deadline: None,
             parameters: HashMap::new(),
             backend_pid: None,
         }
@@ -39,6 +50,26 @@ impl Connection {
         self.backend_pid
     }
 
+    /// Reads in batches (`on`) or as soon as anything arrives. The walsender sends each
+    /// message as it is decoded, so a reader that keeps up wakes for every few kilobytes, and
+    /// each wake-up is a `recv` with its TCP acknowledgement work: 30% of pgcdc's time on a
+    /// backlog streamed to /dev/null. Batching makes the kernel wake pgcdc only once
+    /// [`BATCH_BYTES`] are queued, or after [`BATCH_WAIT`] with whatever is there; it is for
+    /// catching up, when a millisecond more matters to no one.
+    pub(crate) fn batch_reads(&mut self, on: bool) {
+        if on == self.batching {
+            return;
+        }
+        let bytes = if on { BATCH_BYTES } else { 1 };
+        match self.framed.get_ref().set_recv_lowat(bytes) {
+            Ok(applies) => self.batching = on && applies,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot set SO_RCVLOWAT; reading without batching");
+                self.batching = false;
+            }
+        }
+    }
+
     /// Writes and flushes already-encoded frontend messages.
     pub(crate) async fn send(&mut self, buf: BytesMut) -> Result<(), ReplicationError> {
         self.framed.send(buf.freeze()).await
@@ -52,7 +83,30 @@ impl Connection {
     /// left in the buffer for the next call.
     pub(crate) async fn recv(&mut self) -> Result<BackendMessage, ReplicationError> {
         loop {
-            let msg = match self.framed.next().await {
+            let next = if !self.batching {
+                self.framed.next().await
+            } else if let Some(next) = self.framed.next().now_or_never() {
+                // Buffered already (most calls): no clock, no timer.
+                next
+            } else {
+                // The deadline survives a cancelled call, so callers that poll often
+                // cannot stretch the wait.
+                let deadline = *self
+                    .batch_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + BATCH_WAIT);
+                let next = tokio::time::timeout_at(deadline, self.framed.next()).await;
+                self.batch_deadline = None;
+                match next {
+                    Ok(next) => next,
+                    // Less than a batch came in time: lowering the mark makes what is
+                    // queued readable at once. The caller turns batching on again.
+                    Err(_) => {
+                        self.batch_reads(false);
+                        continue;
+                    }
+                }
+            };
+            let msg = match next {
                 Some(m) => m?,
                 None => return Err(ReplicationError::ConnectionClosed),
             };

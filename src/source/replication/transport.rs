@@ -38,6 +38,35 @@ impl Socket {
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Socket::Tls(_))
     }
+
+    /// Sets `SO_RCVLOWAT`: a TCP socket reports readable only once `bytes` are queued (or
+    /// the value is lowered, which re-checks at once). Returns false where it does not apply:
+    /// Unix sockets report readable regardless.
+    pub(crate) fn set_recv_lowat(&self, bytes: usize) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Tls(s) => s.get_ref().get_ref().as_raw_fd(),
+            Socket::Unix(_) => return Ok(false),
+        };
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is an open socket that `self` owns for the whole call, and the option
+        // value points to a live c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(true)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
 }
 
 impl AsyncRead for Socket {

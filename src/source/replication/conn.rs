@@ -13,7 +13,7 @@ use super::error::{ReplicationError, ServerError};
 use super::transport::Socket;
 
 /// While batching reads, the socket wakes pgcdc once this much is queued...
-const BATCH_BYTES: usize = 64 * 1024;
+const BATCH_BYTES: usize = 16 * 1024;
 /// ...or once this long has passed, whichever comes first.
 const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 

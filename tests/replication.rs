@@ -808,6 +808,29 @@ async fn setup_slot(db: &TestDb) -> (String, String, Lsn) {
     (publication, slot, created.consistent_point)
 }
 
+/// Starts streaming `slot` from `start` with pgoutput `proto_version` over `publication`.
+async fn start_stream(
+    db: &TestDb,
+    slot: &str,
+    start: Lsn,
+    publication: &str,
+    proto_version: &str,
+) -> ReplicationStream {
+    let pubs = format!("\"{publication}\"");
+    connect(&db.admin())
+        .await
+        .start_logical_replication(
+            slot,
+            start,
+            &[
+                ("proto_version", proto_version),
+                ("publication_names", &pubs),
+            ],
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn standby_status_confirms_the_flushed_lsn() {
     bounded(async {
@@ -824,16 +847,7 @@ async fn standby_status_confirms_the_flushed_lsn() {
             .await
             .unwrap();
 
-        let repl = connect(&db.admin()).await;
-        let pubs = format!("\"{publication}\"");
-        let mut stream = repl
-            .start_logical_replication(
-                &slot,
-                start,
-                &[("proto_version", "1"), ("publication_names", &pubs)],
-            )
-            .await
-            .unwrap();
+        let mut stream = start_stream(&db, &slot, start, &publication, "1").await;
         let mut seen = 0;
         let txns = read_transactions(&mut stream, |_| {
             seen += 1;
@@ -861,15 +875,7 @@ async fn standby_status_confirms_the_flushed_lsn() {
         stream.stop().await.unwrap();
 
         // A new stream from the slot resumes after the confirmed transaction.
-        let repl = connect(&db.admin()).await;
-        let mut stream = repl
-            .start_logical_replication(
-                &slot,
-                Lsn(0),
-                &[("proto_version", "1"), ("publication_names", &pubs)],
-            )
-            .await
-            .unwrap();
+        let mut stream = start_stream(&db, &slot, Lsn(0), &publication, "1").await;
         let txns = read_transactions(&mut stream, |_| true).await;
         assert_eq!(
             txns[0].changes,
@@ -889,17 +895,8 @@ async fn batched_reads_still_deliver_a_small_transaction_at_once() {
     bounded(async {
         let db = TestDb::create().await;
         let (publication, slot, start) = setup_slot(&db).await;
-        let repl = connect(&db.admin()).await;
-        let pubs = format!("\"{publication}\"");
-        let mut stream = repl
-            .start_logical_replication(
-                &slot,
-                start,
-                &[("proto_version", "1"), ("publication_names", &pubs)],
-            )
-            .await
-            .unwrap();
-        // A batch waits for 64 KB or 1 ms; a few hundred bytes must not wait for more
+        let mut stream = start_stream(&db, &slot, start, &publication, "1").await;
+        // A batch waits for 16 KB or 1 ms; a few hundred bytes must not wait for more
         // (the next keepalive is half of wal_sender_timeout away). read_transactions also
         // cancels its reads every millisecond, which must not stretch the wait.
         stream.batch_reads(true);
@@ -937,16 +934,7 @@ async fn stop_ends_cleanly_and_releases_the_slot() {
             .await
             .unwrap();
 
-        let repl = connect(&db.admin()).await;
-        let pubs = format!("\"{publication}\"");
-        let mut stream = repl
-            .start_logical_replication(
-                &slot,
-                start,
-                &[("proto_version", "2"), ("publication_names", &pubs)],
-            )
-            .await
-            .unwrap();
+        let mut stream = start_stream(&db, &slot, start, &publication, "2").await;
         let txns = read_transactions(&mut stream, |_| true).await;
         assert_eq!(
             txns[0].changes,

@@ -159,12 +159,12 @@ pub(super) enum End {
     CaughtUp,
 }
 
-/// The streaming loop; see the module docs for its priorities. Returns the stream (for the
-/// final status update and a clean stop) and why it ended.
 /// A transaction whose commit is older than this when its `Begin` arrives is part of a
 /// backlog: the stream is read in batches until a recent one arrives.
 const BACKLOG_AGE_MS: i64 = 200;
 
+/// The streaming loop; see the module docs for its priorities. Returns the stream (for the
+/// final status update and a clean stop) and why it ended.
 pub(super) async fn stream_changes(
     mut stream: ReplicationStream,
     mut builder: ChangeBuilder,

@@ -443,6 +443,12 @@ impl ReplicationStream {
         self.server_version_num
     }
 
+    /// Reads in batches while catching up: see `Connection::batch_reads`. A batch waits at
+    /// most a millisecond; then batching is off until this is called again.
+    pub fn batch_reads(&mut self, on: bool) {
+        self.conn.batch_reads(on);
+    }
+
     /// The next XLogData or keepalive. `Ok(None)` once the server has ended the
     /// stream (CopyDone, or CommandComplete when it shuts down); call
     /// [`stop`](Self::stop) then.
@@ -451,12 +457,6 @@ impl ReplicationStream {
     /// a partially received message stays buffered for the next call. The stream
     /// never answers keepalives by itself: when `reply_requested` is set, call
     /// [`send_standby_status`](Self::send_standby_status) soon.
-    /// Reads in batches while catching up: see `Connection::batch_reads`. A batch waits at
-    /// most a millisecond; then batching is off until this is called again.
-    pub fn batch_reads(&mut self, on: bool) {
-        self.conn.batch_reads(on);
-    }
-
     pub async fn next_message(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
         if self.server_done {
             return Ok(None);

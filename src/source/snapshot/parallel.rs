@@ -92,8 +92,8 @@ fn plan(sizes: &[Size], workers: usize) -> Vec<Unit> {
 /// What the workers share.
 struct Shared {
     snapshot_name: String,
+    /// Carries the snapshot's start time too (`commit_ts_ms`).
     position: Position,
-    started_ms: i64,
     tables: Vec<TableInfo>,
     schemas: Vec<Arc<TableSchema>>,
     units: Vec<Unit>,
@@ -169,7 +169,6 @@ pub(super) async fn run(
     let shared = Arc::new(Shared {
         snapshot_name: snapshot_name.to_string(),
         position,
-        started_ms: position.commit_ts_ms,
         schemas: tables
             .iter()
             .map(|t| table_schema(topic_prefix, t, encoder.types()))
@@ -345,7 +344,7 @@ async fn work(
             None => info.copy_sql(),
             Some((from, to)) => info.copy_pages_sql(from, to),
         };
-        let tail = encoder.read_tail(table, shared.position, shared.started_ms);
+        let tail = encoder.read_tail(table, shared.position, shared.position.commit_ts_ms);
         let rows = reader
             .copy(&client, &sql, info, table, &tail, &progress)
             .await?;

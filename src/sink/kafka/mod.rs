@@ -58,6 +58,7 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use super::SinkError;
 
 mod admin;
+mod native;
 pub mod producer;
 mod reader;
 

@@ -37,9 +37,10 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use super::native::{PolledProducer, Topics};
 use super::{
     client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
 };
@@ -59,7 +60,7 @@ const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
 
 /// Publishes records to Kafka and reports checkpoints once Kafka has acknowledged them.
 pub struct KafkaSink {
-    producer: OffThreadDrop<ThreadedProducer<SinkContext>>,
+    producer: OffThreadDrop<PolledProducer<SinkContext>>,
     acks: Arc<Acks>,
     bootstrap: String,
 }
@@ -68,14 +69,20 @@ impl KafkaSink {
     /// Creates the producer. Fails with [`SinkError::Config`] naming an invalid property.
     /// Connecting happens in the background; see [`super::wait_for_cluster`] to wait for it.
     pub fn new(cfg: KafkaConfig) -> Result<Self, SinkError> {
+        super::native::keep_c_heap();
         let acks = Arc::new(Acks::new(cfg.max_in_flight.max(1), cfg.oversized));
         let context = SinkContext {
             base: PgcdcContext::new(Role::Producer),
             acks: Arc::clone(&acks),
         };
-        let producer: ThreadedProducer<SinkContext> = client_config(&cfg, Role::Producer)
+        let producer: BaseProducer<SinkContext> = client_config(&cfg, Role::Producer)
             .create_with_context(context)
             .map_err(config_error)?;
+        let producer = PolledProducer::new(producer).map_err(|e| SinkError::ProducerFatal {
+            reason: format!(
+                "cannot start its polling thread: {e}; check the process's thread limit"
+            ),
+        })?;
         Ok(KafkaSink {
             producer: OffThreadDrop::new(producer),
             acks,
@@ -171,15 +178,13 @@ impl KafkaSink {
             // move at once, on another thread) never passes `sent`.
             st.sent = seq + 1;
             // The ring slot of `seq` is free: the loop reads only while the window has room.
-            let mut br: BaseRecord<'_, [u8], [u8], usize> =
-                BaseRecord::with_opaque_to(&record.topic, seq as usize);
-            if let Some(key) = &record.key {
-                br = br.key(key.as_ref());
-            }
-            if let Some(value) = &record.value {
-                br = br.payload(value.as_ref());
-            }
-            let sent = self.producer.send(br);
+            let sent = st.topics.produce(
+                self.producer.producer(),
+                &record.topic,
+                record.key.as_deref(),
+                record.value.as_deref(),
+                seq as usize,
+            );
             if sent.is_err() {
                 st.sent = seq;
             }
@@ -191,7 +196,7 @@ impl KafkaSink {
                     }
                     return Ok(());
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                     // Keep the record; make room by waiting for acknowledgements.
                     let watermark = self.acks.watermark();
                     st.complete_markers(watermark);
@@ -211,7 +216,7 @@ impl KafkaSink {
                         tokio::time::sleep(QUEUE_FULL_RETRY).await;
                     }
                 }
-                Err((error, _)) => {
+                Err(error) => {
                     // Refused before it was queued (e.g. larger than message.max.bytes): the
                     // same verdict as a failed delivery.
                     let failed = Failed {
@@ -259,7 +264,7 @@ impl KafkaSink {
                 | RDKafkaErrorCode::UnknownPartition,
             ) => SinkError::UnknownTopic { topic },
             Some(RDKafkaErrorCode::Fatal) => {
-                let reason = match self.producer.client().fatal_error() {
+                let reason = match self.producer.producer().client().fatal_error() {
                     Some((code, msg)) => format!("{msg} ({code:?})"),
                     None => failed.error.to_string(),
                 };
@@ -482,6 +487,9 @@ struct Loop {
     /// Wakes the loop to look for a stall while records are in flight. One timer for the
     /// whole run, moved only when it fires or when the window becomes non-empty.
     stall_timer: Pin<Box<tokio::time::Sleep>>,
+    /// librdkafka's handles of the topics written so far. Dropped with the loop, before the
+    /// producer (`run` consumes the sink, which outlives its locals).
+    topics: Topics,
 }
 
 impl Loop {
@@ -499,6 +507,7 @@ impl Loop {
             stall_timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
                 now + STALL_CHECK_EVERY,
             ))),
+            topics: Topics::default(),
         }
     }
 

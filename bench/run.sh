@@ -162,6 +162,21 @@ measure() {
         "$T_CPU" "$T_RSS" "$bcpu" "$startup" "$status" >>"$work/results.tsv"
 }
 
+# The readers of a case, in the order of round $1: rotated left by one place per round, so
+# that over 3 rounds each reader runs once first, once second and once third. A reader that
+# runs right after another pays for what that one left behind (the walsender's spill files of
+# a large transaction being written back, caches, a broker just stopped); with a fixed order
+# that cost always fell on the same reader.
+rotated() { # round reader...
+    local r=$1 n i
+    shift
+    n=$#
+    for ((i = 0; i < n; i++)); do
+        local j=$(((i + r - 1) % n + 1))
+        printf '%s\n' "${!j}"
+    done
+}
+
 # Seconds between the first log line matching $2 and the first matching $3 (pgcdc's log
 # timestamps are RFC 3339 UTC).
 log_gap() {
@@ -201,23 +216,32 @@ to_null=(--source "$CONNINFO" --sink stdout --progress-file "$work/progress.json
 to_kafka=(--source "$CONNINFO")
 
 # --- snapshot ------------------------------------------------------------------------------
-# BENCH_REPEAT rounds of reference, pgcdc → /dev/null, pgcdc → Kafka, one after the other.
+# BENCH_REPEAT rounds of reference, pgcdc → /dev/null, pgcdc → Kafka, one after the other; the
+# order turns by one place each round (see `rotated`).
 snapshot_case() { # id-prefix label table rows
-    local id=$1 label=$2 table=$3 rows=$4 r
+    local id=$1 label=$2 table=$3 rows=$4 r reader
     # Warm the caches once, untimed, so the reference does not pay for a cold read.
     psql_db -c "COPY $table TO STDOUT" >/dev/null
     for r in $(seq 1 "$REPEAT"); do
-        measure "$id-ref-$r" "$label" "psql COPY" "$rows" \
-            "$PGBIN/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" -c "COPY $table TO STDOUT"
-        measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$rows" \
-            "$PGCDC" run "${to_null[@]}" --snapshot-only --table "public.$table" \
-            --publication "${table}_pub" --slot "${DB}_snap" --snapshot-workers "$SNAPSHOT_WORKERS"
-        broker_start
-        measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$rows" \
-            "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot-only --table "public.$table" \
-            --publication "${table}_pub" --slot "${DB}_snap" --topic-prefix "$id-$r" \
-            --snapshot-workers "$SNAPSHOT_WORKERS"
-        broker_stop
+        for reader in $(rotated "$r" ref null kafka); do
+            case $reader in
+                ref) measure "$id-ref-$r" "$label" "psql COPY" "$rows" \
+                    "$PGBIN/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" \
+                    -c "COPY $table TO STDOUT" ;;
+                null) measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$rows" \
+                    "$PGCDC" run "${to_null[@]}" --snapshot-only --table "public.$table" \
+                    --publication "${table}_pub" --slot "${DB}_snap" \
+                    --snapshot-workers "$SNAPSHOT_WORKERS" ;;
+                kafka)
+                    broker_start
+                    measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$rows" \
+                        "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot-only \
+                        --table "public.$table" --publication "${table}_pub" --slot "${DB}_snap" \
+                        --topic-prefix "$id-$r" --snapshot-workers "$SNAPSHOT_WORKERS"
+                    broker_stop
+                    ;;
+            esac
+        done
     done
 }
 if section snapshot; then
@@ -228,9 +252,9 @@ fi
 # --- streaming -----------------------------------------------------------------------------
 # Creates one slot per reader and round, makes the changes (SQL on stdin), then runs the
 # readers one after the other, BENCH_REPEAT rounds, each up to the WAL position reached after
-# the changes.
+# the changes; the order turns by one place each round (see `rotated`).
 streaming_case() { # id label changes
-    local id=$1 label=$2 changes=$3 end r slot
+    local id=$1 label=$2 changes=$3 end r slot reader
     slot=${DB}_${id//-/_}
     for r in $(seq 1 "$REPEAT"); do
         create_slot "${slot}_ref_$r"
@@ -241,22 +265,28 @@ streaming_case() { # id label changes
     psql_db >/dev/null
     end=$(current_lsn)
     for r in $(seq 1 "$REPEAT"); do
-        measure "$id-ref-$r" "$label" "pg_recvlogical" "$changes" \
-            "$PGBIN/pg_recvlogical" -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" \
-            --slot "${slot}_ref_$r" --start -o proto_version=1 \
-            -o publication_names=bench_narrow_pub -E "$end" -F 0 -f /dev/null
-        drop_slot "${slot}_ref_$r"
-        measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$changes" \
-            "$PGCDC" run "${to_null[@]}" --snapshot never --stop-lsn "$end" \
-            --table public.bench_narrow --publication bench_narrow_pub --slot "${slot}_null_$r"
-        drop_slot "${slot}_null_$r"
-        broker_start
-        measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$changes" \
-            "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot never --stop-lsn "$end" \
-            --table public.bench_narrow --publication bench_narrow_pub --slot "${slot}_kafka_$r" \
-            --topic-prefix "$id-$r"
-        broker_stop
-        drop_slot "${slot}_kafka_$r"
+        for reader in $(rotated "$r" ref null kafka); do
+            case $reader in
+                ref) measure "$id-ref-$r" "$label" "pg_recvlogical" "$changes" \
+                    "$PGBIN/pg_recvlogical" -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" \
+                    --slot "${slot}_ref_$r" --start -o proto_version=1 \
+                    -o publication_names=bench_narrow_pub -E "$end" -F 0 -f /dev/null ;;
+                null) measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$changes" \
+                    "$PGCDC" run "${to_null[@]}" --snapshot never --stop-lsn "$end" \
+                    --table public.bench_narrow --publication bench_narrow_pub \
+                    --slot "${slot}_null_$r" ;;
+                kafka)
+                    broker_start
+                    measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$changes" \
+                        "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot never \
+                        --stop-lsn "$end" --table public.bench_narrow \
+                        --publication bench_narrow_pub --slot "${slot}_kafka_$r" \
+                        --topic-prefix "$id-$r"
+                    broker_stop
+                    ;;
+            esac
+            drop_slot "${slot}_${reader}_$r"
+        done
     done
 }
 if section streaming; then

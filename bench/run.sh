@@ -163,10 +163,9 @@ measure() {
 }
 
 # The readers of a case, in the order of round $1: rotated left by one place per round, so
-# that over 3 rounds each reader runs once first, once second and once third. A reader that
-# runs right after another pays for what that one left behind (the walsender's spill files of
-# a large transaction being written back, caches, a broker just stopped); with a fixed order
-# that cost always fell on the same reader.
+# that over 3 rounds each reader runs once first, once second and once third. A reader can pay
+# for what the one before it left behind (pages still being written back, a broker just
+# stopped); with a fixed order that cost always fell on the same reader.
 rotated() { # round reader...
     local r=$1 n i
     shift

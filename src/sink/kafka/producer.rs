@@ -1,10 +1,11 @@
 //! The Kafka producer loop: records out, delivery reports back, checkpoints in order.
 //!
-//! Every record handed to librdkafka gets the next sequence number. librdkafka's polling
-//! thread calls [`SinkContext::delivery`] for each delivery report, in whatever order the
-//! partitions complete; it marks that number done and moves the **watermark**: the count of
-//! records acknowledged *without a gap*. A checkpoint or barrier is queued with the number of
-//! records sent before it and completes once the watermark reaches that number:
+//! Every record handed to librdkafka gets the next sequence number. The producer's polling
+//! thread ([`super::native::PolledProducer`]) calls [`SinkContext::delivery`] for each delivery
+//! report, in whatever order the partitions complete; it marks that number done and moves the
+//! **watermark**: the count of records acknowledged *without a gap*. A checkpoint or barrier
+//! is queued with the number of records sent before it and completes once the watermark
+//! reaches that number:
 //!
 //! ```text
 //!   seq:      0   1   2   3 | 4   5          acked: 0 1 2 3 5  →  watermark 4
@@ -285,7 +286,7 @@ struct Failed {
     bytes: usize,
 }
 
-/// Delivery bookkeeping, shared by the sink's loop and librdkafka's polling thread.
+/// Delivery bookkeeping, shared by the sink's loop and the producer's polling thread.
 struct Acks {
     state: Mutex<AckState>,
     /// Copy of `AckState::watermark`, readable without the lock.

@@ -213,7 +213,8 @@ pub struct RunArgs {
     pub snapshot_workers: u16,
 
     /// Exit 0 once everything committed up to this LSN (e.g. 16/B374D848) is published and
-    /// confirmed; `now` means the server's WAL position at start.
+    /// confirmed; nothing committed after it is published. `now` means the server's WAL
+    /// position at start.
     #[arg(long, env = "PGCDC_STOP_LSN", value_name = "LSN|now")]
     pub stop_lsn: Option<StopLsn>,
 

@@ -797,3 +797,64 @@ async fn parallel_snapshot_reads_each_row_once_and_meets_the_stream() {
     assert_eq!(duplicates, 0);
     assert_same_state(&state, &p.table_rows("big").await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_lsn_publishes_no_part_of_a_later_transaction() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY, v text);").await;
+    let only_t = ["--table", "public.t"];
+    // Creates the slot; there is nothing to publish yet.
+    assert_success(
+        &p.run(&[
+            only_t[0],
+            only_t[1],
+            "--snapshot",
+            "never",
+            "--stop-lsn",
+            "now",
+        ]),
+        "slot creation",
+    );
+    let client = p.db.client().await;
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'first' FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    let stop: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Many small transactions right after the stop: they arrive while the first one's
+    // acknowledgement is on its way, and none of them may be published by this run.
+    client
+        .batch_execute(
+            "DO $$ BEGIN
+               FOR i IN 11..2010 LOOP
+                 INSERT INTO t VALUES (i, 'later');
+                 COMMIT;
+               END LOOP;
+             END $$",
+        )
+        .await
+        .unwrap();
+    assert_success(
+        &p.run(&[only_t[0], only_t[1], "--stop-lsn", &stop]),
+        "run up to the stop",
+    );
+    let first = p.events("t", None).await;
+    assert_eq!(
+        first.len(),
+        10,
+        "only the transaction committed up to --stop-lsn is published"
+    );
+
+    assert_success(
+        &p.run(&[only_t[0], only_t[1], "--stop-lsn", "now"]),
+        "run for the rest",
+    );
+    let all = p.events("t", Some(2010)).await;
+    assert_eq!(all.len(), 2010);
+    let (state, duplicates) = replay(&all);
+    assert_eq!(duplicates, 0, "a later transaction published twice");
+    assert_same_state(&state, &p.table_rows("t").await);
+}

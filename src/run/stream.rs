@@ -157,6 +157,9 @@ pub(super) enum End {
     Drained,
     /// `Until::Before` reached: everything before it was handed to the sink.
     CaughtUp,
+    /// A transaction committed after `--stop-lsn` began: every transaction up to it was handed
+    /// to the sink, and none of this one.
+    PastStopLsn,
 }
 
 /// A transaction whose commit is older than this when its `Begin` arrives is part of a
@@ -198,6 +201,10 @@ pub(super) async fn stream_changes(
     let before = match until {
         Until::Before(l) => Some(l),
         Until::StopLsn(_) => None,
+    };
+    let stop_lsn = match until {
+        Until::StopLsn(s) => s,
+        Until::Before(_) => None,
     };
 
     macro_rules! fail {
@@ -273,6 +280,13 @@ pub(super) async fn stream_changes(
                             if before.is_some_and(|l| b.final_lsn >= l) {
                                 break End::CaughtUp;
                             }
+                            // Committed after --stop-lsn: publish none of it. Records handed
+                            // to the sink would go out although no checkpoint confirms them,
+                            // and the next run would publish them again.
+                            if stop_lsn.is_some_and(|s| b.final_lsn > s) {
+                                tracing::info!(next_commit = %b.final_lsn, "reached --stop-lsn");
+                                break End::PastStopLsn;
+                            }
                             // A transaction committed a while ago: a backlog, read in batches.
                             let committed = crate::source::pgoutput::pg_timestamp_to_unix_millis(b.commit_timestamp);
                             backlog = crate::event::now_ms() - committed > BACKLOG_AGE_MS;
@@ -315,8 +329,9 @@ pub(super) async fn stream_changes(
             }
         }
     };
-    if end == End::CaughtUp {
-        // Everything queued belongs to transactions before the new snapshot: it must go out.
+    if matches!(end, End::CaughtUp | End::PastStopLsn) {
+        // Everything queued belongs to transactions before the new snapshot (or up to
+        // --stop-lsn): it must go out.
         for item in pending.drain(..) {
             if tx.send(item).await.is_err() {
                 fail!(sink_gone());

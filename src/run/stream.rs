@@ -155,11 +155,9 @@ pub(super) enum End {
     Stopped,
     /// `--stop-lsn` reached: everything up to it is acknowledged.
     Drained,
-    /// `Until::Before` reached: everything before it was handed to the sink.
+    /// The first transaction past `until` began (at or after `Until::Before`, or committed
+    /// after `--stop-lsn`): every transaction before it was handed to the sink, none of it.
     CaughtUp,
-    /// A transaction committed after `--stop-lsn` began: every transaction up to it was handed
-    /// to the sink, and none of this one.
-    PastStopLsn,
 }
 
 /// A transaction whose commit is older than this when its `Begin` arrives is part of a
@@ -202,9 +200,9 @@ pub(super) async fn stream_changes(
         Until::Before(l) => Some(l),
         Until::StopLsn(_) => None,
     };
-    let stop_lsn = match until {
-        Until::StopLsn(s) => s,
-        Until::Before(_) => None,
+    let past_until = |final_lsn: Lsn| match until {
+        Until::Before(l) => final_lsn >= l,
+        Until::StopLsn(s) => s.is_some_and(|s| final_lsn > s),
     };
 
     macro_rules! fail {
@@ -277,15 +275,11 @@ pub(super) async fn stream_changes(
                             metrics.commit_received(c.end_lsn, crate::source::pgoutput::pg_timestamp_to_unix_millis(c.commit_timestamp));
                         }
                         if let LogicalMessage::Begin(b) = &decoded {
-                            if before.is_some_and(|l| b.final_lsn >= l) {
+                            // Publish none of it: records handed to the sink would go out
+                            // although no checkpoint confirms them, and the next run would
+                            // publish them again.
+                            if past_until(b.final_lsn) {
                                 break End::CaughtUp;
-                            }
-                            // Committed after --stop-lsn: publish none of it. Records handed
-                            // to the sink would go out although no checkpoint confirms them,
-                            // and the next run would publish them again.
-                            if stop_lsn.is_some_and(|s| b.final_lsn > s) {
-                                tracing::info!(next_commit = %b.final_lsn, "reached --stop-lsn");
-                                break End::PastStopLsn;
                             }
                             // A transaction committed a while ago: a backlog, read in batches.
                             let committed = crate::source::pgoutput::pg_timestamp_to_unix_millis(b.commit_timestamp);
@@ -329,9 +323,8 @@ pub(super) async fn stream_changes(
             }
         }
     };
-    if matches!(end, End::CaughtUp | End::PastStopLsn) {
-        // Everything queued belongs to transactions before the new snapshot (or up to
-        // --stop-lsn): it must go out.
+    if end == End::CaughtUp {
+        // Everything queued belongs to transactions before `until`: it must go out.
         for item in pending.drain(..) {
             if tx.send(item).await.is_err() {
                 fail!(sink_gone());

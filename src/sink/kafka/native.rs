@@ -24,7 +24,6 @@
 //! thread's samples in a snapshot to Kafka (bench/PROFILE.md). [`keep_c_heap`] raises those
 //! thresholds once per process: 6k faults.
 
-use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,13 +91,6 @@ struct Topic(NonNull<rd::rd_kafka_topic_t>);
 // thread-safe and the handle reference-counted); the sink task may move between threads.
 unsafe impl Send for Topic {}
 
-/// A borrowed handle: valid while the [`Topic`] owning it is in [`Topics::by_name`].
-#[derive(Clone, Copy)]
-struct Rkt(NonNull<rd::rd_kafka_topic_t>);
-
-// SAFETY: as for [`Topic`]; the owner outlives every copy (both live in `Topics`).
-unsafe impl Send for Rkt {}
-
 impl Drop for Topic {
     fn drop(&mut self) {
         // SAFETY: the handle came from rd_kafka_topic_new and is released once, here.
@@ -106,14 +98,14 @@ impl Drop for Topic {
     }
 }
 
-/// Topic handles of one producer, by name. Must be dropped before the producer: librdkafka
-/// wants every topic handle released before its client is destroyed.
+/// Topic handles of one producer, one per table (a handful). Must be dropped before the
+/// producer: librdkafka wants every topic handle released before its client is destroyed.
 #[derive(Default)]
 pub(super) struct Topics {
-    by_name: HashMap<Arc<str>, Topic>,
-    /// The topic of the previous record: consecutive records nearly always share it (and the
-    /// same `Arc`), which spares the hash look-up.
-    last: Option<(Arc<str>, Rkt)>,
+    handles: Vec<(Arc<str>, Topic)>,
+    /// Index of the previous record's topic: consecutive records nearly always share it (and
+    /// the same `Arc`), which spares comparing names.
+    last: usize,
 }
 
 impl Topics {
@@ -142,7 +134,7 @@ impl Topics {
         };
         let vus = [
             vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_RKT, |u| {
-                u.rkt = rkt.0.as_ptr()
+                u.rkt = rkt.as_ptr()
             }),
             vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_MSGFLAGS, |u| {
                 u.i = rd::RD_KAFKA_MSG_F_COPY
@@ -174,28 +166,30 @@ impl Topics {
     }
 
     /// The handle of `topic`, created at its first record.
-    fn handle(&mut self, rk: *mut rd::rd_kafka_t, topic: &Arc<str>) -> Result<Rkt, KafkaError> {
-        if let Some((name, rkt)) = &self.last {
+    fn handle(
+        &mut self,
+        rk: *mut rd::rd_kafka_t,
+        topic: &Arc<str>,
+    ) -> Result<NonNull<rd::rd_kafka_topic_t>, KafkaError> {
+        if let Some((name, t)) = self.handles.get(self.last) {
             if Arc::ptr_eq(name, topic) {
-                return Ok(*rkt);
+                return Ok(t.0);
             }
         }
-        let rkt = match self.by_name.get(topic) {
-            Some(t) => Rkt(t.0),
-            None => {
-                let name = CString::new(topic.as_bytes())
-                    .map_err(|_| KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTopic))?;
-                // SAFETY: `rk` is a live client and `name` a NUL-terminated string; a null
-                // configuration means the client's defaults.
-                let rkt = unsafe { rd::rd_kafka_topic_new(rk, name.as_ptr(), ptr::null_mut()) };
-                let rkt = NonNull::new(rkt).ok_or(KafkaError::MessageProduction(
-                    RDKafkaErrorCode::InvalidTopic,
-                ))?;
-                self.by_name.insert(Arc::clone(topic), Topic(rkt));
-                Rkt(rkt)
-            }
-        };
-        self.last = Some((Arc::clone(topic), rkt));
+        if let Some(i) = self.handles.iter().position(|(name, _)| **name == **topic) {
+            self.last = i;
+            return Ok(self.handles[i].1 .0);
+        }
+        let name = CString::new(topic.as_bytes())
+            .map_err(|_| KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTopic))?;
+        // SAFETY: `rk` is a live client and `name` a NUL-terminated string; a null
+        // configuration means the client's defaults.
+        let rkt = unsafe { rd::rd_kafka_topic_new(rk, name.as_ptr(), ptr::null_mut()) };
+        let rkt = NonNull::new(rkt).ok_or(KafkaError::MessageProduction(
+            RDKafkaErrorCode::InvalidTopic,
+        ))?;
+        self.handles.push((Arc::clone(topic), Topic(rkt)));
+        self.last = self.handles.len() - 1;
         Ok(rkt)
     }
 }

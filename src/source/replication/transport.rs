@@ -36,7 +36,7 @@ const TLS_READ_BUFFER: usize = 17 * 1024;
 /// read over TLS on loopback: walsender system time 6.4–7.2 s → 4–6 s, wall −10 to −20%. It costs
 /// nothing in reach: the window needed is bandwidth × round trip, and a loopback round trip
 /// is microseconds. Remote connections keep the kernel's autotuned buffer.
-const LOOPBACK_RECV_BUFFER: u32 = 32 * 1024;
+pub(crate) const LOOPBACK_RECV_BUFFER: u32 = 32 * 1024;
 
 /// The connection's byte stream.
 #[derive(Debug)]
@@ -49,6 +49,17 @@ pub(crate) enum Socket {
 impl Socket {
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Socket::Tls(_))
+    }
+
+    /// A TCP connection to this machine (its receive buffer is [`LOOPBACK_RECV_BUFFER`]).
+    pub(crate) fn is_loopback(&self) -> bool {
+        let tcp = match self {
+            Socket::Tcp(s) => s,
+            Socket::Tls(s) => s.get_ref().get_ref(),
+            Socket::Unix(_) => return false,
+        };
+        tcp.peer_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback())
     }
 
     /// Sets `SO_RCVLOWAT`: a TCP socket reports readable only once `bytes` are queued (or

@@ -104,6 +104,9 @@ if [ "$build" -eq 1 ]; then
     log "building pgcdc (profile $PROFILE)"
     cargo build --locked --profile "$PROFILE" --bin pgcdc --example bench-latency >&2
 fi
+# The source measured: taken now, as the binaries are built, not when the report is written.
+commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo "?")
+git -C "$repo" diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
 if ! [ -x "$PGCDC" ] || ! [ -x "$LATENCY" ]; then
     die "binaries missing in $bindir (build, or drop --no-build)"
 fi
@@ -454,8 +457,6 @@ fi
 # Machine and versions.
 pg_version=$(psql_db -c "SELECT version()")
 pgcdc_version=$("$PGCDC" --version 2>/dev/null || echo "pgcdc ?")
-commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo "?")
-git -C "$repo" diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 mem_gb=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
 tansu_version=$("$TANSU" --version 2>/dev/null | head -n 1 || echo "?")

@@ -40,11 +40,18 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 /// waits for the poller; 100 wake-ups a second cost nothing measurable.
 const POLL_WAIT: Duration = Duration::from_millis(10);
 
+/// The longest a [`PolledProducer::send_now`] keeps librdkafka's "flushing" state on. It ends
+/// earlier, as soon as nothing is in flight; if the broker is slower than this, the remaining
+/// batches simply wait for `linger.ms` again.
+const SEND_NOW_FOR_MS: i32 = 10_000;
+
 /// A producer with a thread of its own serving its delivery reports.
 pub(super) struct PolledProducer<C: ProducerContext + 'static> {
     producer: Arc<BaseProducer<C>>,
     stop: Arc<AtomicBool>,
     poller: Option<JoinHandle<()>>,
+    /// A [`PolledProducer::send_now`] is in progress.
+    sending_now: Arc<AtomicBool>,
 }
 
 impl<C: ProducerContext + 'static> PolledProducer<C> {
@@ -66,7 +73,36 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
             producer,
             stop,
             poller: Some(poller),
+            sending_now: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Has librdkafka send the records it holds now rather than after `linger.ms`. For when
+    /// nothing more will come until they are acknowledged (a barrier, the end of the run):
+    /// the last partial batches of a `--snapshot-only` run otherwise sat out the whole 25 ms.
+    /// librdkafka ignores linger while an `rd_kafka_flush` call lasts, and with delivery
+    /// reports served as events that call only waits until nothing is in flight (the polling
+    /// thread serves the reports meanwhile), so it runs on a short-lived thread of its own.
+    pub(super) fn send_now(&self) {
+        if self.sending_now.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let producer = Arc::clone(&self.producer);
+        let sending_now = Arc::clone(&self.sending_now);
+        let spawned = std::thread::Builder::new()
+            .name("pgcdc-kafka-flush".into())
+            .spawn(move || {
+                // SAFETY: the client stays alive while `producer` is held, and rd_kafka_flush
+                // may be called from any thread. Its result (timed out or not) changes
+                // nothing: what is still in flight is delivered as usual.
+                unsafe { rd::rd_kafka_flush(producer.client().native_ptr(), SEND_NOW_FOR_MS) };
+                sending_now.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            // Only a latency of linger.ms is at stake.
+            tracing::debug!(error = %e, "cannot start a thread to send the last batches at once");
+            self.sending_now.store(false, Ordering::Release);
+        }
     }
 
     pub(super) fn producer(&self) -> &BaseProducer<C> {

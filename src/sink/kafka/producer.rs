@@ -129,6 +129,9 @@ impl KafkaSink {
                     Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
                 }
             }
+            if closed && !was_closed && st.sent > self.acks.watermark() {
+                self.producer.send_now();
+            }
             // Just closed: the drain may be complete already; check before waiting for more.
             if read_any || closed != was_closed {
                 continue;
@@ -153,7 +156,12 @@ impl KafkaSink {
                 biased;
                 () = self.acks.notify.notified() => {}
                 item = rx.recv(), if can_read => match item {
-                    None => closed = true,
+                    None => {
+                        closed = true;
+                        if st.sent > self.acks.watermark() {
+                            self.producer.send_now();
+                        }
+                    }
                     Some(item) => self.handle(item, &mut st).await?,
                 },
                 () = st.stall_timer.as_mut(), if pending => st.on_stall_timer(&self.acks),
@@ -165,7 +173,13 @@ impl KafkaSink {
         match item {
             SinkItem::Record(record) => self.send(record, st).await?,
             SinkItem::Checkpoint(lsn) => st.push_marker(Marker::Checkpoint(lsn)),
-            SinkItem::Barrier(done) => st.push_marker(Marker::Barrier(done)),
+            SinkItem::Barrier(done) => {
+                st.push_marker(Marker::Barrier(done));
+                // Its sender waits for it and sends nothing meanwhile: no batch will fill.
+                if st.sent > self.acks.watermark() {
+                    self.producer.send_now();
+                }
+            }
         }
         Ok(())
     }

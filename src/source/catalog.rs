@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use tokio_postgres::Client;
 
+use crate::source::connect::describe;
 use crate::source::Lsn;
 
 /// A definite problem found before streaming: retrying will not help, the message says what will.
@@ -54,8 +55,15 @@ pub enum PreflightError {
     SlotActive { slot: String, pid: i32 },
     #[error("replication slot `{0}` was invalidated: the WAL it needed is gone. Fix: drop it (SELECT pg_drop_replication_slot('{0}');) and run again for a fresh snapshot")]
     SlotLost(String),
-    #[error("{0}")]
-    Query(#[from] tokio_postgres::Error),
+    /// Complete in itself (see [`describe`]), so not chained as a source.
+    #[error("{}", describe(.0))]
+    Query(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for PreflightError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PreflightError::Query(e)
+    }
 }
 
 impl PreflightError {

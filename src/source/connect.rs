@@ -76,8 +76,8 @@ impl ConnectError {
 /// mistakes users make most: wrong password, unknown user or database, unknown host, nothing
 /// listening.
 fn explain(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let fix = match db.code().code() {
+    let fix = if let Some(db) = e.as_db_error() {
+        match db.code().code() {
             "28P01" => {
                 ". Fix: check the password (password= in --source, PGPASSWORD, or ~/.pgpass)"
             }
@@ -87,36 +87,53 @@ fn explain(e: &tokio_postgres::Error) -> String {
                  (or PGDATABASE)"
             }
             _ => "",
-        };
-        return format!(
-            "{} {}: {}{fix}",
-            db.severity(),
-            db.code().code(),
-            db.message()
-        );
+        }
+    } else {
+        let innermost = innermost(e);
+        let io_kind = innermost
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind);
+        if innermost.to_string().contains("lookup address") {
+            ". Fix: check host= in --source (or PGHOST): the name does not resolve"
+        } else if io_kind == Some(std::io::ErrorKind::ConnectionRefused) {
+            ". Fix: check that PostgreSQL runs and listens on that address and port \
+             (listen_addresses, port)"
+        } else {
+            ""
+        }
+    };
+    format!("{}{fix}", describe(e))
+}
+
+/// A tokio-postgres error in one line, without repeating itself: the server's severity, code,
+/// message (and detail and hint, when it sent them), or what happened on the network. An
+/// error shown this way is not chained as a source as well, which printed "db error" twice.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut out = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!(" ({detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!(". Hint: {hint}"));
+        }
+        return out;
     }
     // The innermost cause says what happened on the network.
+    let what = innermost(e).to_string();
+    if what == e.to_string() {
+        what
+    } else {
+        format!("{e}: {what}")
+    }
+}
+
+fn innermost(e: &tokio_postgres::Error) -> &(dyn std::error::Error + 'static) {
     let mut innermost: &(dyn std::error::Error + 'static) = e;
     while let Some(c) = innermost.source() {
         innermost = c;
     }
-    let what = innermost.to_string();
-    let io_kind = innermost
-        .downcast_ref::<std::io::Error>()
-        .map(std::io::Error::kind);
-    let fix = if what.contains("lookup address") {
-        ". Fix: check host= in --source (or PGHOST): the name does not resolve"
-    } else if io_kind == Some(std::io::ErrorKind::ConnectionRefused) {
-        ". Fix: check that PostgreSQL runs and listens on that address and port \
-         (listen_addresses, port)"
-    } else {
-        ""
-    };
-    if what == e.to_string() {
-        format!("{what}{fix}")
-    } else {
-        format!("{e}: {what}{fix}")
-    }
+    innermost
 }
 
 /// Builds the tokio-postgres configuration for `info` (without TLS).

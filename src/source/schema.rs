@@ -22,19 +22,33 @@ use crate::event::{TypeDesc, TypeRegistry};
 use crate::sink::kafka::{self, KafkaConfig, TopicSpec};
 use crate::sink::SinkError;
 use crate::source::catalog::{self, PreflightError};
-use crate::source::connect::{self, ConnectError};
+use crate::source::connect::{self, describe, ConnectError};
 
 /// A catalog lookup or topic creation failed while streaming.
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
     #[error("cannot open a catalog connection to look up a new table or type")]
     Connect(#[from] ConnectError),
-    #[error("catalog lookup for a new table or type failed: {0}")]
-    Query(#[from] tokio_postgres::Error),
+    // These two show their error in full and do not chain it as a source too (which
+    // printed it twice).
+    #[error("catalog lookup for a new table or type failed: {}", describe(.0))]
+    Query(tokio_postgres::Error),
     #[error("catalog lookup for a new table failed: {0}")]
-    Preflight(#[from] PreflightError),
+    Preflight(PreflightError),
     #[error(transparent)]
     Topic(#[from] SinkError),
+}
+
+impl From<tokio_postgres::Error> for LookupError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        LookupError::Query(e)
+    }
+}
+
+impl From<PreflightError> for LookupError {
+    fn from(e: PreflightError) -> Self {
+        LookupError::Preflight(e)
+    }
 }
 
 impl LookupError {

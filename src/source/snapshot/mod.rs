@@ -38,15 +38,16 @@ use crate::metrics::TableMetrics;
 use crate::sink::{Record, SinkItem};
 use crate::source::catalog::{quote_literal, TableInfo};
 use crate::source::changes::topic_name;
-use crate::source::connect::ConnectError;
+use crate::source::connect::{describe, ConnectError};
 use crate::source::copy_text::{self, CopyTextError};
 use crate::source::Lsn;
 
 /// Why the snapshot failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("snapshot query failed: {0}")]
-    Query(#[from] tokio_postgres::Error),
+    /// Complete in itself (see [`describe`]), so not chained as a source.
+    #[error("snapshot query failed: {}", describe(.0))]
+    Query(tokio_postgres::Error),
     #[error("snapshot worker: {0}")]
     Connect(#[from] ConnectError),
     #[error("snapshot worker: {0}")]
@@ -60,6 +61,12 @@ pub enum SnapshotError {
     SinkClosed,
     #[error("stopped by a signal during the snapshot")]
     Interrupted,
+}
+
+impl From<tokio_postgres::Error> for SnapshotError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        SnapshotError::Query(e)
+    }
 }
 
 impl SnapshotError {

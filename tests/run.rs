@@ -276,6 +276,60 @@ async fn kill_9_during_snapshot_then_restart_publishes_everything() {
     assert_same_state(&state, &p.table_rows("big").await);
 }
 
+/// PostgreSQL ends the snapshot's connection (`pg_terminate_backend`, as at a restart or a
+/// failover): the run starts again with a new snapshot instead of ending with an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_connection_lost_starts_again_and_publishes_everything() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text, n int);
+         INSERT INTO public.big SELECT g, repeat('x', 300), g FROM generate_series(1, 100000) g;",
+    )
+    .await;
+    let mut child = p.spawn(&["--table", "public.big", "--snapshot-only"], "snap.log");
+    let admin = p.db.client().await;
+    let terminated = common::poll_until(Duration::from_secs(30), || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND state = 'active' AND query ILIKE 'COPY%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    assert!(
+        terminated.is_some(),
+        "no snapshot COPY was seen running:\n{}",
+        p.log("snap.log")
+    );
+    let exited = common::poll_until(Duration::from_secs(60), || {
+        let r = child.try_wait().ok().flatten();
+        async move { r }
+    })
+    .await
+    .expect("pgcdc finishes the snapshot");
+    let log = p.log("snap.log");
+    assert!(exited.success(), "exit {exited:?}\n{log}");
+    assert!(
+        log.contains("starting again with a new snapshot"),
+        "the run must start again:\n{log}"
+    );
+    // Both runs' records: the first run's part of the snapshot, then all of it again.
+    let published: usize = log
+        .lines()
+        .filter_map(|l| l.split("SinkSummary { records: ").nth(1)?.split(',').next())
+        .map(|n| n.parse::<usize>().expect("record count"))
+        .sum();
+    let events = p.events("big", Some(published)).await;
+    assert_eq!(events.len(), published, "{log}");
+    let (state, _) = replay(&events);
+    assert_same_state(&state, &p.table_rows("big").await);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_tables_do_not_pin_wal_and_sigterm_stops_cleanly() {
     let p = Pipeline::new(ITEMS).await;

@@ -40,6 +40,9 @@ pub struct Failure {
     pub error: anyhow::Error,
     /// Reconnecting may help (the connection dropped, the server restarts).
     pub transient: bool,
+    /// Starting the whole run again may clear it: nothing unconfirmed was confirmed, so a new
+    /// run publishes again what this one could not (see [`super::run`]).
+    pub restart: bool,
 }
 
 impl Failure {
@@ -48,6 +51,7 @@ impl Failure {
             kind,
             error: error.into(),
             transient: false,
+            restart: false,
         }
     }
 
@@ -60,11 +64,24 @@ impl Failure {
             kind: FailureKind::Source,
             error: e.into(),
             transient,
+            restart: false,
         }
     }
 }
 
 impl Failure {
+    /// The snapshot's failure: a lost or shut-down connection starts the run again, which
+    /// takes a new snapshot (what was published is published again, as after a crash).
+    pub(super) fn snapshot(e: crate::source::snapshot::SnapshotError) -> Self {
+        let transient = e.is_transient();
+        Failure {
+            kind: FailureKind::Source,
+            error: e.into(),
+            transient,
+            restart: transient,
+        }
+    }
+
     /// The sink task's failure: transient when restarting the pipeline may clear it (a
     /// delivery Kafka failed, a producer in a fatal state), not for configuration, permission,
     /// size or output problems.
@@ -77,6 +94,7 @@ impl Failure {
             kind: FailureKind::Sink,
             error: e.into(),
             transient,
+            restart: transient,
         }
     }
 }

@@ -59,23 +59,32 @@ const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
 ///
 /// A Kafka delivery failure that a restart can clear (the broker failed a record after an
-/// outage, or the producer entered a fatal state) starts the pipeline again, as a supervisor
-/// would: nothing after the confirmed position was confirmed, so the new run re-publishes
-/// it from the slot. Configuration, permission and size problems end the run.
+/// outage, or the producer entered a fatal state), or a snapshot whose PostgreSQL connection
+/// was lost or shut down, starts the pipeline again, as a supervisor would: nothing after the
+/// confirmed position was confirmed, so the new run re-publishes it from the slot (or takes
+/// the unfinished snapshot again). Configuration, permission and size problems end the run.
 pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failure> {
     let mut delay = RESTART_FIRST_DELAY;
     loop {
         let started = std::time::Instant::now();
         let mut stop_rx = stop.clone();
         match run_once(args.clone(), stop.clone()).await {
-            Err(f) if f.transient && f.kind == SinkFail && !*stop.borrow() => {
+            Err(f) if f.restart && !*stop.borrow() => {
                 if started.elapsed() >= RESTART_RESET_AFTER {
                     delay = RESTART_FIRST_DELAY;
                 }
-                tracing::warn!(
-                    error = format!("{:#}", f.error),
-                    "Kafka failed a delivery; starting again from the last confirmed position in {delay:?}"
-                );
+                let error = format!("{:#}", f.error);
+                if f.kind == SinkFail {
+                    tracing::warn!(
+                        error,
+                        "Kafka failed a delivery; starting again from the last confirmed position in {delay:?}"
+                    );
+                } else {
+                    tracing::warn!(
+                        error,
+                        "lost PostgreSQL during the snapshot; starting again with a new snapshot in {delay:?}"
+                    );
+                }
                 tokio::select! {
                     _ = stop_rx.wait_for(|s| *s) => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -425,7 +434,7 @@ async fn capture(
                 tracing::info!("stopped during the snapshot; the next run takes it again");
                 return Ok(None);
             }
-            Err(e) => return Err(no_stream(Failure::new(SourceFail, e))),
+            Err(e) => return Err(no_stream(Failure::snapshot(e))),
         };
         barrier(tx).await.map_err(no_stream)?;
         tracing::info!(rows = stats.rows, "snapshot published and acknowledged");

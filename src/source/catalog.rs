@@ -70,7 +70,7 @@ impl PreflightError {
     /// Lost connections are worth a retry; everything else needs the user.
     pub fn is_transient(&self) -> bool {
         match self {
-            PreflightError::Query(e) => e.is_closed() || e.code().is_none(),
+            PreflightError::Query(e) => crate::source::connect::is_transient(e),
             _ => false,
         }
     }

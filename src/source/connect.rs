@@ -50,24 +50,29 @@ impl ConnectError {
     /// errors are definite.
     pub fn is_transient(&self) -> bool {
         match self {
-            ConnectError::Postgres { error, .. } => match error.code() {
-                Some(code) => {
-                    let c = code.code();
-                    c.starts_with("08") || ["57P01", "57P02", "57P03", "53300"].contains(&c)
-                }
-                // No SQLSTATE: transient when it is a closed connection or an I/O
-                // error (refused, reset, timed out) somewhere in the chain.
-                None => {
-                    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-                    let mut io = error.is_closed();
-                    while let Some(c) = cause {
-                        io |= c.is::<std::io::Error>();
-                        cause = c.source();
-                    }
-                    io
-                }
-            },
+            ConnectError::Postgres { error, .. } => is_transient(error),
             _ => false,
+        }
+    }
+}
+
+/// Whether a connection or query error may clear on its own: the connection was lost (an
+/// I/O error somewhere in the chain, or closed), or the server is shutting down, starting up,
+/// out of connections, or ended the session (SQLSTATE class 08, 57P01–57P03, 53300).
+pub(crate) fn is_transient(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || ["57P01", "57P02", "57P03", "53300"].contains(&c)
+        }
+        None => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+            let mut io = error.is_closed();
+            while let Some(c) = cause {
+                io |= c.is::<std::io::Error>();
+                cause = c.source();
+            }
+            io
         }
     }
 }

@@ -56,7 +56,7 @@ impl LookupError {
     pub fn is_transient(&self) -> bool {
         match self {
             LookupError::Connect(e) => e.is_transient(),
-            LookupError::Query(e) => e.is_closed() || e.code().is_none(),
+            LookupError::Query(e) => crate::source::connect::is_transient(e),
             LookupError::Preflight(e) => e.is_transient(),
             LookupError::Topic(e) => !e.is_fatal(),
         }

@@ -72,7 +72,7 @@ impl From<tokio_postgres::Error> for SnapshotError {
 impl SnapshotError {
     pub fn is_transient(&self) -> bool {
         match self {
-            SnapshotError::Query(e) => e.is_closed() || e.code().is_none(),
+            SnapshotError::Query(e) => crate::source::connect::is_transient(e),
             SnapshotError::Connect(e) => e.is_transient(),
             _ => false,
         }

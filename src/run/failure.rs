@@ -128,14 +128,15 @@ mod tests {
                 rdkafka::types::RDKafkaErrorCode::Unknown,
             ),
         };
-        assert!(Failure::sink(delivery).transient);
-        assert!(Failure::sink(SinkError::ProducerFatal { reason: "x".into() }).transient);
+        let delivery = Failure::sink(delivery);
+        assert!(delivery.transient && delivery.restart);
+        assert!(Failure::sink(SinkError::ProducerFatal { reason: "x".into() }).restart);
         let too_large = SinkError::MessageTooLarge {
             topic: "t".into(),
             bytes: 10,
         };
-        assert!(!Failure::sink(too_large).transient);
-        assert!(!Failure::sink(SinkError::Config("x".into())).transient);
-        assert!(!Failure::sink(SinkError::OutputClosed).transient);
+        assert!(!Failure::sink(too_large).restart);
+        assert!(!Failure::sink(SinkError::Config("x".into())).restart);
+        assert!(!Failure::sink(SinkError::OutputClosed).restart);
     }
 }

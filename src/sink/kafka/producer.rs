@@ -104,6 +104,7 @@ impl KafkaSink {
         let mut st = Loop::new(&self.bootstrap, acked);
         let window = self.acks.window() as u64;
         let mut closed = false;
+        let mut sent_now = false;
         loop {
             let watermark = self.acks.watermark();
             st.complete_markers(watermark);
@@ -117,6 +118,13 @@ impl KafkaSink {
             if closed && st.markers.is_empty() && watermark == st.sent {
                 return Ok(self.acks.summary());
             }
+            if closed && !sent_now {
+                // Nothing more comes: the last batches need not wait to fill.
+                sent_now = true;
+                if st.sent > watermark {
+                    self.producer.send_now();
+                }
+            }
             let mut read_any = false;
             let was_closed = closed;
             while !closed && st.sent - self.acks.watermark() < window {
@@ -128,9 +136,6 @@ impl KafkaSink {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
                 }
-            }
-            if closed && !was_closed && st.sent > self.acks.watermark() {
-                self.producer.send_now();
             }
             // Just closed: the drain may be complete already; check before waiting for more.
             if read_any || closed != was_closed {
@@ -156,12 +161,7 @@ impl KafkaSink {
                 biased;
                 () = self.acks.notify.notified() => {}
                 item = rx.recv(), if can_read => match item {
-                    None => {
-                        closed = true;
-                        if st.sent > self.acks.watermark() {
-                            self.producer.send_now();
-                        }
-                    }
+                    None => closed = true,
                     Some(item) => self.handle(item, &mut st).await?,
                 },
                 () = st.stall_timer.as_mut(), if pending => st.on_stall_timer(&self.acks),

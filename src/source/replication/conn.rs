@@ -68,8 +68,8 @@ impl Connection {
     /// message as it is decoded, so a reader that keeps up wakes for every few kilobytes, and
     /// each wake-up is a `recv` with its TCP acknowledgement work: 30% of pgcdc's time on a
     /// backlog streamed to /dev/null. Batching makes the kernel wake pgcdc only once
-    /// [`BATCH_BYTES`] ([`LOOPBACK_BATCH_BYTES`]) are queued, or after [`BATCH_WAIT`] with whatever is there; it is for
-    /// catching up, when a millisecond more matters to no one.
+    /// [`BATCH_BYTES`] ([`LOOPBACK_BATCH_BYTES`]) are queued, or after [`BATCH_WAIT`] with
+    /// whatever is there; it is for catching up, when a millisecond more matters to no one.
     pub(crate) fn batch_reads(&mut self, on: bool) {
         if on == self.batching {
             return;

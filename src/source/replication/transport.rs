@@ -33,9 +33,9 @@ const TLS_READ_BUFFER: usize = 17 * 1024;
 /// CPU, in the walsender's softirq. The walsender is the bottleneck of a backlog, so that cost
 /// is paid in throughput: a window this small fills between pgcdc's reads, the walsender's
 /// messages then queue in its send buffer and leave as large segments. A 1M-row transaction
-/// read over TLS on loopback: walsender system time 6.4–7.2 s → 4–6 s, wall −10 to −20%. It costs
-/// nothing in reach: the window needed is bandwidth × round trip, and a loopback round trip
-/// is microseconds. Remote connections keep the kernel's autotuned buffer.
+/// read over TLS on loopback: walsender system time 6.4–7.2 s → 4–6 s, wall −10 to −20%.
+/// It costs nothing in reach: the window needed is bandwidth × round trip, and a loopback
+/// round trip is microseconds. Remote connections keep the kernel's autotuned buffer.
 pub(crate) const LOOPBACK_RECV_BUFFER: u32 = 32 * 1024;
 
 /// The connection's byte stream.

@@ -136,6 +136,12 @@ mod tests {
             bytes: 10,
         };
         assert!(!Failure::sink(too_large).restart);
+        let refused = SinkError::Rejected {
+            topic: "t".into(),
+            keyless: true,
+            reason: "Broker: Invalid record".into(),
+        };
+        assert!(!Failure::sink(refused).restart);
         assert!(!Failure::sink(SinkError::Config("x".into())).restart);
         assert!(!Failure::sink(SinkError::OutputClosed).restart);
     }

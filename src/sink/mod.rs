@@ -93,6 +93,25 @@ pub enum SinkError {
     )]
     MessageTooLarge { topic: String, bytes: usize },
 
+    #[error(
+        "Kafka refused a record for topic `{topic}` ({reason}); pgcdc stops rather than skip \
+         it. {fix}",
+        fix = if *keyless {
+            "The record has no key, and a compacted topic (cleanup.policy containing compact) \
+             refuses those: pgcdc sends them for truncates and for tables with neither a primary \
+             key nor a replica identity index. Fix: set the topic's cleanup.policy=delete, or \
+             pass --truncate false and give such tables a key (ALTER TABLE … ADD PRIMARY KEY, \
+             or REPLICA IDENTITY USING INDEX)"
+        } else {
+            "Fix: check the topic's configuration and the broker's policies for this record"
+        }
+    )]
+    Rejected {
+        topic: String,
+        keyless: bool,
+        reason: String,
+    },
+
     #[error("Kafka did not accept a record for topic `{topic}`")]
     Delivery {
         topic: String,
@@ -174,6 +193,7 @@ impl SinkError {
         matches!(
             self,
             SinkError::MessageTooLarge { .. }
+                | SinkError::Rejected { .. }
                 | SinkError::TopicAuthorization { .. }
                 | SinkError::UnknownTopic { .. }
                 | SinkError::Config(_)
@@ -250,5 +270,17 @@ mod tests {
             compacted: true,
         };
         assert!(e.to_string().contains("cleanup.policy=compact"));
+        let rejected = |keyless| SinkError::Rejected {
+            topic: "t".into(),
+            keyless,
+            reason: "Broker: Invalid record".into(),
+        };
+        let s = rejected(true).to_string();
+        assert!(
+            s.contains("cleanup.policy=delete") && s.contains("--truncate false"),
+            "{s}"
+        );
+        assert!(!rejected(false).to_string().contains("no key"));
+        assert!(rejected(false).is_fatal());
     }
 }

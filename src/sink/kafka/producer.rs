@@ -238,6 +238,7 @@ impl KafkaSink {
                         error,
                         topic: record.topic.to_string(),
                         bytes: record.payload_len(),
+                        keyless: record.key.is_none(),
                     };
                     if self.acks.skips(&failed) {
                         // Nothing was queued: no sequence number was used.
@@ -264,6 +265,13 @@ impl KafkaSink {
 
     /// Turns a librdkafka failure into the error that tells the operator what to do.
     fn classify(&self, failed: Failed) -> SinkError {
+        if failed.is_refused() {
+            return SinkError::Rejected {
+                topic: failed.topic,
+                keyless: failed.keyless,
+                reason: failed.error.to_string(),
+            };
+        }
         let topic = failed.topic;
         match failed.error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::MessageSizeTooLarge) => SinkError::MessageTooLarge {
@@ -298,6 +306,21 @@ struct Failed {
     error: KafkaError,
     topic: String,
     bytes: usize,
+    /// Sent without a key (a compacted topic refuses those).
+    keyless: bool,
+}
+
+impl Failed {
+    /// The broker refuses this record as it is, so sending it again cannot help: invalid (a
+    /// keyless record on a compacted topic), against a broker policy, or, from brokers before
+    /// Kafka 2.4, a keyless record reported as corrupt.
+    fn is_refused(&self) -> bool {
+        match self.error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::PolicyViolation) => true,
+            Some(RDKafkaErrorCode::InvalidMessage) => self.keyless,
+            _ => false,
+        }
+    }
 }
 
 /// Delivery bookkeeping, shared by the sink's loop and the producer's polling thread.
@@ -457,6 +480,7 @@ impl ProducerContext for SinkContext {
                 error: error.clone(),
                 topic: msg.topic().to_string(),
                 bytes: size(msg),
+                keyless: msg.key().is_none(),
             }),
         };
         self.acks.record(seq as u64, outcome);
@@ -640,6 +664,7 @@ mod tests {
             error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
             topic: format!("t{seq}"),
             bytes: 1,
+            keyless: false,
         };
         let acks = Acks::new(8, Oversized::Skip);
         acks.record(0, Err(too_large(0)));
@@ -655,6 +680,22 @@ mod tests {
         assert_eq!(acks.watermark(), 1);
         assert!(acks.failed.load(Ordering::SeqCst));
         assert!(!acks.wait_for(5), "a failure is never waited for");
+    }
+
+    #[test]
+    fn records_the_broker_refuses_are_not_retried() {
+        let failed = |code, keyless| Failed {
+            error: KafkaError::MessageProduction(code),
+            topic: "t".into(),
+            bytes: 1,
+            keyless,
+        };
+        assert!(failed(RDKafkaErrorCode::InvalidRecord, true).is_refused());
+        assert!(failed(RDKafkaErrorCode::PolicyViolation, false).is_refused());
+        assert!(failed(RDKafkaErrorCode::InvalidMessage, true).is_refused());
+        // A corrupt keyed record is damage in transit: worth another try.
+        assert!(!failed(RDKafkaErrorCode::InvalidMessage, false).is_refused());
+        assert!(!failed(RDKafkaErrorCode::RequestTimedOut, true).is_refused());
     }
 
     #[tokio::test]

@@ -171,6 +171,26 @@ async fn nothing_listening_names_the_fix() {
     c.assert_nothing_published().await;
 }
 
+/// PostgreSQL and Kafka are reached at the same time at start-up: a PostgreSQL mistake is
+/// reported at once, not after the wait for an unreachable broker (which has no deadline
+/// without --kafka-timeout).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_mistake_is_reported_while_kafka_is_unreachable() {
+    let c = Case::new(TABLE).await;
+    let nowhere = format!("127.0.0.1:{}", servers::free_port());
+    let started = std::time::Instant::now();
+    let out = c
+        .command_with(&c.superuser_source(), &nowhere, &["--table", "public.nope"])
+        .output()
+        .expect("pgcdc runs");
+    assert_fails(&out, 3, &["public.nope"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn wal_level_not_logical_names_the_fix() {
     // A cluster of its own: changing wal_level needs a restart.

@@ -212,6 +212,14 @@ pub struct RunArgs {
     )]
     pub snapshot_workers: u16,
 
+    /// The COPY format the snapshot reads tables with. `auto`: binary for tables whose
+    /// columns are all of common built-in types (booleans, integers, numeric, text types,
+    /// json/jsonb, date, timestamp[tz], uuid, bytea) — less work for PostgreSQL; pgcdc turns
+    /// the values into the exact text the server would print, so events are the same —
+    /// and text for the others. `text`: text for every table.
+    #[arg(long, env = "PGCDC_SNAPSHOT_COPY", value_enum, default_value = "auto")]
+    pub snapshot_copy: crate::source::snapshot::SnapshotCopy,
+
     /// Exit 0 once everything committed up to this LSN (e.g. 16/B374D848) is published and
     /// confirmed; nothing committed after it is published. `now` means the server's WAL
     /// position at start.

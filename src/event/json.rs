@@ -16,6 +16,7 @@ pub fn write_value(out: &mut Vec<u8>, kind: &Kind, datum: Datum<'_>) {
     match datum {
         Datum::Null | Datum::Unchanged => out.extend_from_slice(b"null"),
         Datum::Text(t) => write_text(out, kind, t),
+        Datum::Json(j) => out.extend_from_slice(j),
     }
 }
 

@@ -208,6 +208,9 @@ fn schema_id(columns: &[Column]) -> u64 {
 pub enum Datum<'a> {
     Null,
     Text(&'a [u8]),
+    /// The JSON the encoder would write for this column's text form, written already (binary
+    /// snapshot rows, see [`crate::source::copy_binary`]).
+    Json(&'a [u8]),
     /// An unchanged TOASTed value that pgoutput did not send: it is left out of the event.
     Unchanged,
 }
@@ -600,7 +603,7 @@ fn write_row(out: &mut Vec<u8>, table: &TableSchema, row: Option<&[Datum<'_>]>) 
 /// Length of a datum's text form (0 for none).
 fn text_len(d: Option<&Datum<'_>>) -> usize {
     match d {
-        Some(Datum::Text(t)) => t.len(),
+        Some(Datum::Text(t) | Datum::Json(t)) => t.len(),
         _ => 0,
     }
 }
@@ -611,6 +614,7 @@ fn json_len_guess(kind: &Kind, d: Option<&Datum<'_>>) -> usize {
         (Kind::Int | Kind::NumericNumber | Kind::Float, Some(Datum::Text(t))) => t.len(),
         (Kind::Bool, Some(Datum::Text(t))) => 4 + usize::from(*t == b"f"),
         (_, Some(Datum::Text(t))) => t.len() + 2,
+        (_, Some(Datum::Json(j))) => j.len(),
         _ => 4,
     }
 }

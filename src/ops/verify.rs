@@ -608,7 +608,7 @@ async fn compare_table(
     to_show: &mut Vec<(usize, String, i32, i64)>,
 ) -> Result<(), Failure> {
     // Read as the snapshot reads it.
-    let sql = info.copy_sql();
+    let sql = info.copy_sql(catalog::CopyFormat::Text);
     let stream = client.copy_out(&sql).await.or_fail(FailureKind::Source)?;
     futures_util::pin_mut!(stream);
     let position = Position {

@@ -456,6 +456,7 @@ async fn capture(
             snapshot::SnapshotOptions {
                 workers: usize::from(args.snapshot_workers),
                 conninfo,
+                copy: args.snapshot_copy,
             },
         )
         .await;

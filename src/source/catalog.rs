@@ -251,27 +251,45 @@ pub struct TableInfo {
     pub partitioned: bool,
 }
 
+/// The data format of a snapshot `COPY`: text, or binary (see [`super::copy_binary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormat {
+    Text,
+    Binary,
+}
+
+impl CopyFormat {
+    fn options(self) -> &'static str {
+        match self {
+            CopyFormat::Text => "",
+            CopyFormat::Binary => " (FORMAT binary)",
+        }
+    }
+}
+
 impl TableInfo {
     /// The `COPY … TO STDOUT` that reads the table's columns in attribute order. A partitioned
     /// table has no rows of its own: it is read through a query.
-    pub fn copy_sql(&self) -> String {
+    pub fn copy_sql(&self, format: CopyFormat) -> String {
         let cols = self.column_list();
+        let options = format.options();
         if self.partitioned {
-            format!("COPY (SELECT {cols} FROM {}) TO STDOUT", self.name)
+            format!("COPY (SELECT {cols} FROM {}) TO STDOUT{options}", self.name)
         } else {
-            format!("COPY {} ({cols}) TO STDOUT", self.name)
+            format!("COPY {} ({cols}) TO STDOUT{options}", self.name)
         }
     }
 
     /// The `COPY … TO STDOUT` that reads the rows stored in pages `from` up to (not
     /// including) `to`, or to the end; PostgreSQL 14+ reads just those pages (a TID range
     /// scan). Not for partitioned tables, whose row addresses repeat across partitions.
-    pub fn copy_pages_sql(&self, from: u64, to: Option<u64>) -> String {
+    pub fn copy_pages_sql(&self, from: u64, to: Option<u64>, format: CopyFormat) -> String {
         let cols = self.column_list();
         let end = to.map_or(String::new(), |to| format!(" AND ctid < '({to},0)'::tid"));
         format!(
-            "COPY (SELECT {cols} FROM {} WHERE ctid >= '({from},0)'::tid{end}) TO STDOUT",
-            self.name
+            "COPY (SELECT {cols} FROM {} WHERE ctid >= '({from},0)'::tid{end}) TO STDOUT{}",
+            self.name,
+            format.options()
         )
     }
 

@@ -6,8 +6,7 @@
 //! `verify-full` are `require` plus OpenSSL verification configured here (chain
 //! against `sslrootcert`, and the host name only for `verify-full`).
 
-use openssl::error::ErrorStack;
-use postgres_openssl::MakeTlsConnector;
+use crate::source::pg_tls::MakeTls;
 use tokio_postgres::config::{SslMode as PgSslMode, TargetSessionAttrs};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, NoTls, Socket};
@@ -197,14 +196,11 @@ pub fn config(info: &ConnInfo) -> Result<Config, ConnectError> {
 }
 
 /// Builds the TLS connector with `info`'s verification rules.
-pub fn tls_connector(info: &ConnInfo) -> Result<MakeTlsConnector, TlsError> {
-    let mode = tls::effective_mode(info);
-    let mut make = MakeTlsConnector::new(tls::build_connector(info)?);
-    make.set_callback(move |config, _domain| -> Result<(), ErrorStack> {
-        tls::configure(config, mode);
-        Ok(())
-    });
-    Ok(make)
+pub fn tls_connector(info: &ConnInfo) -> Result<MakeTls, TlsError> {
+    Ok(MakeTls::new(
+        tls::build_connector(info)?,
+        tls::effective_mode(info),
+    ))
 }
 
 /// Opens an ordinary connection and spawns its driver task on the current tokio

@@ -7,9 +7,11 @@
 pub mod catalog;
 pub mod changes;
 pub mod connect;
+pub mod copy_binary;
 pub mod copy_text;
 pub mod exclude;
 pub mod lsn;
+pub mod pg_tls;
 pub mod pgoutput;
 pub mod replication;
 pub mod schema;

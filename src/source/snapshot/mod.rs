@@ -21,6 +21,10 @@
 //! Rows are read with text `COPY`, whose values are the same text pgoutput sends (all
 //! sessions pin the settings that shape text output, see [`super::session`]), and encoded by
 //! the same [`Encoder`], with column kinds from the same type registry, as streamed changes.
+//! A table whose columns are all of the common built-in types that [`super::copy_binary`]
+//! converts is read with binary `COPY` instead (less work for the server), and its values
+//! turned into that same text before they reach the encoder (`--snapshot-copy text` turns
+//! this off).
 
 mod parallel;
 
@@ -36,9 +40,10 @@ use crate::event::{
 };
 use crate::metrics::TableMetrics;
 use crate::sink::{Record, SinkItem};
-use crate::source::catalog::{quote_literal, TableInfo};
+use crate::source::catalog::{quote_literal, CopyFormat, TableInfo};
 use crate::source::changes::topic_name;
 use crate::source::connect::{describe, ConnectError};
+use crate::source::copy_binary::{self, Conv, CopyBinaryError, Text};
 use crate::source::copy_text::{self, CopyTextError};
 use crate::source::Lsn;
 
@@ -56,6 +61,11 @@ pub enum SnapshotError {
     Copy {
         table: String,
         source: CopyTextError,
+    },
+    #[error("snapshot of {table}: {source}")]
+    CopyBinary {
+        table: String,
+        source: CopyBinaryError,
     },
     #[error("the sink stopped during the snapshot")]
     SinkClosed,
@@ -93,6 +103,20 @@ pub struct SnapshotOptions<'a> {
     pub workers: usize,
     /// What the workers connect with.
     pub conninfo: &'a ConnInfo,
+    /// Which `COPY` format tables may be read with (`--snapshot-copy`).
+    pub copy: SnapshotCopy,
+}
+
+/// `--snapshot-copy`: the `COPY` format of the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SnapshotCopy {
+    /// Binary for tables whose columns are all of types pgcdc converts exactly (booleans,
+    /// integers, numeric, text types, json/jsonb, date, timestamp[tz], uuid, bytea), text for
+    /// the others.
+    #[default]
+    Auto,
+    /// Text for every table.
+    Text,
 }
 
 /// Builds the encoder's view of a table from the catalog.
@@ -171,15 +195,16 @@ pub async fn run(
         return Ok(stats);
     }
     let mut stats = SnapshotStats::default();
-    let mut reader = Reader::new(encoder, Out::Sink(tx), stop.clone());
+    let mut reader = Reader::new(encoder, Out::Sink(tx), stop.clone(), options.copy);
     for info in tables {
         let table = table_schema(topic_prefix, info, encoder.types());
-        tracing::info!(table = %info.name, "snapshot: reading table");
+        let copy = format_name(copy_format(info, options.copy));
+        tracing::info!(table = %info.name, copy, "snapshot: reading table");
         let tail = encoder.read_tail(&table, position, started_ms);
         let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
         progress.snapshot_started();
         let table_rows = reader
-            .copy(client, &info.copy_sql(), info, &table, &tail, &progress)
+            .copy(client, info, None, &table, &tail, &progress)
             .await?;
         progress.snapshot_finished();
         tracing::info!(table = %info.name, rows = table_rows, "snapshot: table done");
@@ -218,6 +243,7 @@ const BATCH_EVENTS: usize = 256;
 struct Reader<'a> {
     encoder: &'a Encoder,
     out: Out<'a>,
+    copy: SnapshotCopy,
     stop: watch::Receiver<bool>,
     /// The latest event, sent when the next one is ready (see [`Held`]).
     held: Option<Held>,
@@ -228,10 +254,16 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn new(encoder: &'a Encoder, out: Out<'a>, stop: watch::Receiver<bool>) -> Self {
+    fn new(
+        encoder: &'a Encoder,
+        out: Out<'a>,
+        stop: watch::Receiver<bool>,
+        copy: SnapshotCopy,
+    ) -> Self {
         Reader {
             encoder,
             out,
+            copy,
             stop,
             held: None,
             fields_buf: Vec::new(),
@@ -271,18 +303,48 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// Runs `sql` (a `COPY … TO STDOUT` of `info`'s columns) and sends a read event per row;
-    /// returns the number of rows.
+    /// Reads `info`'s rows (those in `pages`, a range of its pages, or all) and sends a read
+    /// event per row; returns the number of rows.
     async fn copy(
         &mut self,
         client: &tokio_postgres::Client,
-        sql: &str,
+        info: &TableInfo,
+        pages: Option<(u64, Option<u64>)>,
+        table: &TableSchema,
+        tail: &ReadTail,
+        progress: &TableMetrics,
+    ) -> Result<u64, SnapshotError> {
+        let plan = binary_plan(info, self.copy);
+        let format = copy_format(info, self.copy);
+        let sql = match pages {
+            None => info.copy_sql(format),
+            Some((from, to)) => info.copy_pages_sql(from, to, format),
+        };
+        let stream = client.copy_out(&sql).await?;
+        match plan {
+            Some(plan) => {
+                // Per column: its conversion, and whether it writes the JSON directly.
+                let plan: Vec<(Conv, bool)> = plan
+                    .iter()
+                    .zip(&table.columns)
+                    .map(|(&conv, column)| (conv, conv.direct(&column.kind)))
+                    .collect();
+                self.copy_binary(stream, info, &plan, table, tail, progress)
+                    .await
+            }
+            None => self.copy_text(stream, info, table, tail, progress).await,
+        }
+    }
+
+    /// The rows of a text `COPY`.
+    async fn copy_text(
+        &mut self,
+        stream: tokio_postgres::CopyOutStream,
         info: &TableInfo,
         table: &TableSchema,
         tail: &ReadTail,
         progress: &TableMetrics,
     ) -> Result<u64, SnapshotError> {
-        let stream = client.copy_out(sql).await?;
         futures_util::pin_mut!(stream);
         let mut table_rows = 0u64;
         let mut rows = copy_text::RowBuffer::default();
@@ -304,12 +366,7 @@ impl<'a> Reader<'a> {
                     None => Datum::Null,
                     Some(v) => Datum::Text(v),
                 }));
-                let key = self.encoder.key(table, &row);
-                let value = self.encoder.read_value(table, &row, tail);
-                if let Some(held) = self.held.take() {
-                    self.emit(held).await?;
-                }
-                self.held = Some((table.topic.clone(), key, value));
+                self.row(table, &row, tail).await?;
                 self.row_buf = recycle_row(row);
                 table_rows += 1;
                 progress.snapshot_row();
@@ -317,6 +374,93 @@ impl<'a> Reader<'a> {
             self.fields_buf = recycle_fields(fields);
         }
         Ok(table_rows)
+    }
+
+    /// The rows of a binary `COPY`, each value turned into its text form by `plan`.
+    async fn copy_binary(
+        &mut self,
+        stream: tokio_postgres::CopyOutStream,
+        info: &TableInfo,
+        plan: &[(Conv, bool)],
+        table: &TableSchema,
+        tail: &ReadTail,
+        progress: &TableMetrics,
+    ) -> Result<u64, SnapshotError> {
+        futures_util::pin_mut!(stream);
+        let malformed = |source| SnapshotError::CopyBinary {
+            table: info.name.to_string(),
+            source,
+        };
+        let mut table_rows = 0u64;
+        let mut rows = copy_binary::RowBuffer::default();
+        // Written text forms of the current row; values that are text already are borrowed.
+        let mut scratch = Vec::new();
+        let mut raw_buf: Vec<Option<&[u8]>> = Vec::new();
+        let mut text_buf: Vec<Option<Text<'_>>> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let data = rows.complete(&chunk).map_err(malformed)?;
+            let mut raw = recycle_raw(std::mem::take(&mut raw_buf));
+            let mut texts = recycle_texts(std::mem::take(&mut text_buf));
+            let mut pos = 0;
+            while copy_binary::next_row(data, &mut pos, plan.len(), &mut raw).map_err(malformed)? {
+                scratch.clear();
+                texts.clear();
+                for ((value, &(conv, direct)), (name, _)) in raw.iter().zip(plan).zip(&info.columns)
+                {
+                    let Some(value) = value else {
+                        texts.push(None);
+                        continue;
+                    };
+                    let text = if direct {
+                        copy_binary::to_json(conv, value, &mut scratch)
+                    } else {
+                        copy_binary::to_text(conv, value, &mut scratch)
+                    };
+                    texts.push(Some(text.map_err(|what| {
+                        malformed(CopyBinaryError::Value {
+                            column: name.clone(),
+                            what,
+                        })
+                    })?));
+                }
+                let mut row = recycle_row(std::mem::take(&mut self.row_buf));
+                row.extend(texts.iter().map(|t| match t {
+                    None => Datum::Null,
+                    Some(Text::Borrowed(v)) => Datum::Text(v),
+                    Some(Text::Written(r)) => {
+                        Datum::Text(scratch.get(r.clone()).unwrap_or_default())
+                    }
+                    Some(Text::Json(r)) => Datum::Json(scratch.get(r.clone()).unwrap_or_default()),
+                }));
+                self.row(table, &row, tail).await?;
+                self.row_buf = recycle_row(row);
+                table_rows += 1;
+                progress.snapshot_row();
+            }
+            raw_buf = recycle_raw(raw);
+            text_buf = recycle_texts(texts);
+        }
+        if !rows.finished() {
+            return Err(malformed(CopyBinaryError::Truncated));
+        }
+        Ok(table_rows)
+    }
+
+    /// Encodes one row and sends the previous one on its way.
+    async fn row(
+        &mut self,
+        table: &TableSchema,
+        row: &[Datum<'_>],
+        tail: &ReadTail,
+    ) -> Result<(), SnapshotError> {
+        let key = self.encoder.key(table, row);
+        let value = self.encoder.read_value(table, row, tail);
+        if let Some(held) = self.held.take() {
+            self.emit(held).await?;
+        }
+        self.held = Some((table.topic.clone(), key, value));
+        Ok(())
     }
 
     /// Sends `last`, the snapshot's final event, marked as such.
@@ -327,6 +471,30 @@ impl<'a> Reader<'a> {
             self.emit((topic, key, value.into())).await?;
         }
         self.flush().await
+    }
+}
+
+/// The conversions of `info`'s columns when it is read with binary `COPY`.
+fn binary_plan(info: &TableInfo, copy: SnapshotCopy) -> Option<Vec<Conv>> {
+    match copy {
+        SnapshotCopy::Auto => Conv::plan(info.columns.iter().map(|(_, t)| t)),
+        SnapshotCopy::Text => None,
+    }
+}
+
+/// The `COPY` format `info` is read with.
+fn copy_format(info: &TableInfo, copy: SnapshotCopy) -> CopyFormat {
+    match binary_plan(info, copy) {
+        Some(_) => CopyFormat::Binary,
+        None => CopyFormat::Text,
+    }
+}
+
+/// How a format is named in the log.
+fn format_name(format: CopyFormat) -> &'static str {
+    match format {
+        CopyFormat::Binary => "binary",
+        CopyFormat::Text => "text",
     }
 }
 
@@ -354,6 +522,18 @@ async fn send<T>(
 
 /// Empties `v` and gives its allocation to borrows of another lifetime.
 fn recycle_fields<'b>(mut v: Vec<copy_text::Field<'_>>) -> Vec<copy_text::Field<'b>> {
+    v.clear();
+    v.into_iter().map(|_| None).collect()
+}
+
+/// Empties `v` and gives its allocation to borrows of another lifetime.
+fn recycle_raw<'b>(mut v: Vec<Option<&[u8]>>) -> Vec<Option<&'b [u8]>> {
+    v.clear();
+    v.into_iter().map(|_| None).collect()
+}
+
+/// Empties `v` and gives its allocation to borrows of another lifetime.
+fn recycle_texts<'b>(mut v: Vec<Option<Text<'_>>>) -> Vec<Option<Text<'b>>> {
     v.clear();
     v.into_iter().map(|_| None).collect()
 }

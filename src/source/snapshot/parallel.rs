@@ -25,7 +25,9 @@ use std::sync::Arc;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{import, send, table_schema, Held, Out, Reader, SnapshotError, SnapshotOptions};
+use super::{
+    import, send, table_schema, Held, Out, Reader, SnapshotCopy, SnapshotError, SnapshotOptions,
+};
 use super::{SnapshotStats, TableInfo};
 use crate::config::conninfo::ConnInfo;
 use crate::event::{Encoder, Position, TableSchema};
@@ -103,6 +105,8 @@ struct Shared {
     started: Vec<AtomicBool>,
     left: Vec<AtomicUsize>,
     rows: Vec<AtomicU64>,
+    /// `--snapshot-copy`.
+    copy: SnapshotCopy,
 }
 
 /// What a worker reports: its held-back event, or why it stopped.
@@ -181,6 +185,7 @@ pub(super) async fn run(
         rows: tables.iter().map(|_| AtomicU64::new(0)).collect(),
         units,
         next: AtomicUsize::new(0),
+        copy: options.copy,
     });
 
     // Set when one worker fails or a signal arrives: the others stop at their next row.
@@ -265,7 +270,7 @@ pub(super) async fn run(
         };
         send(tx, stop, SinkItem::Record(record)).await?;
     }
-    Reader::new(encoder, Out::Sink(tx), stop.clone())
+    Reader::new(encoder, Out::Sink(tx), stop.clone(), options.copy)
         .finish(last)
         .await?;
     Ok(SnapshotStats {
@@ -324,7 +329,7 @@ async fn work(
         batch: Vec::with_capacity(super::BATCH_EVENTS),
         bytes: 0,
     };
-    let mut reader = Reader::new(encoder, out, halt);
+    let mut reader = Reader::new(encoder, out, halt, shared.copy);
     while let Some(unit) = shared
         .units
         .get(shared.next.fetch_add(1, Ordering::Relaxed))
@@ -337,16 +342,13 @@ async fn work(
         let table = &shared.schemas[t];
         let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
         if !shared.started[t].swap(true, Ordering::Relaxed) {
-            tracing::info!(table = %info.name, "snapshot: reading table");
+            let copy = super::format_name(super::copy_format(info, shared.copy));
+            tracing::info!(table = %info.name, copy, "snapshot: reading table");
             progress.snapshot_started();
         }
-        let sql = match unit.pages {
-            None => info.copy_sql(),
-            Some((from, to)) => info.copy_pages_sql(from, to),
-        };
         let tail = encoder.read_tail(table, shared.position, shared.position.commit_ts_ms);
         let rows = reader
-            .copy(&client, &sql, info, table, &tail, &progress)
+            .copy(&client, info, unit.pages, table, &tail, &progress)
             .await?;
         shared.rows[t].fetch_add(rows, Ordering::Relaxed);
         if shared.left[t].fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -475,6 +475,49 @@ async fn a_small_in_flight_window_stops_reading_the_channel() {
     assert_eq!(*acked.borrow(), Lsn(5));
 }
 
+#[tokio::test]
+async fn a_batch_larger_than_the_window_is_sent_within_it() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique("batch-window");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let mut cfg = KafkaConfig::new(mock.bootstrap_servers());
+    cfg.max_in_flight = 3;
+    mock.broker_down(1).expect("broker down");
+    let (tx, acked, handle) = start(cfg, 1);
+    let batch = (0..10)
+        .map(|i| Record {
+            topic: topic.as_str().into(),
+            key: Some(Bytes::from(i.to_string())),
+            value: Some(Bytes::from_static(b"{}")),
+        })
+        .collect();
+    tx.send(SinkItem::Records(batch)).await.expect("alive");
+    // The sink holds the batch (3 of it in flight) and must not read on: this one waits in
+    // the channel, and the next finds it full.
+    tx.send(rec(&topic, Some("10"), Some("{}")))
+        .await
+        .expect("alive");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = tx.try_send(rec(&topic, Some("11"), Some("{}")));
+    assert!(
+        matches!(next, Err(mpsc::error::TrySendError::Full(_))),
+        "the sink read the channel before its batch was sent"
+    );
+    mock.broker_up(1).expect("broker up");
+    tx.send(rec(&topic, Some("11"), Some("{}")))
+        .await
+        .expect("alive");
+    tx.send(SinkItem::Checkpoint(Lsn(12))).await.expect("alive");
+    drop(tx);
+    let summary = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("drained in time")
+        .expect("join")
+        .expect("run ok");
+    assert_eq!(summary.records, 12);
+    assert_eq!(*acked.borrow(), Lsn(12));
+}
+
 // ---------------------------------------------------------------------------------------
 // against tansu
 

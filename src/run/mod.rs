@@ -190,7 +190,9 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
         changes,
         tables,
     } = events;
-    let (tx, rx) = mpsc::channel::<SinkItem>(4096);
+    // Items: a record, a checkpoint, or a snapshot batch of at most 16 records and about
+    // 8 KB; the capacity bounds what waits here while the sink waits for Kafka.
+    let (tx, rx) = mpsc::channel::<SinkItem>(1024);
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));

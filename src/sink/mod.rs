@@ -48,6 +48,9 @@ impl Record {
 #[derive(Debug)]
 pub enum SinkItem {
     Record(Record),
+    /// Several records in a row, handed over at once: one channel operation for the lot
+    /// (the snapshot sends its rows this way). The same as each of them sent as a `Record`.
+    Records(Vec<Record>),
     /// Report `Lsn` on the `acked` watch once every earlier record is acknowledged.
     /// Also the end of a transaction: the stdout sink flushes here.
     Checkpoint(Lsn),

@@ -113,6 +113,15 @@ impl StdoutSink {
                         .sink_in_flight
                         .store(unflushed.records, std::sync::atomic::Ordering::Relaxed);
                 }
+                SinkItem::Records(records) => {
+                    for record in &records {
+                        self.write_record(record).await?;
+                        unflushed.add(record.payload_len(), record.value.is_none());
+                    }
+                    crate::metrics::global()
+                        .sink_in_flight
+                        .store(unflushed.records, std::sync::atomic::Ordering::Relaxed);
+                }
                 SinkItem::Checkpoint(lsn) => {
                     pending_checkpoint = Some(lsn);
                     pending_checkpoints += 1;

@@ -14,7 +14,9 @@
 //! `RD_KAFKA_VTYPE_RKT`). Everything else is what `send` does: the key and value are copied
 //! (`RD_KAFKA_MSG_F_COPY`), the partition is the partitioner's choice, and the record's
 //! sequence number travels as the delivery opaque, so delivery reports reach
-//! [`super::producer`]'s context exactly as before.
+//! [`super::producer`]'s context exactly as before. The record's timestamp (Kafka's
+//! `CreateTime`) is given too, from a clock the sink reads once per batch of records: left
+//! out, librdkafka reads the wall clock for every record.
 //!
 //! librdkafka allocates every message with `malloc` on the thread that produces it and frees
 //! it on its polling thread once delivered. glibc hands the top of its heap back to the
@@ -154,6 +156,7 @@ impl Topics {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         seq: usize,
+        timestamp_ms: i64,
     ) -> Result<(), KafkaError> {
         let rk = producer.client().native_ptr();
         let rkt = self.handle(rk, topic)?;
@@ -183,6 +186,9 @@ impl Topics {
             }),
             vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_OPAQUE, |u| {
                 u.ptr = seq as *mut c_void
+            }),
+            vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TIMESTAMP, |u| {
+                u.i64_ = timestamp_ms
             }),
         ];
         // SAFETY: `rk` is the live producer's client, `rkt` a handle of that client (kept

@@ -23,7 +23,10 @@
 //! window, or the drain).
 //!
 //! Backpressure: the loop reads the channel only while fewer than `max_in_flight` records lie
-//! between the watermark and the next sequence number. When librdkafka's own queue is full
+//! between the watermark and the next sequence number. A batch of records
+//! ([`SinkItem::Records`]) is taken whole from the channel but sent one record at a time
+//! under the same rule: the rest waits in the loop, and the channel is read again only once
+//! the batch is sent. When librdkafka's own queue is full
 //! (`QueueFull`), the record is kept and the loop waits for the watermark to move before
 //! retrying it — never a drop. When the channel is closed, the loop waits until every record
 //! is acknowledged and returns.
@@ -55,6 +58,9 @@ const STALL_WARNING_EVERY: Duration = Duration::from_secs(30);
 /// How often the loop looks for a stall while records are in flight: a stall is reported
 /// between [`STALL_WARNING_AFTER`] and that plus this after the last acknowledgement.
 const STALL_CHECK_EVERY: Duration = Duration::from_millis(2500);
+/// Records stamped with one clock reading at most (see `Loop::timestamp`): a few hundred
+/// microseconds of work, well inside a millisecond timestamp.
+const CLOCK_EVERY: u32 = 256;
 /// How long to wait before retrying after `QueueFull` when none of our records is in flight
 /// (librdkafka's queue is then full of someone else's messages — not expected, but harmless).
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
@@ -106,6 +112,7 @@ impl KafkaSink {
         let mut closed = false;
         let mut sent_now = false;
         loop {
+            st.read_clock();
             let watermark = self.acks.watermark();
             st.complete_markers(watermark);
             st.observe(watermark);
@@ -115,7 +122,7 @@ impl KafkaSink {
             if self.acks.failed.load(Ordering::Acquire) {
                 return Err(self.failure());
             }
-            if closed && st.markers.is_empty() && watermark == st.sent {
+            if closed && st.markers.is_empty() && st.batch.is_none() && watermark == st.sent {
                 return Ok(self.acks.summary());
             }
             if closed && !sent_now {
@@ -127,7 +134,16 @@ impl KafkaSink {
             }
             let mut read_any = false;
             let was_closed = closed;
-            while !closed && st.sent - self.acks.watermark() < window {
+            while st.sent - self.acks.watermark() < window {
+                // What is left of a batch goes first: it came before anything in the channel.
+                if let Some(record) = st.next_of_batch() {
+                    self.send(record, &mut st).await?;
+                    read_any = true;
+                    continue;
+                }
+                if closed {
+                    break;
+                }
                 match rx.try_recv() {
                     Ok(item) => {
                         self.handle(item, &mut st).await?;
@@ -143,7 +159,7 @@ impl KafkaSink {
             }
             // Nothing ready: wait for the watermark to reach what completes the next step,
             // for the channel (while the window has room), or for the stall check.
-            let can_read = !closed && st.sent - watermark < window;
+            let can_read = !closed && st.batch.is_none() && st.sent - watermark < window;
             let mut wanted = st.markers.front().map_or(u64::MAX, |m| m.after);
             if !can_read {
                 // Window full, or draining: any progress may be what is needed.
@@ -172,6 +188,8 @@ impl KafkaSink {
     async fn handle(&self, item: SinkItem, st: &mut Loop) -> Result<(), SinkError> {
         match item {
             SinkItem::Record(record) => self.send(record, st).await?,
+            // Sent by the loop, each when the window has room for it.
+            SinkItem::Records(records) => st.batch = Some(records.into_iter()),
             SinkItem::Checkpoint(lsn) => st.push_marker(Marker::Checkpoint(lsn)),
             SinkItem::Barrier(done) => {
                 st.push_marker(Marker::Barrier(done));
@@ -193,12 +211,14 @@ impl KafkaSink {
             // move at once, on another thread) never passes `sent`.
             st.sent = seq + 1;
             // The ring slot of `seq` is free: the loop reads only while the window has room.
+            let timestamp = st.timestamp();
             let sent = st.topics.produce(
                 self.producer.producer(),
                 &record.topic,
                 record.key.as_deref(),
                 record.value.as_deref(),
                 seq as usize,
+                timestamp,
             );
             if sent.is_err() {
                 st.sent = seq;
@@ -513,6 +533,8 @@ enum Marker {
 /// The sink task's side: markers, the sequence counter, and the stall watch.
 struct Loop {
     markers: VecDeque<Pending>,
+    /// The records of a [`SinkItem::Records`] not sent yet; `None` once all are.
+    batch: Option<std::vec::IntoIter<Record>>,
     /// Records handed to librdkafka so far (the next sequence number).
     sent: u64,
     acked: watch::Sender<Lsn>,
@@ -526,6 +548,10 @@ struct Loop {
     /// Wakes the loop to look for a stall while records are in flight. One timer for the
     /// whole run, moved only when it fires or when the window becomes non-empty.
     stall_timer: Pin<Box<tokio::time::Sleep>>,
+    /// The records' timestamp (Unix ms), read at every turn of the loop and every
+    /// [`CLOCK_EVERY`] records within one; and the records stamped since.
+    now_ms: i64,
+    stamped: u32,
     /// librdkafka's handles of the topics written so far. Dropped with the loop, before the
     /// producer (`run` consumes the sink, which outlives its locals).
     topics: Topics,
@@ -536,6 +562,7 @@ impl Loop {
         let now = Instant::now();
         Loop {
             markers: VecDeque::new(),
+            batch: None,
             sent: 0,
             acked,
             bootstrap: bootstrap.to_string(),
@@ -547,7 +574,34 @@ impl Loop {
                 now + STALL_CHECK_EVERY,
             ))),
             topics: Topics::default(),
+            now_ms: crate::event::now_ms(),
+            stamped: 0,
         }
+    }
+
+    fn read_clock(&mut self) {
+        self.now_ms = crate::event::now_ms();
+        self.stamped = 0;
+    }
+
+    /// The timestamp of the next record: the clock of this turn of the loop, read again
+    /// when many records went out in it (a turn lasts as long as records are ready).
+    fn timestamp(&mut self) -> i64 {
+        if self.stamped >= CLOCK_EVERY {
+            self.read_clock();
+        }
+        self.stamped += 1;
+        self.now_ms
+    }
+
+    /// The next record of the current batch, if any.
+    fn next_of_batch(&mut self) -> Option<Record> {
+        let batch = self.batch.as_mut()?;
+        let next = batch.next();
+        if batch.len() == 0 {
+            self.batch = None;
+        }
+        next
     }
 
     fn push_marker(&mut self, marker: Marker) {

@@ -231,8 +231,15 @@ pub(super) async fn run(
                 // After a failure, batches are drained (so no worker waits on a full
                 // channel) but not published.
                 Some(batch) if error.is_none() => {
-                    for record in batch {
-                        if let Err(e) = send(tx, stop, SinkItem::Record(record)).await {
+                    // In the sink channel's small batches: their size bounds its memory.
+                    let mut records = batch.into_iter();
+                    loop {
+                        let part: Vec<Record> =
+                            records.by_ref().take(super::SINK_BATCH_EVENTS).collect();
+                        if part.is_empty() {
+                            break;
+                        }
+                        if let Err(e) = send(tx, stop, SinkItem::Records(part)).await {
                             keep(&mut error, e);
                             let _ = halt_tx.send(true);
                             break;
@@ -270,7 +277,7 @@ pub(super) async fn run(
         };
         send(tx, stop, SinkItem::Record(record)).await?;
     }
-    Reader::new(encoder, Out::Sink(tx), stop.clone(), options.copy)
+    Reader::new(encoder, Out::sink(tx), stop.clone(), options.copy)
         .finish(last)
         .await?;
     Ok(SnapshotStats {

@@ -522,6 +522,59 @@ async fn a_batch_larger_than_the_window_is_sent_within_it() {
 // against tansu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_stamped_when_they_are_sent_not_before() {
+    let Some(bootstrap) = durable_broker() else {
+        return;
+    };
+    let cfg = KafkaConfig::new(bootstrap);
+    wait_for_cluster(&cfg, Some(Duration::from_secs(30)))
+        .await
+        .expect("broker up");
+    let topic = unique("stamp");
+    create(&cfg, &topic, 1, false).await;
+    let (tx, mut acked, handle) = start(cfg.clone(), 8);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    // The sink idles between the items: a clock read before the wait would stamp the
+    // second and third records a second early.
+    let mut sent_at = Vec::new();
+    for (i, item) in [
+        rec(&topic, Some("a"), Some("{}")),
+        rec(&topic, Some("b"), Some("{}")),
+        SinkItem::Records(vec![Record {
+            topic: topic.as_str().into(),
+            key: Some(Bytes::from_static(b"c")),
+            value: Some(Bytes::from_static(b"{}")),
+        }]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        sent_at.push(now_ms());
+        tx.send(item).await.expect("alive");
+        tx.send(SinkItem::Checkpoint(Lsn(i as u64 + 1)))
+            .await
+            .expect("alive");
+        wait_acked(&mut acked, Lsn(i as u64 + 1), Duration::from_secs(30)).await;
+    }
+    drop(tx);
+    handle.await.expect("join").expect("run ok");
+    let records = read_back(&cfg, &topic, quiet(3)).await;
+    assert_eq!(records.len(), 3);
+    for (r, at) in records.iter().zip(&sent_at) {
+        let ts = r.timestamp.expect("a timestamp");
+        assert!(
+            ts >= at - 5 && ts <= at + 2_000,
+            "record stamped {ts}, sent at {at}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_arrive_in_order_and_checkpoints_follow_acknowledgements() {
     let Some(bootstrap) = durable_broker() else {
         return;

@@ -112,7 +112,6 @@ impl KafkaSink {
         let mut closed = false;
         let mut sent_now = false;
         loop {
-            st.read_clock();
             let watermark = self.acks.watermark();
             st.complete_markers(watermark);
             st.observe(watermark);
@@ -182,10 +181,14 @@ impl KafkaSink {
                 },
                 () = st.stall_timer.as_mut(), if pending => st.on_stall_timer(&self.acks),
             }
+            // After a wait, what is left of a batch is stamped with the time it goes.
+            st.read_clock();
         }
     }
 
     async fn handle(&self, item: SinkItem, st: &mut Loop) -> Result<(), SinkError> {
+        // The records of this item are stamped with the time it was taken.
+        st.read_clock();
         match item {
             SinkItem::Record(record) => self.send(record, st).await?,
             // Sent by the loop, each when the window has room for it.
@@ -250,6 +253,8 @@ impl KafkaSink {
                     } else {
                         tokio::time::sleep(QUEUE_FULL_RETRY).await;
                     }
+                    // Stamped when it finally goes, not when it first tried.
+                    st.read_clock();
                 }
                 Err(error) => {
                     // Refused before it was queued (e.g. larger than message.max.bytes): the
@@ -548,8 +553,8 @@ struct Loop {
     /// Wakes the loop to look for a stall while records are in flight. One timer for the
     /// whole run, moved only when it fires or when the window becomes non-empty.
     stall_timer: Pin<Box<tokio::time::Sleep>>,
-    /// The records' timestamp (Unix ms), read at every turn of the loop and every
-    /// [`CLOCK_EVERY`] records within one; and the records stamped since.
+    /// The records' timestamp (Unix ms), read for every item taken from the channel, after
+    /// every wait for room, and every [`CLOCK_EVERY`] records; and the records stamped since.
     now_ms: i64,
     stamped: u32,
     /// librdkafka's handles of the topics written so far. Dropped with the loop, before the
@@ -584,8 +589,8 @@ impl Loop {
         self.stamped = 0;
     }
 
-    /// The timestamp of the next record: the clock of this turn of the loop, read again
-    /// when many records went out in it (a turn lasts as long as records are ready).
+    /// The timestamp of the next record: the clock read when its item was taken (or after
+    /// the last wait), read again when many records went out since.
     fn timestamp(&mut self) -> i64 {
         if self.stamped >= CLOCK_EVERY {
             self.read_clock();

@@ -377,6 +377,8 @@ impl<'a> Reader<'a> {
     ) -> Result<u64, SnapshotError> {
         futures_util::pin_mut!(stream);
         let mut table_rows = 0u64;
+        // Rows counted in the metrics so far.
+        let mut reported = 0u64;
         let mut rows = copy_text::RowBuffer::default();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
@@ -399,13 +401,15 @@ impl<'a> Reader<'a> {
                 let full = self.row(table, &row, tail);
                 self.row_buf = recycle_row(row);
                 table_rows += 1;
-                progress.snapshot_row();
                 if full {
+                    progress.snapshot_rows(table_rows - reported);
+                    reported = table_rows;
                     self.flush().await?;
                 }
             }
             self.fields_buf = recycle_fields(fields);
         }
+        progress.snapshot_rows(table_rows - reported);
         Ok(table_rows)
     }
 
@@ -425,6 +429,8 @@ impl<'a> Reader<'a> {
             source,
         };
         let mut table_rows = 0u64;
+        // Rows counted in the metrics so far.
+        let mut reported = 0u64;
         let mut rows = copy_binary::RowBuffer::default();
         // Written text forms of the current row; values that are text already are borrowed.
         let mut scratch = Vec::new();
@@ -469,14 +475,16 @@ impl<'a> Reader<'a> {
                 let full = self.row(table, &row, tail);
                 self.row_buf = recycle_row(row);
                 table_rows += 1;
-                progress.snapshot_row();
                 if full {
+                    progress.snapshot_rows(table_rows - reported);
+                    reported = table_rows;
                     self.flush().await?;
                 }
             }
             raw_buf = recycle_raw(raw);
             text_buf = recycle_texts(texts);
         }
+        progress.snapshot_rows(table_rows - reported);
         if !rows.finished() {
             return Err(malformed(CopyBinaryError::Truncated));
         }

@@ -232,12 +232,16 @@ pub(super) async fn run(
                 // channel) but not published.
                 Some(batch) if error.is_none() => {
                     // In the sink channel's small batches: their size bounds its memory.
-                    let mut records = batch.into_iter();
-                    loop {
-                        let part: Vec<Record> =
-                            records.by_ref().take(super::SINK_BATCH_EVENTS).collect();
-                        if part.is_empty() {
-                            break;
+                    let mut records = batch.into_iter().peekable();
+                    while records.peek().is_some() {
+                        let mut part = Vec::with_capacity(super::SINK_BATCH_EVENTS);
+                        let mut bytes = 0;
+                        while bytes < super::SINK_BATCH_BYTES
+                            && part.len() < super::SINK_BATCH_EVENTS
+                        {
+                            let Some(record) = records.next() else { break };
+                            bytes += record.payload_len();
+                            part.push(record);
                         }
                         if let Err(e) = send(tx, stop, SinkItem::Records(part)).await {
                             keep(&mut error, e);

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// What `pgcdc run` logs first, once its signal handlers are installed.
+const FIRST_LOG_LINE: &str = "connecting to PostgreSQL";
+
 /// Repeated runs of one pgcdc configuration.
 pub struct Pgcdc {
     args: Vec<String>,
@@ -82,8 +85,19 @@ impl Pgcdc {
         }
     }
 
-    /// SIGTERM; waits at most `timeout` for the exit.
+    /// SIGTERM; waits at most `timeout` for the exit. A run that has just been started is
+    /// first given time to install its signal handlers (its first log line comes after
+    /// them): a SIGTERM before that kills it by the signal's default action, which is not
+    /// what a graceful stop tests.
     pub fn sigterm(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let started = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < started && !self.log().contains(FIRST_LOG_LINE) {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let mut c = self.child.take()?;
         crate::servers::signal(c.id(), "-TERM");
         let deadline = Instant::now() + timeout;

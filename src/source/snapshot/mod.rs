@@ -62,7 +62,10 @@ pub enum SnapshotError {
         table: String,
         source: CopyTextError,
     },
-    #[error("snapshot of {table}: {source}")]
+    #[error(
+        "snapshot of {table}: {source} (a server that sends a binary form pgcdc does not \
+         know: pass --snapshot-copy text to read tables as text, and report it)"
+    )]
     CopyBinary {
         table: String,
         source: CopyBinaryError,

@@ -756,12 +756,35 @@ async fn binary_copy_snapshot_and_stream_are_byte_identical() {
         .unwrap();
     let out = p.command_with(&p.source(), &kafka, &args).output().unwrap();
     assert_success(&out, "stream");
+    // The parallel snapshot's path (workers, page ranges, batches re-cut for the sink) reads
+    // the original rows and their streamed copies into the same topic.
+    let parallel = [
+        "--table",
+        "public.bin",
+        "--snapshot-only",
+        "--snapshot-workers",
+        "2",
+    ];
+    let out = p
+        .command_with(&p.source(), &kafka, &parallel)
+        .output()
+        .unwrap();
+    assert_success(&out, "parallel snapshot");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("several connections")
+            && log
+                .lines()
+                .any(|l| l.contains("snapshot: reading table") && l.contains("binary")),
+        "the parallel snapshot did not read with binary COPY:\n{log}"
+    );
 
-    let n = 2 * rows as usize;
+    let n = 4 * rows as usize;
     let records = p.records(&p.topic("bin"), Some(n)).await;
     assert_eq!(records.len(), n);
     let mut read = BTreeMap::new();
     let mut streamed = BTreeMap::new();
+    let mut read_again = BTreeMap::new();
     for r in &records {
         let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
         let id = v["after"]["id"].as_i64().unwrap();
@@ -770,19 +793,34 @@ async fn binary_copy_snapshot_and_stream_are_byte_identical() {
             .strip_prefix(&format!("{{\"id\":{id},"))
             .expect("id first")
             .to_string();
-        match v["op"].as_str().unwrap() {
-            "r" => read.insert(id, body),
-            "c" => streamed.insert(id - 100_000, body),
-            op => panic!("unexpected op {op}"),
+        match (v["op"].as_str().unwrap(), id >= 100_000) {
+            // Read by the parallel snapshot only.
+            ("r", true) => read_again.insert(id - 100_000, body),
+            // Read twice: by the first snapshot and by the parallel one.
+            ("r", false) => match read.insert(id, body.clone()) {
+                Some(first) => {
+                    assert_eq!(first, body, "row {id}: read twice, differently");
+                    None
+                }
+                None => None,
+            },
+            ("c", _) => streamed.insert(id - 100_000, body),
+            (op, _) => panic!("unexpected op {op}"),
         };
     }
     assert_eq!(read.len(), rows as usize);
     assert_eq!(streamed.len(), rows as usize);
+    assert_eq!(read_again.len(), rows as usize);
     for (id, r) in &read {
         assert_eq!(
             Some(r),
             streamed.get(id),
             "row {id}: read (left) vs streamed (right)"
+        );
+        assert_eq!(
+            Some(r),
+            read_again.get(id),
+            "row {id}: read (left) vs its streamed copy read in parallel (right)"
         );
     }
 }

@@ -24,6 +24,7 @@
 use std::ops::Range;
 
 use crate::event::kind::{oid, Kind};
+use crate::event::Column;
 
 /// What the server puts before the first row.
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
@@ -104,10 +105,28 @@ impl Conv {
         })
     }
 
-    /// The conversions of a table's columns (type OIDs in attribute order), or `None` when
-    /// any column's type is not handled here.
-    pub fn plan<'a>(type_oids: impl IntoIterator<Item = &'a u32>) -> Option<Vec<Conv>> {
-        type_oids.into_iter().map(|&t| Conv::of(t)).collect()
+    /// How a table's columns (in attribute order) are read: each one's conversion, and
+    /// whether it writes the JSON directly ([`Conv::direct`]); `None` when any column's type
+    /// is not handled here.
+    pub fn plan(columns: &[Column]) -> Option<Vec<(Conv, bool)>> {
+        columns
+            .iter()
+            .map(|c| Conv::of(c.type_oid).map(|conv| (conv, conv.direct(&c.kind))))
+            .collect()
+    }
+
+    /// Whether [`to_json`] writes this column's JSON directly, for a column the encoder
+    /// encodes as `kind`: integers, booleans, dates and timestamps, whose text the encoder
+    /// would otherwise parse again. Other pairs go through [`to_text`].
+    pub fn direct(self, kind: &Kind) -> bool {
+        matches!(
+            (self, kind),
+            (Conv::Int2 | Conv::Int4 | Conv::Int8 | Conv::Oid, Kind::Int)
+                | (Conv::Bool, Kind::Bool)
+                | (Conv::Date, Kind::Date)
+                | (Conv::Timestamp, Kind::Timestamp)
+                | (Conv::TimestampTz, Kind::TimestampTz)
+        )
     }
 }
 
@@ -291,22 +310,6 @@ pub enum Text<'a> {
     Borrowed(&'a [u8]),
     Written(Range<usize>),
     Json(Range<usize>),
-}
-
-impl Conv {
-    /// Whether [`to_json`] writes this column's JSON directly, for a column the encoder
-    /// encodes as `kind`: integers, booleans, dates and timestamps, whose text the encoder
-    /// would otherwise parse again. Other pairs go through [`to_text`].
-    pub fn direct(self, kind: &Kind) -> bool {
-        matches!(
-            (self, kind),
-            (Conv::Int2 | Conv::Int4 | Conv::Int8 | Conv::Oid, Kind::Int)
-                | (Conv::Bool, Kind::Bool)
-                | (Conv::Date, Kind::Date)
-                | (Conv::Timestamp, Kind::Timestamp)
-                | (Conv::TimestampTz, Kind::TimestampTz)
-        )
-    }
 }
 
 /// Writes to `scratch` the JSON that [`crate::event::json::write_text`] writes for the text

@@ -201,7 +201,7 @@ pub async fn run(
     let mut reader = Reader::new(encoder, Out::sink(tx), stop.clone(), options.copy);
     for info in tables {
         let table = table_schema(topic_prefix, info, encoder.types());
-        let copy = format_name(copy_format(info, options.copy));
+        let copy = copy_label(&table, options.copy);
         tracing::info!(table = %info.name, copy, "snapshot: reading table");
         let tail = encoder.read_tail(&table, position, started_ms);
         let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
@@ -270,6 +270,8 @@ struct Reader<'a> {
     stop: watch::Receiver<bool>,
     /// The latest event, sent when the next one is ready (see [`Held`]).
     held: Option<Held>,
+    /// Rows read but not yet counted in the metrics (they are counted per batch).
+    uncounted: u64,
     // Per-row scratch, reused: rows borrow from each COPY message, so the vectors are
     // emptied and handed from one message's lifetime to the next without reallocating.
     fields_buf: Vec<copy_text::Field<'static>>,
@@ -289,6 +291,7 @@ impl<'a> Reader<'a> {
             copy,
             stop,
             held: None,
+            uncounted: 0,
             fields_buf: Vec::new(),
             row_buf: Vec::new(),
         }
@@ -319,6 +322,12 @@ impl<'a> Reader<'a> {
         *bytes >= max_bytes || batch.len() >= max_events
     }
 
+    /// Counts the rows read so far in `progress` and hands over the current batch.
+    async fn flush_counted(&mut self, progress: &TableMetrics) -> Result<(), SnapshotError> {
+        progress.snapshot_rows(std::mem::take(&mut self.uncounted));
+        self.flush().await
+    }
+
     /// Hands over the current batch, if any.
     async fn flush(&mut self) -> Result<(), SnapshotError> {
         match &mut self.out {
@@ -347,26 +356,25 @@ impl<'a> Reader<'a> {
         tail: &ReadTail,
         progress: &TableMetrics,
     ) -> Result<u64, SnapshotError> {
-        let plan = binary_plan(info, self.copy);
-        let format = copy_format(info, self.copy);
+        let plan = binary_plan(table, self.copy);
+        let format = match plan {
+            Some(_) => CopyFormat::Binary,
+            None => CopyFormat::Text,
+        };
         let sql = match pages {
             None => info.copy_sql(format),
             Some((from, to)) => info.copy_pages_sql(from, to, format),
         };
         let stream = client.copy_out(&sql).await?;
-        match plan {
+        let rows = match plan {
             Some(plan) => {
-                // Per column: its conversion, and whether it writes the JSON directly.
-                let plan: Vec<(Conv, bool)> = plan
-                    .iter()
-                    .zip(&table.columns)
-                    .map(|(&conv, column)| (conv, conv.direct(&column.kind)))
-                    .collect();
                 self.copy_binary(stream, info, &plan, table, tail, progress)
                     .await
             }
             None => self.copy_text(stream, info, table, tail, progress).await,
-        }
+        };
+        progress.snapshot_rows(std::mem::take(&mut self.uncounted));
+        rows
     }
 
     /// The rows of a text `COPY`.
@@ -380,8 +388,6 @@ impl<'a> Reader<'a> {
     ) -> Result<u64, SnapshotError> {
         futures_util::pin_mut!(stream);
         let mut table_rows = 0u64;
-        // Rows counted in the metrics so far.
-        let mut reported = 0u64;
         let mut rows = copy_text::RowBuffer::default();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
@@ -405,14 +411,11 @@ impl<'a> Reader<'a> {
                 self.row_buf = recycle_row(row);
                 table_rows += 1;
                 if full {
-                    progress.snapshot_rows(table_rows - reported);
-                    reported = table_rows;
-                    self.flush().await?;
+                    self.flush_counted(progress).await?;
                 }
             }
             self.fields_buf = recycle_fields(fields);
         }
-        progress.snapshot_rows(table_rows - reported);
         Ok(table_rows)
     }
 
@@ -432,8 +435,6 @@ impl<'a> Reader<'a> {
             source,
         };
         let mut table_rows = 0u64;
-        // Rows counted in the metrics so far.
-        let mut reported = 0u64;
         let mut rows = copy_binary::RowBuffer::default();
         // Written text forms of the current row; values that are text already are borrowed.
         let mut scratch = Vec::new();
@@ -448,8 +449,7 @@ impl<'a> Reader<'a> {
             while copy_binary::next_row(data, &mut pos, plan.len(), &mut raw).map_err(malformed)? {
                 scratch.clear();
                 texts.clear();
-                for ((value, &(conv, direct)), (name, _)) in raw.iter().zip(plan).zip(&info.columns)
-                {
+                for ((value, &(conv, direct)), column) in raw.iter().zip(plan).zip(&table.columns) {
                     let Some(value) = value else {
                         texts.push(None);
                         continue;
@@ -461,7 +461,7 @@ impl<'a> Reader<'a> {
                     };
                     texts.push(Some(text.map_err(|what| {
                         malformed(CopyBinaryError::Value {
-                            column: name.clone(),
+                            column: column.name.clone(),
                             what,
                         })
                     })?));
@@ -479,15 +479,12 @@ impl<'a> Reader<'a> {
                 self.row_buf = recycle_row(row);
                 table_rows += 1;
                 if full {
-                    progress.snapshot_rows(table_rows - reported);
-                    reported = table_rows;
-                    self.flush().await?;
+                    self.flush_counted(progress).await?;
                 }
             }
             raw_buf = recycle_raw(raw);
             text_buf = recycle_texts(texts);
         }
-        progress.snapshot_rows(table_rows - reported);
         if !rows.finished() {
             return Err(malformed(CopyBinaryError::Truncated));
         }
@@ -497,6 +494,7 @@ impl<'a> Reader<'a> {
     /// Encodes one row and queues the previous one (the last is held back, see [`Held`]).
     /// True when the batch is full and must be flushed (see [`Reader::push`]).
     fn row(&mut self, table: &TableSchema, row: &[Datum<'_>], tail: &ReadTail) -> bool {
+        self.uncounted += 1;
         let key = self.encoder.key(table, row);
         let value = self.encoder.read_value(table, row, tail);
         match self.held.replace((table.topic.clone(), key, value)) {
@@ -516,27 +514,19 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The conversions of `info`'s columns when it is read with binary `COPY`.
-fn binary_plan(info: &TableInfo, copy: SnapshotCopy) -> Option<Vec<Conv>> {
+/// How `table` is read with binary `COPY` (see [`Conv::plan`]), or `None` for text.
+fn binary_plan(table: &TableSchema, copy: SnapshotCopy) -> Option<Vec<(Conv, bool)>> {
     match copy {
-        SnapshotCopy::Auto => Conv::plan(info.columns.iter().map(|(_, t)| t)),
+        SnapshotCopy::Auto => Conv::plan(&table.columns),
         SnapshotCopy::Text => None,
     }
 }
 
-/// The `COPY` format `info` is read with.
-fn copy_format(info: &TableInfo, copy: SnapshotCopy) -> CopyFormat {
-    match binary_plan(info, copy) {
-        Some(_) => CopyFormat::Binary,
-        None => CopyFormat::Text,
-    }
-}
-
-/// How a format is named in the log.
-fn format_name(format: CopyFormat) -> &'static str {
-    match format {
-        CopyFormat::Binary => "binary",
-        CopyFormat::Text => "text",
+/// The `COPY` format `table` is read with, as the log names it.
+fn copy_label(table: &TableSchema, copy: SnapshotCopy) -> &'static str {
+    match binary_plan(table, copy) {
+        Some(_) => "binary",
+        None => "text",
     }
 }
 

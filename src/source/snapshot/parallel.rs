@@ -353,7 +353,7 @@ async fn work(
         let table = &shared.schemas[t];
         let progress = crate::metrics::global().table(&table.topic, &table.qualified_name());
         if !shared.started[t].swap(true, Ordering::Relaxed) {
-            let copy = super::format_name(super::copy_format(info, shared.copy));
+            let copy = super::copy_label(table, shared.copy);
             tracing::info!(table = %info.name, copy, "snapshot: reading table");
             progress.snapshot_started();
         }

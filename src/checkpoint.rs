@@ -11,12 +11,13 @@
 //!   next to the data — in a compacted Kafka topic keyed by database and slot, or in a file
 //!   for the stdout sink — and written *after* the sink acknowledged every snapshot row.
 //!
-//! Startup therefore decides: a slot with a completed snapshot recorded for it resumes
-//! streaming; anything else (a crash mid-snapshot, a slot without a record, a record without
-//! its slot) means the snapshot is redone — an existing slot is first drained up to the new
-//! snapshot and moved to its position — never a stream without a complete snapshot behind it. Because the record is an ordinary keyed Kafka message, a
-//! later transactional mode can commit events and progress in one transaction.
+//! The record names the tables whose snapshot is complete, so start-up can tell a table that
+//! needs one (new to the capture, or unfinished) from those that do not, and a record whose
+//! slot is gone from a first start (the decision table is in `run::start`). Because the
+//! record is an ordinary keyed Kafka message, a later transactional mode can commit events
+//! and progress in one transaction.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -40,18 +41,42 @@ pub struct Progress {
     pub acked_lsn: u64,
     /// Wall-clock time of the write, Unix epoch milliseconds.
     pub updated_ms: i64,
+    /// The OID each recorded table had when its snapshot was taken: a table dropped and
+    /// created again under the same name is a new table, whose rows need a snapshot.
+    /// Absent in records written before pgcdc kept it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub table_oids: BTreeMap<String, u32>,
 }
 
-/// Where the initial snapshot of a slot stands.
+/// Where the snapshot of a slot's tables stands. Table names are written as `schema.table`
+/// with SQL quoting where a part needs it (read back with [`TableName`]'s parser, which
+/// accepts both the quoted and the bare form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum SnapshotState {
-    /// Started and not finished: a restart must redo it.
-    InProgress { tables: Vec<String> },
-    /// Every row was acknowledged by the sink.
+    /// A snapshot of `tables` started and did not finish: a restart must redo it. The
+    /// tables in `completed` were snapshotted before (by an earlier run of this slot) and
+    /// need nothing more.
+    InProgress {
+        tables: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        completed: Vec<String>,
+    },
+    /// Every row of every table in `tables` was acknowledged by the sink.
     Completed { tables: Vec<String>, rows: u64 },
     /// `--snapshot never`: streaming without a snapshot, by request.
     Skipped,
+}
+
+impl SnapshotState {
+    /// The tables whose snapshot is complete.
+    pub fn completed_tables(&self) -> &[String] {
+        match self {
+            SnapshotState::InProgress { completed, .. } => completed,
+            SnapshotState::Completed { tables, .. } => tables,
+            SnapshotState::Skipped => &[],
+        }
+    }
 }
 
 impl Progress {
@@ -191,6 +216,7 @@ mod tests {
             slot_lsn: 100,
             acked_lsn: 200,
             updated_ms: 1,
+            table_oids: BTreeMap::new(),
         }
     }
 
@@ -213,7 +239,10 @@ mod tests {
     fn in_progress_is_not_done() {
         let mut p = sample();
         assert!(p.snapshot_done());
-        p.snapshot = SnapshotState::InProgress { tables: vec![] };
+        p.snapshot = SnapshotState::InProgress {
+            tables: vec![],
+            completed: vec![],
+        };
         assert!(!p.snapshot_done());
         let json = String::from_utf8(encode(&p)).unwrap();
         assert!(json.contains(r#""state":"in_progress""#), "{json}");

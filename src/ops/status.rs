@@ -62,7 +62,7 @@ pub struct ProgressView {
 impl From<&Progress> for ProgressView {
     fn from(p: &Progress) -> Self {
         let (snapshot, tables, rows) = match &p.snapshot {
-            SnapshotState::InProgress { tables } => ("in_progress", tables.clone(), None),
+            SnapshotState::InProgress { tables, .. } => ("in_progress", tables.clone(), None),
             SnapshotState::Completed { tables, rows } => ("completed", tables.clone(), Some(*rows)),
             SnapshotState::Skipped => ("skipped", Vec::new(), None),
         };

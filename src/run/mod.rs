@@ -13,13 +13,16 @@
 //! reconnects, crashes — can only cause re-publication of the unconfirmed tail, which carries
 //! the same `lsn`/`commit_lsn` and is therefore detectable by consumers.
 //!
-//! Modules: `stream` holds the streaming loop and its priorities, `progress` the durable
-//! snapshot state, `failure` the exit codes, `events` what shapes the events.
+//! Modules: `start` decides what a run does first (resume, snapshot some or all tables, or
+//! refuse) from what it finds, `stream` holds the streaming loop and its priorities,
+//! `progress` the durable snapshot state, `failure` the exit codes, `events` what shapes the
+//! events.
 
 mod events;
 mod failure;
 mod observe;
 mod progress;
+mod start;
 mod stream;
 
 use std::time::Duration;
@@ -28,10 +31,11 @@ use anyhow::{anyhow, Context};
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{FileStore, Progress, SnapshotState};
-use crate::cli::{Oversized, RunArgs, SinkKind, SnapshotMode, StopLsn};
+use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::sink::{self, kafka, SinkItem};
+use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{topic_name, ChangeBuilder, ChangeOptions};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
@@ -43,6 +47,7 @@ use failure::{
 };
 pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
+use start::Plan;
 use stream::{catch_up, start_stream, stream_changes, Bounds, Timers, Until};
 
 /// First wait before reconnecting after the replication stream was lost; doubles per
@@ -197,11 +202,22 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));
 
-    let outcome = capture(
-        &args, &conninfo, &client, &server, &tables, stop_lsn, &encoder, &changes, &store, &tx,
-        acked_rx, &mut stop,
-    )
-    .await;
+    let mut capturing = Capture {
+        args: &args,
+        conninfo: &conninfo,
+        client: &client,
+        server: &server,
+        tables: &tables,
+        stop_lsn,
+        encoder: &encoder,
+        changes: &changes,
+        store: &store,
+        tx: &tx,
+        acked_rx,
+        system_id: String::new(),
+    };
+    let outcome = capture(&mut capturing, &mut stop).await;
+    drop(capturing);
 
     // Drain: whatever happened, let the sink finish what it has, so the final status update
     // confirms everything that was acknowledged.
@@ -310,219 +326,413 @@ struct EndedStream {
 
 type CaptureResult = Result<Option<EndedStream>, (Option<EndedStream>, Failure)>;
 
-/// Decides between snapshot and resume, runs them, then streams.
-#[allow(clippy::too_many_arguments)]
-async fn capture(
-    args: &RunArgs,
-    conninfo: &ConnInfo,
-    client: &tokio_postgres::Client,
-    server: &catalog::ServerInfo,
-    tables: &[TableInfo],
+/// What every step of [`capture`] works with.
+struct Capture<'a> {
+    args: &'a RunArgs,
+    conninfo: &'a ConnInfo,
+    client: &'a tokio_postgres::Client,
+    server: &'a catalog::ServerInfo,
+    /// The captured tables (without their excluded columns).
+    tables: &'a [TableInfo],
     stop_lsn: Option<Lsn>,
-    encoder: &Encoder,
-    changes: &ChangeOptions,
-    store: &ProgressStore,
-    tx: &mpsc::Sender<SinkItem>,
+    encoder: &'a Encoder,
+    changes: &'a ChangeOptions,
+    store: &'a ProgressStore,
+    tx: &'a mpsc::Sender<SinkItem>,
     acked_rx: watch::Receiver<Lsn>,
-    stop: &mut watch::Receiver<bool>,
-) -> CaptureResult {
+    /// IDENTIFY_SYSTEM's system identifier, recorded in progress.
+    system_id: String,
+}
+
+/// How a snapshot's temporary slot becomes (or does not become) the run's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotHandOver {
+    /// `--snapshot-only`: nothing is kept.
+    None,
+    /// There is no slot: the temporary one is copied to the permanent name.
+    Copy,
+    /// The slot exists: it first publishes what it holds before the snapshot's consistent
+    /// point, then moves there.
+    CatchUp,
+}
+
+/// Where streaming starts, or `None` when the run ends before streaming (stopped, or
+/// `--snapshot-only` done).
+type Started = Result<Option<(ReplicationClient, Lsn)>, Failure>;
+
+/// Decides between snapshot and resume ([`start::decide`]), runs the plan, then streams.
+async fn capture(c: &mut Capture<'_>, stop: &mut watch::Receiver<bool>) -> CaptureResult {
     let no_stream = |f: Failure| (None, f);
-    let mut repl = ReplicationClient::connect(conninfo)
-        .await
-        .context("cannot open a replication connection")
-        .or_fail(SourceFail)
-        .map_err(no_stream)?;
+    let mut repl = c.replication().await.map_err(no_stream)?;
     let ident = repl
         .identify_system()
         .await
         .or_fail(SourceFail)
         .map_err(no_stream)?;
-    let slot_name = args.slot.as_str();
+    c.system_id = ident.systemid;
+    let started = match start(c, repl, stop).await.map_err(no_stream)? {
+        Some(s) => s,
+        None => return Ok(None),
+    };
+    stream(c, started, stop).await
+}
+
+/// Looks at the slot and the progress record, decides, and runs the plan up to where
+/// streaming starts.
+async fn start(
+    c: &Capture<'_>,
+    repl: ReplicationClient,
+    stop: &mut watch::Receiver<bool>,
+) -> Started {
+    let slot_name = c.args.slot.as_str();
     // After a crash, the old walsender may hold the slot for a moment: give it a few seconds.
     let mut attempts = 0;
     let existing = loop {
-        match catalog::inspect_slot(client, slot_name, &server.database).await {
+        match catalog::inspect_slot(c.client, slot_name, &c.server.database).await {
             Err(catalog::PreflightError::SlotActive { .. }) if attempts < 10 => {
                 attempts += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            other => break other.or_fail(SourceFail).map_err(no_stream)?,
+            other => break other.or_fail(SourceFail)?,
         }
     };
-    let progress = if args.snapshot_only {
+    let progress = if c.args.snapshot_only {
         None
     } else {
-        store
-            .load()
-            .await
-            .map_err(no_stream)?
-            .filter(|p| p.system_id == ident.systemid && p.slot == slot_name)
+        let stored = c.store.load().await?;
+        match stored {
+            Some(p) if p.system_id != c.system_id || p.slot != slot_name => {
+                tracing::warn!(
+                    slot = slot_name,
+                    "the progress record belongs to another server (system identifier {}); ignoring it",
+                    p.system_id
+                );
+                None
+            }
+            other => other,
+        }
     };
-    let table_list: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
-    // Once the snapshot is acknowledged, everything up to the slot's point is published.
-    let new_progress = |snapshot: SnapshotState, slot_lsn: Lsn| Progress {
-        version: Progress::VERSION,
-        system_id: ident.systemid.clone(),
-        database: server.database.clone(),
-        slot: slot_name.to_string(),
-        acked_lsn: match snapshot {
-            SnapshotState::InProgress { .. } => 0,
-            _ => slot_lsn.0,
+    let slot = match &existing {
+        None => start::SlotState::Missing,
+        Some(s) if s.invalidated => start::SlotState::Invalidated,
+        Some(s) => start::SlotState::Usable {
+            confirmed_flush: s.confirmed_flush,
         },
-        snapshot,
-        slot_lsn: slot_lsn.0,
-        updated_ms: crate::event::now_ms(),
     };
-
-    let snapshot_done = existing.is_some() && progress.as_ref().is_some_and(|p| p.snapshot_done());
-    let take_snapshot = args.snapshot_only
-        || match args.snapshot {
-            SnapshotMode::Never => false,
-            SnapshotMode::Always => true,
-            SnapshotMode::Initial => !snapshot_done,
-        };
-
-    let start = if take_snapshot {
-        // The snapshot comes from a temporary slot: its consistent point C is where the new
-        // stream starts. An old slot is first drained up to C (so nothing committed between
-        // its position and C is skipped, deletes included), then advanced to C: it then
-        // yields exactly what the snapshot does not see, and it exists at every moment, so a
-        // crash at any point leaves a slot that covers everything not yet published.
-        // Without an old slot, the temporary one is copied to the permanent name.
-        // `--snapshot-only` keeps nothing.
-        let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
-        let created = repl
-            .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
-            .await
-            .context("cannot create the replication slot")
-            .or_fail(SourceFail)
-            .map_err(no_stream)?;
-        let snapshot_name = created.snapshot_name.clone().ok_or_else(|| {
-            no_stream(Failure::new(
-                SourceFail,
-                anyhow!("the server created the slot but exported no snapshot"),
-            ))
-        })?;
-        let at = created.consistent_point;
-        tracing::info!(consistent_point = %at, snapshot = %snapshot_name, "snapshot exported");
-        if !args.snapshot_only {
-            if existing.is_some() {
-                tracing::warn!(slot = slot_name, "slot exists but no completed snapshot is recorded for it (or --snapshot always): publishing its changes up to the new snapshot, then moving it to the snapshot's position");
-                let caught_up = catch_up(
-                    args, conninfo, slot_name, at, tables, encoder, changes, tx, &acked_rx, stop,
-                )
-                .await
-                .map_err(no_stream)?;
-                if !caught_up {
-                    return Ok(None);
-                }
-                advance_slot(client, slot_name, at)
-                    .await
-                    .map_err(no_stream)?;
-            } else {
-                client
-                    .query_one(
-                        "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
-                        &[&temp_name, &slot_name],
-                    )
-                    .await
-                    .context("cannot copy the new slot to its permanent name")
-                    .or_fail(SourceFail)
-                    .map_err(no_stream)?;
+    let tables: Vec<(TableName, u32)> = c.tables.iter().map(|t| (t.name.clone(), t.oid)).collect();
+    let plan = start::decide(start::Found {
+        slot,
+        progress: progress.as_ref(),
+        tables: &tables,
+        mode: c.args.snapshot,
+        snapshot_only: c.args.snapshot_only,
+    });
+    tracing::debug!(?plan, ?slot, "start-up plan");
+    match plan {
+        Plan::Refuse(r) => Err(Failure::new(SourceFail, anyhow!(r.message(slot_name)))),
+        Plan::SnapshotOnly => snapshot(c, repl, c.tables, SlotHandOver::None, None, stop).await,
+        Plan::NewSlot {
+            snapshot: true,
+            drop_invalidated,
+        } => {
+            if let Some(p) = &progress {
+                tracing::warn!(
+                    slot = slot_name,
+                    acked = %p.acked(),
+                    "the slot is gone; taking a new snapshot of every table (--snapshot always): changes made since the recorded position that the slot held are not published, and each table's snapshot marker tells consumers which rows remain"
+                );
             }
-            store
-                .save(
-                    &new_progress(
-                        SnapshotState::InProgress {
-                            tables: table_list.clone(),
-                        },
-                        at,
-                    ),
-                    tx,
-                )
-                .await
-                .map_err(no_stream)?;
-        }
-        // The replication connection stays open and idle: that keeps the snapshot importable.
-        let display =
-            observe::snapshot_display(args, crate::logging::format(), client, tables).await;
-        let stats = snapshot::run(
-            client,
-            &snapshot_name,
-            at,
-            tables,
-            &args.topic_prefix,
-            encoder,
-            tx,
-            stop,
-            snapshot::SnapshotOptions {
-                workers: usize::from(args.snapshot_workers),
-                conninfo,
-                copy: args.snapshot_copy,
-            },
-        )
-        .await;
-        display.finish().await;
-        let stats = match stats {
-            Ok(s) => s,
-            Err(snapshot::SnapshotError::SinkClosed) => {
-                return Err(no_stream(failure::sink_gone()))
+            if drop_invalidated {
+                drop_slot(c.client, slot_name).await?;
             }
-            Err(snapshot::SnapshotError::Interrupted) => {
-                tracing::info!("stopped during the snapshot; the next run takes it again");
-                return Ok(None);
-            }
-            Err(e) => return Err(no_stream(Failure::snapshot(e))),
-        };
-        barrier(tx).await.map_err(no_stream)?;
-        tracing::info!(rows = stats.rows, "snapshot published and acknowledged");
-        // Closing the connection drops the temporary slot.
-        let _ = repl.close().await;
-        if args.snapshot_only {
-            return Ok(None);
-        }
-        store
-            .save(
-                &new_progress(
-                    SnapshotState::Completed {
-                        tables: table_list.clone(),
-                        rows: stats.rows,
-                    },
-                    at,
-                ),
-                tx,
+            snapshot(
+                c,
+                repl,
+                c.tables,
+                SlotHandOver::Copy,
+                Some(Vec::new()),
+                stop,
             )
             .await
-            .map_err(no_stream)?;
-        repl = ReplicationClient::connect(conninfo)
+        }
+        Plan::NewSlot {
+            snapshot: false, ..
+        } => new_slot_without_snapshot(c, repl).await.map(Some),
+        Plan::Resnapshot { tables, why } => {
+            let subset: Vec<TableInfo> = c
+                .tables
+                .iter()
+                .filter(|t| tables.contains(&t.name))
+                .cloned()
+                .collect();
+            let names = || {
+                tables
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            match why {
+                start::Why::Requested => tracing::info!(slot = slot_name, "--snapshot always: publishing the slot's changes up to a new snapshot, then moving it to the snapshot's position"),
+                start::Why::NoRecord => tracing::warn!(slot = slot_name, "slot exists but no snapshot is recorded for it: publishing its changes up to a new snapshot, then moving it to the snapshot's position"),
+                start::Why::NotRecorded => tracing::info!(slot = slot_name, tables = names(), "tables without a completed snapshot (new to the capture, or unfinished): publishing the slot's changes up to a new snapshot of them, then moving the slot to the snapshot's position"),
+            }
+            let completed = match why {
+                start::Why::NotRecorded => progress
+                    .as_ref()
+                    .map(|p| p.snapshot.completed_tables().to_vec())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            // What was recorded as complete and is still captured stays complete.
+            let completed: Vec<String> = c
+                .tables
+                .iter()
+                .filter(|t| !tables.contains(&t.name))
+                .filter(|t| {
+                    completed
+                        .iter()
+                        .any(|n| n.parse::<TableName>().ok().as_ref() == Some(&t.name))
+                })
+                .map(|t| t.name.to_string())
+                .collect();
+            snapshot(
+                c,
+                repl,
+                &subset,
+                SlotHandOver::CatchUp,
+                Some(completed),
+                stop,
+            )
+            .await
+        }
+        Plan::Resume { rewrite_record } => {
+            let Some(slot) = existing else {
+                return Err(Failure::new(
+                    SourceFail,
+                    anyhow!("internal: resume planned without a slot"),
+                ));
+            };
+            if rewrite_record {
+                if let Some(p) = &progress {
+                    let rows = match &p.snapshot {
+                        SnapshotState::Completed { rows, .. } => *rows,
+                        _ => 0,
+                    };
+                    let record = c.record(
+                        SnapshotState::Completed {
+                            tables: c.table_names(c.tables),
+                            rows,
+                        },
+                        Lsn(p.slot_lsn),
+                    );
+                    c.store.save(&record, c.tx).await?;
+                    tracing::info!(
+                        slot = slot_name,
+                        "progress record updated to the captured tables"
+                    );
+                }
+            }
+            tracing::info!(slot = slot_name, confirmed_flush = %slot.confirmed_flush, "resuming from the slot");
+            Ok(Some((repl, slot.confirmed_flush)))
+        }
+    }
+}
+
+impl Capture<'_> {
+    /// A progress record for this slot.
+    fn record(&self, snapshot: SnapshotState, slot_lsn: Lsn) -> Progress {
+        Progress {
+            version: Progress::VERSION,
+            system_id: self.system_id.clone(),
+            database: self.server.database.clone(),
+            slot: self.args.slot.clone(),
+            // Once a snapshot is acknowledged, everything up to the slot's point is published.
+            acked_lsn: match snapshot {
+                SnapshotState::InProgress { .. } => 0,
+                _ => slot_lsn.0,
+            },
+            snapshot,
+            slot_lsn: slot_lsn.0,
+            updated_ms: crate::event::now_ms(),
+            table_oids: self
+                .tables
+                .iter()
+                .map(|t| (t.name.to_string(), t.oid))
+                .collect(),
+        }
+    }
+
+    fn table_names(&self, tables: &[TableInfo]) -> Vec<String> {
+        tables.iter().map(|t| t.name.to_string()).collect()
+    }
+
+    async fn replication(&self) -> Result<ReplicationClient, Failure> {
+        ReplicationClient::connect(self.conninfo)
             .await
             .context("cannot open a replication connection")
             .or_fail(SourceFail)
-            .map_err(no_stream)?;
-        at
-    } else if let Some(slot) = existing {
-        tracing::info!(slot = slot_name, confirmed_flush = %slot.confirmed_flush, "resuming from the slot");
-        slot.confirmed_flush
-    } else {
-        let created = repl
-            .create_logical_slot(slot_name, "pgoutput", SnapshotAction::NoExport, false)
-            .await
-            .context("cannot create the replication slot")
-            .or_fail(SourceFail)
-            .map_err(no_stream)?;
-        store
-            .save(
-                &new_progress(SnapshotState::Skipped, created.consistent_point),
-                tx,
-            )
-            .await
-            .map_err(no_stream)?;
-        tracing::info!(slot = slot_name, consistent_point = %created.consistent_point, "slot created without snapshot (--snapshot never)");
-        created.consistent_point
-    };
+    }
+}
 
-    // Stream; a transient failure (restart, dropped connection, slot still held by the old
-    // walsender) reconnects with backoff and resumes after the last acknowledged position.
+/// Takes a snapshot of `tables` through a temporary slot with an exported snapshot, whose
+/// consistent point C is where streaming starts (see `hand_over` for what happens to the
+/// run's slot). `completed`: tables recorded as snapshotted before, which stay so (`None`
+/// for `--snapshot-only`, which records nothing).
+async fn snapshot(
+    c: &Capture<'_>,
+    mut repl: ReplicationClient,
+    tables: &[TableInfo],
+    hand_over: SlotHandOver,
+    completed: Option<Vec<String>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Started {
+    let slot_name = c.args.slot.as_str();
+    let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
+    let created = repl
+        .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
+        .await
+        .context("cannot create the replication slot")
+        .or_fail(SourceFail)?;
+    let snapshot_name = created.snapshot_name.clone().ok_or_else(|| {
+        Failure::new(
+            SourceFail,
+            anyhow!("the server created the slot but exported no snapshot"),
+        )
+    })?;
+    let at = created.consistent_point;
+    tracing::info!(consistent_point = %at, snapshot = %snapshot_name, "snapshot exported");
+    // The run's slot exists at every moment from here on, so a crash at any point leaves a
+    // slot that covers everything not yet published.
+    match hand_over {
+        SlotHandOver::None => {}
+        SlotHandOver::CatchUp => {
+            let caught_up = catch_up(
+                c.args,
+                c.conninfo,
+                slot_name,
+                at,
+                c.tables,
+                c.encoder,
+                c.changes,
+                c.tx,
+                &c.acked_rx,
+                stop,
+            )
+            .await?;
+            if !caught_up {
+                return Ok(None);
+            }
+            advance_slot(c.client, slot_name, at).await?;
+        }
+        SlotHandOver::Copy => {
+            c.client
+                .query_one(
+                    "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
+                    &[&temp_name, &slot_name],
+                )
+                .await
+                .context("cannot copy the new slot to its permanent name")
+                .or_fail(SourceFail)?;
+        }
+    }
+    let completed_before = completed.clone().unwrap_or_default();
+    if completed.is_some() {
+        let record = c.record(
+            SnapshotState::InProgress {
+                tables: c.table_names(tables),
+                completed: completed_before.clone(),
+            },
+            at,
+        );
+        c.store.save(&record, c.tx).await?;
+    }
+    // The replication connection stays open and idle: that keeps the snapshot importable.
+    let display =
+        observe::snapshot_display(c.args, crate::logging::format(), c.client, tables).await;
+    let stats = snapshot::run(
+        c.client,
+        &snapshot_name,
+        at,
+        tables,
+        &c.args.topic_prefix,
+        c.encoder,
+        c.tx,
+        stop,
+        snapshot::SnapshotOptions {
+            workers: usize::from(c.args.snapshot_workers),
+            conninfo: c.conninfo,
+            copy: c.args.snapshot_copy,
+        },
+    )
+    .await;
+    display.finish().await;
+    let stats = match stats {
+        Ok(s) => s,
+        Err(snapshot::SnapshotError::SinkClosed) => return Err(failure::sink_gone()),
+        Err(snapshot::SnapshotError::Interrupted) => {
+            tracing::info!("stopped during the snapshot; the next run takes it again");
+            return Ok(None);
+        }
+        Err(e) => return Err(Failure::snapshot(e)),
+    };
+    barrier(c.tx).await?;
+    tracing::info!(rows = stats.rows, "snapshot published and acknowledged");
+    // Closing the connection drops the temporary slot.
+    let _ = repl.close().await;
+    if completed.is_none() {
+        return Ok(None);
+    }
+    // Every captured table is now complete: those read now and those recorded before.
+    let record = c.record(
+        SnapshotState::Completed {
+            tables: c.table_names(c.tables),
+            rows: stats.rows,
+        },
+        at,
+    );
+    c.store.save(&record, c.tx).await?;
+    Ok(Some((c.replication().await?, at)))
+}
+
+/// `--snapshot never` without a slot: creates it; streaming starts at its consistent point.
+async fn new_slot_without_snapshot(
+    c: &Capture<'_>,
+    mut repl: ReplicationClient,
+) -> Result<(ReplicationClient, Lsn), Failure> {
+    let slot_name = c.args.slot.as_str();
+    let created = repl
+        .create_logical_slot(slot_name, "pgoutput", SnapshotAction::NoExport, false)
+        .await
+        .context("cannot create the replication slot")
+        .or_fail(SourceFail)?;
+    let record = c.record(SnapshotState::Skipped, created.consistent_point);
+    c.store.save(&record, c.tx).await?;
+    tracing::info!(slot = slot_name, consistent_point = %created.consistent_point, "slot created without snapshot (--snapshot never)");
+    Ok((repl, created.consistent_point))
+}
+
+/// Drops an invalidated slot, so a new one of that name can be created.
+async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Failure> {
+    tracing::warn!(slot, "dropping the invalidated slot (--snapshot always)");
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .with_context(|| format!("cannot drop the invalidated slot `{slot}`"))
+        .or_fail(SourceFail)?;
+    Ok(())
+}
+
+/// Streams from `start`; a transient failure (restart, dropped connection, slot still held
+/// by the old walsender) reconnects with backoff and resumes after the last acknowledged
+/// position.
+async fn stream(
+    c: &Capture<'_>,
+    (repl, start): (ReplicationClient, Lsn),
+    stop: &mut watch::Receiver<bool>,
+) -> CaptureResult {
+    let args = c.args;
+    let slot_name = args.slot.as_str();
     let mut repl = Some(repl);
     let mut start = start;
     let mut backoff = RECONNECT_FIRST_DELAY;
@@ -530,13 +740,13 @@ async fn capture(
         let attempt = async {
             let client = match repl.take() {
                 Some(r) => r,
-                None => ReplicationClient::connect(conninfo)
+                None => ReplicationClient::connect(c.conninfo)
                     .await
                     .map_err(Failure::replication)?,
             };
             let stream = start_stream(&args.publication, client, slot_name, start).await?;
             tracing::info!(slot = slot_name, from = %start, "streaming changes");
-            observe::register_tables(&args.topic_prefix, tables);
+            observe::register_tables(&args.topic_prefix, c.tables);
             Ok::<_, Failure>(stream)
         };
         let outcome = match attempt.await {
@@ -544,21 +754,21 @@ async fn capture(
                 // Streaming again: the outage is over, the next one starts with a short wait.
                 backoff = RECONNECT_FIRST_DELAY;
                 let builder = ChangeBuilder::new(
-                    encoder.clone(),
+                    c.encoder.clone(),
                     &args.topic_prefix,
-                    tables,
+                    c.tables,
                     args.tombstones,
                 )
-                .with_options(changes.clone());
+                .with_options(c.changes.clone());
                 stream_changes(
                     stream,
                     builder,
-                    tx,
-                    acked_rx.clone(),
+                    c.tx,
+                    c.acked_rx.clone(),
                     stop,
                     Bounds {
                         start,
-                        until: Until::StopLsn(stop_lsn),
+                        until: Until::StopLsn(c.stop_lsn),
                         timers: Timers::of(args),
                     },
                 )
@@ -581,7 +791,7 @@ async fn capture(
                 }
                 backoff = (backoff * 2).min(RECONNECT_MAX_DELAY);
                 // Resume after what the sink acknowledged; the server skips what it confirmed.
-                let acked = *acked_rx.borrow();
+                let acked = *c.acked_rx.borrow();
                 if acked > start {
                     start = acked;
                 }

@@ -53,8 +53,6 @@ pub enum PreflightError {
     SlotDatabase { slot: String, database: String },
     #[error("replication slot `{slot}` is in use by process {pid} (another pgcdc?). Fix: stop that process, or choose another --slot")]
     SlotActive { slot: String, pid: i32 },
-    #[error("replication slot `{0}` was invalidated: the WAL it needed is gone. Fix: drop it (SELECT pg_drop_replication_slot('{0}');) and run again for a fresh snapshot")]
-    SlotLost(String),
     /// Complete in itself (see [`describe`]), so not chained as a source.
     #[error("{}", describe(.0))]
     Query(tokio_postgres::Error),
@@ -524,6 +522,10 @@ pub async fn ensure_publication(
 #[derive(Debug, Clone)]
 pub struct SlotInfo {
     pub confirmed_flush: Lsn,
+    /// PostgreSQL invalidated the slot: the WAL (`wal_status` `lost`) or the catalog rows
+    /// (a conflict on a standby, 16+) it needed are gone, or it timed out (18+). It can no
+    /// longer be read.
+    pub invalidated: bool,
 }
 
 /// Looks up `slot` and rejects slots pgcdc cannot use.
@@ -532,12 +534,16 @@ pub async fn inspect_slot(
     slot: &str,
     database: &str,
 ) -> Result<Option<SlotInfo>, PreflightError> {
+    // The view as JSON: the columns that say a slot is invalidated differ by version
+    // (`wal_status` 13+, `conflicting` 16+, `invalidation_reason` 17+).
     let Some(row) = client
         .query_opt(
             "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
                     coalesce(active_pid, 0), coalesce(confirmed_flush_lsn::text, '0/0'), \
-                    coalesce(wal_status, '') \
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    coalesce(s.wal_status, ''), \
+                    coalesce((to_jsonb(s) ->> 'conflicting')::bool, false), \
+                    to_jsonb(s) ->> 'invalidation_reason' \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await?
@@ -550,6 +556,8 @@ pub async fn inspect_slot(
     let pid: i32 = row.get(3);
     let confirmed: String = row.get(4);
     let wal_status: String = row.get(5);
+    let conflicting: bool = row.get(6);
+    let invalidation: Option<String> = row.get(7);
     if plugin != "pgoutput" {
         return Err(PreflightError::SlotPlugin {
             slot: slot.into(),
@@ -568,11 +576,9 @@ pub async fn inspect_slot(
             pid,
         });
     }
-    if wal_status == "lost" {
-        return Err(PreflightError::SlotLost(slot.into()));
-    }
     Ok(Some(SlotInfo {
         confirmed_flush: confirmed.parse().unwrap_or(Lsn::INVALID),
+        invalidated: wal_status == "lost" || conflicting || invalidation.is_some(),
     }))
 }
 

@@ -353,8 +353,10 @@ Examples:
 
 The table is read at the consistent point of a temporary replication slot; the topic is
 compared once pgcdc's slot (--slot) has confirmed past that point, using only events that
-committed before it. Exit codes: 0 equal, 1 different, 2 usage, 3 PostgreSQL (or pgcdc did not
-get past the point within --wait), 4 Kafka.";
+committed before it. When no pgcdc reads the slot, verify does not wait: it looks through the
+slot (--publication) for changes of the table pgcdc has not published, and compares at once if
+there are none. Exit codes: 0 equal, 1 different, 2 usage, 3 PostgreSQL (or pgcdc did not get
+past the point within --wait, or a stopped pgcdc has not published a change), 4 Kafka.";
 
 const DROP_AFTER_HELP: &str = "\
 Examples:
@@ -507,6 +509,11 @@ pub struct VerifyArgs {
     /// The table to compare with its topic, as schema.table.
     #[arg(long, env = "PGCDC_VERIFY_TABLE", value_name = "SCHEMA.TABLE")]
     pub table: TableName,
+
+    /// The publication `run` streams: when no pgcdc reads the slot, verify looks through it
+    /// for changes of the table that pgcdc has not published.
+    #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
+    pub publication: String,
 
     /// How long to wait for pgcdc (its --slot) to confirm past the comparison point.
     #[arg(long, env = "PGCDC_VERIFY_WAIT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]

@@ -77,7 +77,7 @@ impl Ops {
             .args(["--slot", &self.slot])
             .args(["--topic-prefix", &self.prefix])
             .args(extra);
-        if sub == "run" || sub == "drop" {
+        if sub == "run" || sub == "drop" || sub == "verify" {
             c.args(["--publication", &self.slot]);
         }
         if sub == "run" {
@@ -348,13 +348,14 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
     );
 
     // pgcdc stopped and the table changed: without --no-wait verify cannot reach a point
-    // pgcdc published; with it, the unpublished change shows as a difference.
+    // pgcdc published (and says so at once); with it, the unpublished change shows as a
+    // difference.
     stop(child);
     o.sql("UPDATE items SET n = -10 WHERE id = 10").await;
-    let out = o.output("verify", &["--table", "public.items", "--wait", "1"]);
+    let out = o.output("verify", &["--table", "public.items"]);
     assert_code(&out, 3, "pgcdc is not running");
     assert!(
-        stderr(&out).contains("is `pgcdc run` running?"),
+        stderr(&out).contains("start `pgcdc run` for this slot"),
         "{}",
         stderr(&out)
     );
@@ -666,4 +667,78 @@ async fn verify_encodes_rows_with_runs_event_options() {
     assert_code(&out, 1, "other options: different");
     assert_eq!(json_of(&out)["differing"]["count"], 20);
     stop(child);
+}
+
+/// `run --stop-lsn now` leaves an inactive slot that confirmed less than any later comparison
+/// point (verify's own temporary slot writes WAL). With no change of the table in between,
+/// verify compares at once; with one, it fails at once and names the ways out.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_after_a_stopped_run_compares_at_once_or_names_the_unpublished_change() {
+    let o = Ops::new(ITEMS).await;
+    // Another table of the publication changes after the run: not a change of `items`.
+    o.sql("CREATE TABLE public.other (id int PRIMARY KEY, v text)")
+        .await;
+    let out = o.output("run", &["--table", "public.other", "--stop-lsn", "now"]);
+    assert_code(&out, 0, "run --stop-lsn now");
+    o.sql("INSERT INTO other VALUES (1, 'not items')").await;
+
+    let started = std::time::Instant::now();
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(
+        &out,
+        0,
+        "nothing of items is unpublished: compare without --no-wait",
+    );
+    assert_eq!(json_of(&out)["same"], 50);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "verify waited {:?} for a slot no pgcdc reads",
+        started.elapsed()
+    );
+
+    // A change of the table after the stopped run: no waiting either, and the message says
+    // what to do. Nothing was consumed from the slot by looking.
+    o.sql("UPDATE items SET v = 'unpublished' WHERE id = 7")
+        .await;
+    let confirmed_before = slot_confirmed(&o).await;
+    let started = std::time::Instant::now();
+    let out = o.output("verify", &["--table", "public.items"]);
+    assert_code(&out, 3, "an unpublished change of the table");
+    let err = stderr(&out);
+    assert!(
+        err.contains("no pgcdc is reading")
+            && err.contains("public.items")
+            && err.contains("start `pgcdc run`")
+            && err.contains("--no-wait"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "verify waited {:?} before failing",
+        started.elapsed()
+    );
+    assert_eq!(
+        slot_confirmed(&o).await,
+        confirmed_before,
+        "peeking consumes nothing"
+    );
+
+    // pgcdc publishes it; then verify is content again.
+    let out = o.output("run", &["--table", "public.other", "--stop-lsn", "now"]);
+    assert_code(&out, 0, "run --stop-lsn now again");
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(&out, 0, "published now");
+    assert_eq!(json_of(&out)["same"], 50);
+}
+
+async fn slot_confirmed(o: &Ops) -> String {
+    o.db.client()
+        .await
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&o.slot],
+        )
+        .await
+        .expect("slot exists")
+        .get(0)
 }

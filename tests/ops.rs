@@ -742,3 +742,79 @@ async fn slot_confirmed(o: &Ops) -> String {
         .expect("slot exists")
         .get(0)
 }
+
+/// A `-X` value is one property, whatever it holds: a `;` in a flag's or the config file's
+/// value reaches librdkafka whole (its configuration dump, `debug=conf`, shows it). Only the
+/// variable is a list, where `\;` is a literal semicolon. No error repeats a value.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_properties_keep_semicolons_except_as_the_variables_separator() {
+    let o = Ops::new("SELECT 1").await;
+    // `status` of a slot that does not exist (exit 5) still reads the progress record, so it
+    // creates a Kafka client with the properties.
+    let status = |flags: &[&str], env: Option<&str>, config: Option<&std::path::Path>| {
+        let mut c = o.cmd("status", flags);
+        c.env("PGCDC_LOG", "librdkafka=debug");
+        if let Some(e) = env {
+            c.env("PGCDC_KAFKA_PROPERTIES", e);
+        }
+        if let Some(p) = config {
+            c.arg("--config").arg(p);
+        }
+        c.output().expect("pgcdc runs")
+    };
+    let out = status(
+        &["-X", "client.id=flag;tail", "-X", "debug=conf"],
+        None,
+        None,
+    );
+    assert_code(
+        &out,
+        5,
+        "no slot: exit 5, after reading the progress record",
+    );
+    assert!(
+        stderr(&out).contains("client.id = flag;tail"),
+        "{}",
+        stderr(&out)
+    );
+
+    let config = o.dir.join("x.toml");
+    std::fs::write(
+        &config,
+        "kafka-properties = { \"client.id\" = \"file;tail\", \"debug\" = \"conf\" }\n",
+    )
+    .unwrap();
+    let out = status(&[], None, Some(&config));
+    assert_code(&out, 5, "config file");
+    assert!(
+        stderr(&out).contains("client.id = file;tail"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = status(&[], Some(r"client.id=env\;tail;debug=conf;"), None);
+    assert_code(&out, 5, "variable");
+    assert!(
+        stderr(&out).contains("client.id = env;tail"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A password with a semicolon is not cut, and its tail is not shown as a bad property.
+    let out = status(&["-X", "sasl.password=sec;ret-tail-5521"], None, None);
+    assert_code(&out, 5, "a password with a semicolon");
+    assert!(!stderr(&out).contains("ret-tail-5521"), "{}", stderr(&out));
+    // Malformed properties are reported without their text.
+    for (flags, env) in [
+        (vec!["-X", "sasl.password:secret-7781"], None),
+        (vec![], Some("linger.ms=5;sasl.password:secret-7781")),
+    ] {
+        let out = status(&flags, env, None);
+        assert_code(&out, 2, "not key=value");
+        let err = stderr(&out);
+        assert!(
+            err.contains("key=value") && !err.contains("secret-7781"),
+            "{err}"
+        );
+    }
+}

@@ -266,9 +266,27 @@ pub(crate) fn config_error(e: KafkaError) -> SinkError {
             }
             SinkError::Config(format!("-X {key}: {desc}"))
         }
-        KafkaError::ClientCreation(msg) => SinkError::Config(msg),
+        KafkaError::ClientCreation(msg) => SinkError::Config(creation_error(&msg)),
         other => SinkError::Config(other.to_string()),
     }
+}
+
+/// librdkafka reports a property it could not use at creation as `<property> failed: <why>`
+/// (e.g. `ssl.ca.location failed: …system lib`, for a file that does not exist): name it as
+/// the `-X` it came from, and for a file say what to check.
+fn creation_error(msg: &str) -> String {
+    let Some((property, why)) = msg.split_once(" failed: ") else {
+        return msg.to_string();
+    };
+    if property.contains(char::is_whitespace) || !property.contains('.') {
+        return msg.to_string();
+    }
+    let hint = if property.ends_with(".location") {
+        ": check that the file it names exists, is readable by pgcdc and holds PEM"
+    } else {
+        ""
+    };
+    format!("-X {property}: librdkafka cannot use it ({why}){hint}")
 }
 
 /// A blocking Kafka call's task ended without an answer: re-raise its panic, or report that
@@ -479,6 +497,15 @@ mod tests {
         ));
         let s = e.to_string();
         assert!(s.contains("-X compression.type: Invalid value"), "{s}");
+        let s = config_error(KafkaError::ClientCreation(
+            "ssl.ca.location failed: error:05880002:x509 certificate routines::system lib".into(),
+        ))
+        .to_string();
+        assert!(
+            s.contains("-X ssl.ca.location: librdkafka cannot use it"),
+            "{s}"
+        );
+        assert!(s.contains("file it names exists"), "{s}");
         assert!(!s.contains("snappier"), "{s}");
     }
 }

@@ -818,3 +818,148 @@ async fn kafka_properties_keep_semicolons_except_as_the_variables_separator() {
         );
     }
 }
+
+/// A snapshot that takes a while: rows of ~1 KB, analyzed so the estimate is known.
+const BIG_ITEMS: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int);
+     INSERT INTO public.items SELECT g, repeat('p', 1000), g FROM generate_series(1, 20000) g;
+     ANALYZE public.items;";
+
+/// `--progress log`: while a table's snapshot runs, a `snapshot progress` line every 10 s with
+/// rows read, the estimate, the rate and the time left. The stdout sink writing into a pipe
+/// nobody reads holds the snapshot in the middle for as long as the test needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_log_lines_show_rows_rate_and_eta_during_the_snapshot() {
+    let o = Ops::new(BIG_ITEMS).await;
+    let file = o.dir.join("progress.json");
+    let log = std::fs::File::create(o.dir.join("run.log")).unwrap();
+    let mut child = o
+        .cmd(
+            "run",
+            &[
+                "--sink",
+                "stdout",
+                "--progress-file",
+                file.to_str().unwrap(),
+                "--progress",
+                "log",
+                "--log-format",
+                "json",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("pgcdc starts");
+    let line = common::poll_until(Duration::from_secs(60), || async {
+        o.log("run.log")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == "snapshot progress")
+    })
+    .await
+    .unwrap_or_else(|| panic!("no progress line:\n{}", o.log("run.log")));
+    drop(child.stdout.take()); // ends the run (a closed pipe)
+    stop(child);
+    assert_eq!(line["table"], "public.items", "{line}");
+    let rows = line["rows"].as_u64().expect("rows");
+    let estimate = line["estimated_rows"].as_u64().expect("estimated_rows");
+    assert!(rows > 0 && rows < 20_000, "{line}");
+    assert!((19_000..=21_000).contains(&estimate), "{line}");
+    let rate = line["rows_per_sec"].as_u64().expect("rows_per_sec");
+    assert!(rate > 0, "{line}");
+    // Time left at the measured rate, to within rounding.
+    let eta = line["eta_secs"].as_u64().expect("eta_secs");
+    let expected = (estimate - rows) as f64 / rate as f64;
+    assert!(
+        (eta as f64 - expected).abs() <= expected * 0.1 + 1.0,
+        "{line}"
+    );
+}
+
+/// On a terminal (here a pseudo-terminal from `script`), `--progress auto` draws a bar per
+/// table with rows of the estimate, the rate and the ETA.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_bar_on_a_terminal_shows_rows_rate_and_eta() {
+    if Command::new("script").arg("--version").output().is_err() {
+        return common::skip("progress bar", "`script` (util-linux) is not installed");
+    }
+    let o = Ops::new(BIG_ITEMS).await;
+    let file = o.dir.join("progress.json");
+    let run = o.cmd(
+        "run",
+        &[
+            "--sink",
+            "stdout",
+            "--progress-file",
+            file.to_str().unwrap(),
+            "--stop-lsn",
+            "now",
+        ],
+    );
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let mut shell = quote(run.get_program());
+    for a in run.get_args() {
+        shell.push(' ');
+        shell.push_str(&quote(a));
+    }
+    // stderr stays on the terminal; stdout goes to a pipe read only after 3 s, so the bar is
+    // drawn while the snapshot waits.
+    shell.push_str(" | (sleep 3; cat > /dev/null)");
+    let mut script = Command::new("script");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PGCDC_") && !k.starts_with("PGCDC_TEST_") {
+            script.env_remove(k);
+        }
+    }
+    let out = script
+        .args(["-q", "-e", "-c", &shell, "/dev/null"])
+        .env("TERM", "xterm")
+        .env("PGPASSFILE", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}\n{screen}", out.status);
+    // `public.items [=====>     ] 8,702/20,000 rows, 2,901 rows/s, ETA 4s`
+    let bars: Vec<&str> = screen
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("public.items") && l.contains("ETA"))
+        .collect();
+    assert!(!bars.is_empty(), "no bar drawn:\n{screen}");
+    let mut waiting_eta = false;
+    for bar in &bars {
+        let field = |after: &str, before: &str| -> String {
+            let rest = &bar[bar.find(after).unwrap_or_else(|| panic!("{bar}")) + after.len()..];
+            rest[..rest.find(before).unwrap_or(rest.len())]
+                .trim()
+                .to_string()
+        };
+        let (rows, estimate) = (field("] ", "/"), field("/", " rows,"));
+        let rows: u64 = rows
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{bar}"));
+        let estimate: u64 = estimate
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{bar}"));
+        assert!((19_000..=21_000).contains(&estimate), "{bar}");
+        // The rate is rows read since the table's snapshot began, per second: a whole number,
+        // never more than the rows there are in the time a bar needs to appear.
+        let rate: u64 = field("rows, ", " rows/s")
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{bar}"));
+        assert!(rate <= 10 * estimate, "{bar}");
+        let eta = field("ETA ", "\u{1b}");
+        if rows > 0 && rows < estimate / 2 && eta != "0s" {
+            waiting_eta = true;
+        }
+    }
+    // While the snapshot waits for its reader, time left is time left at the rate so far.
+    assert!(
+        waiting_eta,
+        "no bar of an unfinished snapshot shows time left:\n{}",
+        bars.join("\n")
+    );
+}

@@ -451,8 +451,8 @@ async fn wait_for_slot(
                     return Err(Failure::new(
                         FailureKind::Source,
                         anyhow!(
-                            "no pgcdc is reading replication slot `{slot}`, and it holds more \
-                             than {rows} messages pgcdc has not published before the \
+                            "no pgcdc is reading replication slot `{slot}`, and it holds \
+                             {rows} or more messages pgcdc has not published before the \
                              comparison point {point} (it confirmed {confirmed}): start \
                              `pgcdc run` for this slot and verify again, or compare what the \
                              topic holds now with --no-wait"
@@ -484,7 +484,7 @@ enum Peeked {
     Nothing,
     /// A change of the table, in a transaction committed at this LSN.
     Change(Lsn),
-    /// More than this many messages: not looked through.
+    /// This many messages (the limit) or more: not looked through.
     TooMuch(i64),
     /// A process took the slot meanwhile.
     Busy,

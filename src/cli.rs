@@ -101,10 +101,20 @@ impl FromStr for StopLsn {
 }
 
 /// A `key=value` librdkafka property.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A flag's or the config file's value is one property, whatever it holds (a password may
+/// contain `;` or `=`); only the environment variable is a list (see [`split_properties`]).
+/// Neither errors nor `Debug` show the value: it may be a secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Property {
     pub key: String,
     pub value: String,
+}
+
+impl std::fmt::Debug for Property {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Property({}=…)", self.key)
+    }
 }
 
 impl FromStr for Property {
@@ -116,10 +126,83 @@ impl FromStr for Property {
                 key: k.trim().to_string(),
                 value: v.to_string(),
             }),
-            _ => Err(format!(
-                "`{s}` is not a property: write key=value, e.g. -X compression.type=zstd"
-            )),
+            // Not repeated: a mistyped `sasl.password:…` is still a password.
+            _ => Err(
+                "a Kafka property (-X, or an item of its variable) is not key=value; \
+                 write e.g. -X compression.type=zstd (the text is not shown: it may be a \
+                 secret)"
+                    .to_string(),
+            ),
         }
+    }
+}
+
+/// Parses `-X` values for clap without repeating them in errors (clap's own message for a
+/// rejected value quotes it).
+#[derive(Debug, Clone, Copy)]
+pub struct PropertyParser;
+
+impl clap::builder::TypedValueParser for PropertyParser {
+    type Value = Property;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Property, clap::Error> {
+        let raw = |kind, msg: String| clap::Error::raw(kind, format!("{msg}\n")).with_cmd(cmd);
+        let text = value.to_str().ok_or_else(|| {
+            raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                "a Kafka property (-X) is not valid UTF-8".to_string(),
+            )
+        })?;
+        text.parse()
+            .map_err(|e| raw(clap::error::ErrorKind::ValueValidation, e))
+    }
+}
+
+/// The items of a `…_KAFKA_PROPERTIES` variable: `;`-separated `key=value` properties, where
+/// `\;` is a semicolon inside a value and `\\` a backslash (any other backslash is kept).
+/// Empty items are skipped.
+pub fn split_properties(raw: &str) -> Result<Vec<Property>, String> {
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if matches!(chars.peek(), Some(';') | Some('\\')) => {
+                item.extend(chars.next());
+            }
+            ';' => items.push(std::mem::take(&mut item)),
+            c => item.push(c),
+        }
+    }
+    items.push(item);
+    items
+        .iter()
+        .filter(|i| !i.trim().is_empty())
+        .map(|i| i.parse())
+        .collect()
+}
+
+/// When the `-X` values of `matches` (id `id`) came from the environment variable, the
+/// properties it lists; `None` when they came from flags, the config file or nowhere.
+pub fn properties_from_env(
+    matches: &clap::ArgMatches,
+    id: &str,
+) -> Option<Result<Vec<Property>, String>> {
+    if matches.try_contains_id(id).ok()?
+        && matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable)
+    {
+        let raw = matches.get_raw(id)?.next()?;
+        Some(match raw.to_str() {
+            Some(text) => split_properties(text),
+            None => Err("the variable is not valid UTF-8".to_string()),
+        })
+    } else {
+        None
     }
 }
 
@@ -226,13 +309,14 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_STOP_LSN", value_name = "LSN|now")]
     pub stop_lsn: Option<StopLsn>,
 
-    /// A librdkafka property, as kcat takes it: -X compression.type=zstd (repeatable;
-    /// semicolon-separated in the variable). Overrides pgcdc's defaults.
+    /// A librdkafka property, as kcat takes it: -X compression.type=zstd (repeatable; the
+    /// value is taken whole). Overrides pgcdc's defaults. In the variable: semicolon-separated,
+    /// `\;` for a semicolon inside a value.
     #[arg(
         short = 'X',
         env = "PGCDC_KAFKA_PROPERTIES",
         value_name = "KEY=VALUE",
-        value_delimiter = ';',
+        value_parser = PropertyParser,
         hide_env_values = true
     )]
     pub kafka_properties: Vec<Property>,
@@ -353,8 +437,10 @@ Examples:
 
 The table is read at the consistent point of a temporary replication slot; the topic is
 compared once pgcdc's slot (--slot) has confirmed past that point, using only events that
-committed before it. Exit codes: 0 equal, 1 different, 2 usage, 3 PostgreSQL (or pgcdc did not
-get past the point within --wait), 4 Kafka.";
+committed before it. When no pgcdc reads the slot, verify does not wait: it looks through the
+slot (--publication) for changes of the table pgcdc has not published, and compares at once if
+there are none. Exit codes: 0 equal, 1 different, 2 usage, 3 PostgreSQL (or pgcdc did not get
+past the point within --wait, or a stopped pgcdc has not published a change), 4 Kafka.";
 
 const DROP_AFTER_HELP: &str = "\
 Examples:
@@ -456,12 +542,13 @@ pub struct ConnArgs {
     #[arg(long, env = "PGCDC_KAFKA", value_name = "BOOTSTRAP")]
     pub kafka: Option<String>,
 
-    /// A librdkafka property, as for `run` (repeatable; semicolon-separated in the variable).
+    /// A librdkafka property, as for `run` (repeatable; the value is taken whole). In the
+    /// variable: semicolon-separated, `\;` for a semicolon inside a value.
     #[arg(
         short = 'X',
         env = "PGCDC_KAFKA_PROPERTIES",
         value_name = "KEY=VALUE",
-        value_delimiter = ';',
+        value_parser = PropertyParser,
         hide_env_values = true
     )]
     pub kafka_properties: Vec<Property>,
@@ -507,6 +594,11 @@ pub struct VerifyArgs {
     /// The table to compare with its topic, as schema.table.
     #[arg(long, env = "PGCDC_VERIFY_TABLE", value_name = "SCHEMA.TABLE")]
     pub table: TableName,
+
+    /// The publication `run` streams: when no pgcdc reads the slot, verify looks through it
+    /// for changes of the table that pgcdc has not published.
+    #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
+    pub publication: String,
 
     /// How long to wait for pgcdc (its --slot) to confirm past the comparison point.
     #[arg(long, env = "PGCDC_VERIFY_WAIT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
@@ -615,6 +707,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_property_value_is_taken_whole_and_only_the_variable_is_split() {
+        let cli = crate::config::file::parse_cli([
+            "pgcdc",
+            "run",
+            "-X",
+            "sasl.password=a;b=c",
+            "-X",
+            "client.id=x",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("run expected")
+        };
+        let p = &run.kafka_properties;
+        assert_eq!(
+            (p[0].key.as_str(), p[0].value.as_str()),
+            ("sasl.password", "a;b=c")
+        );
+        assert_eq!(p.len(), 2);
+        let split = split_properties(r"a=1;b=x\;y;;c=back\\;d=C:\dir;").unwrap();
+        let pairs: Vec<(&str, &str)> = split
+            .iter()
+            .map(|p| (p.key.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [("a", "1"), ("b", "x;y"), ("c", r"back\"), ("d", r"C:\dir")]
+        );
+        let e = split_properties("a=1;secret-4417").unwrap_err();
+        assert!(e.contains("key=value") && !e.contains("secret-4417"), "{e}");
+        let e = crate::config::file::parse_cli(["pgcdc", "run", "-X", "secret-4417"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key=value") && !e.contains("secret-4417"), "{e}");
+        assert!(!format!("{:?}", p[0]).contains("a;b"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Bad input and security: each mistake a user can make ends `pgcdc run` with the documented
-//! exit code, a message that names the fix, and nothing published; passwords appear nowhere;
+//! exit code, a message that names the fix, nothing published and no slot left
+//! (`common::assert_nothing_published`, `common::assert_no_slot`); passwords appear nowhere;
 //! TLS to PostgreSQL works end to end.
 //!
 //! The mistakes already covered in `tests/run.rs` (missing table, table without key, invalid
@@ -16,7 +17,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::TestDb;
-use pgcdc::sink::kafka::{KafkaConfig, ReadStop, TopicReader};
 
 fn kafka() -> String {
     std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
@@ -80,30 +80,17 @@ impl Case {
 
     /// Records in `<prefix>.public.items` (0 when the topic does not exist).
     async fn published(&self) -> usize {
-        let cfg = KafkaConfig::new(kafka());
-        let topic = format!("{}.public.items", self.prefix);
-        tokio::task::spawn_blocking(move || {
-            match TopicReader::open_if_exists(
-                &cfg,
-                &topic,
-                ReadStop::Quiet {
-                    expected: None,
-                    quiet: Duration::from_secs(2),
-                    max_wait: Duration::from_secs(30),
-                },
-            )
-            .expect("the topic is readable")
-            {
-                None => 0,
-                Some(r) => r.count(),
-            }
-        })
-        .await
-        .expect("reader thread")
+        common::published(&kafka(), &self.prefix)
+            .await
+            .get(&format!("{}.public.items", self.prefix))
+            .copied()
+            .unwrap_or(0)
     }
 
-    async fn assert_nothing_published(&self) {
-        assert_eq!(self.published().await, 0, "events were published");
+    /// A run that failed at start published nothing and left no slot.
+    async fn assert_left_nothing(&self) {
+        common::assert_nothing_published(&kafka(), &self.prefix).await;
+        common::assert_no_slot(&self.db.admin(), &self.slot).await;
     }
 }
 
@@ -128,7 +115,7 @@ async fn wrong_password_names_the_fix() {
         3,
         &["password authentication failed", "Fix:", "PGPASSWORD"],
     );
-    c.assert_nothing_published().await;
+    c.assert_left_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,7 +133,7 @@ async fn unknown_host_names_the_fix() {
         3,
         &["pgcdc-unknown-host!", "does not resolve", "host="],
     );
-    c.assert_nothing_published().await;
+    c.assert_left_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -158,7 +145,7 @@ async fn missing_database_names_the_fix() {
     );
     let out = c.run(&source, &[]);
     assert_fails(&out, 3, &["\"pgcdc_no_such_db\" does not exist", "dbname="]);
-    c.assert_nothing_published().await;
+    c.assert_left_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,7 +155,7 @@ async fn nothing_listening_names_the_fix() {
     let source = format!("host=127.0.0.1 port={port} user=postgres dbname=x sslmode=disable");
     let out = c.run(&source, &[]);
     assert_fails(&out, 3, &["Connection refused", "listens"]);
-    c.assert_nothing_published().await;
+    c.assert_left_nothing().await;
 }
 
 /// PostgreSQL and Kafka are reached at the same time at start-up: a PostgreSQL mistake is
@@ -189,6 +176,7 @@ async fn a_postgres_mistake_is_reported_while_kafka_is_unreachable() {
         "took {:?}",
         started.elapsed()
     );
+    c.assert_left_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -215,6 +203,8 @@ async fn wal_level_not_logical_names_the_fix() {
             "ALTER SYSTEM SET wal_level = logical",
         ],
     );
+    common::assert_nothing_published(&kafka(), &prefix).await;
+    // (A `replica` server cannot hold a logical slot at all.)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -234,7 +224,19 @@ async fn slot_of_another_plugin_names_the_fix() {
         3,
         &["test_decoding", "not pgoutput", "pg_drop_replication_slot"],
     );
-    c.assert_nothing_published().await;
+    common::assert_nothing_published(&kafka(), &c.prefix).await;
+    // The user's slot is left as it was.
+    let plugin: String =
+        c.db.client()
+            .await
+            .query_one(
+                "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&c.slot],
+            )
+            .await
+            .expect("the slot is still there")
+            .get(0);
+    assert_eq!(plugin, "test_decoding");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -254,7 +256,7 @@ async fn publication_with_other_tables_names_the_fix() {
         3,
         &["does not include public.items", "ALTER PUBLICATION"],
     );
-    c.assert_nothing_published().await;
+    c.assert_left_nothing().await;
 }
 
 /// tansu creates any topic it is asked for, so this runs against librdkafka's mock cluster
@@ -410,6 +412,36 @@ async fn passwords_never_appear_in_output() {
             );
         }
     }
+}
+
+/// The test broker has no TLS listener, so TLS to Kafka is not tested end to end. What can
+/// be: a TLS setting librdkafka rejects (a CA file that does not exist) stops pgcdc at start
+/// with a message naming the property — not its value — and nothing published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kafka_tls_setting_librdkafka_rejects_names_the_property() {
+    let c = Case::new(TABLE).await;
+    let secret_dir = common::unique_name("no_such_ca_dir");
+    let ca = std::env::temp_dir().join(&secret_dir).join("ca.pem");
+    let ca = format!("ssl.ca.location={}", ca.display());
+    let mut cmd = c.command(
+        &c.superuser_source(),
+        &[
+            "-X",
+            "security.protocol=SSL",
+            "-X",
+            &ca,
+            "--kafka-timeout",
+            "5",
+        ],
+    );
+    cmd.env("PGCDC_LOG", "trace");
+    let out = cmd.output().expect("pgcdc runs");
+    assert_fails(&out, 4, &["-X ssl.ca.location", "exist"]);
+    for stream in [&out.stdout, &out.stderr] {
+        let text = String::from_utf8_lossy(stream);
+        assert!(!text.contains(&secret_dir), "the value is shown:\n{text}");
+    }
+    c.assert_left_nothing().await;
 }
 
 /// A whole run over TLS, with the TLS-only role, for `require` and `verify-full`.

@@ -824,3 +824,125 @@ async fn binary_copy_snapshot_and_stream_are_byte_identical() {
         );
     }
 }
+
+/// `--tombstones false`: a delete is followed by no tombstone. `--messages false`:
+/// `pg_logical_emit_message` output reaches no topic (transactional or not).
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_and_messages_can_be_turned_off() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);
+         INSERT INTO a VALUES (1, 'x'), (2, 'y');",
+    )
+    .await;
+    let args = [
+        "--table",
+        "public.a",
+        "--tombstones",
+        "false",
+        "--messages",
+        "false",
+        "--stop-lsn",
+        "now",
+    ];
+    assert_success(&p.run(&args), "snapshot");
+    let client = p.db.client().await;
+    for sql in [
+        "BEGIN;
+         DELETE FROM a WHERE id = 1;
+         SELECT pg_logical_emit_message(true, 'outbox', 'in a transaction');
+         INSERT INTO a VALUES (3, 'z');
+         COMMIT;",
+        "SELECT pg_logical_emit_message(false, 'audit', 'not transactional')",
+        "UPDATE a SET id = 20 WHERE id = 2",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    assert_success(&p.run(&args), "stream");
+    // The run has ended: everything it published is there.
+    let events = p.events("a", None).await;
+    let ops: Vec<Option<&str>> = events.iter().map(Event::op).collect();
+    // A key change is a delete and a create: no tombstone between them either.
+    assert_eq!(
+        ops,
+        [
+            Some("r"),
+            Some("r"),
+            Some("d"),
+            Some("c"),
+            Some("d"),
+            Some("c")
+        ],
+        "{events:?}"
+    );
+    let topics = common::published(&common::pipeline::kafka(), &p.prefix).await;
+    let messages = format!("{}.message", p.prefix);
+    assert_eq!(
+        topics.get(&messages).copied().unwrap_or(0),
+        0,
+        "messages were published: {topics:?}"
+    );
+}
+
+/// `--exclude-column` works by name: a column dropped and added again under the excluded name
+/// while pgcdc streams is excluded too, while another new column appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_added_later_under_an_excluded_name_is_excluded_too() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.users (id int PRIMARY KEY, name text, secret text);
+         INSERT INTO users VALUES (1, 'A', 'first-secret');",
+    )
+    .await;
+    let mut child = p.spawn(
+        &[
+            "--table",
+            "public.users",
+            "--exclude-column",
+            "public.users.secret",
+        ],
+        "exclude.log",
+    );
+    p.wait_for_log("exclude.log", "streaming changes").await;
+    let client = p.db.client().await;
+    for sql in [
+        "ALTER TABLE users DROP COLUMN secret",
+        "INSERT INTO users VALUES (2, 'B')",
+        "ALTER TABLE users ADD COLUMN secret text, ADD COLUMN extra int",
+        "INSERT INTO users VALUES (3, 'C', 'second-secret', 3)",
+        "UPDATE users SET secret = 'third-secret', name = 'AA' WHERE id = 1",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let target = p.current_lsn().await;
+    let caught_up = common::poll_until(Duration::from_secs(30), || async {
+        p.confirmed_flush().await.filter(|c| *c >= target)
+    })
+    .await;
+    let log = p.log("exclude.log");
+    assert!(caught_up.is_some(), "did not catch up:\n{log}");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+
+    let records = p.records(&p.topic("users"), Some(4)).await;
+    for r in &records {
+        let raw = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default());
+        assert!(!raw.contains("secret"), "{raw}\n{log}");
+    }
+    let afters: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(r.value.as_deref().unwrap()).unwrap()["after"].clone()
+        })
+        .collect();
+    assert_eq!(
+        afters,
+        [
+            json!({"id": 1, "name": "A"}),
+            json!({"id": 2, "name": "B"}),
+            json!({"id": 3, "name": "C", "extra": 3}),
+            json!({"id": 1, "name": "AA", "extra": null}),
+        ],
+        "{log}"
+    );
+}

@@ -77,7 +77,7 @@ impl Ops {
             .args(["--slot", &self.slot])
             .args(["--topic-prefix", &self.prefix])
             .args(extra);
-        if sub == "run" || sub == "drop" {
+        if sub == "run" || sub == "drop" || sub == "verify" {
             c.args(["--publication", &self.slot]);
         }
         if sub == "run" {
@@ -348,13 +348,14 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
     );
 
     // pgcdc stopped and the table changed: without --no-wait verify cannot reach a point
-    // pgcdc published; with it, the unpublished change shows as a difference.
+    // pgcdc published (and says so at once); with it, the unpublished change shows as a
+    // difference.
     stop(child);
     o.sql("UPDATE items SET n = -10 WHERE id = 10").await;
-    let out = o.output("verify", &["--table", "public.items", "--wait", "1"]);
+    let out = o.output("verify", &["--table", "public.items"]);
     assert_code(&out, 3, "pgcdc is not running");
     assert!(
-        stderr(&out).contains("is `pgcdc run` running?"),
+        stderr(&out).contains("start `pgcdc run` for this slot"),
         "{}",
         stderr(&out)
     );
@@ -666,4 +667,299 @@ async fn verify_encodes_rows_with_runs_event_options() {
     assert_code(&out, 1, "other options: different");
     assert_eq!(json_of(&out)["differing"]["count"], 20);
     stop(child);
+}
+
+/// `run --stop-lsn now` leaves an inactive slot that confirmed less than any later comparison
+/// point (verify's own temporary slot writes WAL). With no change of the table in between,
+/// verify compares at once; with one, it fails at once and names the ways out.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_after_a_stopped_run_compares_at_once_or_names_the_unpublished_change() {
+    let o = Ops::new(ITEMS).await;
+    // Another table of the publication changes after the run: not a change of `items`.
+    o.sql("CREATE TABLE public.other (id int PRIMARY KEY, v text)")
+        .await;
+    let out = o.output("run", &["--table", "public.other", "--stop-lsn", "now"]);
+    assert_code(&out, 0, "run --stop-lsn now");
+    o.sql("INSERT INTO other VALUES (1, 'not items')").await;
+
+    let started = std::time::Instant::now();
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(
+        &out,
+        0,
+        "nothing of items is unpublished: compare without --no-wait",
+    );
+    assert_eq!(json_of(&out)["same"], 50);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "verify waited {:?} for a slot no pgcdc reads",
+        started.elapsed()
+    );
+
+    // A change of the table after the stopped run: no waiting either, and the message says
+    // what to do. Nothing was consumed from the slot by looking.
+    o.sql("UPDATE items SET v = 'unpublished' WHERE id = 7")
+        .await;
+    let confirmed_before = slot_confirmed(&o).await;
+    let started = std::time::Instant::now();
+    let out = o.output("verify", &["--table", "public.items"]);
+    assert_code(&out, 3, "an unpublished change of the table");
+    let err = stderr(&out);
+    assert!(
+        err.contains("no pgcdc is reading")
+            && err.contains("public.items")
+            && err.contains("start `pgcdc run`")
+            && err.contains("--no-wait"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "verify waited {:?} before failing",
+        started.elapsed()
+    );
+    assert_eq!(
+        slot_confirmed(&o).await,
+        confirmed_before,
+        "peeking consumes nothing"
+    );
+
+    // pgcdc publishes it; then verify is content again.
+    let out = o.output("run", &["--table", "public.other", "--stop-lsn", "now"]);
+    assert_code(&out, 0, "run --stop-lsn now again");
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(&out, 0, "published now");
+    assert_eq!(json_of(&out)["same"], 50);
+}
+
+async fn slot_confirmed(o: &Ops) -> String {
+    o.db.client()
+        .await
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&o.slot],
+        )
+        .await
+        .expect("slot exists")
+        .get(0)
+}
+
+/// A `-X` value is one property, whatever it holds: a `;` in a flag's or the config file's
+/// value reaches librdkafka whole (its configuration dump, `debug=conf`, shows it). Only the
+/// variable is a list, where `\;` is a literal semicolon. No error repeats a value.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_properties_keep_semicolons_except_as_the_variables_separator() {
+    let o = Ops::new("SELECT 1").await;
+    // `status` of a slot that does not exist (exit 5) still reads the progress record, so it
+    // creates a Kafka client with the properties.
+    let status = |flags: &[&str], env: Option<&str>, config: Option<&std::path::Path>| {
+        let mut c = o.cmd("status", flags);
+        c.env("PGCDC_LOG", "librdkafka=debug");
+        if let Some(e) = env {
+            c.env("PGCDC_KAFKA_PROPERTIES", e);
+        }
+        if let Some(p) = config {
+            c.arg("--config").arg(p);
+        }
+        c.output().expect("pgcdc runs")
+    };
+    let out = status(
+        &["-X", "client.id=flag;tail", "-X", "debug=conf"],
+        None,
+        None,
+    );
+    assert_code(
+        &out,
+        5,
+        "no slot: exit 5, after reading the progress record",
+    );
+    assert!(
+        stderr(&out).contains("client.id = flag;tail"),
+        "{}",
+        stderr(&out)
+    );
+
+    let config = o.dir.join("x.toml");
+    std::fs::write(
+        &config,
+        "kafka-properties = { \"client.id\" = \"file;tail\", \"debug\" = \"conf\" }\n",
+    )
+    .unwrap();
+    let out = status(&[], None, Some(&config));
+    assert_code(&out, 5, "config file");
+    assert!(
+        stderr(&out).contains("client.id = file;tail"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = status(&[], Some(r"client.id=env\;tail;debug=conf;"), None);
+    assert_code(&out, 5, "variable");
+    assert!(
+        stderr(&out).contains("client.id = env;tail"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A password with a semicolon is not cut, and its tail is not shown as a bad property.
+    let out = status(&["-X", "sasl.password=sec;ret-tail-5521"], None, None);
+    assert_code(&out, 5, "a password with a semicolon");
+    assert!(!stderr(&out).contains("ret-tail-5521"), "{}", stderr(&out));
+    // Malformed properties are reported without their text.
+    for (flags, env) in [
+        (vec!["-X", "sasl.password:secret-7781"], None),
+        (vec![], Some("linger.ms=5;sasl.password:secret-7781")),
+    ] {
+        let out = status(&flags, env, None);
+        assert_code(&out, 2, "not key=value");
+        let err = stderr(&out);
+        assert!(
+            err.contains("key=value") && !err.contains("secret-7781"),
+            "{err}"
+        );
+    }
+}
+
+/// A snapshot that takes a while: rows of ~1 KB, analyzed so the estimate is known.
+const BIG_ITEMS: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int);
+     INSERT INTO public.items SELECT g, repeat('p', 1000), g FROM generate_series(1, 20000) g;
+     ANALYZE public.items;";
+
+/// `--progress log`: while a table's snapshot runs, a `snapshot progress` line every 10 s with
+/// rows read, the estimate, the rate and the time left. The stdout sink writing into a pipe
+/// nobody reads holds the snapshot in the middle for as long as the test needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_log_lines_show_rows_rate_and_eta_during_the_snapshot() {
+    let o = Ops::new(BIG_ITEMS).await;
+    let file = o.dir.join("progress.json");
+    let log = std::fs::File::create(o.dir.join("run.log")).unwrap();
+    let mut child = o
+        .cmd(
+            "run",
+            &[
+                "--sink",
+                "stdout",
+                "--progress-file",
+                file.to_str().unwrap(),
+                "--progress",
+                "log",
+                "--log-format",
+                "json",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("pgcdc starts");
+    let line = common::poll_until(Duration::from_secs(60), || async {
+        o.log("run.log")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == "snapshot progress")
+    })
+    .await
+    .unwrap_or_else(|| panic!("no progress line:\n{}", o.log("run.log")));
+    drop(child.stdout.take()); // ends the run (a closed pipe)
+    stop(child);
+    assert_eq!(line["table"], "public.items", "{line}");
+    let rows = line["rows"].as_u64().expect("rows");
+    let estimate = line["estimated_rows"].as_u64().expect("estimated_rows");
+    assert!(rows > 0 && rows < 20_000, "{line}");
+    assert!((19_000..=21_000).contains(&estimate), "{line}");
+    let rate = line["rows_per_sec"].as_u64().expect("rows_per_sec");
+    assert!(rate > 0, "{line}");
+    // Time left at the measured rate, to within rounding.
+    let eta = line["eta_secs"].as_u64().expect("eta_secs");
+    let expected = (estimate - rows) as f64 / rate as f64;
+    assert!(
+        (eta as f64 - expected).abs() <= expected * 0.1 + 1.0,
+        "{line}"
+    );
+}
+
+/// On a terminal (here a pseudo-terminal from `script`), `--progress auto` draws a bar per
+/// table with rows of the estimate, the rate and the ETA.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_bar_on_a_terminal_shows_rows_rate_and_eta() {
+    if Command::new("script").arg("--version").output().is_err() {
+        return common::skip("progress bar", "`script` (util-linux) is not installed");
+    }
+    let o = Ops::new(BIG_ITEMS).await;
+    let file = o.dir.join("progress.json");
+    let run = o.cmd(
+        "run",
+        &[
+            "--sink",
+            "stdout",
+            "--progress-file",
+            file.to_str().unwrap(),
+            "--stop-lsn",
+            "now",
+        ],
+    );
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let mut shell = quote(run.get_program());
+    for a in run.get_args() {
+        shell.push(' ');
+        shell.push_str(&quote(a));
+    }
+    // stderr stays on the terminal; stdout goes to a pipe read only after 3 s, so the bar is
+    // drawn while the snapshot waits.
+    shell.push_str(" | (sleep 3; cat > /dev/null)");
+    let mut script = Command::new("script");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PGCDC_") && !k.starts_with("PGCDC_TEST_") {
+            script.env_remove(k);
+        }
+    }
+    let out = script
+        .args(["-q", "-e", "-c", &shell, "/dev/null"])
+        .env("TERM", "xterm")
+        .env("PGPASSFILE", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}\n{screen}", out.status);
+    // `public.items [=====>     ] 8,702/20,000 rows, 2,901 rows/s, ETA 4s`
+    let bars: Vec<&str> = screen
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("public.items") && l.contains("ETA"))
+        .collect();
+    assert!(!bars.is_empty(), "no bar drawn:\n{screen}");
+    let mut waiting_eta = false;
+    for bar in &bars {
+        let field = |after: &str, before: &str| -> String {
+            let rest = &bar[bar.find(after).unwrap_or_else(|| panic!("{bar}")) + after.len()..];
+            rest[..rest.find(before).unwrap_or(rest.len())]
+                .trim()
+                .to_string()
+        };
+        let (rows, estimate) = (field("] ", "/"), field("/", " rows,"));
+        let rows: u64 = rows
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{bar}"));
+        let estimate: u64 = estimate
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{bar}"));
+        assert!((19_000..=21_000).contains(&estimate), "{bar}");
+        // The rate is rows read since the table's snapshot began, per second: a whole number,
+        // never more than the rows there are in the time a bar needs to appear.
+        let rate: u64 = field("rows, ", " rows/s")
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{bar}"));
+        assert!(rate <= 10 * estimate, "{bar}");
+        let eta = field("ETA ", "\u{1b}");
+        if rows > 0 && rows < estimate / 2 && eta != "0s" {
+            waiting_eta = true;
+        }
+    }
+    // While the snapshot waits for its reader, time left is time left at the rate so far.
+    assert!(
+        waiting_eta,
+        "no bar of an unfinished snapshot shows time left:\n{}",
+        bars.join("\n")
+    );
 }

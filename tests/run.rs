@@ -436,33 +436,41 @@ async fn snapshot_only_leaves_no_slot() {
 async fn errors_name_the_fix() {
     let p = Pipeline::new(
         "CREATE TABLE public.items (id int PRIMARY KEY, v text);
+         INSERT INTO public.items VALUES (1, 'a'), (2, 'b');
          CREATE TABLE public.nokey (v text);",
     )
     .await;
+    // Each mistake stops pgcdc before it publishes anything or creates its slot.
     assert_fails(
         &p.run(&["--table", "public.missing"]),
         3,
         &["public.missing does not exist"],
     );
+    p.assert_left_nothing().await;
     assert_fails(
         &p.run(&["--table", "public.nokey"]),
         3,
         &["no primary key", "REPLICA IDENTITY FULL"],
     );
+    p.assert_left_nothing().await;
     assert_fails(&p.run(&["--table", "bad name!"]), 2, &["schema.table"]);
+    p.assert_left_nothing().await;
     assert_fails(
         &p.run(&["--table", "items", "--stop-lsn", "x/y"]),
         2,
         &["LSN"],
     );
+    p.assert_left_nothing().await;
     assert_fails(
         &p.run(&["--table", "items", "-X", "novalue"]),
         2,
         &["key=value"],
     );
+    p.assert_left_nothing().await;
 
     let bad_source = p.command_with("host=127.0.0.1 nonsense", &kafka(), &["--table", "items"]);
     assert_fails(&{ bad_source }.output().unwrap(), 2, &["--source"]);
+    p.assert_left_nothing().await;
 
     let no_kafka = p.command_with(
         &p.source(),
@@ -470,15 +478,19 @@ async fn errors_name_the_fix() {
         &["--table", "items", "--kafka-timeout", "2"],
     );
     assert_fails(&{ no_kafka }.output().unwrap(), 4, &["127.0.0.1:9"]);
+    p.assert_left_nothing().await;
 
-    // The slot in use by another pgcdc.
+    // The slot in use by another pgcdc: the second one publishes nothing.
     let mut first = p.spawn(&["--table", "items"], "first.log");
     p.wait_for_log("first.log", "streaming changes").await;
+    let before = common::published(&kafka(), &p.prefix).await;
+    assert_eq!(before.get(&p.topic("items")), Some(&2), "{before:?}");
     assert_fails(
         &p.run(&["--table", "items"]),
         3,
         &["in use by process", "--slot"],
     );
+    assert_eq!(common::published(&kafka(), &p.prefix).await, before);
     let _ = first.kill();
     let _ = first.wait();
 }
@@ -507,7 +519,9 @@ async fn missing_privileges_name_the_grant() {
             .unwrap()
     };
     assert_fails(&as_role(&norepl), 3, &["REPLICATION"]);
+    p.assert_left_nothing().await;
     assert_fails(&as_role(&noselect), 3, &["GRANT SELECT"]);
+    p.assert_left_nothing().await;
     let _ = client
         .batch_execute(&format!("DROP ROLE {norepl}; DROP ROLE {noselect};"))
         .await;
@@ -524,6 +538,7 @@ async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
         .await
         .unwrap();
     let after_update = p.current_lsn().await;
+    let before = common::published(&kafka(), &p.prefix).await;
     let out = p.run(&[
         "--table",
         "items",
@@ -537,6 +552,11 @@ async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
     assert!(
         confirmed < after_update,
         "the failed transaction must not be confirmed"
+    );
+    assert_eq!(
+        common::published(&kafka(), &p.prefix).await,
+        before,
+        "nothing of the refused transaction is published"
     );
 }
 
@@ -614,6 +634,13 @@ async fn without_table_flags_every_table_of_the_publication_is_captured() {
         .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE a, b", p.slot))
         .await
         .unwrap();
+    // A publication that lacks a named table is an error naming the fix.
+    assert_fails(
+        &p.run(&["--table", "public.c", "--stop-lsn", "now"]),
+        3,
+        &["does not include", "ALTER PUBLICATION"],
+    );
+    p.assert_left_nothing().await;
     assert_success(&p.run(&["--stop-lsn", "now"]), "run from the publication");
     assert_eq!(p.events("a", Some(1)).await.len(), 1);
     assert_eq!(p.events("b", Some(2)).await.len(), 2);
@@ -627,13 +654,6 @@ async fn without_table_flags_every_table_of_the_publication_is_captured() {
     .unwrap()
     .unwrap();
     assert!(!c_exists, "a table outside the publication gets no topic");
-
-    // A publication that lacks a named table is an error naming the fix.
-    assert_fails(
-        &p.run(&["--table", "public.c", "--stop-lsn", "now"]),
-        3,
-        &["does not include", "ALTER PUBLICATION"],
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -222,13 +222,14 @@ fn an_unknown_property_is_a_config_error_naming_it() {
 }
 
 #[test]
-fn an_invalid_value_is_a_config_error_naming_the_property() {
+fn an_invalid_value_is_a_config_error_naming_the_property_not_the_value() {
     let cfg = KafkaConfig::new("127.0.0.1:9").property("compression.type", "snappier");
     let err = KafkaSink::new(cfg).err().expect("must fail");
     let msg = err.to_string();
     assert!(matches!(err, SinkError::Config(_)), "{err:?}");
+    // Any value may be a secret: none is repeated.
     assert!(
-        msg.contains("compression.type") && msg.contains("snappier"),
+        msg.contains("compression.type") && !msg.contains("snappier"),
         "{msg}"
     );
 }

@@ -6,8 +6,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use pgcdc::cli::Property;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use pgcdc::cli::{properties_from_env, Property, PropertyParser};
 use pgcdc::indexer::http::HttpClient;
 use pgcdc::indexer::meili::MeiliTarget;
 use pgcdc::indexer::target::{StdoutTarget, Target};
@@ -61,12 +61,13 @@ struct Args {
     )]
     meili_key: Option<String>,
 
-    /// A librdkafka property for the reader (repeatable; semicolon-separated in the variable).
+    /// A librdkafka property for the reader (repeatable; the value is taken whole). In the
+    /// variable: semicolon-separated, `\;` for a semicolon inside a value.
     #[arg(
         short = 'X',
         env = "PGCDC_INDEXER_KAFKA_PROPERTIES",
         value_name = "KEY=VALUE",
-        value_delimiter = ';',
+        value_parser = PropertyParser,
         hide_env_values = true
     )]
     kafka_properties: Vec<Property>,
@@ -96,7 +97,20 @@ enum TargetKind {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let mut args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    // Only the variable is a list; a flag's value is one property.
+    match properties_from_env(&matches, "kafka_properties") {
+        Some(Ok(p)) => args.kafka_properties = p,
+        Some(Err(e)) => {
+            eprintln!("error: PGCDC_INDEXER_KAFKA_PROPERTIES: {e}");
+            return ExitCode::from(2);
+        }
+        None => {}
+    }
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

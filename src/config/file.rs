@@ -48,6 +48,8 @@ pub enum ConfigError {
         key: String,
         problem: String,
     },
+    #[error("PGCDC_KAFKA_PROPERTIES: {0}")]
+    Env(String),
     #[error("config file {path}: {message} (the value came from the file's `{key}`)")]
     Invalid {
         path: PathBuf,
@@ -67,7 +69,7 @@ where
     let cmd = Cli::command();
     let matches = cmd.clone().try_get_matches_from(&args)?;
     let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return finish(&matches);
     };
     let table = load(&path)?;
     check_keys(&cmd, &table, &path)?;
@@ -85,7 +87,7 @@ where
         }
     }
     if extra.is_empty() {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return finish(&matches);
     }
     let mut all = args.clone();
     all.extend(extra);
@@ -111,7 +113,27 @@ where
             });
         }
     };
-    Ok(Cli::from_arg_matches(&matches)?)
+    finish(&matches)
+}
+
+/// The parsed command line, with `PGCDC_KAFKA_PROPERTIES` split into its properties when the
+/// `-X` values came from it (clap splits nothing: a flag's or the file's value is one
+/// property, even with a `;` in it).
+fn finish(matches: &ArgMatches) -> Result<Cli, ConfigError> {
+    let mut cli = Cli::from_arg_matches(matches)?;
+    let Some((_, sub)) = matches.subcommand() else {
+        return Ok(cli);
+    };
+    if let Some(from_env) = crate::cli::properties_from_env(sub, "kafka_properties") {
+        let properties = from_env.map_err(ConfigError::Env)?;
+        match &mut cli.command {
+            crate::cli::Command::Run(a) => a.kafka_properties = properties,
+            crate::cli::Command::Status(a) => a.conn.kafka_properties = properties,
+            crate::cli::Command::Verify(a) => a.conn.kafka_properties = properties,
+            crate::cli::Command::Drop(a) => a.conn.kafka_properties = properties,
+        }
+    }
+    Ok(cli)
 }
 
 fn first_line(s: &str) -> String {
@@ -331,6 +353,32 @@ mod tests {
         };
         assert_eq!(st.conn.slot, "from_file");
         assert_eq!(st.max_retained_wal, 2 << 20);
+    }
+
+    #[test]
+    fn a_files_property_value_is_taken_whole() {
+        let p = write(
+            "x.toml",
+            "kafka-properties = { \"sasl.password\" = \"a;b\", \"client.id\" = \"c\" }\n",
+        );
+        let cli = parse_cli(["pgcdc", "status", "--config", p.to_str().unwrap()]).unwrap();
+        let Sub::Status(st) = cli.command else {
+            panic!("status expected")
+        };
+        let mut p: Vec<(String, String)> = st
+            .conn
+            .kafka_properties
+            .into_iter()
+            .map(|p| (p.key, p.value))
+            .collect();
+        p.sort();
+        assert_eq!(
+            p,
+            [
+                ("client.id".to_string(), "c".to_string()),
+                ("sasl.password".to_string(), "a;b".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -23,6 +23,22 @@
 //! acknowledged, and reading each partition up to its high watermark — taken after that —
 //! returns all of them. Events past `C` that are read too are filtered out by `commit_lsn`.
 //!
+//! # A slot no pgcdc reads
+//!
+//! Creating the temporary slot writes WAL, so `C` always lies past what a stopped pgcdc
+//! confirmed: waiting for an inactive slot (`pg_replication_slots.active` false) would be in
+//! vain. Such a slot is settled at once instead. Whatever committed before its
+//! `confirmed_flush_lsn` is published; what committed between it and `C` is what the slot
+//! would send next, and `pg_logical_slot_peek_binary_changes` up to `C` decodes exactly that
+//! without consuming it (pgoutput, protocol 1, through `--publication`, decoded by
+//! [`crate::source::pgoutput`]). If no transaction committed before `C` holds an insert,
+//! update, delete or truncate of the table (or of one of its partitions), every event the
+//! comparison needs is already in the topic, and verify compares. Otherwise it stops at once
+//! and says how to get there: start pgcdc, or `--no-wait`. The peek runs on a connection of
+//! its own (an error must not end the snapshot transaction) and makes the slot active for
+//! that moment; a pgcdc starting then retries, and a slot taken meanwhile is waited for as an
+//! active one. An active slot is waited for, up to `--wait`.
+//!
 //! Per key, replays after a crash repeat older events; the event with the highest
 //! `(commit_lsn, lsn)` wins (a snapshot read before a streamed change at the same
 //! `commit_lsn`), the later offset on a tie.
@@ -49,10 +65,11 @@ use serde_json::value::RawValue;
 
 use super::{parse_lsn, EXIT_DIFFERENT};
 use crate::cli::VerifyArgs;
+use crate::config::conninfo::ConnInfo;
 use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::kafka::{self, ConsumedRecord, KafkaConfig, ReadStop, TopicReader};
-use crate::source::catalog::{self, quote_literal};
+use crate::source::catalog::{self, quote_ident, quote_literal};
 use crate::source::changes::topic_name;
 use crate::source::replication::{ReplicationClient, SnapshotAction};
 use crate::source::{copy_text, snapshot, Lsn};
@@ -234,7 +251,7 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
     if args.no_wait {
         tracing::warn!(table = %args.table, "--no-wait: changes pgcdc has not published yet show up as differences");
     } else {
-        wait_for_slot(&client, &args.conn.slot, point, args.wait).await?;
+        wait_for_slot(&client, &info, &args, &table_info, point).await?;
     }
 
     // 3. The topic's state at the point.
@@ -364,20 +381,25 @@ fn encode_read(
     encoder.value(table, &change, 0)
 }
 
-/// Polls pgcdc's slot until it confirmed `point`.
+/// Polls pgcdc's slot until it confirmed `point`; a slot no process reads is settled at
+/// once by peeking at what it holds (see the module docs).
 async fn wait_for_slot(
     client: &tokio_postgres::Client,
-    slot: &str,
+    info: &ConnInfo,
+    args: &VerifyArgs,
+    table: &catalog::TableInfo,
     point: Lsn,
-    wait: Duration,
 ) -> Result<(), Failure> {
+    let slot = args.conn.slot.as_str();
+    let wait = args.wait;
     let deadline = Instant::now() + wait;
     loop {
         // Outside the snapshot transaction's view? pg_replication_slots is not MVCC-protected:
         // it shows the live value even inside a REPEATABLE READ transaction.
         let row = client
             .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots \
+                 WHERE slot_name = $1",
                 &[&slot],
             )
             .await
@@ -393,9 +415,51 @@ async fn wait_for_slot(
             ));
         };
         let confirmed = parse_lsn(row.get(0), "confirmed_flush_lsn")?;
+        let active: bool = row.get(1);
         if confirmed.is_some_and(|c| c >= point) {
             tracing::info!(slot, confirmed = %confirmed.unwrap_or_default(), "pgcdc is past the comparison point");
             return Ok(());
+        }
+        if !active {
+            let confirmed = confirmed.unwrap_or_default();
+            match unpublished_change(info, slot, &args.publication, table, point).await? {
+                Peeked::Busy => {} // a pgcdc took the slot meanwhile: wait for it
+                Peeked::Nothing => {
+                    tracing::info!(
+                        slot,
+                        confirmed = %confirmed,
+                        "no pgcdc is reading the slot, and it holds no change of the table \
+                         before the comparison point: comparing"
+                    );
+                    return Ok(());
+                }
+                Peeked::Change(commit) => {
+                    return Err(Failure::new(
+                        FailureKind::Source,
+                        anyhow!(
+                            "no pgcdc is reading replication slot `{slot}`, and it holds a \
+                             change of {} that pgcdc has not published (in a transaction \
+                             committed at {commit}; the slot confirmed {confirmed}, the \
+                             comparison point is {point}): start `pgcdc run` for this slot \
+                             and verify again, or compare what the topic holds now with \
+                             --no-wait",
+                            table.name
+                        ),
+                    ));
+                }
+                Peeked::TooMuch(rows) => {
+                    return Err(Failure::new(
+                        FailureKind::Source,
+                        anyhow!(
+                            "no pgcdc is reading replication slot `{slot}`, and it holds \
+                             {rows} or more messages pgcdc has not published before the \
+                             comparison point {point} (it confirmed {confirmed}): start \
+                             `pgcdc run` for this slot and verify again, or compare what the \
+                             topic holds now with --no-wait"
+                        ),
+                    ));
+                }
+            }
         }
         if Instant::now() >= deadline {
             return Err(Failure::new(
@@ -410,6 +474,133 @@ async fn wait_for_slot(
             ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What an inactive slot holds before the comparison point.
+#[derive(Debug, PartialEq, Eq)]
+enum Peeked {
+    /// No change of the table.
+    Nothing,
+    /// A change of the table, in a transaction committed at this LSN.
+    Change(Lsn),
+    /// This many messages (the limit) or more: not looked through.
+    TooMuch(i64),
+    /// A process took the slot meanwhile.
+    Busy,
+}
+
+/// At most this many pgoutput messages are decoded by a peek (about 2 s of the server's
+/// decoding here); a slot that holds more is far behind anyway.
+const PEEK_LIMIT: i32 = 200_000;
+
+/// Peeks, without consuming, at what `slot` would send up to `point` through `publication`,
+/// and looks for a change of `table` (or one of its partitions) in a transaction that
+/// committed before `point`.
+async fn unpublished_change(
+    info: &ConnInfo,
+    slot: &str,
+    publication: &str,
+    table: &catalog::TableInfo,
+    point: Lsn,
+) -> Result<Peeked, Failure> {
+    // Its own connection: a failed peek must not end the snapshot transaction.
+    let peek = crate::source::connect::connect(info)
+        .await
+        .context("cannot connect to PostgreSQL to look into the slot")
+        .or_fail(FailureKind::Source)?;
+    let oids: HashSet<u32> = if table.partitioned {
+        // Without publish_via_partition_root, changes come under the partitions' own OIDs.
+        peek.query(
+            "WITH RECURSIVE t(oid) AS (SELECT $1::oid UNION \
+             SELECT i.inhrelid FROM pg_inherits i JOIN t ON i.inhparent = t.oid) \
+             SELECT oid FROM t",
+            &[&table.oid],
+        )
+        .await
+        .or_fail(FailureKind::Source)?
+        .iter()
+        .map(|r| r.get::<_, u32>(0))
+        .collect()
+    } else {
+        HashSet::from([table.oid])
+    };
+    // The options' value is a list of identifiers, so the name is quoted as one.
+    let publications = quote_ident(publication);
+    let point_text = point.to_string();
+    let rows = peek
+        .query_raw(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+             'proto_version', '1', 'publication_names', $4)",
+            [
+                &slot as &(dyn tokio_postgres::types::ToSql + Sync),
+                &point_text,
+                &PEEK_LIMIT,
+                &publications,
+            ],
+        )
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => return peek_error(e, slot, publication),
+    };
+    futures_util::pin_mut!(rows);
+    let mut decoder = crate::source::pgoutput::Decoder::new();
+    let mut commit = Lsn::INVALID;
+    let mut seen: i64 = 0;
+    while let Some(row) = rows.next().await {
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => return peek_error(e, slot, publication),
+        };
+        seen += 1;
+        let data: Vec<u8> = row.try_get(0).or_fail(FailureKind::Source)?;
+        let message = decoder.decode(bytes::Bytes::from(data)).map_err(|e| {
+            Failure::new(
+                FailureKind::Source,
+                anyhow!("cannot decode what slot `{slot}` holds: {e}"),
+            )
+        })?;
+        use crate::source::pgoutput::LogicalMessage as M;
+        let touched = match &message {
+            M::Begin(b) => {
+                commit = b.final_lsn;
+                false
+            }
+            M::Insert(m) => oids.contains(&m.relation_oid),
+            M::Update(m) => oids.contains(&m.relation_oid),
+            M::Delete(m) => oids.contains(&m.relation_oid),
+            M::Truncate(m) => m.relation_oids.iter().any(|o| oids.contains(o)),
+            _ => false,
+        };
+        // A transaction committing at the point itself is not in the table's snapshot.
+        if touched && commit < point {
+            return Ok(Peeked::Change(commit));
+        }
+    }
+    if seen >= i64::from(PEEK_LIMIT) {
+        return Ok(Peeked::TooMuch(seen));
+    }
+    Ok(Peeked::Nothing)
+}
+
+fn peek_error(e: tokio_postgres::Error, slot: &str, publication: &str) -> Result<Peeked, Failure> {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::OBJECT_IN_USE => Ok(Peeked::Busy),
+        Some(c) if *c == SqlState::UNDEFINED_OBJECT => Err(Failure::new(
+            FailureKind::Source,
+            anyhow!(
+                "cannot look into replication slot `{slot}` through publication \
+                 `{publication}`: {}. Pass the --publication and --slot that `run` uses",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+            ),
+        )),
+        _ => Err(Failure::new(
+            FailureKind::Source,
+            anyhow!("cannot look into replication slot `{slot}`: {e}"),
+        )),
     }
 }
 

@@ -105,10 +105,57 @@ pub(super) async fn snapshot_display(
     }
 }
 
+/// Time left at the rate so far (rows read since the table's snapshot began, per second);
+/// none when the rate or the rows left are unknown.
 fn eta(rows: u64, estimate: i64, elapsed: Duration) -> Option<Duration> {
     let rate = rows as f64 / elapsed.as_secs_f64().max(0.001);
     (estimate > rows as i64 && rate > 0.0)
         .then(|| Duration::from_secs_f64((estimate as f64 - rows as f64) / rate))
+}
+
+/// A bar's `1,234 rows/s`: the same rate as the log lines and [`eta`] use. (indicatif's own
+/// `{per_sec}` and `{eta}` weigh recent steps: a bar created just before a burst of rows
+/// showed millions of rows a second, and a snapshot waiting for its sink `ETA 0s`.)
+fn rate_text(rows: u64, elapsed: Duration) -> String {
+    let rate = rows as f64 / elapsed.as_secs_f64().max(0.001);
+    format!("{} rows/s", indicatif::HumanCount(rate.round() as u64))
+}
+
+/// A bar's time left: `4s`, `2m 30s`, or `?` while unknown.
+fn eta_text(rows: u64, estimate: u64, elapsed: Duration) -> String {
+    match eta(rows, i64::try_from(estimate).unwrap_or(i64::MAX), elapsed) {
+        Some(d) => {
+            let s = d.as_secs_f64().round() as u64;
+            match (s / 3600, s / 60 % 60, s % 60) {
+                (0, 0, s) => format!("{s}s"),
+                (0, m, s) => format!("{m}m {s}s"),
+                (h, m, _) => format!("{h}h {m}m"),
+            }
+        }
+        None if estimate > 0 && rows >= estimate => "0s".to_string(),
+        None => "?".to_string(),
+    }
+}
+
+/// The bar of a table with a row estimate: rows of the estimate, rate, time left.
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>24} [{bar:30}] {human_pos}/{human_len} rows, {rows_per_sec}, ETA {time_left}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .with_key(
+        "rows_per_sec",
+        |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&rate_text(s.pos(), s.elapsed()));
+        },
+    )
+    .with_key(
+        "time_left",
+        |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&eta_text(s.pos(), s.len().unwrap_or(0), s.elapsed()));
+        },
+    )
+    .progress_chars("=> ")
 }
 
 async fn log_lines(counters: Vec<Arc<TableMetrics>>, mut stop: oneshot::Receiver<()>) {
@@ -144,20 +191,28 @@ async fn log_lines(counters: Vec<Arc<TableMetrics>>, mut stop: oneshot::Receiver
 async fn bars(counters: Vec<Arc<TableMetrics>>, mut stop: oneshot::Receiver<()>) {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     crate::logging::set_bars(multi.clone());
-    let style = ProgressStyle::with_template(
-        "{prefix:>24} [{bar:30}] {human_pos}/{human_len} rows {per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    let unknown = ProgressStyle::with_template("{prefix:>24} {spinner} {human_pos} rows {per_sec}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let style = bar_style();
+    let unknown =
+        ProgressStyle::with_template("{prefix:>24} {spinner} {human_pos} rows, {rows_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner())
+            .with_key(
+                "rows_per_sec",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&rate_text(s.pos(), s.elapsed()));
+                },
+            );
     let mut shown: Vec<Option<ProgressBar>> = vec![None; counters.len()];
     let mut tick = tokio::time::interval(BAR_EVERY);
+    let mut previous = Instant::now();
     loop {
         let stopping = tokio::select! {
             _ = &mut stop => true,
             _ = tick.tick() => false,
         };
+        // A table seen running for the first time began since the previous look: its bar's
+        // clock starts then, so the rate counts the rows read meanwhile over that time.
+        let since_previous = previous.elapsed().min(Duration::from_secs(1));
+        previous = Instant::now();
         for (c, slot) in counters.iter().zip(shown.iter_mut()) {
             let running = c.snapshot_running.load(Relaxed);
             let done = c.snapshot_done.load(Relaxed);
@@ -168,7 +223,8 @@ async fn bars(counters: Vec<Arc<TableMetrics>>, mut stop: oneshot::Receiver<()>)
                 } else {
                     ProgressBar::new_spinner().with_style(unknown.clone())
                 };
-                *slot = Some(multi.add(pb.with_prefix(c.label.clone())));
+                *slot =
+                    Some(multi.add(pb.with_prefix(c.label.clone()).with_elapsed(since_previous)));
             }
             if let Some(pb) = slot {
                 let rows = c.snapshot_rows.load(Relaxed);
@@ -188,4 +244,26 @@ async fn bars(counters: Vec<Arc<TableMetrics>>, mut stop: oneshot::Receiver<()>)
     }
     crate::logging::clear_bars();
     let _ = multi.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_and_time_left_come_from_the_rows_since_the_start() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(rate_text(25_000, ten), "2,500 rows/s");
+        assert_eq!(eta_text(25_000, 100_000, ten), "30s");
+        assert_eq!(eta_text(1_000, 100_000, ten), "16m 30s");
+        assert_eq!(eta_text(1, 100_000, ten), "277h 46m");
+        assert_eq!(eta_text(0, 100_000, ten), "?");
+        assert_eq!(eta_text(100_000, 100_000, ten), "0s");
+        assert_eq!(eta_text(5, 0, ten), "?");
+        // A bar that appears just as a burst of rows arrives does not claim millions a second.
+        assert_eq!(
+            rate_text(4_446, Duration::from_millis(200)),
+            "22,230 rows/s"
+        );
+    }
 }

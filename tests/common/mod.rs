@@ -279,3 +279,68 @@ pub fn other_ca_pem() -> Vec<u8> {
     b.sign(&key, MessageDigest::sha256()).unwrap();
     b.build().to_pem().unwrap()
 }
+
+/// Records per topic named `<prefix>.…` on `kafka` (every topic a run with that
+/// `--topic-prefix` writes, its progress topic included), read until 2 s pass with nothing new.
+pub async fn published(kafka: &str, prefix: &str) -> std::collections::BTreeMap<String, usize> {
+    use pgcdc::sink::kafka::{KafkaConfig, ReadStop, TopicReader};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let kafka = kafka.to_string();
+    let prefix = format!("{prefix}.");
+    tokio::task::spawn_blocking(move || {
+        let lister: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka)
+            .create()
+            .expect("a metadata client");
+        let metadata = lister
+            .fetch_metadata(None, Duration::from_secs(20))
+            .expect("the broker lists its topics");
+        let topics: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        let cfg = KafkaConfig::new(kafka.clone());
+        topics
+            .into_iter()
+            .map(|topic| {
+                let stop = ReadStop::Quiet {
+                    expected: None,
+                    quiet: Duration::from_secs(2),
+                    max_wait: Duration::from_secs(30),
+                };
+                let n = TopicReader::open_if_exists(&cfg, &topic, stop)
+                    .expect("the topic is readable")
+                    .map_or(0, |r| r.count());
+                (topic, n)
+            })
+            .collect()
+    })
+    .await
+    .expect("reader thread")
+}
+
+/// A run that failed published nothing: no topic of its prefix holds a record (topics it
+/// created may exist, empty).
+pub async fn assert_nothing_published(kafka: &str, prefix: &str) {
+    let records = published(kafka, prefix).await;
+    assert!(
+        records.values().all(|n| *n == 0),
+        "a failed run published records: {records:?}"
+    );
+}
+
+/// A run that failed at start left no replication slot `slot` behind.
+pub async fn assert_no_slot(info: &ConnInfo, slot: &str) {
+    let n: i64 = client(info)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("query slots")
+        .get(0);
+    assert_eq!(n, 0, "a failed run left slot {slot} behind");
+}

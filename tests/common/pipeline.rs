@@ -202,6 +202,12 @@ impl Pipeline {
             .collect()
     }
 
+    /// A run that failed at start published nothing and left no slot.
+    pub async fn assert_left_nothing(&self) {
+        super::assert_nothing_published(&kafka(), &self.prefix).await;
+        super::assert_no_slot(&self.db.admin(), &self.slot).await;
+    }
+
     pub async fn confirmed_flush(&self) -> Option<u64> {
         let client = self.db.client().await;
         let row = client

@@ -253,16 +253,40 @@ fn unique_group_id() -> String {
     format!("pgcdc-reader-{}-{nanos}", std::process::id())
 }
 
-/// Maps a client creation failure to [`SinkError::Config`], naming the property.
+/// Maps a client creation failure to [`SinkError::Config`], naming the property but not its
+/// value.
 pub(crate) fn config_error(e: KafkaError) -> SinkError {
     match e {
         KafkaError::ClientConfig(_, desc, key, value) => {
-            let value = if is_secret(&key) { "***" } else { &value };
-            SinkError::Config(format!("-X {key}={value}: {desc}"))
+            // The value is never repeated (it may be a secret under any key); librdkafka's
+            // description quotes it.
+            let mut desc = desc.replace(&format!("\"{value}\""), "(the value given)");
+            if value.len() >= 3 {
+                desc = desc.replace(&value, "…");
+            }
+            SinkError::Config(format!("-X {key}: {desc}"))
         }
-        KafkaError::ClientCreation(msg) => SinkError::Config(msg),
+        KafkaError::ClientCreation(msg) => SinkError::Config(creation_error(&msg)),
         other => SinkError::Config(other.to_string()),
     }
+}
+
+/// librdkafka reports a property it could not use at creation as `<property> failed: <why>`
+/// (e.g. `ssl.ca.location failed: …system lib`, for a file that does not exist): name it as
+/// the `-X` it came from, and for a file say what to check.
+fn creation_error(msg: &str) -> String {
+    let Some((property, why)) = msg.split_once(" failed: ") else {
+        return msg.to_string();
+    };
+    if property.contains(char::is_whitespace) || !property.contains('.') {
+        return msg.to_string();
+    }
+    let hint = if property.ends_with(".location") {
+        ": check that the file it names exists, is readable by pgcdc and holds PEM"
+    } else {
+        ""
+    };
+    format!("-X {property}: librdkafka cannot use it ({why}){hint}")
 }
 
 /// A blocking Kafka call's task ended without an answer: re-raise its panic, or report that
@@ -272,13 +296,6 @@ pub(crate) fn join_error(e: tokio::task::JoinError) -> SinkError {
         Ok(panic) => std::panic::resume_unwind(panic),
         Err(_) => SinkError::ShuttingDown,
     }
-}
-
-fn is_secret(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    ["password", "secret", "key", "token", "jaas"]
-        .iter()
-        .any(|s| k.contains(s))
 }
 
 /// The librdkafka client context of every pgcdc client: routes librdkafka's log lines and
@@ -472,5 +489,23 @@ mod tests {
         let s = e.to_string();
         assert!(s.contains("sasl.password.typo"), "{s}");
         assert!(!s.contains("hunter2"), "{s}");
+        let e = config_error(KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value \"snappier\" for configuration property \"compression.type\"".into(),
+            "compression.type".into(),
+            "snappier".into(),
+        ));
+        let s = e.to_string();
+        assert!(s.contains("-X compression.type: Invalid value"), "{s}");
+        let s = config_error(KafkaError::ClientCreation(
+            "ssl.ca.location failed: error:05880002:x509 certificate routines::system lib".into(),
+        ))
+        .to_string();
+        assert!(
+            s.contains("-X ssl.ca.location: librdkafka cannot use it"),
+            "{s}"
+        );
+        assert!(s.contains("file it names exists"), "{s}");
+        assert!(!s.contains("snappier"), "{s}");
     }
 }

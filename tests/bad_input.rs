@@ -183,7 +183,7 @@ async fn a_postgres_mistake_is_reported_while_kafka_is_unreachable() {
         .command_with(&c.superuser_source(), &nowhere, &["--table", "public.nope"])
         .output()
         .expect("pgcdc runs");
-    assert_fails(&out, 3, &["public.nope"]);
+    assert_fails(&out, 3, &[r#""public"."nope""#]);
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "took {:?}",

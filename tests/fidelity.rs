@@ -603,7 +603,7 @@ async fn flat_format_with_excluded_column() {
     assert_fails(
         &p.run(&["--table", "users", "--exclude-column", "public.users.id"]),
         2,
-        &["public.users.id", "cannot be excluded"],
+        &[r#""public"."users"."id""#, "cannot be excluded"],
     );
     assert_fails(
         &p.run(&["--table", "users", "--exclude-column", "users.emial"]),
@@ -822,5 +822,150 @@ async fn binary_copy_snapshot_and_stream_are_byte_identical() {
             read_again.get(id),
             "row {id}: read (left) vs its streamed copy read in parallel (right)"
         );
+    }
+}
+
+/// Names that SQL must quote: keywords, mixed case, spaces, quotes, unicode; an ordinary
+/// table, a partitioned one (read through `COPY (SELECT …)`) and one big enough to be read
+/// in page ranges by two workers (fillfactor 10 and 500-byte rows: a row per page, 2,600
+/// pages, more than two ranges' minimum of 1,024).
+const ODD_NAMES: &str = r#"
+    CREATE SCHEMA "Odd ""Schema"" ü";
+    CREATE TABLE "Odd ""Schema"" ü"."Order ""Table"" ✓" ("order" int PRIMARY KEY, "group" text,
+        "user" text, "Mixed Case" int, "q""uote d" text, "ünï còdé" bool);
+    INSERT INTO "Odd ""Schema"" ü"."Order ""Table"" ✓"
+        SELECT g, 'g' || g, 'u' || g, g * 2, 'q"' || g, g % 2 = 0 FROM generate_series(1, 50) g;
+    CREATE TABLE public."group" ("user" int PRIMARY KEY, "order" text, "Mixed Case" int)
+        PARTITION BY RANGE ("user");
+    CREATE TABLE public.group_low PARTITION OF public."group" FOR VALUES FROM (MINVALUE) TO (1000);
+    CREATE TABLE public."Group High" PARTITION OF public."group" FOR VALUES FROM (1000) TO (MAXVALUE);
+    INSERT INTO public."group" SELECT g, 'o' || g, -g FROM generate_series(1, 2000, 7) g;
+    CREATE SCHEMA "Mixed Case";
+    CREATE TABLE "Mixed Case"."user" ("user" int PRIMARY KEY, "select" text, "Mixed Case" int)
+        WITH (fillfactor = 10);
+    INSERT INTO "Mixed Case"."user" SELECT g, repeat('s', 500), g FROM generate_series(1, 2600) g;"#;
+
+/// The tables of [`ODD_NAMES`]: SQL name (also the `--table` value), topic after the
+/// prefix, key column.
+const ODD_TABLES: [(&str, &str, &str); 3] = [
+    (
+        r#""Odd ""Schema"" ü"."Order ""Table"" ✓""#,
+        r#"Odd "Schema" ü.Order "Table" ✓"#,
+        "order",
+    ),
+    (r#"public."group""#, "public.group", "user"),
+    (r#""Mixed Case"."user""#, "Mixed Case.user", "user"),
+];
+
+/// Checks that replaying `lines` gives every table of [`ODD_TABLES`] as it is now.
+async fn assert_odd_tables<'a>(
+    p: &Pipeline,
+    lines: impl IntoIterator<Item = &'a Value> + Clone,
+    what: &str,
+) {
+    let client = p.db.client().await;
+    for (table, topic, key) in ODD_TABLES {
+        let topic = format!("{}.{topic}", p.prefix);
+        let got = common::lines::replay(lines.clone(), &topic, &[key]);
+        let want = common::lines::table_state(&client, table, "*", "true", &[key]).await;
+        common::lines::assert_same(&got, &want, &format!("{what}: {table}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_that_sql_must_quote_are_read_and_streamed() {
+    use common::lines::run;
+    let p = Pipeline::new(ODD_NAMES).await;
+    let mut tables = Vec::new();
+    for (table, _, _) in ODD_TABLES {
+        tables.extend(["--table", table]);
+    }
+    let with = |extra: &[&'static str]| {
+        let mut a = tables.clone();
+        a.extend_from_slice(extra);
+        a
+    };
+
+    let first = run(&p, &with(&["--stop-lsn", "now"]), "snapshot (binary COPY)");
+    assert!(
+        first.log.matches("copy=\"binary\"").count() == 3,
+        "every table is read with binary COPY:\n{}",
+        first.log
+    );
+    assert_odd_tables(&p, &first.lines, "snapshot").await;
+
+    p.db.client()
+        .await
+        .batch_execute(
+            r#"INSERT INTO "Odd ""Schema"" ü"."Order ""Table"" ✓" VALUES (100, 'new', 'x', 1, 'q', true);
+               UPDATE "Odd ""Schema"" ü"."Order ""Table"" ✓" SET "group" = 'changed', "user" = 'changed' WHERE "order" = 1;
+               UPDATE "Odd ""Schema"" ü"."Order ""Table"" ✓" SET "order" = 200 WHERE "order" = 2;
+               DELETE FROM "Odd ""Schema"" ü"."Order ""Table"" ✓" WHERE "order" = 3;
+               INSERT INTO public."group" VALUES (5000, 'new', 5);
+               UPDATE public."group" SET "order" = 'changed' WHERE "user" = 1;
+               UPDATE public."group" SET "user" = 1001 WHERE "user" = 8;
+               DELETE FROM public."group" WHERE "user" = 15;
+               UPDATE "Mixed Case"."user" SET "select" = 'changed' WHERE "user" % 100 = 0;
+               DELETE FROM "Mixed Case"."user" WHERE "user" = 5;
+               INSERT INTO "Mixed Case"."user" VALUES (40000, 'new', 1);"#,
+        )
+        .await
+        .unwrap();
+    let second = run(&p, &with(&["--stop-lsn", "now"]), "stream");
+    assert!(second.lines.len() >= 40, "{} events", second.lines.len());
+    let both: Vec<&Value> = first.lines.iter().chain(&second.lines).collect();
+    assert_odd_tables(&p, both.iter().copied(), "snapshot and stream").await;
+    for (_, topic, _) in ODD_TABLES {
+        let topic = format!("{}.{topic}", p.prefix);
+        let ids: HashSet<&Value> = both
+            .iter()
+            .filter(|l| l["topic"] == topic.as_str() && !l["value"].is_null())
+            .map(|l| &l["value"]["source"]["schema_id"])
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "{topic}: one schema_id in snapshot and stream"
+        );
+    }
+
+    let text = run(
+        &p,
+        &with(&["--snapshot-only", "--snapshot-copy", "text"]),
+        "snapshot (text COPY)",
+    );
+    assert_eq!(text.log.matches("copy=\"text\"").count(), 3, "{}", text.log);
+    assert_odd_tables(&p, &text.lines, "text COPY").await;
+
+    for copy in ["auto", "text"] {
+        let parallel = run(
+            &p,
+            &with(&[
+                "--snapshot-only",
+                "--snapshot-workers",
+                "2",
+                "--snapshot-copy",
+                copy,
+            ]),
+            "parallel snapshot",
+        );
+        let units: usize = parallel
+            .log
+            .split("units=")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no unit count in the log:\n{}", parallel.log));
+        assert!(
+            units > 3,
+            "no table was cut into page ranges:\n{}",
+            parallel.log
+        );
+        assert_odd_tables(
+            &p,
+            &parallel.lines,
+            &format!("page ranges, --snapshot-copy {copy}"),
+        )
+        .await;
     }
 }

@@ -196,7 +196,7 @@ async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
         .iter()
         .find(|l| l["message"] == "snapshot: reading table")
         .unwrap_or_else(|| panic!("{log}"));
-    assert_eq!(snapshot_line["table"], "public.items");
+    assert_eq!(snapshot_line["table"], r#""public"."items""#);
     assert_eq!(snapshot_line["level"], "INFO");
 
     let out = o.output("status", &["--json"]);

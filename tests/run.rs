@@ -442,7 +442,7 @@ async fn errors_name_the_fix() {
     assert_fails(
         &p.run(&["--table", "public.missing"]),
         3,
-        &["public.missing does not exist"],
+        &[r#""public"."missing" does not exist"#],
     );
     assert_fails(
         &p.run(&["--table", "public.nokey"]),

@@ -18,42 +18,42 @@ use crate::source::Lsn;
 pub enum PreflightError {
     #[error("wal_level is `{0}`, but logical replication needs `logical`. Fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL")]
     WalLevel(String),
-    #[error("role `{0}` may not start replication. Fix: ALTER ROLE \"{0}\" REPLICATION; (or connect as a role that has it)")]
+    #[error("role `{0}` may not start replication. Fix: ALTER ROLE {role} REPLICATION; (or connect as a role that has it)", role = quote_ident(.0))]
     NoReplication(String),
     #[error("table {0} does not exist (names are schema.table, as in the catalog; quote mixed case: '\"MySchema\".\"Orders\"')")]
     NoSuchTable(TableName),
     #[error("{0} is not a table (pgcdc publishes ordinary and partitioned tables)")]
     NotATable(TableName),
-    #[error("role `{role}` has no SELECT privilege on {table}, which the snapshot needs. Fix: GRANT SELECT ON {table} TO \"{role}\";")]
+    #[error("role `{role}` has no SELECT privilege on {table}, which the snapshot needs. Fix: GRANT SELECT ON {table} TO {};", quote_ident(.role))]
     NoSelect { role: String, table: TableName },
     #[error("table {0} has no primary key and REPLICA IDENTITY {1}: its updates and deletes cannot be identified. Fix: add a primary key, or ALTER TABLE {0} REPLICA IDENTITY FULL;")]
     NoIdentity(TableName, &'static str),
-    #[error("publication `{0}` does not exist and no --table was given. Fix: name the tables with --table schema.table (pgcdc then creates the publication), or CREATE PUBLICATION \"{0}\" FOR TABLE ...;")]
+    #[error("publication `{0}` does not exist and no --table was given. Fix: name the tables with --table schema.table (pgcdc then creates the publication), or CREATE PUBLICATION {publication} FOR TABLE ...;", publication = quote_ident(.0))]
     NoPublication(String),
-    #[error("publication `{0}` contains no tables. Fix: ALTER PUBLICATION \"{0}\" ADD TABLE ...; or name tables with --table")]
+    #[error("publication `{0}` contains no tables. Fix: ALTER PUBLICATION {publication} ADD TABLE ...; or name tables with --table", publication = quote_ident(.0))]
     EmptyPublication(String),
-    #[error("publication `{publication}` does not include {missing}. Fix: ALTER PUBLICATION \"{publication}\" ADD TABLE {missing}; or use another --publication")]
+    #[error("publication `{publication}` does not include {missing}. Fix: ALTER PUBLICATION {} ADD TABLE {missing}; or use another --publication", quote_ident(.publication))]
     PublicationMissingTables {
         publication: String,
         missing: String,
     },
-    #[error("publication `{0}` does not publish {1}, so those changes would be silently lost. Fix: ALTER PUBLICATION \"{0}\" SET (publish = 'insert, update, delete, truncate');")]
+    #[error("publication `{0}` does not publish {1}, so those changes would be silently lost. Fix: ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate');", publication = quote_ident(.0))]
     PublicationOps(String, String),
-    #[error("cannot create publication `{publication}`: {cause}. Fix: create it as the tables' owner or a superuser: CREATE PUBLICATION \"{publication}\" FOR TABLE {tables};")]
+    #[error("cannot create publication `{publication}`: {cause}. Fix: create it as the tables' owner or a superuser: CREATE PUBLICATION {} FOR TABLE {tables};", quote_ident(.publication))]
     CreatePublication {
         publication: String,
         tables: String,
         cause: String,
     },
-    #[error("publication `{0}` publishes the partitions of {1} under their own names, so its changes would not reach its topic. Fix: ALTER PUBLICATION \"{0}\" SET (publish_via_partition_root = true);")]
+    #[error("publication `{0}` publishes the partitions of {1} under their own names, so its changes would not reach its topic. Fix: ALTER PUBLICATION {publication} SET (publish_via_partition_root = true);", publication = quote_ident(.0))]
     PartitionRoot(String, TableName),
-    #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot('{slot}');")]
+    #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot({});", quote_literal(.slot))]
     SlotPlugin { slot: String, plugin: String },
     #[error("replication slot `{slot}` belongs to database `{database}`, not this one. Fix: choose another --slot")]
     SlotDatabase { slot: String, database: String },
     #[error("replication slot `{slot}` is in use by process {pid} (another pgcdc?). Fix: stop that process, or choose another --slot")]
     SlotActive { slot: String, pid: i32 },
-    #[error("replication slot `{0}` was invalidated: the WAL it needed is gone. Fix: drop it (SELECT pg_drop_replication_slot('{0}');) and run again for a fresh snapshot")]
+    #[error("replication slot `{0}` was invalidated: the WAL it needed is gone. Fix: drop it (SELECT pg_drop_replication_slot({slot});) and run again for a fresh snapshot", slot = quote_literal(.0))]
     SlotLost(String),
     /// Complete in itself (see [`describe`]), so not chained as a source.
     #[error("{}", describe(.0))]
@@ -217,22 +217,18 @@ impl FromStr for ColumnRef {
     }
 }
 
-/// Quotes an identifier for SQL when it needs quoting.
+/// Quotes an identifier for SQL and for replication commands: `"name"`, doubling quotes.
+/// Always, never "only when needed": which words are reserved differs between PostgreSQL
+/// versions (and a column named `user` left bare is the SQL function `user`), so the one
+/// safe rule is to quote everything. Every name in every SQL text pgcdc builds goes through
+/// here.
 pub fn quote_ident(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
+    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Quotes a string literal for SQL.
+/// Quotes a string literal: `'value'`, doubling single quotes. Both the SQL parser (with the
+/// default `standard_conforming_strings=on`) and the replication command parser read
+/// backslashes literally in such a string.
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
@@ -602,7 +598,7 @@ mod tests {
         let c: ColumnRef = r#"users."E Mail""#.parse().unwrap();
         assert_eq!(c.table, TableName::new("public", "users"));
         assert_eq!(c.column, "E Mail");
-        assert_eq!(c.to_string(), r#"public.users."E Mail""#);
+        assert_eq!(c.to_string(), r#""public"."users"."E Mail""#);
         for bad in ["", "users", "a.b.c.d", "a..b", "a.b c"] {
             assert!(bad.parse::<ColumnRef>().is_err(), "{bad:?}");
         }

@@ -267,25 +267,42 @@ impl TableInfo {
     /// The `COPY … TO STDOUT` that reads the table's columns in attribute order. A partitioned
     /// table has no rows of its own: it is read through a query.
     pub fn copy_sql(&self, format: CopyFormat) -> String {
-        let cols = self.column_list();
-        let options = format.options();
-        if self.partitioned {
-            format!("COPY (SELECT {cols} FROM {}) TO STDOUT{options}", self.name)
-        } else {
-            format!("COPY {} ({cols}) TO STDOUT{options}", self.name)
-        }
+        self.copy(None, format)
     }
 
     /// The `COPY … TO STDOUT` that reads the rows stored in pages `from` up to (not
     /// including) `to`, or to the end; PostgreSQL 14+ reads just those pages (a TID range
     /// scan). Not for partitioned tables, whose row addresses repeat across partitions.
     pub fn copy_pages_sql(&self, from: u64, to: Option<u64>, format: CopyFormat) -> String {
+        self.copy(Some((from, to)), format)
+    }
+
+    /// `COPY table (columns)` when that reads the rows wanted, else `COPY (SELECT …)`.
+    /// `COPY table TO` reads the table's own rows, but a `SELECT` from an inheritance parent
+    /// reads its children's rows too, which are published as tables of their own: so
+    /// `FROM ONLY`, except for a partitioned table, whose rows are all in its partitions.
+    fn copy(&self, pages: Option<(u64, Option<u64>)>, format: CopyFormat) -> String {
         let cols = self.column_list();
-        let end = to.map_or(String::new(), |to| format!(" AND ctid < '({to},0)'::tid"));
+        let options = format.options();
+        let mut conditions = Vec::new();
+        if let Some((from, to)) = pages {
+            conditions.push(format!("ctid >= '({from},0)'::tid"));
+            if let Some(to) = to {
+                conditions.push(format!("ctid < '({to},0)'::tid"));
+            }
+        }
+        if conditions.is_empty() && !self.partitioned {
+            return format!("COPY {} ({cols}) TO STDOUT{options}", self.name);
+        }
+        let only = if self.partitioned { "" } else { "ONLY " };
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
         format!(
-            "COPY (SELECT {cols} FROM {} WHERE ctid >= '({from},0)'::tid{end}) TO STDOUT{}",
-            self.name,
-            format.options()
+            "COPY (SELECT {cols} FROM {only}{}{filter}) TO STDOUT{options}",
+            self.name
         )
     }
 
@@ -588,6 +605,42 @@ mod tests {
         for bad in ["", ".", "a.", ".b", "a.b.c", "a b", "\"x", "a.\"b"] {
             assert!(bad.parse::<TableName>().is_err(), "{bad:?}");
         }
+    }
+
+    fn info(partitioned: bool) -> TableInfo {
+        TableInfo {
+            oid: 1,
+            name: TableName::new("public", "user"),
+            columns: vec![("order".into(), 23), ("Mixed \"Case\"".into(), 25)],
+            key: vec!["order".into()],
+            partitioned,
+        }
+    }
+
+    #[test]
+    fn copy_statements_quote_every_name_and_read_only_the_tables_own_rows() {
+        let t = info(false);
+        let cols = r#""order", "Mixed ""Case""""#;
+        assert_eq!(
+            t.copy_sql(CopyFormat::Text),
+            format!(r#"COPY "public"."user" ({cols}) TO STDOUT"#)
+        );
+        assert_eq!(
+            t.copy_pages_sql(8, Some(16), CopyFormat::Binary),
+            format!(
+                r#"COPY (SELECT {cols} FROM ONLY "public"."user" WHERE ctid >= '(8,0)'::tid AND ctid < '(16,0)'::tid) TO STDOUT (FORMAT binary)"#
+            )
+        );
+        assert_eq!(
+            t.copy_pages_sql(16, None, CopyFormat::Text),
+            format!(
+                r#"COPY (SELECT {cols} FROM ONLY "public"."user" WHERE ctid >= '(16,0)'::tid) TO STDOUT"#
+            )
+        );
+        assert_eq!(
+            info(true).copy_sql(CopyFormat::Binary),
+            format!(r#"COPY (SELECT {cols} FROM "public"."user") TO STDOUT (FORMAT binary)"#)
+        );
     }
 
     #[test]

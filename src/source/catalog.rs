@@ -240,7 +240,7 @@ pub struct TableInfo {
     pub name: TableName,
     /// Column names and type OIDs in attribute order (what COPY and pgoutput both use).
     pub columns: Vec<(String, u32)>,
-    /// Kafka key columns in key order: the primary key, else the replica identity index.
+    /// Kafka key columns in key order (see [`table_key`]).
     pub key: Vec<String>,
     /// A partitioned table: its rows live in partitions, and its changes are published under
     /// its own name only with `publish_via_partition_root`.
@@ -391,14 +391,21 @@ pub async fn describe_tables(
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
             .collect();
-        let (key, has_pk) = table_key(client, oid).await?;
+        let key = table_key(client, oid).await?;
         match replident.as_str() {
-            "d" if !has_pk => return Err(PreflightError::NoIdentity(t.clone(), "DEFAULT")),
+            "d" if !key.has_pk => return Err(PreflightError::NoIdentity(t.clone(), "DEFAULT")),
             "n" => return Err(PreflightError::NoIdentity(t.clone(), "NOTHING")),
+            "i" if key.identity_index_gone => {
+                return Err(PreflightError::NoIdentity(
+                    t.clone(),
+                    "USING INDEX of an index that no longer exists",
+                ))
+            }
             _ => {}
         }
+        let key = key.columns;
         if key.is_empty() {
-            tracing::warn!(table = %t, "table has no primary key: its events get a null Kafka key, so per-row ordering across partitions is not guaranteed");
+            tracing::warn!(table = %t, "table has REPLICA IDENTITY FULL and no primary key: its events get a null Kafka key, so per-row ordering across partitions is not guaranteed (add a primary key for keyed events)");
         }
         out.push(TableInfo {
             partitioned: relkind == "p",
@@ -411,26 +418,60 @@ pub async fn describe_tables(
     Ok(out)
 }
 
-/// The Kafka key columns of table `oid`, in key order: the primary key, else the replica
-/// identity index. Also says whether there is a primary key.
-pub async fn table_key(client: &Client, oid: u32) -> Result<(Vec<String>, bool), PreflightError> {
+/// The Kafka key of a table, and what it rests on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableKey {
+    /// Key columns in key (index) order; empty: no key.
+    pub columns: Vec<String>,
+    pub has_pk: bool,
+    /// `REPLICA IDENTITY USING INDEX` whose index no longer exists: PostgreSQL then logs no
+    /// old row at all, as with NOTHING.
+    pub identity_index_gone: bool,
+}
+
+/// The Kafka key of table `oid`: the columns of its replica identity index under `REPLICA
+/// IDENTITY USING INDEX`, else its primary key (DEFAULT and FULL), else none.
+///
+/// Why the replica identity first: it is what the old-row tuple of every update and delete
+/// carries (pgoutput sends only those columns), and its columns are NOT NULL, so it is in
+/// every snapshot row, insert, update and delete. A primary key outside it would be null in
+/// deletes. Under FULL the old row has every column, and the primary key is the row's name.
+pub async fn table_key(client: &Client, oid: u32) -> Result<TableKey, PreflightError> {
+    let replident: Option<String> = client
+        .query_opt(
+            "SELECT relreplident::text FROM pg_class WHERE oid = $1",
+            &[&oid],
+        )
+        .await?
+        .map(|r| r.get(0));
     let key_rows = client
         .query(
-            "SELECT a.attname::text, i.indisprimary FROM pg_index i \
+            "SELECT a.attname::text, i.indisprimary, i.indisreplident FROM pg_index i \
              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
              WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
-             ORDER BY i.indisprimary DESC, k.ord",
+             ORDER BY k.ord",
             &[&oid],
         )
         .await?;
-    let has_pk = key_rows.iter().any(|r| r.get::<_, bool>(1));
-    let key = key_rows
-        .iter()
-        .filter(|r| r.get::<_, bool>(1) == has_pk)
-        .map(|r| r.get(0))
-        .collect();
-    Ok((key, has_pk))
+    let columns = |flag: usize| -> Vec<String> {
+        key_rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(flag))
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let (pk, identity) = (columns(1), columns(2));
+    let by_index = replident.as_deref() == Some("i");
+    Ok(TableKey {
+        has_pk: !pk.is_empty(),
+        identity_index_gone: by_index && identity.is_empty(),
+        columns: if by_index && !identity.is_empty() {
+            identity
+        } else {
+            pk
+        },
+    })
 }
 
 /// Makes sure the publication exists and covers `requested` (created when missing), and

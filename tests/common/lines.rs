@@ -16,8 +16,8 @@ pub struct Run {
 
 impl Run {
     /// The events of `topic`, in output order.
-    pub fn of<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.lines.iter().filter(move |l| l["topic"] == topic)
+    pub fn of(&self, topic: &str) -> Vec<&Value> {
+        self.lines.iter().filter(|l| l["topic"] == topic).collect()
     }
 }
 

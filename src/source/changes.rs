@@ -24,8 +24,9 @@
 //! a bug, refused ([`ChangeError::MissingKey`]) rather than published under a null key.
 //!
 //! Unchanged TOAST values: pgoutput leaves out large values an UPDATE did not change. Under
-//! REPLICA IDENTITY FULL the old row has them and they are filled in; otherwise they are
-//! left out of `after` and named in the event's `unchanged` list: never invented.
+//! REPLICA IDENTITY FULL the old row has them and they are filled in; so are key columns
+//! stored out of line, which the old key tuple carries; others are left out of `after` and
+//! named in the event's `unchanged` list: never invented.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -320,8 +321,12 @@ impl ChangeBuilder {
                     None => None,
                 };
                 let mut new = datums(table, keep, &u.new)?;
-                if let (Some(OldTuple::Full(_)), Some(old)) = (&u.old, &old) {
-                    // REPLICA IDENTITY FULL: the old row has the unchanged TOAST values.
+                if let Some(old) = &old {
+                    // The old row has what the new one left out as unchanged TOAST: under
+                    // FULL every column; otherwise the replica identity columns, which
+                    // PostgreSQL sends as an old key tuple when one of them is stored out
+                    // of line (a long text key), and marks unchanged in the new tuple. Both
+                    // before the keys are compared and the event is written.
                     for (n, o) in new.iter_mut().zip(old.iter()) {
                         if *n == Datum::Unchanged {
                             *n = *o;
@@ -787,6 +792,151 @@ mod tests {
             "{err}"
         );
         assert!(records(&out).iter().all(|(_, k, _)| !k["id"].is_null()));
+    }
+
+    /// One transaction of `changes` on relation `rel`, through a builder capturing table t
+    /// keyed by `key`; the records it produces.
+    fn transaction(
+        rel: Relation,
+        key: &[&str],
+        changes: Vec<LogicalMessage>,
+    ) -> Vec<(String, Value, Value)> {
+        let mut b = builder(&[table("t", key)]);
+        let mut out = Vec::new();
+        let begin = LogicalMessage::Begin(crate::source::pgoutput::Begin {
+            final_lsn: Lsn(0x200),
+            commit_timestamp: 0,
+            xid: 7,
+        });
+        let commit = LogicalMessage::Commit(crate::source::pgoutput::Commit {
+            flags: 0,
+            commit_lsn: Lsn(0x200),
+            end_lsn: Lsn(0x210),
+            commit_timestamp: 0,
+        });
+        let messages = [LogicalMessage::Relation(rel), begin]
+            .into_iter()
+            .chain(changes)
+            .chain([commit]);
+        for (i, m) in messages.enumerate() {
+            b.handle(m, Lsn(0x100 + i as u64), &mut out)
+                .expect("handled");
+        }
+        records(&out)
+    }
+
+    fn text(s: &str) -> ColumnValue {
+        ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn update(old: Option<OldTuple>, new: Vec<ColumnValue>) -> LogicalMessage {
+        LogicalMessage::Update(crate::source::pgoutput::Update {
+            xid: None,
+            relation_oid: 1,
+            old,
+            new: TupleData(new),
+        })
+    }
+
+    #[test]
+    fn a_key_stored_out_of_line_is_filled_from_the_old_key_tuple() {
+        // `UPDATE t SET v = v + 10` of a row whose text key is TOASTed: PostgreSQL sends the
+        // old key tuple ('K') and marks the key unchanged ('u') in the new tuple.
+        let long = "x".repeat(2500);
+        let default = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        let got = transaction(
+            default,
+            &["k"],
+            vec![update(
+                Some(OldTuple::Key(TupleData(vec![
+                    text(&long),
+                    ColumnValue::Null,
+                ]))),
+                vec![ColumnValue::UnchangedToast, text("11")],
+            )],
+        );
+        assert_eq!(
+            got.len(),
+            1,
+            "one update, not a delete and a create: {got:?}"
+        );
+        let (_, key, value) = &got[0];
+        assert_eq!(*key, json!({"k": long}));
+        assert_eq!(value["op"], "u");
+        assert_eq!(value["after"], json!({"k": long, "v": 11}));
+        assert!(value.get("unchanged").is_none(), "{value}");
+
+        // FULL: the old row ('O') has it, and is the event's `before`.
+        let full = relation(ReplicaIdentity::Full, &[("k", true), ("v", true)]);
+        let got = transaction(
+            full,
+            &["k"],
+            vec![update(
+                Some(OldTuple::Full(TupleData(vec![text(&long), text("1")]))),
+                vec![ColumnValue::UnchangedToast, text("11")],
+            )],
+        );
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (_, key, value) = &got[0];
+        assert_eq!(*key, json!({"k": long}));
+        assert_eq!(value["after"], json!({"k": long, "v": 11}));
+        assert_eq!(value["before"], json!({"k": long, "v": 1}));
+
+        // Another unchanged TOASTed column is not in the old key tuple: still left out.
+        let more = relation(
+            ReplicaIdentity::Default,
+            &[("k", true), ("body", false), ("v", false)],
+        );
+        let got = transaction(
+            more,
+            &["k"],
+            vec![update(
+                Some(OldTuple::Key(TupleData(vec![
+                    text(&long),
+                    ColumnValue::Null,
+                    ColumnValue::Null,
+                ]))),
+                vec![
+                    ColumnValue::UnchangedToast,
+                    ColumnValue::UnchangedToast,
+                    text("11"),
+                ],
+            )],
+        );
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (_, key, value) = &got[0];
+        assert_eq!(*key, json!({"k": long}));
+        assert_eq!(value["after"], json!({"k": long, "v": 11}));
+        assert_eq!(value["unchanged"], json!(["body"]));
+    }
+
+    #[test]
+    fn an_update_without_its_key_is_refused() {
+        // An unchanged TOASTed key and no old key tuple to fill it from (servers before the
+        // fix that logs one): not published under a null key.
+        let mut b = builder(&[table("t", &["k"])]);
+        let mut out = Vec::new();
+        let rel = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        b.handle(LogicalMessage::Relation(rel), Lsn(1), &mut out)
+            .unwrap();
+        let begin = LogicalMessage::Begin(crate::source::pgoutput::Begin {
+            final_lsn: Lsn(0x200),
+            commit_timestamp: 0,
+            xid: 7,
+        });
+        b.handle(begin, Lsn(2), &mut out).unwrap();
+        let err = b
+            .handle(
+                update(None, vec![ColumnValue::UnchangedToast, text("11")]),
+                Lsn(3),
+                &mut out,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, ChangeError::MissingKey { op: "update", column, .. } if column == "k"),
+            "{err}"
+        );
+        assert!(records(&out).is_empty());
     }
 
     fn relation(identity: ReplicaIdentity, columns: &[(&str, bool)]) -> Relation {

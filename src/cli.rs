@@ -508,6 +508,11 @@ pub struct VerifyArgs {
     #[arg(long, env = "PGCDC_VERIFY_TABLE", value_name = "SCHEMA.TABLE")]
     pub table: TableName,
 
+    /// The publication `run` uses: only the columns and rows it publishes of the table are
+    /// compared (its column list and row filter, PostgreSQL 15+).
+    #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
+    pub publication: String,
+
     /// How long to wait for pgcdc (its --slot) to confirm past the comparison point.
     #[arg(long, env = "PGCDC_VERIFY_WAIT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
     pub wait: Duration,

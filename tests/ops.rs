@@ -667,3 +667,48 @@ async fn verify_encodes_rows_with_runs_event_options() {
     assert_eq!(json_of(&out)["differing"]["count"], 20);
     stop(child);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_compares_what_the_publication_publishes() {
+    let o = Ops::new(
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int, secret text);
+         INSERT INTO public.items SELECT g, 'row ' || g, g, 's' || g FROM generate_series(1, 50) g;",
+    )
+    .await;
+    o.sql(&format!(
+        "CREATE PUBLICATION {} FOR TABLE items (id, v, n) WHERE (id % 2 = 0)
+         WITH (publish_via_partition_root = true)",
+        o.slot
+    ))
+    .await;
+    let child = o.spawn_run(&[], "run.log");
+    o.wait_for_log("run.log", "streaming changes").await;
+    // Changes inside the filter, and rows leaving and entering it.
+    o.sql(
+        "UPDATE items SET v = 'changed', secret = 'x' WHERE id IN (2, 3);
+         UPDATE items SET id = 101 WHERE id = 4;
+         UPDATE items SET id = 102 WHERE id = 5;
+         DELETE FROM items WHERE id IN (6, 7);
+         INSERT INTO items VALUES (200, 'new', 1, 's'), (201, 'odd', 1, 's');",
+    )
+    .await;
+    let args = [
+        "--table",
+        "public.items",
+        "--json",
+        "--publication",
+        &o.slot,
+    ];
+    let out = o.output("verify", &args);
+    assert_code(&out, 0, "the topic holds what the publication publishes");
+    let r = json_of(&out);
+    assert_eq!(r["equal"], true, "{r}");
+    assert_eq!(r["table_rows"], 25, "{r}");
+    assert_eq!(r["same"], 25, "{r}");
+
+    // Another publication (here: none of that name) compares the whole table, and says so.
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(&out, 1, "the whole table is not what was published");
+    assert!(stderr(&out).contains("--publication"), "{}", stderr(&out));
+    stop(child);
+}

@@ -4,6 +4,13 @@
 //! published, and each failure says how to fix it: `wal_level`, the REPLICATION attribute,
 //! a missing table or SELECT privilege, a table whose updates and deletes cannot be
 //! identified, a publication that does not match, a slot that is busy or of another plugin.
+//!
+//! What a table publishes is what its publication publishes: since PostgreSQL 15 a
+//! publication may name a table's columns and filter its rows (`FOR TABLE users (id, name)
+//! WHERE (active)`), and the stream then carries only those columns, only for those rows. So
+//! the snapshot reads the same columns and rows ([`describe_published`]): a column the owner
+//! chose not to publish must not leak through the snapshot, and a row outside the filter
+//! would be published once and never updated or deleted after.
 
 use std::fmt;
 use std::str::FromStr;
@@ -47,6 +54,13 @@ pub enum PreflightError {
     },
     #[error("publication `{0}` publishes the partitions of {1} under their own names, so its changes would not reach its topic. Fix: ALTER PUBLICATION {publication} SET (publish_via_partition_root = true);", publication = quote_ident(.0))]
     PartitionRoot(String, TableName),
+    #[error("publication `{publication}` publishes only some columns of {table} and leaves out its key column(s) {missing}, so its events could not be keyed (the key is the replica identity index under REPLICA IDENTITY USING INDEX, else the primary key). Fix: publish them too: {fix}")]
+    KeyNotPublished {
+        publication: String,
+        table: TableName,
+        missing: String,
+        fix: String,
+    },
     #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot({});", quote_literal(.slot))]
     SlotPlugin { slot: String, plugin: String },
     #[error("replication slot `{slot}` belongs to database `{database}`, not this one. Fix: choose another --slot")]
@@ -245,6 +259,11 @@ pub struct TableInfo {
     /// A partitioned table: its rows live in partitions, and its changes are published under
     /// its own name only with `publish_via_partition_root`.
     pub partitioned: bool,
+    /// The publication's row filter (PostgreSQL 15+), as the server deparsed it: only rows
+    /// for which it is true are read.
+    pub row_filter: Option<String>,
+    /// Columns the publication's column list leaves out: in no event (not in `columns`).
+    pub unpublished: Vec<String>,
 }
 
 /// The data format of a snapshot `COPY`: text, or binary (see [`super::copy_binary`]).
@@ -277,7 +296,8 @@ impl TableInfo {
         self.copy(Some((from, to)), format)
     }
 
-    /// `COPY table (columns)` when that reads the rows wanted, else `COPY (SELECT …)`.
+    /// `COPY table (columns)` when that reads the rows wanted, else `COPY (SELECT …)` (page
+    /// ranges, the publication's row filter, partitioned tables).
     /// `COPY table TO` reads the table's own rows, but a `SELECT` from an inheritance parent
     /// reads its children's rows too, which are published as tables of their own: so
     /// `FROM ONLY`, except for a partitioned table, whose rows are all in its partitions.
@@ -290,6 +310,9 @@ impl TableInfo {
             if let Some(to) = to {
                 conditions.push(format!("ctid < '({to},0)'::tid"));
             }
+        }
+        if let Some(filter) = &self.row_filter {
+            conditions.push(format!("({filter})"));
         }
         if conditions.is_empty() && !self.partitioned {
             return format!("COPY {} ({cols}) TO STDOUT{options}", self.name);
@@ -409,6 +432,8 @@ pub async fn describe_tables(
         }
         out.push(TableInfo {
             partitioned: relkind == "p",
+            row_filter: None,
+            unpublished: Vec::new(),
             oid,
             name: t.clone(),
             columns,
@@ -416,6 +441,108 @@ pub async fn describe_tables(
         });
     }
     Ok(out)
+}
+
+/// What a publication publishes of one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The column list; `None`: every column.
+    pub columns: Option<Vec<String>>,
+    /// The row filter, as `pg_get_expr` deparses it.
+    pub row_filter: Option<String>,
+}
+
+/// What `publication` publishes of `table`, or `None` when it does not publish it. Column
+/// lists and row filters exist since PostgreSQL 15 (`pg_publication_tables.attnames`,
+/// `.rowfilter`); before, a publication publishes whole tables. For a partitioned table
+/// published through its root, the root's list and filter are the ones that apply.
+pub async fn published(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<Option<Published>, PreflightError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0);
+    let sql = if version >= 150_000 {
+        "SELECT attnames::text[], rowfilter FROM pg_publication_tables \
+         WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
+    } else {
+        "SELECT NULL::text[], NULL::text FROM pg_publication_tables \
+         WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
+    };
+    let row = client
+        .query_opt(sql, &[&publication, &table.schema, &table.name])
+        .await?;
+    Ok(row.map(|r| Published {
+        columns: r.get(0),
+        row_filter: r.get(1),
+    }))
+}
+
+impl TableInfo {
+    /// Narrows the table to what `p` publishes: its columns, its rows. Refuses a column list
+    /// that leaves out a key column, naming the statements that fix it.
+    pub fn restrict(&mut self, publication: &str, p: Published) -> Result<(), PreflightError> {
+        self.row_filter = p.row_filter;
+        let Some(names) = p.columns else {
+            return Ok(());
+        };
+        let all = std::mem::take(&mut self.columns);
+        let (columns, unpublished): (Vec<_>, Vec<_>) =
+            all.iter().cloned().partition(|(c, _)| names.contains(c));
+        self.columns = columns;
+        self.unpublished = unpublished.into_iter().map(|(c, _)| c).collect();
+        let missing: Vec<&String> = self.key.iter().filter(|k| !names.contains(k)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let wanted: Vec<String> = all
+            .iter()
+            .filter(|(c, _)| names.contains(c) || self.key.contains(c))
+            .map(|(c, _)| quote_ident(c))
+            .collect();
+        let filter = self
+            .row_filter
+            .as_ref()
+            .map_or(String::new(), |f| format!(" WHERE ({f})"));
+        let publication_q = quote_ident(publication);
+        Err(PreflightError::KeyNotPublished {
+            publication: publication.to_string(),
+            table: self.name.clone(),
+            missing: missing
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", "),
+            fix: format!(
+                "ALTER PUBLICATION {publication_q} DROP TABLE {t}; \
+                 ALTER PUBLICATION {publication_q} ADD TABLE {t} ({cols}){filter};",
+                t = self.name,
+                cols = wanted.join(", ")
+            ),
+        })
+    }
+}
+
+/// [`describe_tables`], narrowed to what `publication` publishes of each (see [`published`]):
+/// the tables the snapshot reads.
+pub async fn describe_published(
+    client: &Client,
+    publication: &str,
+    names: &[TableName],
+) -> Result<Vec<TableInfo>, PreflightError> {
+    let mut tables = describe_tables(client, names).await?;
+    for t in &mut tables {
+        if let Some(p) = published(client, publication, &t.name).await? {
+            if p.columns.is_some() || p.row_filter.is_some() {
+                tracing::info!(table = %t.name, columns = ?p.columns, row_filter = ?p.row_filter, "the publication publishes part of this table: the snapshot reads that part");
+            }
+            t.restrict(publication, p)?;
+        }
+    }
+    Ok(tables)
 }
 
 /// The Kafka key of a table, and what it rests on.
@@ -655,6 +782,8 @@ mod tests {
             columns: vec![("order".into(), 23), ("Mixed \"Case\"".into(), 25)],
             key: vec!["order".into()],
             partitioned,
+            row_filter: None,
+            unpublished: Vec::new(),
         }
     }
 
@@ -681,6 +810,63 @@ mod tests {
         assert_eq!(
             info(true).copy_sql(CopyFormat::Binary),
             format!(r#"COPY (SELECT {cols} FROM "public"."user") TO STDOUT (FORMAT binary)"#)
+        );
+    }
+
+    #[test]
+    fn a_publication_narrows_columns_and_rows_and_must_keep_the_key() {
+        let mut t = info(false);
+        t.columns.push(("secret".into(), 25));
+        let published = Published {
+            columns: Some(vec!["order".into(), "Mixed \"Case\"".into()]),
+            row_filter: Some("(\"order\" > 5)".into()),
+        };
+        t.restrict("p", published.clone()).unwrap();
+        assert_eq!(t.unpublished, ["secret"]);
+        let cols = r#""order", "Mixed ""Case""""#;
+        let from = r#"FROM ONLY "public"."user""#;
+        assert_eq!(
+            t.copy_sql(CopyFormat::Text),
+            format!(r#"COPY (SELECT {cols} {from} WHERE (("order" > 5))) TO STDOUT"#)
+        );
+        assert_eq!(
+            t.copy_pages_sql(0, Some(8), CopyFormat::Binary),
+            format!(
+                r#"COPY (SELECT {cols} {from} WHERE ctid >= '(0,0)'::tid AND ctid < '(8,0)'::tid AND (("order" > 5))) TO STDOUT (FORMAT binary)"#
+            )
+        );
+        let mut p = info(true);
+        p.restrict("p", published).unwrap();
+        assert_eq!(
+            p.copy_sql(CopyFormat::Text),
+            format!(r#"COPY (SELECT {cols} FROM "public"."user" WHERE (("order" > 5))) TO STDOUT"#)
+        );
+
+        // Every column, every row: as without a publication.
+        let mut whole = info(false);
+        whole.restrict("p", Published::default()).unwrap();
+        assert_eq!(
+            whole.copy_sql(CopyFormat::Text),
+            info(false).copy_sql(CopyFormat::Text)
+        );
+
+        let mut keyless = info(false);
+        let err = keyless
+            .restrict(
+                "my pub",
+                Published {
+                    columns: Some(vec!["Mixed \"Case\"".into()]),
+                    row_filter: Some("true".into()),
+                },
+            )
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(r#"key column(s) "order""#), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                r#"ALTER PUBLICATION "my pub" ADD TABLE "public"."user" ({cols}) WHERE (true);"#
+            )),
+            "{msg}"
         );
     }
 

@@ -722,6 +722,8 @@ mod tests {
             columns: Vec::new(),
             key: key.iter().map(|k| k.to_string()).collect(),
             partitioned: false,
+            row_filter: None,
+            unpublished: Vec::new(),
         }
     }
 

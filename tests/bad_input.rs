@@ -252,7 +252,7 @@ async fn publication_with_other_tables_names_the_fix() {
     assert_fails(
         &out,
         3,
-        &["does not include public.items", "ALTER PUBLICATION"],
+        &[r#"does not include "public"."items""#, "ALTER PUBLICATION"],
     );
     c.assert_nothing_published().await;
 }

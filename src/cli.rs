@@ -595,8 +595,9 @@ pub struct VerifyArgs {
     #[arg(long, env = "PGCDC_VERIFY_TABLE", value_name = "SCHEMA.TABLE")]
     pub table: TableName,
 
-    /// The publication `run` streams: when no pgcdc reads the slot, verify looks through it
-    /// for changes of the table that pgcdc has not published.
+    /// The publication `run` uses: only the columns and rows it publishes of the table are
+    /// compared (its column list and row filter, PostgreSQL 15+), and when no pgcdc reads the
+    /// slot, verify looks through it for changes of the table not yet published.
     #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
     pub publication: String,
 

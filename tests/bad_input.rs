@@ -170,7 +170,7 @@ async fn a_postgres_mistake_is_reported_while_kafka_is_unreachable() {
         .command_with(&c.superuser_source(), &nowhere, &["--table", "public.nope"])
         .output()
         .expect("pgcdc runs");
-    assert_fails(&out, 3, &["public.nope"]);
+    assert_fails(&out, 3, &[r#""public"."nope""#]);
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "took {:?}",
@@ -254,7 +254,7 @@ async fn publication_with_other_tables_names_the_fix() {
     assert_fails(
         &out,
         3,
-        &["does not include public.items", "ALTER PUBLICATION"],
+        &[r#"does not include "public"."items""#, "ALTER PUBLICATION"],
     );
     c.assert_left_nothing().await;
 }

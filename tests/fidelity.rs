@@ -603,7 +603,7 @@ async fn flat_format_with_excluded_column() {
     assert_fails(
         &p.run(&["--table", "users", "--exclude-column", "public.users.id"]),
         2,
-        &["public.users.id", "cannot be excluded"],
+        &[r#""public"."users"."id""#, "cannot be excluded"],
     );
     assert_fails(
         &p.run(&["--table", "users", "--exclude-column", "users.emial"]),
@@ -944,5 +944,413 @@ async fn a_column_added_later_under_an_excluded_name_is_excluded_too() {
             json!({"id": 1, "name": "AA", "extra": null}),
         ],
         "{log}"
+    );
+}
+
+/// Names that SQL must quote: keywords, mixed case, spaces, quotes, unicode; an ordinary
+/// table, a partitioned one (read through `COPY (SELECT …)`) and one big enough to be read
+/// in page ranges by two workers (fillfactor 10 and 500-byte rows: a row per page, 2,600
+/// pages, more than two ranges' minimum of 1,024).
+const ODD_NAMES: &str = r#"
+    CREATE SCHEMA "Odd ""Schema"" ü";
+    CREATE TABLE "Odd ""Schema"" ü"."Order ""Table"" ✓" ("order" int PRIMARY KEY, "group" text,
+        "user" text, "Mixed Case" int, "q""uote d" text, "ünï còdé" bool);
+    INSERT INTO "Odd ""Schema"" ü"."Order ""Table"" ✓"
+        SELECT g, 'g' || g, 'u' || g, g * 2, 'q"' || g, g % 2 = 0 FROM generate_series(1, 50) g;
+    CREATE TABLE public."group" ("user" int PRIMARY KEY, "order" text, "Mixed Case" int)
+        PARTITION BY RANGE ("user");
+    CREATE TABLE public.group_low PARTITION OF public."group" FOR VALUES FROM (MINVALUE) TO (1000);
+    CREATE TABLE public."Group High" PARTITION OF public."group" FOR VALUES FROM (1000) TO (MAXVALUE);
+    INSERT INTO public."group" SELECT g, 'o' || g, -g FROM generate_series(1, 2000, 7) g;
+    CREATE SCHEMA "Mixed Case";
+    CREATE TABLE "Mixed Case"."user" ("user" int PRIMARY KEY, "select" text, "Mixed Case" int)
+        WITH (fillfactor = 10);
+    INSERT INTO "Mixed Case"."user" SELECT g, repeat('s', 500), g FROM generate_series(1, 2600) g;"#;
+
+/// The tables of [`ODD_NAMES`]: SQL name (also the `--table` value), topic after the
+/// prefix, key column.
+const ODD_TABLES: [(&str, &str, &str); 3] = [
+    (
+        r#""Odd ""Schema"" ü"."Order ""Table"" ✓""#,
+        r#"Odd "Schema" ü.Order "Table" ✓"#,
+        "order",
+    ),
+    (r#"public."group""#, "public.group", "user"),
+    (r#""Mixed Case"."user""#, "Mixed Case.user", "user"),
+];
+
+/// Checks that replaying `lines` gives every table of [`ODD_TABLES`] as it is now.
+async fn assert_odd_tables<'a>(
+    p: &Pipeline,
+    lines: impl IntoIterator<Item = &'a Value> + Clone,
+    what: &str,
+) {
+    let client = p.db.client().await;
+    for (table, topic, key) in ODD_TABLES {
+        let topic = format!("{}.{topic}", p.prefix);
+        let got = common::lines::replay(lines.clone(), &topic, &[key]);
+        let want = common::lines::table_state(&client, table, "*", "true", &[key]).await;
+        common::lines::assert_same(&got, &want, &format!("{what}: {table}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_that_sql_must_quote_are_read_and_streamed() {
+    use common::lines::run;
+    let p = Pipeline::new(ODD_NAMES).await;
+    let mut tables = Vec::new();
+    for (table, _, _) in ODD_TABLES {
+        tables.extend(["--table", table]);
+    }
+    let with = |extra: &[&'static str]| {
+        let mut a = tables.clone();
+        a.extend_from_slice(extra);
+        a
+    };
+
+    let first = run(&p, &with(&["--stop-lsn", "now"]), "snapshot (binary COPY)");
+    assert!(
+        first.log.matches("copy=\"binary\"").count() == 3,
+        "every table is read with binary COPY:\n{}",
+        first.log
+    );
+    assert_odd_tables(&p, &first.lines, "snapshot").await;
+
+    p.db.client()
+        .await
+        .batch_execute(
+            r#"INSERT INTO "Odd ""Schema"" ü"."Order ""Table"" ✓" VALUES (100, 'new', 'x', 1, 'q', true);
+               UPDATE "Odd ""Schema"" ü"."Order ""Table"" ✓" SET "group" = 'changed', "user" = 'changed' WHERE "order" = 1;
+               UPDATE "Odd ""Schema"" ü"."Order ""Table"" ✓" SET "order" = 200 WHERE "order" = 2;
+               DELETE FROM "Odd ""Schema"" ü"."Order ""Table"" ✓" WHERE "order" = 3;
+               INSERT INTO public."group" VALUES (5000, 'new', 5);
+               UPDATE public."group" SET "order" = 'changed' WHERE "user" = 1;
+               UPDATE public."group" SET "user" = 1001 WHERE "user" = 8;
+               DELETE FROM public."group" WHERE "user" = 15;
+               UPDATE "Mixed Case"."user" SET "select" = 'changed' WHERE "user" % 100 = 0;
+               DELETE FROM "Mixed Case"."user" WHERE "user" = 5;
+               INSERT INTO "Mixed Case"."user" VALUES (40000, 'new', 1);"#,
+        )
+        .await
+        .unwrap();
+    let second = run(&p, &with(&["--stop-lsn", "now"]), "stream");
+    assert!(second.lines.len() >= 40, "{} events", second.lines.len());
+    let both: Vec<&Value> = first.lines.iter().chain(&second.lines).collect();
+    assert_odd_tables(&p, both.iter().copied(), "snapshot and stream").await;
+    for (_, topic, _) in ODD_TABLES {
+        let topic = format!("{}.{topic}", p.prefix);
+        let ids: HashSet<&Value> = both
+            .iter()
+            .filter(|l| l["topic"] == topic.as_str() && !l["value"].is_null())
+            .map(|l| &l["value"]["source"]["schema_id"])
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "{topic}: one schema_id in snapshot and stream"
+        );
+    }
+
+    let text = run(
+        &p,
+        &with(&["--snapshot-only", "--snapshot-copy", "text"]),
+        "snapshot (text COPY)",
+    );
+    assert_eq!(text.log.matches("copy=\"text\"").count(), 3, "{}", text.log);
+    assert_odd_tables(&p, &text.lines, "text COPY").await;
+
+    for copy in ["auto", "text"] {
+        let parallel = run(
+            &p,
+            &with(&[
+                "--snapshot-only",
+                "--snapshot-workers",
+                "2",
+                "--snapshot-copy",
+                copy,
+            ]),
+            "parallel snapshot",
+        );
+        let units: usize = parallel
+            .log
+            .split("units=")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no unit count in the log:\n{}", parallel.log));
+        assert!(
+            units > 3,
+            "no table was cut into page ranges:\n{}",
+            parallel.log
+        );
+        assert_odd_tables(
+            &p,
+            &parallel.lines,
+            &format!("page ranges, --snapshot-copy {copy}"),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_key_stored_out_of_line_stays_the_key_of_every_event() {
+    // 2,496 bytes of md5 text: incompressible, so PostgreSQL stores the key out of line and
+    // an update that does not touch it sends it as "unchanged TOAST", plus an old key tuple.
+    let key = |r: &str| {
+        format!(
+            "(SELECT {r} || string_agg(md5({r} || '-' || i), '') FROM generate_series(1, 78) i)"
+        )
+    };
+    let p = Pipeline::new(&format!(
+        "CREATE TABLE public.tk (k text PRIMARY KEY, v int);
+         CREATE TABLE public.tk_full (k text PRIMARY KEY, v int);
+         ALTER TABLE public.tk_full REPLICA IDENTITY FULL;
+         INSERT INTO public.tk SELECT {}, r FROM generate_series(1, 3) r;
+         INSERT INTO public.tk_full SELECT {}, r FROM generate_series(1, 3) r;",
+        key("r::text"),
+        key("r::text"),
+    ))
+    .await;
+    let client = p.db.client().await;
+    let stored: bool = client
+        .query_one(
+            "SELECT (SELECT bool_and(pg_column_size(k) >= octet_length(k)) FROM tk) \
+                AND pg_relation_size(reltoastrelid) > 0 FROM pg_class WHERE relname = 'tk'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored, "the keys are stored out of line, uncompressed");
+    let args = [
+        "--table",
+        "public.tk",
+        "--table",
+        "public.tk_full",
+        "--stop-lsn",
+        "now",
+    ];
+    let first = common::lines::run(&p, &args, "snapshot");
+    client
+        .batch_execute(
+            "UPDATE tk SET v = v + 10; UPDATE tk_full SET v = v + 10;
+             DELETE FROM tk WHERE v = 12; DELETE FROM tk_full WHERE v = 12;",
+        )
+        .await
+        .unwrap();
+    let second = common::lines::run(&p, &args, "stream");
+    for table in ["tk", "tk_full"] {
+        let topic = p.topic(table);
+        let events = second.of(&topic);
+        let ops: Vec<&str> = events
+            .iter()
+            .map(|l| l["value"]["op"].as_str().unwrap_or("tombstone"))
+            .collect();
+        assert_eq!(ops, ["u", "u", "u", "d", "tombstone"], "{table}");
+        for l in &events[..3] {
+            let after = &l["value"]["after"];
+            assert_eq!(after.as_object().unwrap().len(), 2, "{table}: {after}");
+            assert!(
+                after["k"].as_str().unwrap().len() > 2400,
+                "{table}: {after}"
+            );
+            assert_eq!(l["key"], json!({"k": after["k"]}), "{table}");
+            assert!(l["value"].get("unchanged").is_none(), "{table}: {l}");
+        }
+        let both: Vec<&Value> = first.lines.iter().chain(&second.lines).collect();
+        let got = common::lines::replay(both.iter().copied(), &topic, &["k"]);
+        let want = common::lines::table_state(&client, table, "*", "true", &["k"]).await;
+        common::lines::assert_same(&got, &want, table);
+    }
+}
+
+/// Three tables each published with a column list and a row filter (PostgreSQL 15+): an
+/// ordinary one keyed by a replica identity index that holds the filtered column, a
+/// partitioned one, and one big enough for page ranges (a row per page, 2,600 pages).
+const PUBLISHED_PARTS: &str = "
+    CREATE TABLE public.users (id int PRIMARY KEY, name text, active bool NOT NULL, password_hash text);
+    CREATE UNIQUE INDEX users_ident ON public.users (id, active);
+    ALTER TABLE public.users REPLICA IDENTITY USING INDEX users_ident;
+    INSERT INTO public.users SELECT g, 'u' || g, g % 3 <> 0, md5(g::text) FROM generate_series(1, 60) g;
+    CREATE TABLE public.m (id int PRIMARY KEY, v text, secret text) PARTITION BY RANGE (id);
+    CREATE TABLE public.m_low PARTITION OF public.m FOR VALUES FROM (MINVALUE) TO (1000);
+    CREATE TABLE public.m_high PARTITION OF public.m FOR VALUES FROM (1000) TO (MAXVALUE);
+    INSERT INTO public.m SELECT g, 'v' || g, 's' || g FROM generate_series(1, 2000, 3) g;
+    CREATE TABLE public.big (id int PRIMARY KEY, v text, secret text) WITH (fillfactor = 10);
+    INSERT INTO public.big SELECT g, repeat('b', 500), 's' || g FROM generate_series(1, 2600) g;";
+
+/// Per table of [`PUBLISHED_PARTS`]: its published columns, its row filter, its key.
+const PUBLISHED: [(&str, &str, &str, &[&str]); 3] = [
+    ("users", "id, name, active", "active", &["id", "active"]),
+    ("m", "id, v", "id % 2 = 0", &["id"]),
+    ("big", "id, v", "id % 5 <> 0", &["id"]),
+];
+
+/// Checks that replaying `lines` gives exactly the published part of each table, with
+/// `columns` instead of the published columns when given.
+async fn assert_published(p: &Pipeline, lines: &[&Value], what: &str, columns: &[(&str, &str)]) {
+    let client = p.db.client().await;
+    for (table, published, filter, key) in PUBLISHED {
+        let cols = columns
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map_or(published, |(_, c)| *c);
+        let got = common::lines::replay(lines.iter().copied(), &p.topic(table), key);
+        let want = common::lines::table_state(&client, table, cols, filter, key).await;
+        common::lines::assert_same(&got, &want, &format!("{what}: {table}"));
+    }
+    for l in lines {
+        let text = l.to_string();
+        assert!(
+            !text.contains("\"password_hash\"") && !text.contains("\"secret\""),
+            "{what}: an unpublished column: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_snapshot_reads_what_the_publication_publishes() {
+    let p = Pipeline::new(PUBLISHED_PARTS).await;
+    let client = p.db.client().await;
+    client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE users (id, name, active) WHERE (active),
+               m (id, v) WHERE (id % 2 = 0), big (id, v) WHERE (id % 5 <> 0)
+             WITH (publish_via_partition_root = true)",
+            p.slot
+        ))
+        .await
+        .unwrap();
+    let run = |extra: &[&str], what: &str| common::lines::run(&p, extra, what);
+
+    let first = run(&["--stop-lsn", "now"], "snapshot");
+    assert_eq!(
+        first.log.matches("copy=\"binary\"").count(),
+        3,
+        "{}",
+        first.log
+    );
+    let lines: Vec<&Value> = first.lines.iter().collect();
+    assert_published(&p, &lines, "snapshot", &[]).await;
+
+    client
+        .batch_execute(
+            "INSERT INTO users VALUES (100, 'new', true, 'h'), (101, 'hidden', false, 'h');
+             UPDATE users SET active = false WHERE id = 1;
+             UPDATE users SET active = true WHERE id = 3;
+             UPDATE users SET name = 'renamed' WHERE id IN (2, 6);
+             UPDATE users SET password_hash = 'other' WHERE id = 5;
+             DELETE FROM users WHERE id IN (4, 9);
+             UPDATE m SET id = 5 WHERE id = 4;
+             UPDATE m SET id = 8 WHERE id = 7;
+             INSERT INTO m VALUES (3001, 'odd', 's'), (3002, 'even', 's');
+             UPDATE m SET v = 'changed' WHERE id IN (10, 13);
+             DELETE FROM m WHERE id IN (16, 19);
+             UPDATE big SET v = 'changed' WHERE id % 100 IN (0, 1);
+             DELETE FROM big WHERE id IN (2, 10);
+             UPDATE big SET id = 5000 WHERE id = 3;
+             UPDATE big SET id = 5001 WHERE id = 5;",
+        )
+        .await
+        .unwrap();
+    let second = run(&["--stop-lsn", "now"], "stream");
+    let lines: Vec<&Value> = first.lines.iter().chain(&second.lines).collect();
+    assert_published(&p, &lines, "snapshot and stream", &[]).await;
+    // Rows that leave or enter the filter are deleted or created (pgoutput's own rewriting).
+    let users: Vec<(String, String)> = second
+        .of(&p.topic("users"))
+        .iter()
+        .filter(|l| !l["value"].is_null())
+        .map(|l| {
+            (
+                l["value"]["op"].as_str().unwrap().to_string(),
+                l["key"].to_string(),
+            )
+        })
+        .collect();
+    let op = |o: &str, id: i32, active: bool| {
+        (
+            o.to_string(),
+            json!({"id": id, "active": active}).to_string(),
+        )
+    };
+    assert_eq!(
+        users,
+        [
+            op("c", 100, true),
+            op("d", 1, true),
+            op("c", 3, true),
+            op("u", 2, true),
+            op("u", 5, true),
+            op("d", 4, true),
+        ]
+    );
+    for (table, _, _, _) in PUBLISHED {
+        let ids: HashSet<&Value> = lines
+            .iter()
+            .filter(|l| l["topic"] == p.topic(table).as_str() && !l["value"].is_null())
+            .map(|l| &l["value"]["source"]["schema_id"])
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "{table}: one schema_id in snapshot and stream"
+        );
+    }
+
+    let text = run(&["--snapshot-only", "--snapshot-copy", "text"], "text COPY");
+    assert_published(&p, &text.lines.iter().collect::<Vec<_>>(), "text COPY", &[]).await;
+    for copy in ["auto", "text"] {
+        let parallel = run(
+            &[
+                "--snapshot-only",
+                "--snapshot-workers",
+                "2",
+                "--snapshot-copy",
+                copy,
+            ],
+            "page ranges",
+        );
+        assert!(
+            parallel.log.contains("units=4") || parallel.log.contains("units=5"),
+            "big was not cut into page ranges:\n{}",
+            parallel.log
+        );
+        let what = format!("page ranges, --snapshot-copy {copy}");
+        assert_published(&p, &parallel.lines.iter().collect::<Vec<_>>(), &what, &[]).await;
+    }
+
+    // --exclude-column narrows the column list further; excluding a column the list leaves
+    // out already is no error.
+    let narrower = run(
+        &[
+            "--snapshot-only",
+            "--exclude-column",
+            "public.users.name",
+            "--exclude-column",
+            "public.big.secret",
+        ],
+        "excluded columns",
+    );
+    assert_published(
+        &p,
+        &narrower.lines.iter().collect::<Vec<_>>(),
+        "excluded columns",
+        &[("users", "id, active")],
+    )
+    .await;
+
+    // A column list without the key: refused at start, naming the fix.
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} SET TABLE users (name, active) WHERE (active), m, big",
+            p.slot
+        ))
+        .await
+        .unwrap();
+    assert_fails(
+        &p.run(&["--sink", "stdout", "--stop-lsn", "now"]),
+        3,
+        &["\"public\".\"users\"", "\"id\"", "ALTER PUBLICATION"],
     );
 }

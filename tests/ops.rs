@@ -196,7 +196,7 @@ async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
         .iter()
         .find(|l| l["message"] == "snapshot: reading table")
         .unwrap_or_else(|| panic!("{log}"));
-    assert_eq!(snapshot_line["table"], "public.items");
+    assert_eq!(snapshot_line["table"], r#""public"."items""#);
     assert_eq!(snapshot_line["level"], "INFO");
 
     let out = o.output("status", &["--json"]);
@@ -962,4 +962,49 @@ async fn progress_bar_on_a_terminal_shows_rows_rate_and_eta() {
         "no bar of an unfinished snapshot shows time left:\n{}",
         bars.join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_compares_what_the_publication_publishes() {
+    let o = Ops::new(
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int, secret text);
+         INSERT INTO public.items SELECT g, 'row ' || g, g, 's' || g FROM generate_series(1, 50) g;",
+    )
+    .await;
+    o.sql(&format!(
+        "CREATE PUBLICATION {} FOR TABLE items (id, v, n) WHERE (id % 2 = 0)
+         WITH (publish_via_partition_root = true)",
+        o.slot
+    ))
+    .await;
+    let child = o.spawn_run(&[], "run.log");
+    o.wait_for_log("run.log", "streaming changes").await;
+    // Changes inside the filter, and rows leaving and entering it.
+    o.sql(
+        "UPDATE items SET v = 'changed', secret = 'x' WHERE id IN (2, 3);
+         UPDATE items SET id = 101 WHERE id = 4;
+         UPDATE items SET id = 102 WHERE id = 5;
+         DELETE FROM items WHERE id IN (6, 7);
+         INSERT INTO items VALUES (200, 'new', 1, 's'), (201, 'odd', 1, 's');",
+    )
+    .await;
+    let args = [
+        "--table",
+        "public.items",
+        "--json",
+        "--publication",
+        &o.slot,
+    ];
+    let out = o.output("verify", &args);
+    assert_code(&out, 0, "the topic holds what the publication publishes");
+    let r = json_of(&out);
+    assert_eq!(r["equal"], true, "{r}");
+    assert_eq!(r["table_rows"], 25, "{r}");
+    assert_eq!(r["same"], 25, "{r}");
+
+    // Another publication (here: none of that name) compares the whole table, and says so.
+    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    assert_code(&out, 1, "the whole table is not what was published");
+    assert!(stderr(&out).contains("--publication"), "{}", stderr(&out));
+    stop(child);
 }

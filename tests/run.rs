@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::pipeline::{assert_fails, assert_success, kafka, Event, Pipeline};
 use pgcdc::sink::kafka::{KafkaConfig, ReadStop};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Compares replayed topic state with the table, reporting a few differences, not dumps.
 fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>) {
@@ -444,7 +444,7 @@ async fn errors_name_the_fix() {
     assert_fails(
         &p.run(&["--table", "public.missing"]),
         3,
-        &["public.missing does not exist"],
+        &[r#""public"."missing" does not exist"#],
     );
     p.assert_left_nothing().await;
     assert_fails(
@@ -932,4 +932,217 @@ async fn stop_lsn_publishes_no_part_of_a_later_transaction() {
     let (state, duplicates) = replay(&all);
     assert_eq!(duplicates, 0, "a later transaction published twice");
     assert_same_state(&state, &p.table_rows("t").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inheritance_parent_read_in_page_ranges_publishes_only_its_own_rows() {
+    // fillfactor 10 and 500-byte rows: a row per page, 2,600 pages, cut into ranges. The
+    // child's few pages have row addresses inside the parent's first range.
+    let p = Pipeline::new(
+        "CREATE TABLE public.parent (id int PRIMARY KEY, v text) WITH (fillfactor = 10);
+         CREATE TABLE public.child (extra int) INHERITS (public.parent);
+         ALTER TABLE public.child ADD PRIMARY KEY (id);
+         INSERT INTO public.parent SELECT g, repeat('p', 500) FROM generate_series(1, 2600) g;
+         INSERT INTO public.child SELECT g, 'c', g FROM generate_series(100001, 100300) g;",
+    )
+    .await;
+    let client = p.db.client().await;
+    // A publication of the parent holds its children too, as tables of their own.
+    client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE public.parent WITH (publish_via_partition_root = true)",
+            p.slot
+        ))
+        .await
+        .unwrap();
+    let args = ["--snapshot-workers", "2", "--stop-lsn", "now"];
+    let first = common::lines::run(&p, &args, "parallel snapshot");
+    assert!(
+        first.log.contains("units=3") || first.log.contains("units=4"),
+        "the parent was not cut into page ranges:\n{}",
+        first.log
+    );
+    own_rows_only(&p, &first.lines.iter().collect::<Vec<_>>(), "snapshot").await;
+    assert_eq!(
+        first.of(&p.topic("parent")).len(),
+        2600,
+        "one event per parent row"
+    );
+
+    client
+        .batch_execute(
+            "INSERT INTO parent VALUES (5000, 'new');
+             INSERT INTO child VALUES (100500, 'new', 1);
+             UPDATE parent SET v = 'changed' WHERE id % 100 = 0;
+             UPDATE child SET v = 'changed' WHERE id % 100 = 0;
+             DELETE FROM parent WHERE id = 7;",
+        )
+        .await
+        .unwrap();
+    let second = common::lines::run(&p, &["--stop-lsn", "now"], "stream");
+    let both: Vec<&Value> = first.lines.iter().chain(&second.lines).collect();
+    own_rows_only(&p, &both, "snapshot and stream").await;
+}
+
+/// Replaying `lines` gives the parent's own rows on its topic and the child's on its own.
+async fn own_rows_only(p: &Pipeline, lines: &[&Value], what: &str) {
+    let client = p.db.client().await;
+    for (table, sql) in [("parent", "ONLY public.parent"), ("child", "public.child")] {
+        let got = common::lines::replay(lines.iter().copied(), &p.topic(table), &["id"]);
+        let want = common::lines::table_state(&client, sql, "*", "true", &["id"]).await;
+        common::lines::assert_same(&got, &want, &format!("{what}: {table}"));
+    }
+}
+
+/// The stdout events of a background run that streamed until `p`'s slot confirmed the
+/// server's position at the time of the call; stopped with SIGTERM.
+async fn stream_in_background_until_caught_up(
+    p: &Pipeline,
+    mut child: std::process::Child,
+    log: &str,
+    out: &std::path::Path,
+) -> common::lines::Run {
+    let target = p.current_lsn().await;
+    let caught_up = common::poll_until(Duration::from_secs(30), || async {
+        p.confirmed_flush().await.filter(|c| *c >= target)
+    })
+    .await;
+    assert!(caught_up.is_some(), "did not catch up:\n{}", p.log(log));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "pgcdc exited:\n{}",
+        p.log(log)
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", p.log(log));
+    let stdout = std::fs::read(out).unwrap();
+    let lines = String::from_utf8(stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    common::lines::Run {
+        lines,
+        log: p.log(log),
+    }
+}
+
+const REPLICA_IDENTITIES: &str = "
+    CREATE TABLE public.ri_index (id int PRIMARY KEY, code text NOT NULL, v text);
+    CREATE UNIQUE INDEX ri_index_code ON public.ri_index (code);
+    ALTER TABLE public.ri_index REPLICA IDENTITY USING INDEX ri_index_code;
+    CREATE TABLE public.ri_full (id int PRIMARY KEY, v text);
+    ALTER TABLE public.ri_full REPLICA IDENTITY FULL;
+    CREATE TABLE public.ri_nokey (v text, n int);
+    ALTER TABLE public.ri_nokey REPLICA IDENTITY FULL;
+    INSERT INTO public.ri_index SELECT g, 'c' || g, 'v' || g FROM generate_series(1, 5) g;
+    INSERT INTO public.ri_full SELECT g, 'v' || g FROM generate_series(1, 5) g;
+    INSERT INTO public.ri_nokey SELECT 'v' || g, g FROM generate_series(1, 5) g;";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_is_the_replica_identity_index_else_the_primary_key() {
+    let p = Pipeline::new(REPLICA_IDENTITIES).await;
+    let client = p.db.client().await;
+    let args = [
+        "--table",
+        "public.ri_index",
+        "--table",
+        "public.ri_full",
+        "--table",
+        "public.ri_nokey",
+        "--stop-lsn",
+        "now",
+    ];
+    let first = common::lines::run(&p, &args, "snapshot");
+    assert!(
+        first.log.contains("null Kafka key"),
+        "a table without a key is warned about:\n{}",
+        first.log
+    );
+    client
+        .batch_execute(
+            "INSERT INTO ri_index VALUES (10, 'c10', 'new');
+             UPDATE ri_index SET v = 'changed' WHERE id = 1;
+             UPDATE ri_index SET code = 'c20' WHERE id = 2;
+             UPDATE ri_index SET id = 30 WHERE id = 3;
+             DELETE FROM ri_index WHERE id = 4;
+             UPDATE ri_full SET v = 'changed' WHERE id = 1;
+             UPDATE ri_full SET id = 20 WHERE id = 2;
+             DELETE FROM ri_full WHERE id = 4;
+             INSERT INTO ri_nokey VALUES ('new', 10);
+             DELETE FROM ri_nokey WHERE n = 4;",
+        )
+        .await
+        .unwrap();
+    let second = common::lines::run(&p, &args, "stream");
+    let both: Vec<&Value> = first.lines.iter().chain(&second.lines).collect();
+    for (table, key) in [("ri_index", "code"), ("ri_full", "id")] {
+        let got = common::lines::replay(both.iter().copied(), &p.topic(table), &[key]);
+        let want = common::lines::table_state(&client, table, "*", "true", &[key]).await;
+        common::lines::assert_same(&got, &want, table);
+    }
+    let deletes: Vec<&Value> = second
+        .of(&p.topic("ri_index"))
+        .into_iter()
+        .filter(|l| l["value"]["op"] == "d")
+        .collect();
+    // The delete of id 4, and the delete half of the code change of id 2.
+    assert_eq!(deletes.len(), 2, "{deletes:?}");
+    assert_eq!(deletes[0]["key"], json!({"code": "c2"}));
+    assert_eq!(deletes[1]["key"], json!({"code": "c4"}));
+    let nokey: Vec<&Value> = both
+        .iter()
+        .copied()
+        .filter(|l| l["topic"] == p.topic("ri_nokey").as_str())
+        .collect();
+    assert_eq!(nokey.len(), 5 + 2, "no tombstone without a key");
+    assert!(nokey.iter().all(|l| l["key"].is_null()), "{nokey:?}");
+
+    // Tables that join the publication while streaming follow the same rule.
+    let out = p.dir.join("joined.out");
+    let child = p
+        .command(&[
+            "--sink",
+            "stdout",
+            "--progress-file",
+            p.dir.join("progress.json").to_str().unwrap(),
+        ])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(p.dir.join("joined.log")).unwrap())
+        .spawn()
+        .unwrap();
+    p.wait_for_log("joined.log", "streaming changes").await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE public.j_index (id int PRIMARY KEY, code text NOT NULL, v text);
+             CREATE UNIQUE INDEX j_index_code ON public.j_index (code);
+             ALTER TABLE public.j_index REPLICA IDENTITY USING INDEX j_index_code;
+             CREATE TABLE public.j_full (id int PRIMARY KEY, v text);
+             ALTER TABLE public.j_full REPLICA IDENTITY FULL;
+             ALTER PUBLICATION {} ADD TABLE j_index, j_full;
+             INSERT INTO j_index SELECT g, 'c' || g, 'v' || g FROM generate_series(1, 5) g;
+             INSERT INTO j_full SELECT g, 'v' || g FROM generate_series(1, 5) g;
+             UPDATE j_index SET v = 'changed' WHERE id = 1;
+             UPDATE j_index SET code = 'c20' WHERE id = 2;
+             DELETE FROM j_index WHERE id = 4;
+             UPDATE j_full SET id = 20 WHERE id = 2;
+             DELETE FROM j_full WHERE id = 4;",
+            p.slot
+        ))
+        .await
+        .unwrap();
+    let joined = stream_in_background_until_caught_up(&p, child, "joined.log", &out).await;
+    assert!(
+        joined.log.contains("a table joined the publication"),
+        "{}",
+        joined.log
+    );
+    for (table, key) in [("j_index", "code"), ("j_full", "id")] {
+        let got = common::lines::replay(&joined.lines, &p.topic(table), &[key]);
+        let want = common::lines::table_state(&client, table, "*", "true", &[key]).await;
+        common::lines::assert_same(&got, &want, &format!("joined: {table}"));
+    }
 }

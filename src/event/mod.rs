@@ -184,6 +184,16 @@ impl TableSchema {
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.name)
     }
+
+    /// The first key column `row` has no value for (NULL, not sent, or absent). A keyed
+    /// table's key columns are NOT NULL and in every row and old key tuple PostgreSQL sends,
+    /// so such a row is a bug to report, never an event to publish under a null key.
+    pub fn missing_key(&self, row: &[Datum<'_>]) -> Option<&str> {
+        self.key
+            .iter()
+            .find(|&&i| matches!(row.get(i), None | Some(Datum::Null | Datum::Unchanged)))
+            .map(|&i| self.columns[i].name.as_str())
+    }
 }
 
 /// FNV-1a over the names and type OIDs: stable across runs and between snapshot and stream.

@@ -47,7 +47,8 @@
 //!
 //! Rows are compared by a 64-bit hash of their JSON as pgcdc encodes it — the table side is
 //! encoded by the very [`Encoder`] that `run` uses, from text `COPY`, the same path as the
-//! snapshot — so a million rows cost one COPY, one topic scan and two hash maps of keys.
+//! snapshot, of the same columns and rows (those `--publication` publishes: its column list
+//! and row filter) — so a million rows cost one COPY, one topic scan and two hash maps of keys.
 //! Only the few differing rows shown as examples are decoded and compared column by column.
 //!
 //! An update of a row with an unchanged TOASTed value omits that column from `after` (unless
@@ -184,9 +185,23 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
         ));
     };
     let (info, client) = super::connect_source(&args.conn).await?;
-    let tables = catalog::describe_tables(&client, std::slice::from_ref(&args.table))
+    let mut tables = catalog::describe_tables(&client, std::slice::from_ref(&args.table))
         .await
         .or_fail(FailureKind::Source)?;
+    for t in &mut tables {
+        // What `run` publishes of the table: its publication's columns and rows.
+        match catalog::published(&client, &args.publication, &t.name)
+            .await
+            .or_fail(FailureKind::Source)?
+        {
+            Some(p) => t
+                .restrict(&args.publication, p)
+                .or_fail(FailureKind::Source)?,
+            None => {
+                tracing::warn!(table = %t.name, publication = %args.publication, "the publication does not publish this table (or does not exist): comparing every column and row of it; pass the --publication that `pgcdc run` uses")
+            }
+        }
+    }
     let exclude = crate::source::exclude::Exclusions::new(&args.exclude_columns);
     exclude.check(&tables).or_fail(FailureKind::Usage)?;
     let tables: Vec<catalog::TableInfo> = tables.iter().map(|t| exclude.apply(t)).collect();

@@ -292,7 +292,7 @@ async fn prepare_source(args: &RunArgs, conninfo: &ConnInfo) -> Result<Source, F
     let names = catalog::ensure_publication(&client, &args.publication, &args.tables)
         .await
         .or_fail(SourceFail)?;
-    let tables = catalog::describe_tables(&client, &names)
+    let tables = catalog::describe_published(&client, &args.publication, &names)
         .await
         .or_fail(SourceFail)?;
     let events = events::setup(args, &client, &server.database, &tables).await?;

@@ -4,6 +4,13 @@
 //! published, and each failure says how to fix it: `wal_level`, the REPLICATION attribute,
 //! a missing table or SELECT privilege, a table whose updates and deletes cannot be
 //! identified, a publication that does not match, a slot that is busy or of another plugin.
+//!
+//! What a table publishes is what its publication publishes: since PostgreSQL 15 a
+//! publication may name a table's columns and filter its rows (`FOR TABLE users (id, name)
+//! WHERE (active)`), and the stream then carries only those columns, only for those rows. So
+//! the snapshot reads the same columns and rows ([`describe_published`]): a column the owner
+//! chose not to publish must not leak through the snapshot, and a row outside the filter
+//! would be published once and never updated or deleted after.
 
 use std::fmt;
 use std::str::FromStr;
@@ -18,36 +25,43 @@ use crate::source::Lsn;
 pub enum PreflightError {
     #[error("wal_level is `{0}`, but logical replication needs `logical`. Fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL")]
     WalLevel(String),
-    #[error("role `{0}` may not start replication. Fix: ALTER ROLE \"{0}\" REPLICATION; (or connect as a role that has it)")]
+    #[error("role `{0}` may not start replication. Fix: ALTER ROLE {role} REPLICATION; (or connect as a role that has it)", role = quote_ident(.0))]
     NoReplication(String),
     #[error("table {0} does not exist (names are schema.table, as in the catalog; quote mixed case: '\"MySchema\".\"Orders\"')")]
     NoSuchTable(TableName),
     #[error("{0} is not a table (pgcdc publishes ordinary and partitioned tables)")]
     NotATable(TableName),
-    #[error("role `{role}` has no SELECT privilege on {table}, which the snapshot needs. Fix: GRANT SELECT ON {table} TO \"{role}\";")]
+    #[error("role `{role}` has no SELECT privilege on {table}, which the snapshot needs. Fix: GRANT SELECT ON {table} TO {};", quote_ident(.role))]
     NoSelect { role: String, table: TableName },
     #[error("table {0} has no primary key and REPLICA IDENTITY {1}: its updates and deletes cannot be identified. Fix: add a primary key, or ALTER TABLE {0} REPLICA IDENTITY FULL;")]
     NoIdentity(TableName, &'static str),
-    #[error("publication `{0}` does not exist and no --table was given. Fix: name the tables with --table schema.table (pgcdc then creates the publication), or CREATE PUBLICATION \"{0}\" FOR TABLE ...;")]
+    #[error("publication `{0}` does not exist and no --table was given. Fix: name the tables with --table schema.table (pgcdc then creates the publication), or CREATE PUBLICATION {publication} FOR TABLE ...;", publication = quote_ident(.0))]
     NoPublication(String),
-    #[error("publication `{0}` contains no tables. Fix: ALTER PUBLICATION \"{0}\" ADD TABLE ...; or name tables with --table")]
+    #[error("publication `{0}` contains no tables. Fix: ALTER PUBLICATION {publication} ADD TABLE ...; or name tables with --table", publication = quote_ident(.0))]
     EmptyPublication(String),
-    #[error("publication `{publication}` does not include {missing}. Fix: ALTER PUBLICATION \"{publication}\" ADD TABLE {missing}; or use another --publication")]
+    #[error("publication `{publication}` does not include {missing}. Fix: ALTER PUBLICATION {} ADD TABLE {missing}; or use another --publication", quote_ident(.publication))]
     PublicationMissingTables {
         publication: String,
         missing: String,
     },
-    #[error("publication `{0}` does not publish {1}, so those changes would be silently lost. Fix: ALTER PUBLICATION \"{0}\" SET (publish = 'insert, update, delete, truncate');")]
+    #[error("publication `{0}` does not publish {1}, so those changes would be silently lost. Fix: ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate');", publication = quote_ident(.0))]
     PublicationOps(String, String),
-    #[error("cannot create publication `{publication}`: {cause}. Fix: create it as the tables' owner or a superuser: CREATE PUBLICATION \"{publication}\" FOR TABLE {tables};")]
+    #[error("cannot create publication `{publication}`: {cause}. Fix: create it as the tables' owner or a superuser: CREATE PUBLICATION {} FOR TABLE {tables};", quote_ident(.publication))]
     CreatePublication {
         publication: String,
         tables: String,
         cause: String,
     },
-    #[error("publication `{0}` publishes the partitions of {1} under their own names, so its changes would not reach its topic. Fix: ALTER PUBLICATION \"{0}\" SET (publish_via_partition_root = true);")]
+    #[error("publication `{0}` publishes the partitions of {1} under their own names, so its changes would not reach its topic. Fix: ALTER PUBLICATION {publication} SET (publish_via_partition_root = true);", publication = quote_ident(.0))]
     PartitionRoot(String, TableName),
-    #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot('{slot}');")]
+    #[error("publication `{publication}` publishes only some columns of {table} and leaves out its key column(s) {missing}, so its events could not be keyed (the key is the replica identity index under REPLICA IDENTITY USING INDEX, else the primary key). Fix: publish them too: {fix}")]
+    KeyNotPublished {
+        publication: String,
+        table: TableName,
+        missing: String,
+        fix: String,
+    },
+    #[error("replication slot `{slot}` uses the output plugin `{plugin}`, not pgoutput. Fix: choose another --slot, or drop it: SELECT pg_drop_replication_slot({});", quote_literal(.slot))]
     SlotPlugin { slot: String, plugin: String },
     #[error("replication slot `{slot}` belongs to database `{database}`, not this one. Fix: choose another --slot")]
     SlotDatabase { slot: String, database: String },
@@ -215,22 +229,18 @@ impl FromStr for ColumnRef {
     }
 }
 
-/// Quotes an identifier for SQL when it needs quoting.
+/// Quotes an identifier for SQL and for replication commands: `"name"`, doubling quotes.
+/// Always, never "only when needed": which words are reserved differs between PostgreSQL
+/// versions (and a column named `user` left bare is the SQL function `user`), so the one
+/// safe rule is to quote everything. Every name in every SQL text pgcdc builds goes through
+/// here.
 pub fn quote_ident(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
+    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Quotes a string literal for SQL.
+/// Quotes a string literal: `'value'`, doubling single quotes. Both the SQL parser (with the
+/// default `standard_conforming_strings=on`) and the replication command parser read
+/// backslashes literally in such a string.
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
@@ -242,11 +252,16 @@ pub struct TableInfo {
     pub name: TableName,
     /// Column names and type OIDs in attribute order (what COPY and pgoutput both use).
     pub columns: Vec<(String, u32)>,
-    /// Kafka key columns in key order: the primary key, else the replica identity index.
+    /// Kafka key columns in key order (see [`table_key`]).
     pub key: Vec<String>,
     /// A partitioned table: its rows live in partitions, and its changes are published under
     /// its own name only with `publish_via_partition_root`.
     pub partitioned: bool,
+    /// The publication's row filter (PostgreSQL 15+), as the server deparsed it: only rows
+    /// for which it is true are read.
+    pub row_filter: Option<String>,
+    /// Columns the publication's column list leaves out: in no event (not in `columns`).
+    pub unpublished: Vec<String>,
 }
 
 /// The data format of a snapshot `COPY`: text, or binary (see [`super::copy_binary`]).
@@ -269,25 +284,46 @@ impl TableInfo {
     /// The `COPY … TO STDOUT` that reads the table's columns in attribute order. A partitioned
     /// table has no rows of its own: it is read through a query.
     pub fn copy_sql(&self, format: CopyFormat) -> String {
-        let cols = self.column_list();
-        let options = format.options();
-        if self.partitioned {
-            format!("COPY (SELECT {cols} FROM {}) TO STDOUT{options}", self.name)
-        } else {
-            format!("COPY {} ({cols}) TO STDOUT{options}", self.name)
-        }
+        self.copy(None, format)
     }
 
     /// The `COPY … TO STDOUT` that reads the rows stored in pages `from` up to (not
     /// including) `to`, or to the end; PostgreSQL 14+ reads just those pages (a TID range
     /// scan). Not for partitioned tables, whose row addresses repeat across partitions.
     pub fn copy_pages_sql(&self, from: u64, to: Option<u64>, format: CopyFormat) -> String {
+        self.copy(Some((from, to)), format)
+    }
+
+    /// `COPY table (columns)` when that reads the rows wanted, else `COPY (SELECT …)` (page
+    /// ranges, the publication's row filter, partitioned tables).
+    /// `COPY table TO` reads the table's own rows, but a `SELECT` from an inheritance parent
+    /// reads its children's rows too, which are published as tables of their own: so
+    /// `FROM ONLY`, except for a partitioned table, whose rows are all in its partitions.
+    fn copy(&self, pages: Option<(u64, Option<u64>)>, format: CopyFormat) -> String {
         let cols = self.column_list();
-        let end = to.map_or(String::new(), |to| format!(" AND ctid < '({to},0)'::tid"));
+        let options = format.options();
+        let mut conditions = Vec::new();
+        if let Some((from, to)) = pages {
+            conditions.push(format!("ctid >= '({from},0)'::tid"));
+            if let Some(to) = to {
+                conditions.push(format!("ctid < '({to},0)'::tid"));
+            }
+        }
+        if let Some(filter) = &self.row_filter {
+            conditions.push(format!("({filter})"));
+        }
+        if conditions.is_empty() && !self.partitioned {
+            return format!("COPY {} ({cols}) TO STDOUT{options}", self.name);
+        }
+        let only = if self.partitioned { "" } else { "ONLY " };
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
         format!(
-            "COPY (SELECT {cols} FROM {} WHERE ctid >= '({from},0)'::tid{end}) TO STDOUT{}",
-            self.name,
-            format.options()
+            "COPY (SELECT {cols} FROM {only}{}{filter}) TO STDOUT{options}",
+            self.name
         )
     }
 
@@ -376,17 +412,26 @@ pub async fn describe_tables(
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
             .collect();
-        let (key, has_pk) = table_key(client, oid).await?;
+        let key = table_key(client, oid).await?;
         match replident.as_str() {
-            "d" if !has_pk => return Err(PreflightError::NoIdentity(t.clone(), "DEFAULT")),
+            "d" if !key.has_pk => return Err(PreflightError::NoIdentity(t.clone(), "DEFAULT")),
             "n" => return Err(PreflightError::NoIdentity(t.clone(), "NOTHING")),
+            "i" if key.identity_index_gone => {
+                return Err(PreflightError::NoIdentity(
+                    t.clone(),
+                    "USING INDEX of an index that no longer exists",
+                ))
+            }
             _ => {}
         }
+        let key = key.columns;
         if key.is_empty() {
-            tracing::warn!(table = %t, "table has no primary key: its events get a null Kafka key, so per-row ordering across partitions is not guaranteed");
+            tracing::warn!(table = %t, "table has REPLICA IDENTITY FULL and no primary key: its events get a null Kafka key, so per-row ordering across partitions is not guaranteed (add a primary key for keyed events)");
         }
         out.push(TableInfo {
             partitioned: relkind == "p",
+            row_filter: None,
+            unpublished: Vec::new(),
             oid,
             name: t.clone(),
             columns,
@@ -396,26 +441,162 @@ pub async fn describe_tables(
     Ok(out)
 }
 
-/// The Kafka key columns of table `oid`, in key order: the primary key, else the replica
-/// identity index. Also says whether there is a primary key.
-pub async fn table_key(client: &Client, oid: u32) -> Result<(Vec<String>, bool), PreflightError> {
+/// What a publication publishes of one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The column list; `None`: every column.
+    pub columns: Option<Vec<String>>,
+    /// The row filter, as `pg_get_expr` deparses it.
+    pub row_filter: Option<String>,
+}
+
+/// What `publication` publishes of `table`, or `None` when it does not publish it. Column
+/// lists and row filters exist since PostgreSQL 15 (`pg_publication_tables.attnames`,
+/// `.rowfilter`); before, a publication publishes whole tables. For a partitioned table
+/// published through its root, the root's list and filter are the ones that apply.
+pub async fn published(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<Option<Published>, PreflightError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0);
+    let sql = if version >= 150_000 {
+        "SELECT attnames::text[], rowfilter FROM pg_publication_tables \
+         WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
+    } else {
+        "SELECT NULL::text[], NULL::text FROM pg_publication_tables \
+         WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
+    };
+    let row = client
+        .query_opt(sql, &[&publication, &table.schema, &table.name])
+        .await?;
+    Ok(row.map(|r| Published {
+        columns: r.get(0),
+        row_filter: r.get(1),
+    }))
+}
+
+impl TableInfo {
+    /// Narrows the table to what `p` publishes: its columns, its rows. Refuses a column list
+    /// that leaves out a key column, naming the statements that fix it.
+    pub fn restrict(&mut self, publication: &str, p: Published) -> Result<(), PreflightError> {
+        self.row_filter = p.row_filter;
+        let Some(names) = p.columns else {
+            return Ok(());
+        };
+        let all = std::mem::take(&mut self.columns);
+        let (columns, unpublished): (Vec<_>, Vec<_>) =
+            all.iter().cloned().partition(|(c, _)| names.contains(c));
+        self.columns = columns;
+        self.unpublished = unpublished.into_iter().map(|(c, _)| c).collect();
+        let missing: Vec<&String> = self.key.iter().filter(|k| !names.contains(k)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let wanted: Vec<String> = all
+            .iter()
+            .filter(|(c, _)| names.contains(c) || self.key.contains(c))
+            .map(|(c, _)| quote_ident(c))
+            .collect();
+        let filter = self
+            .row_filter
+            .as_ref()
+            .map_or(String::new(), |f| format!(" WHERE ({f})"));
+        let publication_q = quote_ident(publication);
+        Err(PreflightError::KeyNotPublished {
+            publication: publication.to_string(),
+            table: self.name.clone(),
+            missing: missing
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", "),
+            fix: format!(
+                "ALTER PUBLICATION {publication_q} DROP TABLE {t}; \
+                 ALTER PUBLICATION {publication_q} ADD TABLE {t} ({cols}){filter};",
+                t = self.name,
+                cols = wanted.join(", ")
+            ),
+        })
+    }
+}
+
+/// [`describe_tables`], narrowed to what `publication` publishes of each (see [`published`]):
+/// the tables the snapshot reads.
+pub async fn describe_published(
+    client: &Client,
+    publication: &str,
+    names: &[TableName],
+) -> Result<Vec<TableInfo>, PreflightError> {
+    let mut tables = describe_tables(client, names).await?;
+    for t in &mut tables {
+        if let Some(p) = published(client, publication, &t.name).await? {
+            if p.columns.is_some() || p.row_filter.is_some() {
+                tracing::info!(table = %t.name, columns = ?p.columns, row_filter = ?p.row_filter, "the publication publishes part of this table: the snapshot reads that part");
+            }
+            t.restrict(publication, p)?;
+        }
+    }
+    Ok(tables)
+}
+
+/// The Kafka key of a table, and what it rests on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableKey {
+    /// Key columns in key (index) order; empty: no key.
+    pub columns: Vec<String>,
+    pub has_pk: bool,
+    /// `REPLICA IDENTITY USING INDEX` whose index no longer exists: PostgreSQL then logs no
+    /// old row at all, as with NOTHING.
+    pub identity_index_gone: bool,
+}
+
+/// The Kafka key of table `oid`: the columns of its replica identity index under `REPLICA
+/// IDENTITY USING INDEX`, else its primary key (DEFAULT and FULL), else none.
+///
+/// Why the replica identity first: it is what the old-row tuple of every update and delete
+/// carries (pgoutput sends only those columns), and its columns are NOT NULL, so it is in
+/// every snapshot row, insert, update and delete. A primary key outside it would be null in
+/// deletes. Under FULL the old row has every column, and the primary key is the row's name.
+pub async fn table_key(client: &Client, oid: u32) -> Result<TableKey, PreflightError> {
+    let replident: Option<String> = client
+        .query_opt(
+            "SELECT relreplident::text FROM pg_class WHERE oid = $1",
+            &[&oid],
+        )
+        .await?
+        .map(|r| r.get(0));
     let key_rows = client
         .query(
-            "SELECT a.attname::text, i.indisprimary FROM pg_index i \
+            "SELECT a.attname::text, i.indisprimary, i.indisreplident FROM pg_index i \
              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
              WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
-             ORDER BY i.indisprimary DESC, k.ord",
+             ORDER BY k.ord",
             &[&oid],
         )
         .await?;
-    let has_pk = key_rows.iter().any(|r| r.get::<_, bool>(1));
-    let key = key_rows
-        .iter()
-        .filter(|r| r.get::<_, bool>(1) == has_pk)
-        .map(|r| r.get(0))
-        .collect();
-    Ok((key, has_pk))
+    let columns = |flag: usize| -> Vec<String> {
+        key_rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(flag))
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let (pk, identity) = (columns(1), columns(2));
+    let by_index = replident.as_deref() == Some("i");
+    Ok(TableKey {
+        has_pk: !pk.is_empty(),
+        identity_index_gone: by_index && identity.is_empty(),
+        columns: if by_index && !identity.is_empty() {
+            identity
+        } else {
+            pk
+        },
+    })
 }
 
 /// Makes sure the publication exists and covers `requested` (created when missing), and
@@ -600,6 +781,101 @@ mod tests {
         }
     }
 
+    fn info(partitioned: bool) -> TableInfo {
+        TableInfo {
+            oid: 1,
+            name: TableName::new("public", "user"),
+            columns: vec![("order".into(), 23), ("Mixed \"Case\"".into(), 25)],
+            key: vec!["order".into()],
+            partitioned,
+            row_filter: None,
+            unpublished: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn copy_statements_quote_every_name_and_read_only_the_tables_own_rows() {
+        let t = info(false);
+        let cols = r#""order", "Mixed ""Case""""#;
+        assert_eq!(
+            t.copy_sql(CopyFormat::Text),
+            format!(r#"COPY "public"."user" ({cols}) TO STDOUT"#)
+        );
+        assert_eq!(
+            t.copy_pages_sql(8, Some(16), CopyFormat::Binary),
+            format!(
+                r#"COPY (SELECT {cols} FROM ONLY "public"."user" WHERE ctid >= '(8,0)'::tid AND ctid < '(16,0)'::tid) TO STDOUT (FORMAT binary)"#
+            )
+        );
+        assert_eq!(
+            t.copy_pages_sql(16, None, CopyFormat::Text),
+            format!(
+                r#"COPY (SELECT {cols} FROM ONLY "public"."user" WHERE ctid >= '(16,0)'::tid) TO STDOUT"#
+            )
+        );
+        assert_eq!(
+            info(true).copy_sql(CopyFormat::Binary),
+            format!(r#"COPY (SELECT {cols} FROM "public"."user") TO STDOUT (FORMAT binary)"#)
+        );
+    }
+
+    #[test]
+    fn a_publication_narrows_columns_and_rows_and_must_keep_the_key() {
+        let mut t = info(false);
+        t.columns.push(("secret".into(), 25));
+        let published = Published {
+            columns: Some(vec!["order".into(), "Mixed \"Case\"".into()]),
+            row_filter: Some("(\"order\" > 5)".into()),
+        };
+        t.restrict("p", published.clone()).unwrap();
+        assert_eq!(t.unpublished, ["secret"]);
+        let cols = r#""order", "Mixed ""Case""""#;
+        let from = r#"FROM ONLY "public"."user""#;
+        assert_eq!(
+            t.copy_sql(CopyFormat::Text),
+            format!(r#"COPY (SELECT {cols} {from} WHERE (("order" > 5))) TO STDOUT"#)
+        );
+        assert_eq!(
+            t.copy_pages_sql(0, Some(8), CopyFormat::Binary),
+            format!(
+                r#"COPY (SELECT {cols} {from} WHERE ctid >= '(0,0)'::tid AND ctid < '(8,0)'::tid AND (("order" > 5))) TO STDOUT (FORMAT binary)"#
+            )
+        );
+        let mut p = info(true);
+        p.restrict("p", published).unwrap();
+        assert_eq!(
+            p.copy_sql(CopyFormat::Text),
+            format!(r#"COPY (SELECT {cols} FROM "public"."user" WHERE (("order" > 5))) TO STDOUT"#)
+        );
+
+        // Every column, every row: as without a publication.
+        let mut whole = info(false);
+        whole.restrict("p", Published::default()).unwrap();
+        assert_eq!(
+            whole.copy_sql(CopyFormat::Text),
+            info(false).copy_sql(CopyFormat::Text)
+        );
+
+        let mut keyless = info(false);
+        let err = keyless
+            .restrict(
+                "my pub",
+                Published {
+                    columns: Some(vec!["Mixed \"Case\"".into()]),
+                    row_filter: Some("true".into()),
+                },
+            )
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(r#"key column(s) "order""#), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                r#"ALTER PUBLICATION "my pub" ADD TABLE "public"."user" ({cols}) WHERE (true);"#
+            )),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn column_refs() {
         let c: ColumnRef = "public.Users.email".parse().unwrap();
@@ -608,7 +884,7 @@ mod tests {
         let c: ColumnRef = r#"users."E Mail""#.parse().unwrap();
         assert_eq!(c.table, TableName::new("public", "users"));
         assert_eq!(c.column, "E Mail");
-        assert_eq!(c.to_string(), r#"public.users."E Mail""#);
+        assert_eq!(c.to_string(), r#""public"."users"."E Mail""#);
         for bad in ["", "users", "a.b.c.d", "a..b", "a.b c"] {
             assert!(bad.parse::<ColumnRef>().is_err(), "{bad:?}");
         }

@@ -18,9 +18,15 @@
 //! publication, whether its topic exists — [`ChangeBuilder::prepare`] asks the catalog (see
 //! [`super::schema`]) before the message is handled, which the streaming loop awaits.
 //!
+//! Keys: the Kafka key of a table is its replica identity index under `REPLICA IDENTITY USING
+//! INDEX`, else its primary key (see [`crate::source::catalog::table_key`]): columns that are
+//! NOT NULL and in every row and old key tuple pgoutput sends. So an event that lacks one is
+//! a bug, refused ([`ChangeError::MissingKey`]) rather than published under a null key.
+//!
 //! Unchanged TOAST values: pgoutput leaves out large values an UPDATE did not change. Under
-//! REPLICA IDENTITY FULL the old row has them and they are filled in; otherwise they are
-//! left out of `after` and named in the event's `unchanged` list: never invented.
+//! REPLICA IDENTITY FULL the old row has them and they are filled in; so are key columns
+//! stored out of line, which the old key tuple carries; others are left out of `after` and
+//! named in the event's `unchanged` list: never invented.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +64,17 @@ pub enum ChangeError {
     Lookup(#[from] LookupError),
     #[error("cannot follow a table that joined the publication or whose key changed: {0}")]
     Exclude(#[from] ExcludeError),
+    #[error("{table}: the publication does not publish its key column(s) {}, so its events could not be keyed (the Kafka key is the replica identity index under REPLICA IDENTITY USING INDEX, else the primary key). Fix: add them to the publication's column list for that table (ALTER PUBLICATION … DROP TABLE …; ALTER PUBLICATION … ADD TABLE … (columns…);)", .missing.join(", "))]
+    KeyNotPublished {
+        table: TableName,
+        missing: Vec<String>,
+    },
+    #[error("an {op} of {table} carries no value for its key column `{column}`: pgcdc stops rather than publish it under a null key. This should not happen (key columns are NOT NULL, and PostgreSQL sends them in every row and old key tuple): please report it, with the table's definition and replica identity")]
+    MissingKey {
+        op: &'static str,
+        table: String,
+        column: String,
+    },
 }
 
 impl ChangeError {
@@ -222,19 +239,22 @@ impl ChangeBuilder {
         match self.selected.get(&name) {
             None if !self.options.follow_publication => return Ok(()),
             None => {
-                let key = key_or_flags(lookup.table_key(r.oid).await?, r);
+                let key = key_for(&name, lookup.table_key(r.oid).await?, r)?;
                 self.options.exclude.check_key(&name, &key)?;
                 lookup
                     .ensure_topic(&topic_name(&self.topic_prefix, &name))
                     .await?;
                 tracing::info!(table = %name, ?key, "a table joined the publication: streaming its changes from here on (rows it held before are not snapshotted)");
+                if key.is_empty() {
+                    tracing::warn!(table = %name, "table has no primary key or replica identity index: its events get a null Kafka key");
+                }
                 self.selected.insert(name, key);
             }
-            Some(key) if !key.iter().all(|k| r.columns.iter().any(|c| &c.name == k)) => {
-                // A key column was renamed (or dropped): ask for the key again.
-                let key = key_or_flags(lookup.table_key(r.oid).await?, r);
+            Some(key) if !key_fits(key, r) => {
+                // A key column was renamed or dropped, or the replica identity changed.
+                let key = key_for(&name, lookup.table_key(r.oid).await?, r)?;
                 self.options.exclude.check_key(&name, &key)?;
-                tracing::info!(table = %name, ?key, "key columns changed");
+                tracing::warn!(table = %name, ?key, "the table's key columns changed while streaming: its events are keyed by these from here on (consumers keep the rows published under the old key until they drop them, or take a new snapshot)");
                 self.selected.insert(name, key);
             }
             Some(_) => {}
@@ -280,7 +300,7 @@ impl ChangeBuilder {
                 }
                 out.push(SinkItem::Checkpoint(c.end_lsn));
             }
-            LogicalMessage::Relation(r) => self.relation(r),
+            LogicalMessage::Relation(r) => self.relation(r)?,
             LogicalMessage::Insert(i) => {
                 let Some(rel) = self.table(i.relation_oid)? else {
                     return Ok(());
@@ -288,7 +308,7 @@ impl ChangeBuilder {
                 let table = &rel.schema;
                 let new = datums(table, rel.keep.as_deref(), &i.new)?;
                 let pos = self.position(wal_start, "insert")?;
-                self.emit(table, Op::Create, None, Some(&new), pos, out);
+                self.emit(table, Op::Create, None, Some(&new), pos, out)?;
             }
             LogicalMessage::Update(u) => {
                 let Some(rel) = self.table(u.relation_oid)? else {
@@ -301,8 +321,12 @@ impl ChangeBuilder {
                     None => None,
                 };
                 let mut new = datums(table, keep, &u.new)?;
-                if let (Some(OldTuple::Full(_)), Some(old)) = (&u.old, &old) {
-                    // REPLICA IDENTITY FULL: the old row has the unchanged TOAST values.
+                if let Some(old) = &old {
+                    // The old row has what the new one left out as unchanged TOAST: under
+                    // FULL every column; otherwise the replica identity columns, which
+                    // PostgreSQL sends as an old key tuple when one of them is stored out
+                    // of line (a long text key), and marks unchanged in the new tuple. Both
+                    // before the keys are compared and the event is written.
                     for (n, o) in new.iter_mut().zip(old.iter()) {
                         if *n == Datum::Unchanged {
                             *n = *o;
@@ -314,14 +338,14 @@ impl ChangeBuilder {
                     .is_some_and(|o| table.key.iter().any(|&k| o.get(k) != new.get(k)));
                 if key_changed {
                     let old = old.as_deref();
-                    self.emit(table, Op::Delete, old, None, pos, out);
-                    self.emit(table, Op::Create, None, Some(&new), pos, out);
+                    self.emit(table, Op::Delete, old, None, pos, out)?;
+                    self.emit(table, Op::Create, None, Some(&new), pos, out)?;
                 } else {
                     let before = match &u.old {
                         Some(OldTuple::Full(_)) => old.as_deref(),
                         _ => None,
                     };
-                    self.emit(table, Op::Update, before, Some(&new), pos, out);
+                    self.emit(table, Op::Update, before, Some(&new), pos, out)?;
                 }
             }
             LogicalMessage::Delete(d) => {
@@ -330,7 +354,7 @@ impl ChangeBuilder {
                 };
                 let pos = self.position(wal_start, "delete")?;
                 let old = rel.old(&d.old)?;
-                self.emit(&rel.schema, Op::Delete, Some(&old), None, pos, out);
+                self.emit(&rel.schema, Op::Delete, Some(&old), None, pos, out)?;
             }
             LogicalMessage::StreamStart(_)
             | LogicalMessage::StreamStop
@@ -343,7 +367,7 @@ impl ChangeBuilder {
                         continue;
                     };
                     if self.options.truncate {
-                        self.emit(&rel.schema, Op::Truncate, None, None, pos, out);
+                        self.emit(&rel.schema, Op::Truncate, None, None, pos, out)?;
                     } else {
                         tracing::warn!(table = %rel.schema.qualified, "TRUNCATE is not published (--truncate false); consumers keep the truncated rows");
                     }
@@ -389,7 +413,7 @@ impl ChangeBuilder {
         out.push(record(&self.message_topic, Some(key), Some(value)));
     }
 
-    fn relation(&mut self, r: Relation) {
+    fn relation(&mut self, r: Relation) -> Result<(), ChangeError> {
         let name = TableName::new(r.namespace.clone(), r.name.clone());
         let rel = self.selected.get(&name).map(|key| {
             let keep: Vec<bool> = r
@@ -414,13 +438,26 @@ impl ChangeBuilder {
                 .map(|(c, _)| c.is_key)
                 .collect();
             let topic: Arc<str> = topic_name(&self.topic_prefix, &name).into();
-            let schema = TableSchema::new(r.namespace, r.name, topic, columns, key);
-            Arc::new(Rel {
+            let schema = TableSchema::new(r.namespace.clone(), r.name.clone(), topic, columns, key);
+            if schema.key.len() != key.len() {
+                // Not among the published columns (checked by `prepare` when it can look up
+                // the catalog): a partial key would merge rows.
+                return Err(ChangeError::KeyNotPublished {
+                    table: name.clone(),
+                    missing: key
+                        .iter()
+                        .filter(|k| !schema.columns.iter().any(|c| &c.name == *k))
+                        .cloned()
+                        .collect(),
+                });
+            }
+            Ok(Arc::new(Rel {
                 schema,
                 keep: keep.contains(&false).then(|| keep.into_boxed_slice()),
                 identity,
-            })
+            }))
         });
+        let rel = rel.transpose()?;
         if let (Some(Some(old)), Some(new)) = (self.relations.get(&r.oid), &rel) {
             if old.schema.schema_id != new.schema.schema_id {
                 tracing::info!(
@@ -432,6 +469,7 @@ impl ChangeBuilder {
             }
         }
         self.relations.insert(r.oid, rel);
+        Ok(())
     }
 
     fn table(&self, oid: u32) -> Result<Option<Arc<Rel>>, ChangeError> {
@@ -489,12 +527,26 @@ impl ChangeBuilder {
         after: Option<&[Datum<'_>]>,
         position: Position,
         out: &mut Vec<SinkItem>,
-    ) {
-        let order = self.count(table, out);
+    ) -> Result<(), ChangeError> {
         let key = match op {
             Op::Truncate => None,
-            _ => self.encoder.key(table, after.or(before).unwrap_or(&[])),
+            _ => {
+                let row = after.or(before).unwrap_or(&[]);
+                if let Some(column) = table.missing_key(row) {
+                    return Err(ChangeError::MissingKey {
+                        op: match op {
+                            Op::Create => "insert",
+                            Op::Update => "update",
+                            _ => "delete",
+                        },
+                        table: table.qualified_name(),
+                        column: column.to_string(),
+                    });
+                }
+                self.encoder.key(table, row)
+            }
         };
+        let order = self.count(table, out);
         let transaction = match (order, &self.txn) {
             (Some((total_order, data_collection_order)), Some(t)) => Some(TxnOrder {
                 id: &t.id,
@@ -517,6 +569,7 @@ impl ChangeBuilder {
         if op == Op::Delete && self.tombstones && key.is_some() {
             out.push(record(&table.topic, key, None));
         }
+        Ok(())
     }
 }
 
@@ -542,17 +595,66 @@ fn record(topic: &Arc<str>, key: Option<bytes::Bytes>, value: Option<bytes::Byte
     })
 }
 
-/// `key` from the catalog, or when it has none (or the table is gone), the replica
-/// identity columns the Relation message flags (unless every column is flagged: FULL).
-fn key_or_flags(key: Vec<String>, r: &Relation) -> Vec<String> {
-    if !key.is_empty() || r.replica_identity == ReplicaIdentity::Full {
-        return key;
+/// The key of the table of Relation message `r`, given the one the catalog holds now (see
+/// [`crate::source::catalog::table_key`]). The catalog may be newer than the WAL being
+/// decoded; what old rows carry is what `r` flags as the replica identity, so under DEFAULT
+/// and USING INDEX those flags win when the two disagree (a key renamed or changed since, a
+/// table gone). Under FULL every column is flagged: the catalog's primary key, or none.
+/// Every key column must be published: a key cut short would merge rows.
+fn key_for(
+    name: &TableName,
+    catalog: Vec<String>,
+    r: &Relation,
+) -> Result<Vec<String>, ChangeError> {
+    let flagged = flagged(r);
+    let key = match r.replica_identity {
+        ReplicaIdentity::Default | ReplicaIdentity::Index
+            if !flagged.is_empty() && !same_columns(&catalog, &flagged) =>
+        {
+            flagged.into_iter().map(str::to_string).collect()
+        }
+        _ => catalog,
+    };
+    let missing: Vec<String> = key
+        .iter()
+        .filter(|k| !r.columns.iter().any(|c| &c.name == *k))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(ChangeError::KeyNotPublished {
+            table: name.clone(),
+            missing,
+        });
     }
+    Ok(key)
+}
+
+/// Whether `key` is still the key of the table `r` describes: every column present, and
+/// under DEFAULT and USING INDEX the replica identity columns.
+fn key_fits(key: &[String], r: &Relation) -> bool {
+    let present = key.iter().all(|k| r.columns.iter().any(|c| &c.name == k));
+    let flagged = flagged(r);
+    present
+        && match r.replica_identity {
+            ReplicaIdentity::Default | ReplicaIdentity::Index if !flagged.is_empty() => {
+                same_columns(key, &flagged)
+            }
+            _ => true,
+        }
+}
+
+/// The columns `r` flags as its replica identity.
+fn flagged(r: &Relation) -> Vec<&str> {
     r.columns
         .iter()
         .filter(|c| c.is_key)
-        .map(|c| c.name.clone())
+        .map(|c| c.name.as_str())
         .collect()
+}
+
+/// The same columns, in any order.
+fn same_columns(a: &[impl AsRef<str>], b: &[impl AsRef<str>]) -> bool {
+    a.len() == b.len() && a.iter().all(|x| b.iter().any(|y| y.as_ref() == x.as_ref()))
 }
 
 /// `<prefix>.<schema>.<table>`.
@@ -581,5 +683,313 @@ fn datums<'a>(
             .filter(|(_, k)| **k)
             .map(|(v, _)| datum(v))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::source::pgoutput::{Decoder, RelationColumn};
+
+    /// Captured pgoutput (see `tests/fixtures/pgoutput/README.md` for the workload).
+    const TEXT: &str = include_str!("../../tests/fixtures/pgoutput/text.txt");
+
+    /// The captured messages, decoded as the replication connection decodes them.
+    fn captured() -> Vec<(Lsn, LogicalMessage)> {
+        let mut decoder = Decoder::new();
+        TEXT.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let (lsn, hex) = l.split_once(' ').expect("`<lsn> <hex>`");
+                let bytes: Vec<u8> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                    .collect();
+                let msg = decoder.decode(Bytes::from(bytes)).expect("decodes");
+                (lsn.parse().expect("lsn"), msg)
+            })
+            .collect()
+    }
+
+    /// A captured table: only its name and key matter to [`ChangeBuilder::new`].
+    fn table(name: &str, key: &[&str]) -> TableInfo {
+        TableInfo {
+            oid: 0,
+            name: TableName::new("public", name),
+            columns: Vec::new(),
+            key: key.iter().map(|k| k.to_string()).collect(),
+            partitioned: false,
+            row_filter: None,
+            unpublished: Vec::new(),
+        }
+    }
+
+    fn builder(tables: &[TableInfo]) -> ChangeBuilder {
+        ChangeBuilder::new(Encoder::new("p", "db"), "p", tables, true)
+    }
+
+    /// (table, key, value) of each record, JSON-decoded; `Value::Null` for no key or value.
+    fn records(out: &[SinkItem]) -> Vec<(String, Value, Value)> {
+        let json = |b: &Option<Bytes>| {
+            b.as_ref()
+                .map_or(Value::Null, |b| serde_json::from_slice(b).expect("JSON"))
+        };
+        out.iter()
+            .filter_map(|item| match item {
+                SinkItem::Record(r) => Some((
+                    r.topic.trim_start_matches("p.public.").to_string(),
+                    json(&r.key),
+                    json(&r.value),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replica_identity_index_keys_every_event_of_its_table() {
+        // tags: PRIMARY KEY (id), REPLICA IDENTITY USING INDEX on code.
+        let mut b = builder(&[table("tags", &["code"])]);
+        let mut out = Vec::new();
+        for (lsn, msg) in captured() {
+            b.handle(msg, lsn, &mut out).expect("handled");
+        }
+        let tags: Vec<(Value, Option<String>)> = records(&out)
+            .into_iter()
+            .filter(|(t, _, _)| t == "tags")
+            .map(|(_, k, v)| (k, v["op"].as_str().map(str::to_string)))
+            .collect();
+        let op = |o: &str| Some(o.to_string());
+        assert_eq!(
+            tags,
+            [
+                (json!({"code": "A"}), op("c")),
+                (json!({"code": "B"}), op("c")),
+                // UPDATE tags SET code = 'C' WHERE id = 2: the key changed.
+                (json!({"code": "B"}), op("d")),
+                (json!({"code": "B"}), None),
+                (json!({"code": "C"}), op("c")),
+                // DELETE FROM tags WHERE id = 1: the old key tuple holds only code.
+                (json!({"code": "A"}), op("d")),
+                (json!({"code": "A"}), None),
+                (json!({"code": "from origin"}), op("c")),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_event_without_its_key_is_refused_not_published_under_a_null_key() {
+        // Keyed by the primary key, which the old key tuples of tags do not carry.
+        let mut b = builder(&[table("tags", &["id"])]);
+        let mut out = Vec::new();
+        let err = captured()
+            .into_iter()
+            .find_map(|(lsn, msg)| b.handle(msg, lsn, &mut out).err())
+            .expect("refused");
+        assert!(
+            matches!(&err, ChangeError::MissingKey { op: "delete", column, .. } if column == "id"),
+            "{err}"
+        );
+        assert!(records(&out).iter().all(|(_, k, _)| !k["id"].is_null()));
+    }
+
+    /// One transaction of `changes` on relation `rel`, through a builder capturing table t
+    /// keyed by `key`; the records it produces.
+    fn transaction(
+        rel: Relation,
+        key: &[&str],
+        changes: Vec<LogicalMessage>,
+    ) -> Vec<(String, Value, Value)> {
+        let mut b = builder(&[table("t", key)]);
+        let mut out = Vec::new();
+        let begin = LogicalMessage::Begin(crate::source::pgoutput::Begin {
+            final_lsn: Lsn(0x200),
+            commit_timestamp: 0,
+            xid: 7,
+        });
+        let commit = LogicalMessage::Commit(crate::source::pgoutput::Commit {
+            flags: 0,
+            commit_lsn: Lsn(0x200),
+            end_lsn: Lsn(0x210),
+            commit_timestamp: 0,
+        });
+        let messages = [LogicalMessage::Relation(rel), begin]
+            .into_iter()
+            .chain(changes)
+            .chain([commit]);
+        for (i, m) in messages.enumerate() {
+            b.handle(m, Lsn(0x100 + i as u64), &mut out)
+                .expect("handled");
+        }
+        records(&out)
+    }
+
+    fn text(s: &str) -> ColumnValue {
+        ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn update(old: Option<OldTuple>, new: Vec<ColumnValue>) -> LogicalMessage {
+        LogicalMessage::Update(crate::source::pgoutput::Update {
+            xid: None,
+            relation_oid: 1,
+            old,
+            new: TupleData(new),
+        })
+    }
+
+    #[test]
+    fn a_key_stored_out_of_line_is_filled_from_the_old_key_tuple() {
+        // `UPDATE t SET v = v + 10` of a row whose text key is TOASTed: PostgreSQL sends the
+        // old key tuple ('K') and marks the key unchanged ('u') in the new tuple.
+        let long = "x".repeat(2500);
+        let default = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        let got = transaction(
+            default,
+            &["k"],
+            vec![update(
+                Some(OldTuple::Key(TupleData(vec![
+                    text(&long),
+                    ColumnValue::Null,
+                ]))),
+                vec![ColumnValue::UnchangedToast, text("11")],
+            )],
+        );
+        assert_eq!(
+            got.len(),
+            1,
+            "one update, not a delete and a create: {got:?}"
+        );
+        let (_, key, value) = &got[0];
+        assert_eq!(*key, json!({"k": long}));
+        assert_eq!(value["op"], "u");
+        assert_eq!(value["after"], json!({"k": long, "v": 11}));
+        assert!(value.get("unchanged").is_none(), "{value}");
+
+        // FULL: the old row ('O') has it, and is the event's `before`.
+        let full = relation(ReplicaIdentity::Full, &[("k", true), ("v", true)]);
+        let got = transaction(
+            full,
+            &["k"],
+            vec![update(
+                Some(OldTuple::Full(TupleData(vec![text(&long), text("1")]))),
+                vec![ColumnValue::UnchangedToast, text("11")],
+            )],
+        );
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (_, key, value) = &got[0];
+        assert_eq!(*key, json!({"k": long}));
+        assert_eq!(value["after"], json!({"k": long, "v": 11}));
+        assert_eq!(value["before"], json!({"k": long, "v": 1}));
+
+        // Another unchanged TOASTed column is not in the old key tuple: still left out.
+        let more = relation(
+            ReplicaIdentity::Default,
+            &[("k", true), ("body", false), ("v", false)],
+        );
+        let got = transaction(
+            more,
+            &["k"],
+            vec![update(
+                Some(OldTuple::Key(TupleData(vec![
+                    text(&long),
+                    ColumnValue::Null,
+                    ColumnValue::Null,
+                ]))),
+                vec![
+                    ColumnValue::UnchangedToast,
+                    ColumnValue::UnchangedToast,
+                    text("11"),
+                ],
+            )],
+        );
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (_, key, value) = &got[0];
+        assert_eq!(*key, json!({"k": long}));
+        assert_eq!(value["after"], json!({"k": long, "v": 11}));
+        assert_eq!(value["unchanged"], json!(["body"]));
+    }
+
+    #[test]
+    fn an_update_without_its_key_is_refused() {
+        // An unchanged TOASTed key and no old key tuple to fill it from (servers before the
+        // fix that logs one): not published under a null key.
+        let mut b = builder(&[table("t", &["k"])]);
+        let mut out = Vec::new();
+        let rel = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        b.handle(LogicalMessage::Relation(rel), Lsn(1), &mut out)
+            .unwrap();
+        let begin = LogicalMessage::Begin(crate::source::pgoutput::Begin {
+            final_lsn: Lsn(0x200),
+            commit_timestamp: 0,
+            xid: 7,
+        });
+        b.handle(begin, Lsn(2), &mut out).unwrap();
+        let err = b
+            .handle(
+                update(None, vec![ColumnValue::UnchangedToast, text("11")]),
+                Lsn(3),
+                &mut out,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, ChangeError::MissingKey { op: "update", column, .. } if column == "k"),
+            "{err}"
+        );
+        assert!(records(&out).is_empty());
+    }
+
+    fn relation(identity: ReplicaIdentity, columns: &[(&str, bool)]) -> Relation {
+        Relation {
+            xid: None,
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: identity,
+            columns: columns
+                .iter()
+                .map(|(name, is_key)| RelationColumn {
+                    is_key: *is_key,
+                    name: name.to_string(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn keys_of_tables_met_while_streaming() {
+        let t = TableName::new("public", "t");
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let key = |catalog: &[&str], r: &Relation| key_for(&t, names(catalog), r);
+        use ReplicaIdentity::*;
+        // The catalog agrees with the flags: its (index) order is kept.
+        let r = relation(Index, &[("a", true), ("b", true), ("c", false)]);
+        assert_eq!(key(&["b", "a"], &r).unwrap(), ["b", "a"]);
+        // It does not (renamed since, or gone): the flags, which the old tuples follow.
+        let r = relation(Default, &[("id", true), ("v", false)]);
+        assert_eq!(key(&["ident"], &r).unwrap(), ["id"]);
+        assert_eq!(key(&[], &r).unwrap(), ["id"]);
+        // FULL flags every column: the primary key, else none.
+        let r = relation(Full, &[("id", true), ("v", true)]);
+        assert_eq!(key(&["id"], &r).unwrap(), ["id"]);
+        assert!(key(&[], &r).unwrap().is_empty());
+        // A key the publication's column list leaves out.
+        let r = relation(Full, &[("v", true)]);
+        assert!(matches!(
+            key(&["id"], &r),
+            Err(ChangeError::KeyNotPublished { missing, .. }) if missing == ["id"]
+        ));
+
+        // A known key is looked up again once it no longer fits.
+        let r = relation(Index, &[("id", false), ("code", true)]);
+        assert!(key_fits(&names(&["code"]), &r));
+        assert!(!key_fits(&names(&["id"]), &r), "the identity changed");
+        let r = relation(Full, &[("id", true), ("v", true)]);
+        assert!(key_fits(&names(&["id"]), &r));
+        assert!(!key_fits(&names(&["ident"]), &r), "renamed");
     }
 }

@@ -69,9 +69,10 @@ impl Exclusions {
             self.check_key(&t.name, &t.key)?;
             let mut sorted: Vec<&String> = cols.iter().collect();
             sorted.sort();
+            // A column the publication's column list leaves out is excluded already.
             if let Some(c) = sorted
                 .into_iter()
-                .find(|c| !t.columns.iter().any(|(n, _)| n == *c))
+                .find(|c| !t.columns.iter().any(|(n, _)| n == *c) && !t.unpublished.contains(c))
             {
                 return Err(ExcludeError::NoSuchColumn(ColumnRef {
                     table: t.name.clone(),
@@ -103,6 +104,8 @@ mod tests {
             name: TableName::new("public", "users"),
             columns: vec![("id".into(), 23), ("email".into(), 25), ("n".into(), 23)],
             key: vec!["id".into()],
+            row_filter: None,
+            unpublished: vec!["hidden".into()],
         }
     }
 
@@ -123,6 +126,9 @@ mod tests {
             typo.check(&[info()]),
             Err(ExcludeError::NoSuchColumn(_))
         ));
+
+        let unpublished = Exclusions::new(&["public.users.hidden".parse().unwrap()]);
+        assert_eq!(unpublished.check(&[info()]), Ok(()));
 
         let other = Exclusions::new(&["public.other.x".parse().unwrap()]);
         assert_eq!(other.check(&[info()]), Ok(()));

@@ -211,7 +211,7 @@ impl Lookup {
     pub async fn table_key(&self, oid: u32) -> Result<Vec<String>, LookupError> {
         let mut slot = self.client.lock().await;
         let client = self.connected(&mut slot).await?;
-        Ok(catalog::table_key(client, oid).await?.0)
+        Ok(catalog::table_key(client, oid).await?.columns)
     }
 
     /// Creates `topic` unless it exists (Kafka sink only).

@@ -5,6 +5,7 @@
 //! publication names, so tests run in parallel without seeing each other.
 #![allow(dead_code)]
 
+pub mod lines;
 pub mod pipeline;
 
 use std::path::PathBuf;

@@ -1,6 +1,9 @@
 //! Text of the replication commands, and parsing of the server version: pure
-//! functions, tested without a server.
+//! functions, tested without a server. Names and values are quoted by the same functions
+//! as SQL ([`quote_ident`], [`quote_literal`]): the replication command parser reads
+//! `"name"` and `'value'` as the SQL parser does.
 
+use crate::source::catalog::{quote_ident, quote_literal};
 use crate::source::Lsn;
 
 /// What `CREATE_REPLICATION_SLOT` does with the snapshot of the slot's starting point.
@@ -14,18 +17,6 @@ pub enum SnapshotAction {
     /// Make it the snapshot of the current transaction on this connection, which must
     /// have run `BEGIN ISOLATION LEVEL REPEATABLE READ` and nothing else yet.
     Use,
-}
-
-/// Quotes an identifier for SQL and replication commands: `"name"`, doubling quotes.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes a string literal: `'value'`, doubling single quotes. Both the SQL parser
-/// (with the default `standard_conforming_strings=on`) and the replication command
-/// parser read backslashes literally in such a string.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// `CREATE_REPLICATION_SLOT` in the syntax the server version understands: PostgreSQL

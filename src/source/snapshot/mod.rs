@@ -70,6 +70,8 @@ pub enum SnapshotError {
         table: String,
         source: CopyBinaryError,
     },
+    #[error("snapshot of {table}: a row has no value for key column `{column}`: pgcdc stops rather than publish it under a null key. This should not happen (key columns are NOT NULL): please report it, with the table's definition and replica identity")]
+    MissingKey { table: String, column: String },
     #[error("the sink stopped during the snapshot")]
     SinkClosed,
     #[error("stopped by a signal during the snapshot")]
@@ -407,7 +409,7 @@ impl<'a> Reader<'a> {
                     None => Datum::Null,
                     Some(v) => Datum::Text(v),
                 }));
-                let full = self.row(table, &row, tail);
+                let full = self.row(table, &row, tail)?;
                 self.row_buf = recycle_row(row);
                 table_rows += 1;
                 if full {
@@ -475,7 +477,7 @@ impl<'a> Reader<'a> {
                     }
                     Some(Text::Json(r)) => Datum::Json(scratch.get(r.clone()).unwrap_or_default()),
                 }));
-                let full = self.row(table, &row, tail);
+                let full = self.row(table, &row, tail)?;
                 self.row_buf = recycle_row(row);
                 table_rows += 1;
                 if full {
@@ -493,14 +495,25 @@ impl<'a> Reader<'a> {
 
     /// Encodes one row and queues the previous one (the last is held back, see [`Held`]).
     /// True when the batch is full and must be flushed (see [`Reader::push`]).
-    fn row(&mut self, table: &TableSchema, row: &[Datum<'_>], tail: &ReadTail) -> bool {
+    fn row(
+        &mut self,
+        table: &TableSchema,
+        row: &[Datum<'_>],
+        tail: &ReadTail,
+    ) -> Result<bool, SnapshotError> {
+        if let Some(column) = table.missing_key(row) {
+            return Err(SnapshotError::MissingKey {
+                table: table.qualified_name(),
+                column: column.to_string(),
+            });
+        }
         self.uncounted += 1;
         let key = self.encoder.key(table, row);
         let value = self.encoder.read_value(table, row, tail);
-        match self.held.replace((table.topic.clone(), key, value)) {
+        Ok(match self.held.replace((table.topic.clone(), key, value)) {
             Some(previous) => self.push(previous),
             None => false,
-        }
+        })
     }
 
     /// Sends `last`, the snapshot's final event, marked as such.

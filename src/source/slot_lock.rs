@@ -1,0 +1,192 @@
+//! One pgcdc per slot: a session-level advisory lock, held for the whole life of the process.
+//!
+//! A replication slot keeps a second reader away only while it is active, and during a
+//! snapshot pgcdc holds only a temporary slot: the permanent one exists but nobody reads it.
+//! A second `pgcdc run` with the same `--slot` was let in then, took a snapshot of its own, and
+//! the two processes' events interleaved; `pgcdc drop` could remove the slot under the first.
+//!
+//! So before it touches anything, `run` takes `pg_try_advisory_lock(key)` on a connection of
+//! its own and keeps that connection open until it exits; `drop` takes the same lock for its
+//! own duration. The key is derived from the slot name alone (64-bit FNV-1a of a fixed prefix
+//! and the name, computed here so that it never depends on the server's hash functions), and
+//! an advisory lock is scoped to the database — the scope of a logical slot. Whoever finds the
+//! lock taken stops, naming the holder's backend and client address from `pg_locks` and
+//! `pg_stat_activity`.
+//!
+//! A session lock ends with its session. If the connection is lost (a server restart, a cut
+//! network), [`SlotLock::ensure`] notices before streaming starts again, opens a new
+//! connection and takes the lock again, or stops if another process took it meanwhile.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::conninfo::ConnInfo;
+use crate::source::connect::{self, describe, ConnectError};
+
+/// How long a check that the lock's connection still works may take.
+const ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the lock is not held.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotLockError {
+    #[error(
+        "another pgcdc is running for slot `{slot}` ({holder}): one process reads a slot; stop \
+         that one first, or give this one another --slot"
+    )]
+    Held { slot: String, holder: String },
+    #[error("cannot connect to PostgreSQL to take the lock of slot `{slot}`: {source}")]
+    Connect {
+        slot: String,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("cannot take the lock of slot `{slot}`: {}", describe(.source))]
+    Query {
+        slot: String,
+        source: tokio_postgres::Error,
+    },
+}
+
+impl SlotLockError {
+    /// Whether trying again later may help (the server could not be reached).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SlotLockError::Held { .. } => false,
+            SlotLockError::Connect { source, .. } => source.is_transient(),
+            SlotLockError::Query { source, .. } => connect::is_transient(source),
+        }
+    }
+}
+
+/// The advisory lock key of `slot`: FNV-1a (64 bits) of a fixed prefix and the name.
+pub fn key(slot: &str) -> i64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    for b in b"pgcdc slot lock\0".iter().chain(slot.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(PRIME);
+    }
+    h as i64
+}
+
+/// Takes the lock of `slot` on `client` if it is free; true when taken (or held already by
+/// this session).
+pub async fn try_lock(client: &Client, slot: &str) -> Result<bool, SlotLockError> {
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key(slot)])
+        .await
+        .map_err(|source| SlotLockError::Query {
+            slot: slot.to_string(),
+            source,
+        })?;
+    Ok(row.get(0))
+}
+
+/// Who holds the lock of `slot`, for a message: backend pid, client address, application name
+/// and since when; "a session that has just ended" when nobody does any more.
+pub async fn holder(client: &Client, slot: &str) -> String {
+    let k = key(slot) as u64;
+    let (hi, lo) = ((k >> 32) as i64, (k & 0xffff_ffff) as i64);
+    let row = client
+        .query_opt(
+            "SELECT a.pid, \
+                    coalesce(host(a.client_addr) || ':' || a.client_port, \
+                             CASE WHEN a.client_port = -1 THEN 'a Unix socket' END, 'unknown'), \
+                    coalesce(a.application_name, ''), \
+                    coalesce(to_char(a.backend_start AT TIME ZONE 'UTC', \
+                                     'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), 'unknown') \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid = $1::int8::oid AND l.objid = $2::int8::oid \
+             LIMIT 1",
+            &[&hi, &lo],
+        )
+        .await;
+    match row {
+        Ok(Some(r)) => {
+            let pid: i32 = r.get(0);
+            let addr: String = r.get(1);
+            let app: String = r.get(2);
+            let since: String = r.get(3);
+            format!(
+                "PostgreSQL backend pid {pid}, client {addr}, application_name `{app}`, \
+                 connected since {since}"
+            )
+        }
+        Ok(None) => "a session that has just ended; try again".to_string(),
+        Err(_) => "a session pgcdc cannot see".to_string(),
+    }
+}
+
+/// The lock of one slot, held for the process's lifetime on a connection of its own.
+pub struct SlotLock {
+    slot: String,
+    /// Off for `--snapshot-only`, which reads no slot of its own.
+    enabled: bool,
+    client: Option<Client>,
+}
+
+impl SlotLock {
+    pub fn new(slot: &str, enabled: bool) -> Self {
+        SlotLock {
+            slot: slot.to_string(),
+            enabled,
+            client: None,
+        }
+    }
+
+    /// Makes sure this process holds the lock: takes it on a new connection (made with
+    /// `conninfo`) the first time, and again when the connection that held it was lost.
+    /// Fails with [`SlotLockError::Held`] when another process holds it.
+    pub async fn ensure(&mut self, conninfo: &ConnInfo) -> Result<(), SlotLockError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if let Some(client) = &self.client {
+            let alive = !client.is_closed()
+                && tokio::time::timeout(ALIVE_TIMEOUT, client.batch_execute("SELECT 1"))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if alive {
+                return Ok(());
+            }
+            tracing::warn!(
+                slot = %self.slot,
+                "lost the connection that holds the slot's lock; taking the lock again"
+            );
+            self.client = None;
+        }
+        let client = connect::connect(conninfo)
+            .await
+            .map_err(|source| SlotLockError::Connect {
+                slot: self.slot.clone(),
+                source,
+            })?;
+        if !try_lock(&client, &self.slot).await? {
+            return Err(SlotLockError::Held {
+                slot: self.slot.clone(),
+                holder: holder(&client, &self.slot).await,
+            });
+        }
+        tracing::debug!(slot = %self.slot, "holding the slot's lock");
+        self.client = Some(client);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_and_differ_per_slot() {
+        // Fixed forever: two pgcdc versions must agree on a slot's key.
+        assert_eq!(key("pgcdc"), key("pgcdc"));
+        assert_eq!(key("pgcdc"), -1_111_863_987_255_079_548);
+        assert_ne!(key("pgcdc"), key("pgcdc2"));
+        assert_ne!(key(""), key("a"));
+    }
+}

@@ -471,13 +471,13 @@ async fn errors_name_the_fix() {
     );
     assert_fails(&{ no_kafka }.output().unwrap(), 4, &["127.0.0.1:9"]);
 
-    // The slot in use by another pgcdc.
+    // The slot in use by another pgcdc (which holds the slot's lock: see tests/sessions.rs).
     let mut first = p.spawn(&["--table", "items"], "first.log");
     p.wait_for_log("first.log", "streaming changes").await;
     assert_fails(
         &p.run(&["--table", "items"]),
         3,
-        &["in use by process", "--slot"],
+        &["another pgcdc is running for slot", "--slot"],
     );
     let _ = first.kill();
     let _ = first.wait();

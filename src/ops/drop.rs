@@ -26,21 +26,6 @@ use crate::source::Lsn;
 pub async fn run(args: DropArgs) -> Result<u8, Failure> {
     let (_, client) = super::connect_source(&args.conn).await?;
     let slot = args.conn.slot.as_str();
-    // A pgcdc taking its snapshot holds the slot's lock but does not read the slot yet (see
-    // source::slot_lock). Held from here to the end, it also keeps a new pgcdc out meanwhile.
-    if !slot_lock::try_lock(&client, slot)
-        .await
-        .or_fail(FailureKind::Source)?
-    {
-        let holder = slot_lock::holder(&client, slot).await;
-        return Err(Failure::new(
-            FailureKind::Source,
-            anyhow!(
-                "another pgcdc is running for slot `{slot}` ({holder}): stop it first, then run \
-                 drop again; nothing was removed"
-            ),
-        ));
-    }
     let row = client
         .query_opt(
             "SELECT active, active_pid, database::text FROM pg_replication_slots \
@@ -63,6 +48,21 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
         if active {
             return Err(in_use(slot, pid));
         }
+    }
+    // A pgcdc taking its snapshot holds the slot's lock but does not read the slot yet (see
+    // source::slot_lock). Held from here to the end, it also keeps a new pgcdc out meanwhile.
+    if !slot_lock::try_lock(&client, slot)
+        .await
+        .or_fail(FailureKind::Source)?
+    {
+        let holder = slot_lock::holder(&client, slot).await;
+        return Err(Failure::new(
+            FailureKind::Source,
+            anyhow!(
+                "another pgcdc is running for slot `{slot}` ({holder}): stop it first, then run \
+                 drop again; nothing was removed"
+            ),
+        ));
     }
     let publication_exists = client
         .query_opt(

@@ -89,11 +89,22 @@ pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failu
         lock: SlotLock::new(&args.slot, !args.snapshot_only),
         stop_lsn: None,
     };
+    let result = supervise(&args, &stop, &mut process).await;
+    process.lock.release().await;
+    result
+}
+
+/// Runs the pipeline, again after failures a restart can clear (see [`run`]).
+async fn supervise(
+    args: &RunArgs,
+    stop: &watch::Receiver<bool>,
+    process: &mut Process,
+) -> Result<(), Failure> {
     let mut delay = RESTART_FIRST_DELAY;
     loop {
         let started = std::time::Instant::now();
         let mut stop_rx = stop.clone();
-        match run_once(args.clone(), stop.clone(), &mut process).await {
+        match run_once(args.clone(), stop.clone(), process).await {
             Err(f) if f.restart && !*stop.borrow() => {
                 if started.elapsed() >= RESTART_RESET_AFTER {
                     delay = RESTART_FIRST_DELAY;

@@ -26,6 +26,10 @@ use crate::source::connect::{self, describe, ConnectError};
 
 /// How long a check that the lock's connection still works may take.
 const ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A lock found taken is tried again for this long: its holder may be a process that has
+/// just exited, whose session the server is still ending.
+const HELD_RETRY_FOR: Duration = Duration::from_secs(2);
+const HELD_RETRY_EVERY: Duration = Duration::from_millis(250);
 
 /// Why the lock is not held.
 #[derive(Debug, thiserror::Error)]
@@ -71,17 +75,26 @@ pub fn key(slot: &str) -> i64 {
     h as i64
 }
 
-/// Takes the lock of `slot` on `client` if it is free; true when taken (or held already by
-/// this session).
+/// Takes the lock of `slot` on `client` if it is free, or becomes free within a moment; true
+/// when taken (or held already by this session).
 pub async fn try_lock(client: &Client, slot: &str) -> Result<bool, SlotLockError> {
-    let row = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&key(slot)])
-        .await
-        .map_err(|source| SlotLockError::Query {
-            slot: slot.to_string(),
-            source,
-        })?;
-    Ok(row.get(0))
+    let deadline = tokio::time::Instant::now() + HELD_RETRY_FOR;
+    loop {
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key(slot)])
+            .await
+            .map_err(|source| SlotLockError::Query {
+                slot: slot.to_string(),
+                source,
+            })?;
+        if row.get(0) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(HELD_RETRY_EVERY).await;
+    }
 }
 
 /// Who holds the lock of `slot`, for a message: backend pid, client address, application name
@@ -174,6 +187,21 @@ impl SlotLock {
         tracing::debug!(slot = %self.slot, "holding the slot's lock");
         self.client = Some(client);
         Ok(())
+    }
+
+    /// Gives the lock back, so that a process started right after this one exits finds it
+    /// free (a closed connection releases it too, but the server ends the session a moment
+    /// later).
+    pub async fn release(&mut self) {
+        if let Some(client) = self.client.take() {
+            let k = key(&self.slot);
+            let unlock = async {
+                client
+                    .query_one("SELECT pg_advisory_unlock($1)", &[&k])
+                    .await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), unlock).await;
+        }
     }
 }
 

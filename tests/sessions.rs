@@ -496,6 +496,51 @@ async fn idle_session_timeout_does_not_release_the_slot() {
     );
 }
 
+/// Issue 17, item 10: the slot's lock goes with its connection. After PostgreSQL ended every
+/// session of pgcdc, it takes the lock again before it streams again, and a second process is
+/// still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slot_lock_is_taken_again_after_its_connection_was_lost() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY, v text);").await;
+    let admin = p.db.client().await;
+    let table = ["--table", "public.t"];
+    let mut first = spawn_logged(&p, p.command(&table), "first.log", None);
+    p.wait_for_log("first.log", "streaming changes").await;
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+    p.wait_for_log("first.log", "taking the lock again").await;
+    let again = common::poll_until(Duration::from_secs(30), || async {
+        (p.log("first.log").matches("streaming changes").count() >= 2).then_some(())
+    })
+    .await;
+    assert!(
+        again.is_some(),
+        "never streamed again:\n{}",
+        p.log("first.log")
+    );
+    let second = output_within(p.command(&table), "the second pgcdc").await;
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(3), "stderr:\n{err}");
+    assert!(err.contains("another pgcdc"), "stderr:\n{err}");
+    admin
+        .batch_execute("INSERT INTO t VALUES (1, 'after the reconnect')")
+        .await
+        .unwrap();
+    assert_eq!(p.events("t", Some(1)).await.len(), 1);
+    sigterm(&first);
+    let status = wait_exit(&mut first, Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        p.log("first.log")
+    );
+}
+
 /// Terminates the backend running the snapshot's COPY, once one runs.
 async fn terminate_snapshot_copy(p: &Pipeline, log: &str) {
     let admin = p.db.client().await;

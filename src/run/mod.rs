@@ -66,6 +66,9 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 /// published again by the next run.
 const STOP_DRAIN: Duration = Duration::from_secs(10);
 
+/// How long the last status update and the end of the replication stream may take.
+const STREAM_GOODBYE: Duration = Duration::from_secs(5);
+
 /// What holds for the whole process, across in-process restarts of the pipeline.
 struct Process {
     /// Keeps a second pgcdc off the slot.
@@ -302,16 +305,20 @@ async fn run_once(
         Err(e) => Some(Failure::new(SinkFail, anyhow!("sink task failed: {e}"))),
     };
     if let Some(mut ended) = stream {
-        // Everything the sink acknowledged, and nothing else, is confirmed on the way out.
-        let confirm = stream::confirmable(&final_acked, ended.start);
-        if confirm.is_valid() {
-            let _ = ended
-                .stream
-                .send_standby_status(confirm, confirm, confirm, false)
-                .await;
-            tracing::info!(confirmed = %confirm, "confirmed position sent to PostgreSQL");
-        }
-        let _ = ended.stream.stop().await;
+        // Everything the sink acknowledged, and nothing else, is confirmed on the way out; a
+        // connection that went silent is not waited for long.
+        let goodbye = async {
+            let confirm = stream::confirmable(&final_acked, ended.start);
+            if confirm.is_valid() {
+                let _ = ended
+                    .stream
+                    .send_standby_status(confirm, confirm, confirm, false)
+                    .await;
+                tracing::info!(confirmed = %confirm, "confirmed position sent to PostgreSQL");
+            }
+            let _ = ended.stream.stop().await;
+        };
+        let _ = tokio::time::timeout(STREAM_GOODBYE, goodbye).await;
     }
     match (result, acked) {
         // The reader went away (`pgcdc run | head`): a clean end, and what failed after it

@@ -15,7 +15,10 @@
 //!
 //! A session lock ends with its session. If the connection is lost (a server restart, a cut
 //! network), [`SlotLock::ensure`] notices before streaming starts again, opens a new
-//! connection and takes the lock again, or stops if another process took it meanwhile.
+//! connection and takes the lock again, or stops if another process took it meanwhile. A
+//! connection that went silent (a partition) may still hold the lock on the server, which has
+//! not noticed: that session — recognised by its backend pid and start time, both recorded
+//! when the lock was taken — is ended first.
 
 use std::time::Duration;
 
@@ -25,7 +28,7 @@ use crate::config::conninfo::ConnInfo;
 use crate::source::connect::{self, describe, ConnectError};
 
 /// How long a check that the lock's connection still works may take.
-const ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A lock found taken is tried again for this long: its holder may be a process that has
 /// just exited, whose session the server is still ending.
 const HELD_RETRY_FOR: Duration = Duration::from_secs(2);
@@ -97,11 +100,16 @@ pub async fn try_lock(client: &Client, slot: &str) -> Result<bool, SlotLockError
     }
 }
 
+/// The lock's four parts as `pg_locks` shows them: `classid` and `objid` (high and low half).
+fn halves(slot: &str) -> (i64, i64) {
+    let k = key(slot) as u64;
+    ((k >> 32) as i64, (k & 0xffff_ffff) as i64)
+}
+
 /// Who holds the lock of `slot`, for a message: backend pid, client address, application name
 /// and since when; "a session that has just ended" when nobody does any more.
 pub async fn holder(client: &Client, slot: &str) -> String {
-    let k = key(slot) as u64;
-    let (hi, lo) = ((k >> 32) as i64, (k & 0xffff_ffff) as i64);
+    let (hi, lo) = halves(slot);
     let row = client
         .query_opt(
             "SELECT a.pid, \
@@ -140,6 +148,8 @@ pub struct SlotLock {
     /// Off for `--snapshot-only`, which reads no slot of its own.
     enabled: bool,
     client: Option<Client>,
+    /// The backend pid and start time of the session that took the lock.
+    session: Option<(i32, String)>,
 }
 
 impl SlotLock {
@@ -148,6 +158,7 @@ impl SlotLock {
             slot: slot.to_string(),
             enabled,
             client: None,
+            session: None,
         }
     }
 
@@ -178,14 +189,60 @@ impl SlotLock {
                 slot: self.slot.clone(),
                 source,
             })?;
+        if let Some((pid, started)) = self.session.clone() {
+            self.end_old_session(&client, pid, &started).await?;
+        }
         if !try_lock(&client, &self.slot).await? {
             return Err(SlotLockError::Held {
                 slot: self.slot.clone(),
                 holder: holder(&client, &self.slot).await,
             });
         }
+        let me = client
+            .query_one(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|source| SlotLockError::Query {
+                slot: self.slot.clone(),
+                source,
+            })?;
+        self.session = Some((me.get(0), me.get(1)));
         tracing::debug!(slot = %self.slot, "holding the slot's lock");
         self.client = Some(client);
+        Ok(())
+    }
+
+    /// Ends this process's previous session if the server still has it holding the lock.
+    async fn end_old_session(
+        &self,
+        client: &Client,
+        pid: i32,
+        started: &str,
+    ) -> Result<(), SlotLockError> {
+        let (hi, lo) = halves(&self.slot);
+        let ended = client
+            .query(
+                "SELECT pg_terminate_backend(a.pid) \
+                 FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+                 WHERE a.pid = $1 AND a.backend_start::text = $2 \
+                   AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                   AND l.classid = $3::int8::oid AND l.objid = $4::int8::oid",
+                &[&pid, &started, &hi, &lo],
+            )
+            .await
+            .map_err(|source| SlotLockError::Query {
+                slot: self.slot.clone(),
+                source,
+            })?;
+        if !ended.is_empty() {
+            tracing::warn!(
+                slot = %self.slot,
+                backend_pid = pid,
+                "ended this pgcdc's previous session, which the server still had holding the slot's lock"
+            );
+        }
         Ok(())
     }
 

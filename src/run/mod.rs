@@ -82,9 +82,11 @@ struct Process {
 /// A Kafka delivery failure that a restart can clear (the broker failed a record after an
 /// outage, or the producer entered a fatal state), or a snapshot whose PostgreSQL connection
 /// was lost or shut down, or one of whose tables was rewritten after its consistent point
-/// (see [`crate::source::snapshot`]), starts the pipeline again, as a supervisor would: nothing after the
-/// confirmed position was confirmed, so the new run re-publishes it from the slot (or takes
-/// the unfinished snapshot again). Configuration, permission and size problems end the run.
+/// (see [`crate::source::snapshot`]), starts the pipeline again, as a supervisor would:
+/// nothing after the confirmed position was confirmed, so the new run re-publishes it from
+/// the slot (or takes the unfinished snapshot again). Configuration, permission and size
+/// problems end the run. The metrics endpoint, the slot's lock and `--stop-lsn` belong to the
+/// process and outlive restarts.
 pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failure> {
     // Once per process: a restarted pipeline keeps serving on the same address.
     observe::start_metrics(&args).await?;

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
             Command::Drop(args) => pgcdc::ops::drop::run(*args).await,
         }
     });
+    // Blocking tasks still running (a Kafka client being torn down, a metadata request)
+    // must not hold the exit up for long.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {

@@ -26,6 +26,14 @@ pub fn stop_on_signals() -> watch::Receiver<bool> {
     rx
 }
 
+/// Completes once `stop` is true: the end of every wait that can last. Never completes if no
+/// stop can be requested any more (the signal handler is gone).
+pub async fn requested(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -480,7 +480,7 @@ async fn errors_name_the_fix() {
     assert_fails(&{ no_kafka }.output().unwrap(), 4, &["127.0.0.1:9"]);
     p.assert_left_nothing().await;
 
-    // The slot in use by another pgcdc: the second one publishes nothing.
+    // The slot in use by another pgcdc (which holds the slot's lock: see tests/sessions.rs).
     let mut first = p.spawn(&["--table", "items"], "first.log");
     p.wait_for_log("first.log", "streaming changes").await;
     let before = common::published(&kafka(), &p.prefix).await;
@@ -488,7 +488,7 @@ async fn errors_name_the_fix() {
     assert_fails(
         &p.run(&["--table", "items"]),
         3,
-        &["in use by process", "--slot"],
+        &["another pgcdc is running for slot", "--slot"],
     );
     assert_eq!(common::published(&kafka(), &p.prefix).await, before);
     let _ = first.kill();

@@ -1,6 +1,9 @@
 //! `pgcdc drop`: remove what `run` created for a slot — the slot, the publication and the
 //! stored progress — so that nothing keeps WAL on the server and a later run starts afresh.
 //!
+//! A running pgcdc holds the slot's lock (see [`crate::source::slot_lock`]) for its whole
+//! life, also while it takes a snapshot and does not read the slot yet: `drop` refuses then.
+//!
 //! Order matters. The slot goes first: while it exists it pins WAL, and dropping it is the
 //! step that can be refused (another process reads it). The progress record goes last, and
 //! only after the slot is gone: a record without its slot is harmless (the next run takes a
@@ -16,6 +19,7 @@ use crate::cli::DropArgs;
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::{self, kafka, Record, SinkItem};
 use crate::source::catalog::quote_ident;
+use crate::source::slot_lock;
 use crate::source::Lsn;
 
 /// Runs `pgcdc drop`; returns the exit code.
@@ -44,6 +48,21 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
         if active {
             return Err(in_use(slot, pid));
         }
+    }
+    // A pgcdc taking its snapshot holds the slot's lock but does not read the slot yet (see
+    // source::slot_lock). Held from here to the end, it also keeps a new pgcdc out meanwhile.
+    if !slot_lock::try_lock(&client, slot)
+        .await
+        .or_fail(FailureKind::Source)?
+    {
+        let holder = slot_lock::holder(&client, slot).await;
+        return Err(Failure::new(
+            FailureKind::Source,
+            anyhow!(
+                "another pgcdc is running for slot `{slot}` ({holder}): stop it first, then run \
+                 drop again; nothing was removed"
+            ),
+        ));
     }
     let publication_exists = client
         .query_opt(

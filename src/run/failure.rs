@@ -82,6 +82,18 @@ impl Failure {
         }
     }
 
+    /// The slot's lock could not be taken: another process holds it (definite), or the server
+    /// could not be reached (transient: while streaming, the usual reconnect follows).
+    pub(super) fn slot_lock(e: crate::source::slot_lock::SlotLockError) -> Self {
+        let transient = e.is_transient();
+        Failure {
+            kind: FailureKind::Source,
+            error: e.into(),
+            transient,
+            restart: false,
+        }
+    }
+
     /// The sink task's failure: transient when restarting the pipeline may clear it (a
     /// delivery Kafka failed, a producer in a fatal state), not for configuration, permission,
     /// size or output problems.

@@ -34,11 +34,13 @@ use crate::checkpoint::{FileStore, Progress, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
+use crate::signals;
 use crate::sink::{self, kafka, SinkItem};
 use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{topic_name, ChangeBuilder, ChangeOptions};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
+use crate::source::slot_lock::SlotLock;
 use crate::source::{connect, session, snapshot, Lsn};
 
 use failure::{
@@ -61,19 +63,58 @@ const RESTART_FIRST_DELAY: Duration = Duration::from_secs(1);
 const RESTART_MAX_DELAY: Duration = Duration::from_secs(30);
 const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
 
+/// After a stop signal, how long the pipeline may take to end by itself (the stream and the
+/// snapshot end at once; a wait for the server or for Kafka is abandoned after this).
+const STOP_GRACE: Duration = Duration::from_secs(1);
+/// After a stop signal, how long the sink may take to have what it holds acknowledged, so
+/// that it can be confirmed. What is not acknowledged by then is not confirmed, and is
+/// published again by the next run.
+const STOP_DRAIN: Duration = Duration::from_secs(10);
+
+/// How long the last status update and the end of the replication stream may take.
+const STREAM_GOODBYE: Duration = Duration::from_secs(5);
+
+/// What holds for the whole process, across in-process restarts of the pipeline.
+struct Process {
+    /// Keeps a second pgcdc off the slot.
+    lock: SlotLock,
+    /// `--stop-lsn`, resolved once: `now` is the position when the process started.
+    stop_lsn: Option<Lsn>,
+}
+
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
 ///
 /// A Kafka delivery failure that a restart can clear (the broker failed a record after an
 /// outage, or the producer entered a fatal state), or a snapshot whose PostgreSQL connection
-/// was lost or shut down, starts the pipeline again, as a supervisor would: nothing after the
-/// confirmed position was confirmed, so the new run re-publishes it from the slot (or takes
-/// the unfinished snapshot again). Configuration, permission and size problems end the run.
+/// was lost or shut down, or one of whose tables was rewritten after its consistent point
+/// (see [`crate::source::snapshot`]), starts the pipeline again, as a supervisor would:
+/// nothing after the confirmed position was confirmed, so the new run re-publishes it from
+/// the slot (or takes the unfinished snapshot again). Configuration, permission and size
+/// problems end the run. The metrics endpoint, the slot's lock and `--stop-lsn` belong to the
+/// process and outlive restarts.
 pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failure> {
+    // Once per process: a restarted pipeline keeps serving on the same address.
+    observe::start_metrics(&args).await?;
+    let mut process = Process {
+        lock: SlotLock::new(&args.slot, !args.snapshot_only),
+        stop_lsn: None,
+    };
+    let result = supervise(&args, &stop, &mut process).await;
+    process.lock.release().await;
+    result
+}
+
+/// Runs the pipeline, again after failures a restart can clear (see [`run`]).
+async fn supervise(
+    args: &RunArgs,
+    stop: &watch::Receiver<bool>,
+    process: &mut Process,
+) -> Result<(), Failure> {
     let mut delay = RESTART_FIRST_DELAY;
     loop {
         let started = std::time::Instant::now();
         let mut stop_rx = stop.clone();
-        match run_once(args.clone(), stop.clone()).await {
+        match run_once(args.clone(), stop.clone(), process).await {
             Err(f) if f.restart && !*stop.borrow() => {
                 if started.elapsed() >= RESTART_RESET_AFTER {
                     delay = RESTART_FIRST_DELAY;
@@ -85,14 +126,15 @@ pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failu
                         "Kafka failed a delivery; starting again from the last confirmed position in {delay:?}"
                     );
                 } else {
+                    // A lost connection, or a table rewritten under the snapshot.
                     tracing::warn!(
                         error,
-                        "lost PostgreSQL during the snapshot; starting again with a new snapshot in {delay:?}"
+                        "the snapshot cannot complete; starting again with a new snapshot in {delay:?}"
                     );
                 }
                 tokio::select! {
-                    _ = stop_rx.wait_for(|s| *s) => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                    () = signals::requested(&mut stop_rx) => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(RESTART_MAX_DELAY);
             }
@@ -102,7 +144,11 @@ pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failu
 }
 
 /// One run of the pipeline: checks, snapshot or resume, stream.
-async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), Failure> {
+async fn run_once(
+    args: RunArgs,
+    mut stop: watch::Receiver<bool>,
+    process: &mut Process,
+) -> Result<(), Failure> {
     let conninfo = ConnInfo::parse(&args.source)
         .context("invalid --source")
         .or_fail(Usage)?;
@@ -114,7 +160,6 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
             anyhow!("--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"),
         ));
     }
-    observe::start_metrics(&args).await?;
     let kafka_cfg = (args.sink == SinkKind::Kafka).then(|| kafka::KafkaConfig {
         bootstrap: args.kafka.clone().unwrap_or_default(),
         properties: args
@@ -139,14 +184,22 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
             None => Ok(()),
         }
     };
-    let (source, ()) = tokio::try_join!(prepare_source(&args, &conninfo), kafka_ready)?;
+    let mut watcher = stop.clone();
+    let (source, ()) = tokio::select! {
+        r = async { tokio::try_join!(prepare_source(&args, &conninfo, process), kafka_ready) } => r?,
+        () = signals::requested(&mut watcher) => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+    };
     let Source {
+        conninfo,
         client,
         server,
         tables,
         mut events,
-        stop_lsn,
     } = source;
+    let stop_lsn = process.stop_lsn;
     let progress_key = Progress::key(&server.database, &args.slot);
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.
@@ -169,7 +222,13 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
                 replication: args.topic_replication_factor,
                 compacted: true,
             });
-            kafka::ensure_topics(&cfg, &specs).await.or_fail(SinkFail)?;
+            tokio::select! {
+                r = kafka::ensure_topics(&cfg, &specs) => r.or_fail(SinkFail)?,
+                () = signals::requested(&mut watcher) => {
+                    tracing::info!("stopped while creating topics");
+                    return Ok(());
+                }
+            }
             let sink = sink::Sink::Kafka(kafka::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
             let store = ProgressStore::Kafka {
                 cfg,
@@ -216,13 +275,29 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
         acked_rx,
         system_id: String::new(),
     };
-    let outcome = capture(&mut capturing, &mut stop).await;
+    let outcome = until_stopped(
+        capture(&mut capturing, &mut stop, &mut process.lock),
+        &mut watcher,
+        STOP_GRACE,
+        "PostgreSQL",
+    )
+    .await
+    .unwrap_or(Ok(None));
     drop(capturing);
 
     // Drain: whatever happened, let the sink finish what it has, so the final status update
     // confirms everything that was acknowledged.
     drop(tx);
-    let sink_result = sink_task.await;
+    let mut sink_task = sink_task;
+    let sink_result =
+        match until_stopped(&mut sink_task, &mut watcher, STOP_DRAIN, "the sink").await {
+            Some(r) => r,
+            None => {
+                // Stopping without it: what it holds was not acknowledged, so not confirmed.
+                sink_task.abort();
+                Ok(Ok(sink::SinkSummary::default()))
+            }
+        };
     let (stream, result) = match outcome {
         Ok(Some(stream)) => (Some(stream), Ok(())),
         Ok(None) => (None, Ok(())),
@@ -242,16 +317,20 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
         Err(e) => Some(Failure::new(SinkFail, anyhow!("sink task failed: {e}"))),
     };
     if let Some(mut ended) = stream {
-        // Everything the sink acknowledged, and nothing else, is confirmed on the way out.
-        let confirm = stream::confirmable(&final_acked, ended.start);
-        if confirm.is_valid() {
-            let _ = ended
-                .stream
-                .send_standby_status(confirm, confirm, confirm, false)
-                .await;
-            tracing::info!(confirmed = %confirm, "confirmed position sent to PostgreSQL");
-        }
-        let _ = ended.stream.stop().await;
+        // Everything the sink acknowledged, and nothing else, is confirmed on the way out; a
+        // connection that went silent is not waited for long.
+        let goodbye = async {
+            let confirm = stream::confirmable(&final_acked, ended.start);
+            if confirm.is_valid() {
+                let _ = ended
+                    .stream
+                    .send_standby_status(confirm, confirm, confirm, false)
+                    .await;
+                tracing::info!(confirmed = %confirm, "confirmed position sent to PostgreSQL");
+            }
+            let _ = ended.stream.stop().await;
+        };
+        let _ = tokio::time::timeout(STREAM_GOODBYE, goodbye).await;
     }
     match (result, acked) {
         // The reader went away (`pgcdc run | head`): a clean end, and what failed after it
@@ -265,23 +344,61 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
     }
 }
 
+/// Awaits `work`; after a stop signal, only for `grace` more (then `None`, and `work` is
+/// dropped: every wait ends on a stop signal, also those that do not watch it themselves).
+async fn until_stopped<F: std::future::Future>(
+    work: F,
+    stop: &mut watch::Receiver<bool>,
+    grace: Duration,
+    what: &str,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => return Some(r),
+        () = signals::requested(stop) => {}
+    }
+    match tokio::time::timeout(grace, work).await {
+        Ok(r) => Some(r),
+        Err(_) => {
+            tracing::warn!("stopping without waiting any longer for {what}");
+            None
+        }
+    }
+}
+
 /// What the run learned from PostgreSQL before anything is captured.
 struct Source {
+    /// What every further connection is made with (see [`session::for_server`]).
+    conninfo: ConnInfo,
     client: tokio_postgres::Client,
     server: catalog::ServerInfo,
     tables: Vec<catalog::TableInfo>,
     events: events::Events,
-    stop_lsn: Option<Lsn>,
 }
 
-/// Connects, checks the server, the tables and the publication, and sets up the encoding.
-async fn prepare_source(args: &RunArgs, conninfo: &ConnInfo) -> Result<Source, Failure> {
+/// Connects, checks the server, takes the slot's lock (see [`crate::source::slot_lock`]),
+/// checks the tables and the publication, and sets up the encoding.
+async fn prepare_source(
+    args: &RunArgs,
+    conninfo: &ConnInfo,
+    process: &mut Process,
+) -> Result<Source, Failure> {
     tracing::info!(source = %conninfo.redacted(), "connecting to PostgreSQL");
     let client = connect::connect(conninfo)
         .await
         .context("cannot connect to PostgreSQL")
         .or_fail(SourceFail)?;
     let server = catalog::check_server(&client).await.or_fail(SourceFail)?;
+    session::pin_idle(&client, server.version_num)
+        .await
+        .or_fail(SourceFail)?;
+    let conninfo = session::for_server(conninfo, server.version_num);
+    // Before anything is created or read: a second pgcdc for the slot stops here.
+    process
+        .lock
+        .ensure(&conninfo)
+        .await
+        .map_err(Failure::slot_lock)?;
     // Named tables are checked before the publication is touched, so a missing table or
     // privilege is reported as such rather than as a failed CREATE PUBLICATION.
     if !args.tables.is_empty() {
@@ -296,24 +413,26 @@ async fn prepare_source(args: &RunArgs, conninfo: &ConnInfo) -> Result<Source, F
         .await
         .or_fail(SourceFail)?;
     let events = events::setup(args, &client, &server.database, &tables).await?;
-    let stop_lsn = match args.stop_lsn {
-        None => None,
-        Some(StopLsn::At(l)) => Some(l),
-        Some(StopLsn::Now) => {
-            let row = client
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .or_fail(SourceFail)?;
-            let lsn: String = row.get(0);
-            Some(lsn.parse::<Lsn>().or_fail(SourceFail)?)
-        }
-    };
+    if process.stop_lsn.is_none() {
+        process.stop_lsn = match args.stop_lsn {
+            None => None,
+            Some(StopLsn::At(l)) => Some(l),
+            Some(StopLsn::Now) => {
+                let row = client
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await
+                    .or_fail(SourceFail)?;
+                let lsn: String = row.get(0);
+                Some(lsn.parse::<Lsn>().or_fail(SourceFail)?)
+            }
+        };
+    }
     Ok(Source {
+        conninfo,
         client,
         server,
         tables,
         events,
-        stop_lsn,
     })
 }
 
@@ -361,7 +480,11 @@ enum SlotHandOver {
 type Started = Result<Option<(ReplicationClient, Lsn)>, Failure>;
 
 /// Decides between snapshot and resume ([`start::decide`]), runs the plan, then streams.
-async fn capture(c: &mut Capture<'_>, stop: &mut watch::Receiver<bool>) -> CaptureResult {
+async fn capture(
+    c: &mut Capture<'_>,
+    stop: &mut watch::Receiver<bool>,
+    lock: &mut SlotLock,
+) -> CaptureResult {
     let no_stream = |f: Failure| (None, f);
     let mut repl = c.replication().await.map_err(no_stream)?;
     let ident = repl
@@ -374,7 +497,7 @@ async fn capture(c: &mut Capture<'_>, stop: &mut watch::Receiver<bool>) -> Captu
         Some(s) => s,
         None => return Ok(None),
     };
-    stream(c, started, stop).await
+    stream(c, started, stop, lock).await
 }
 
 /// Looks at the slot and the progress record, decides, and runs the plan up to where
@@ -730,6 +853,7 @@ async fn stream(
     c: &Capture<'_>,
     (repl, start): (ReplicationClient, Lsn),
     stop: &mut watch::Receiver<bool>,
+    lock: &mut SlotLock,
 ) -> CaptureResult {
     let args = c.args;
     let slot_name = args.slot.as_str();
@@ -738,6 +862,8 @@ async fn stream(
     let mut backoff = RECONNECT_FIRST_DELAY;
     loop {
         let attempt = async {
+            // The slot's lock went with its connection if that was lost too.
+            lock.ensure(c.conninfo).await.map_err(Failure::slot_lock)?;
             let client = match repl.take() {
                 Some(r) => r,
                 None => ReplicationClient::connect(c.conninfo)
@@ -786,8 +912,8 @@ async fn stream(
                     "lost the replication stream; reconnecting in {backoff:?}"
                 );
                 tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return Ok(None),
-                    _ = tokio::time::sleep(backoff) => {}
+                    () = signals::requested(stop) => return Ok(None),
+                    () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(RECONNECT_MAX_DELAY);
                 // Resume after what the sink acknowledged; the server skips what it confirmed.

@@ -214,6 +214,31 @@ pub async fn connect(info: &ConnInfo) -> Result<Client, ConnectError> {
     }
 }
 
+/// Asks the server to cancel what `client` runs now (a wait for a lock, say), on a
+/// connection of its own made with `info`'s TLS rules. Best effort, and a few seconds at most:
+/// the caller is giving up on the query anyway.
+pub async fn cancel(client: &Client, info: &ConnInfo) {
+    let token = client.cancel_token();
+    let sent = async {
+        if info.is_unix_socket() || tls::effective_mode(info) == SslMode::Disable {
+            token.cancel_query(NoTls).await.ok()
+        } else {
+            match tls_connector(info) {
+                Ok(tls) => token.cancel_query(tls).await.ok(),
+                Err(_) => None,
+            }
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(3), sent)
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        tracing::debug!("could not cancel a query (the connection ends with pgcdc anyway)");
+    }
+}
+
 async fn spawn_connect<T>(info: &ConnInfo, config: &Config, tls: T) -> Result<Client, ConnectError>
 where
     T: MakeTlsConnect<Socket> + 'static + Send,

@@ -16,6 +16,7 @@ pub mod pgoutput;
 pub mod replication;
 pub mod schema;
 pub mod session;
+pub mod slot_lock;
 pub mod snapshot;
 
 pub use lsn::Lsn;

@@ -13,6 +13,20 @@
 //! snapshot transactions have imported it. And streaming starts only after every snapshot row
 //! was acknowledged by the sink, so per key the read event always precedes its changes.
 //!
+//! A third rule: no table may be rewritten under the snapshot. `ALTER TABLE … TYPE`, `VACUUM
+//! FULL`, `CLUSTER` and `TRUNCATE` write the table anew, and the new row versions carry the
+//! rewriting transaction's id: a snapshot older than that transaction sees the table empty
+//! (a rewrite is not MVCC-safe), and logical decoding does not turn a rewrite into row
+//! changes — the rows would be silently lost. So right after importing the snapshot, its
+//! transaction takes `ACCESS SHARE` locks on every captured table (partitions included; all
+//! rewrites need `ACCESS EXCLUSIVE`) and keeps them to its end. That closes the window only
+//! from the lock on: a rewrite may have committed between the consistent point and the lock.
+//! It is detected: each table's (and partition's) `relfilenode` as the snapshot sees it in
+//! `pg_class` (user queries read catalogs with the transaction's snapshot) is compared with
+//! the current one (`pg_relation_filenode`, from the caches, current once the lock is held);
+//! a difference means a rewrite after the consistent point, and the snapshot fails with
+//! [`SnapshotError::Rewritten`], which starts the pipeline again with a new snapshot.
+//!
 //! Several connections may import the same snapshot ([`parallel`], `--snapshot-workers`):
 //! they all see the tables as of C, so splitting a table into ranges of pages read by
 //! different connections reads each row version visible at C exactly once. Each key appears
@@ -72,6 +86,21 @@ pub enum SnapshotError {
     },
     #[error("snapshot of {table}: a row has no value for key column `{column}`: pgcdc stops rather than publish it under a null key. This should not happen (key columns are NOT NULL): please report it, with the table's definition and replica identity")]
     MissingKey { table: String, column: String },
+    #[error(
+        "{tables} rewritten after the snapshot's consistent point (ALTER TABLE … TYPE, VACUUM \
+         FULL, CLUSTER or TRUNCATE): the snapshot would read no rows there, so a new snapshot \
+         is needed"
+    )]
+    Rewritten {
+        /// The rewritten tables or partitions, e.g. "public.b was".
+        tables: String,
+    },
+    #[error(
+        "another session asked for a lock on {table} that conflicts with the snapshot's (ALTER \
+         TABLE, VACUUM FULL, CLUSTER, TRUNCATE, LOCK TABLE…): the snapshot gives way to it and \
+         starts again"
+    )]
+    LockQueued { table: String },
     #[error("the sink stopped during the snapshot")]
     SinkClosed,
     #[error("stopped by a signal during the snapshot")]
@@ -89,6 +118,8 @@ impl SnapshotError {
         match self {
             SnapshotError::Query(e) => crate::source::connect::is_transient(e),
             SnapshotError::Connect(e) => e.is_transient(),
+            // A new snapshot is taken after the rewrite, so it sees the rows.
+            SnapshotError::Rewritten { .. } | SnapshotError::LockQueued { .. } => true,
             _ => false,
         }
     }
@@ -155,6 +186,87 @@ async fn import(client: &tokio_postgres::Client, snapshot_name: &str) -> Result<
     Ok(())
 }
 
+/// How long the snapshot waits for its table locks before it says what it waits for.
+const LOCK_NOTICE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The captured tables' `relfilenode` in the snapshot's `pg_class` against the current one
+/// (partitions of partitioned tables included, as the snapshot knows them): the names of
+/// those that differ. Plain inheritance children are not read by the snapshot, so not
+/// checked.
+const REWRITTEN_SQL: &str = "\
+    WITH RECURSIVE tree(oid) AS ( \
+        SELECT unnest($1::oid[]) \
+      UNION \
+        SELECT i.inhrelid FROM pg_inherits i \
+        JOIN tree t ON i.inhparent = t.oid \
+        JOIN pg_class p ON p.oid = t.oid AND p.relkind = 'p' \
+    ) \
+    SELECT format('%I.%I', n.nspname, c.relname) \
+    FROM tree t \
+    JOIN pg_class c ON c.oid = t.oid \
+    JOIN pg_namespace n ON n.oid = c.relnamespace \
+    WHERE c.relkind IN ('r', 'm') \
+      AND c.relfilenode IS DISTINCT FROM pg_relation_filenode(c.oid) \
+    ORDER BY 1";
+
+/// Locks `tables` `ACCESS SHARE` in the imported snapshot's transaction on `client`, then
+/// fails with [`SnapshotError::Rewritten`] if one of them was rewritten after the consistent
+/// point (see the module documentation). Waits as long as another session holds a
+/// conflicting lock, saying so after a few seconds; a stop signal ends the wait.
+async fn lock_tables(
+    client: &tokio_postgres::Client,
+    tables: &[TableInfo],
+    conninfo: &ConnInfo,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), SnapshotError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    let sql = format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", "));
+    let lock = client.batch_execute(&sql);
+    tokio::pin!(lock);
+    let notice = tokio::time::sleep(LOCK_NOTICE_AFTER);
+    tokio::pin!(notice);
+    let mut noticed = false;
+    loop {
+        tokio::select! {
+            r = &mut lock => {
+                r?;
+                break;
+            }
+            () = &mut notice, if !noticed => {
+                noticed = true;
+                tracing::warn!(
+                    "snapshot: waiting for a lock on the captured tables: another session holds \
+                     a conflicting one (ALTER TABLE, VACUUM FULL, CLUSTER, TRUNCATE, LOCK TABLE…; \
+                     see pg_locks); the snapshot reads once it is released"
+                );
+            }
+            () = crate::signals::requested(stop) => {
+                // The server would go on waiting for the lock: ask it to stop.
+                crate::source::connect::cancel(client, conninfo).await;
+                return Err(SnapshotError::Interrupted);
+            }
+        }
+    }
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let rewritten: Vec<String> = client
+        .query(REWRITTEN_SQL, &[&oids])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if rewritten.is_empty() {
+        return Ok(());
+    }
+    let tables = match rewritten.as_slice() {
+        [one] => format!("{one} was"),
+        many => format!("{} were", many.join(", ")),
+    };
+    Err(SnapshotError::Rewritten { tables })
+}
+
 /// The position every read event carries: the consistent point.
 fn read_position(consistent_point: Lsn, started_ms: i64) -> Position {
     Position {
@@ -181,6 +293,7 @@ pub async fn run(
     options: SnapshotOptions<'_>,
 ) -> Result<SnapshotStats, SnapshotError> {
     import(client, snapshot_name).await?;
+    lock_tables(client, tables, options.conninfo, stop).await?;
     let started_ms = crate::event::now_ms();
     let position = read_position(consistent_point, started_ms);
     if options.workers > 1 {

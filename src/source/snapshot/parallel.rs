@@ -1,11 +1,21 @@
 //! A snapshot read by several connections at once (`--snapshot-workers N`).
 //!
-//! The caller's connection coordinates: inside its imported snapshot it takes an ACCESS SHARE
-//! lock on every table, measures each in pages and cuts the big ones into page ranges. The
-//! lock matters: page ranges are cut by row address (`ctid`), and only a table rewrite
-//! (`VACUUM FULL`, `CLUSTER`, a rewriting `ALTER TABLE`) moves a row version to another
+//! The caller's connection coordinates: inside its imported snapshot it holds an ACCESS SHARE
+//! lock on every table (taken by [`super::run`], as for one connection: no rewrite may empty a
+//! table under the snapshot), measures each in pages and cuts the big ones into page ranges.
+//! The lock matters here too: page ranges are cut by row address (`ctid`), and only a table
+//! rewrite (`VACUUM FULL`, `CLUSTER`, a rewriting `ALTER TABLE`) moves a row version to another
 //! address; each needs an ACCESS EXCLUSIVE lock, so none can run between two workers' reads.
 //! Pruning and plain `VACUUM` keep the addresses of the row versions a snapshot sees.
+//!
+//! The coordinator's lock has a trap: a session that asks for a conflicting lock meanwhile
+//! (`ALTER TABLE`, say) waits for the coordinator, and a worker's `COPY` that asks for its own
+//! `ACCESS SHARE` lock after that queues behind the waiting request. The coordinator waits for
+//! the worker, the worker for that session, the session for the coordinator: a deadlock
+//! PostgreSQL cannot see, since one of its edges is inside pgcdc. So a worker locks each table
+//! with `NOWAIT` before reading it (as `pg_dump` does), and a refused lock fails the snapshot
+//! with [`SnapshotError::LockQueued`]: the coordinator's transaction ends, the other session
+//! proceeds, and the pipeline starts again with a new snapshot.
 //!
 //! Each worker is a thread with its own connection and single-threaded runtime. It imports the
 //! same snapshot, then takes ranges (or whole tables) from a shared list until none is left, so
@@ -113,7 +123,7 @@ struct Shared {
 type Outcome = Result<Option<Held>, SnapshotError>;
 
 /// Reads the snapshot with `options.workers` connections; `client` is in a transaction that
-/// imported the snapshot. See the module documentation.
+/// imported the snapshot and locked the tables. See the module documentation.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     client: &tokio_postgres::Client,
@@ -129,13 +139,6 @@ pub(super) async fn run(
     if tables.is_empty() {
         return Ok(SnapshotStats::default());
     }
-    let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
-    client
-        .batch_execute(&format!(
-            "LOCK TABLE {} IN ACCESS SHARE MODE",
-            names.join(", ")
-        ))
-        .await?;
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
         .await?
@@ -341,6 +344,7 @@ async fn work(
         bytes: 0,
     };
     let mut reader = Reader::new(encoder, out, halt, shared.copy);
+    let mut locked = vec![false; shared.tables.len()];
     while let Some(unit) = shared
         .units
         .get(shared.next.fetch_add(1, Ordering::Relaxed))
@@ -357,6 +361,10 @@ async fn work(
             tracing::info!(table = %info.name, copy, "snapshot: reading table");
             progress.snapshot_started();
         }
+        if !locked[t] {
+            lock_nowait(&client, info).await?;
+            locked[t] = true;
+        }
         let tail = encoder.read_tail(table, shared.position, shared.position.commit_ts_ms);
         let rows = reader
             .copy(&client, info, unit.pages, table, &tail, &progress)
@@ -371,6 +379,24 @@ async fn work(
     reader.flush().await?;
     client.batch_execute("COMMIT").await?;
     Ok(reader.held.take())
+}
+
+/// Locks `info` `ACCESS SHARE` without queueing behind another session's request (see the
+/// module documentation).
+async fn lock_nowait(
+    client: &tokio_postgres::Client,
+    info: &TableInfo,
+) -> Result<(), SnapshotError> {
+    let sql = format!("LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT", info.name);
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(SnapshotError::LockQueued {
+                table: info.name.to_string(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,893 @@
+//! pgcdc's sessions and processes: the locks its snapshot takes, the server timeouts it pins,
+//! one process per slot, the metrics endpoint and `--stop-lsn now` across an in-process
+//! restart, and stop signals during waits. The real binary against the real servers.
+
+mod common;
+
+#[path = "faults/proxy.rs"]
+mod proxy;
+#[path = "faults/servers.rs"]
+mod servers;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pipeline::{assert_success, Pipeline};
+use serde_json::Value;
+
+/// Waits at most `timeout` for `child` to exit; kills it otherwise (None).
+async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    servers::signal(child.id(), "-TERM");
+}
+
+/// Starts `cmd` with stderr to `log` in the pipeline's directory and stdout to `out` there
+/// (or nowhere).
+fn spawn_logged(p: &Pipeline, mut cmd: Command, log: &str, out: Option<&str>) -> Child {
+    let err = std::fs::File::create(p.dir.join(log)).expect("log file");
+    let stdout = match out {
+        Some(name) => Stdio::from(std::fs::File::create(p.dir.join(name)).expect("out file")),
+        None => Stdio::null(),
+    };
+    cmd.stdout(stdout)
+        .stderr(err)
+        .spawn()
+        .expect("pgcdc starts")
+}
+
+/// The stdout sink's lines: topic → keys' `id`s of read events.
+fn read_ids(stdout: &str) -> BTreeMap<String, Vec<i64>> {
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).expect("a JSON line");
+        let topic = v["topic"].as_str().expect("topic").to_string();
+        if let Some(id) = v["key"]["id"].as_i64() {
+            out.entry(topic).or_default().push(id);
+        }
+    }
+    out
+}
+
+/// Tables `a` (10 rows) and `b` (100 rows), and `c` for a backlog.
+const THREE_TABLES: &str = "CREATE TABLE public.a (id int PRIMARY KEY, x int);
+     CREATE TABLE public.b (id int PRIMARY KEY, x int);
+     CREATE TABLE public.c (id int PRIMARY KEY, v text);
+     INSERT INTO a SELECT g, g FROM generate_series(1, 10) g;
+     INSERT INTO b SELECT g, g FROM generate_series(1, 100) g;";
+
+const ABC: [&str; 6] = [
+    "--table", "public.a", "--table", "public.b", "--table", "public.c",
+];
+
+/// A pgcdc stopped between its snapshot's consistent point and the snapshot itself: it was
+/// started with `--snapshot always` on a slot that holds a backlog, so it first publishes the
+/// backlog up to the consistent point, to a stdout pipe nobody reads yet. Returns the process
+/// (its log is `run.log`) and its stdout; `extra` is added to its flags.
+async fn held_before_the_snapshot(
+    p: &Pipeline,
+    extra: &[&str],
+) -> (Child, std::process::ChildStdout) {
+    let progress = p.dir.join("progress.json");
+    let progress = progress.to_str().unwrap();
+    let stdout_sink = ["--sink", "stdout", "--progress-file", progress];
+    let mut first = p.command(&ABC);
+    first
+        .args(stdout_sink)
+        .args(["--snapshot", "never", "--stop-lsn", "now"]);
+    assert_success(
+        &output_within(first, "slot creation").await,
+        "slot creation",
+    );
+    p.db.client()
+        .await
+        .batch_execute("INSERT INTO c SELECT g, repeat('c', 300) FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
+    let mut cmd = p.command(&ABC);
+    cmd.args(stdout_sink)
+        .args(["--snapshot", "always", "--stop-lsn", "now"])
+        .args(extra);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    p.wait_for_log("run.log", "snapshot exported").await;
+    (child, stdout)
+}
+
+/// Reads `stdout` to its end on a thread of its own.
+fn read_all(mut stdout: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Issue 17, item 8: a table rewritten (here `ALTER COLUMN … TYPE`) after the snapshot's
+/// consistent point looks empty to the exported snapshot, and the rewrite is not decoded as
+/// row changes. `b` is rewritten while pgcdc still publishes a backlog, after its consistent
+/// point and before its snapshot. Every row of `b` must still be published, with one
+/// connection and with several.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_rewritten_after_the_consistent_point_is_snapshotted_again() {
+    for workers in ["1", "2"] {
+        let p = Pipeline::new(THREE_TABLES).await;
+        let (mut child, stdout) =
+            held_before_the_snapshot(&p, &["--snapshot-workers", workers]).await;
+        p.db.client()
+            .await
+            .batch_execute("ALTER TABLE b ALTER COLUMN x TYPE bigint")
+            .await
+            .unwrap();
+        let reader = read_all(stdout);
+        let status = wait_exit(&mut child, Duration::from_secs(90)).await;
+        let out = reader.join().unwrap();
+        let log = p.log("run.log");
+        let status = status.unwrap_or_else(|| panic!("pgcdc did not finish:\n{log}"));
+        assert!(status.success(), "exit {status:?}\n{log}");
+        let ids = read_ids(&out);
+        let set = |t: &str| -> BTreeSet<i64> {
+            ids.get(&p.topic(t))
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(
+            set("b"),
+            (1..=100).collect::<BTreeSet<i64>>(),
+            "workers {workers}: every row of b must be published\n{log}"
+        );
+        assert_eq!(
+            set("a"),
+            (1..=10).collect::<BTreeSet<i64>>(),
+            "workers {workers}\n{log}"
+        );
+        assert_eq!(set("c").len(), 5000, "workers {workers}\n{log}");
+        assert!(
+            log.contains("rewritten"),
+            "workers {workers}: the log must say why the snapshot started again:\n{log}"
+        );
+    }
+}
+
+/// Issue 17, item 8 (the parallel path): a session that asks for a conflicting lock while
+/// the coordinator holds the tables (here `ALTER TABLE c`) waits for the coordinator; a worker
+/// that then starts on `c` queued behind it, and the coordinator waited for that worker: a
+/// deadlock PostgreSQL cannot detect. The snapshot must give way and start again instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.big1 (id int PRIMARY KEY, v text);
+         CREATE TABLE public.big2 (id int PRIMARY KEY, v text);
+         CREATE TABLE public.c (id int PRIMARY KEY, x int);
+         INSERT INTO big1 SELECT g, repeat('x', 200) FROM generate_series(1, 30000) g;
+         INSERT INTO big2 SELECT g, repeat('y', 200) FROM generate_series(1, 30000) g;
+         INSERT INTO c SELECT g, g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let admin = p.db.client().await;
+    let mut child = p
+        .command(&[
+            "--table",
+            "public.big1",
+            "--table",
+            "public.big2",
+            "--table",
+            "public.c",
+            "--sink",
+            "stdout",
+            "--snapshot-only",
+            "--snapshot-workers",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Both workers read a big table, and wait for their output to be read.
+    for t in ["big1", "big2"] {
+        p.wait_for_log(
+            "run.log",
+            &format!("snapshot: reading table table=public.{t}"),
+        )
+        .await;
+    }
+    let alter = p.db.client().await;
+    let altered = tokio::spawn(async move {
+        alter
+            .batch_execute("ALTER TABLE c ADD COLUMN z int")
+            .await
+            .map_err(|e| e.to_string())
+    });
+    let waiting = common::poll_until(Duration::from_secs(30), || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks
+                 WHERE relation = 'public.c'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    assert!(
+        waiting.is_some(),
+        "the ALTER never waited:\n{}",
+        p.log("run.log")
+    );
+    let reader = read_all(stdout);
+    let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+    // Ends the ALTER's wait in any case (if pgcdc was killed above).
+    altered.await.unwrap().expect("the ALTER ran");
+    let out = reader.join().unwrap();
+    let log = p.log("run.log");
+    let status = status.unwrap_or_else(|| panic!("pgcdc never finished (a deadlock):\n{log}"));
+    assert!(status.success(), "exit {status:?}\n{log}");
+    let ids = read_ids(&out);
+    for (t, n) in [("big1", 30000), ("big2", 30000), ("c", 10)] {
+        let set: BTreeSet<i64> = ids
+            .get(&p.topic(t))
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        assert_eq!(set.len(), n, "{t}\n{log}");
+    }
+    assert!(log.contains("gives way"), "{log}");
+}
+
+/// Issue 17, item 9: a database's `statement_timeout` and `idle_in_transaction_session_timeout`
+/// shorter than the snapshot must not end it. The output is not read for a while, so the
+/// snapshot's COPY lasts longer than the timeouts, and with two workers the coordinator sits
+/// idle in its transaction meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn database_timeouts_shorter_than_the_snapshot_do_not_end_it() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 60000) g;",
+    )
+    .await;
+    p.db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET statement_timeout = '300ms';
+             ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '300ms';
+             ALTER DATABASE {db} SET lock_timeout = '300ms';",
+            db = p.db.name
+        ))
+        .await
+        .unwrap();
+    for workers in ["1", "2"] {
+        let mut child = p
+            .command(&[
+                "--table",
+                "public.big",
+                "--sink",
+                "stdout",
+                "--snapshot-only",
+                "--snapshot-workers",
+                workers,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        // Not reading: the snapshot stalls on a full pipe for longer than the timeouts.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let status = wait_exit(&mut child, Duration::from_secs(90)).await;
+        let out = reader.join().unwrap();
+        let log = p.log("run.log");
+        let status = status.unwrap_or_else(|| panic!("workers {workers}: never finished:\n{log}"));
+        assert!(
+            status.success(),
+            "workers {workers}: exit {status:?}\n{log}"
+        );
+        let ids: BTreeSet<i64> = read_ids(&out)
+            .remove(&p.topic("big"))
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        assert_eq!(ids.len(), 60000, "workers {workers}\n{log}");
+        assert!(
+            !log.contains("starting again"),
+            "workers {workers}: the snapshot was ended by a timeout:\n{log}"
+        );
+    }
+}
+
+/// `pgcdc drop` for this pipeline.
+fn drop_command(p: &Pipeline, progress_file: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
+    c.arg("drop")
+        .args(["--source", &p.source()])
+        .args(["--progress-file", progress_file])
+        .args(["--slot", &p.slot, "--publication", &p.slot])
+        .args(["--topic-prefix", &p.prefix])
+        .arg("--yes")
+        .env_remove("PGCDC_LOG")
+        .env("PGPASSFILE", "/nonexistent")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs `cmd` for at most 60 s.
+async fn output_within(mut cmd: Command, what: &str) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        b
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        b
+    });
+    let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+    let stdout = out.join().unwrap();
+    let stderr = err.join().unwrap();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "{what} did not end within 60 s:\n{}",
+            String::from_utf8_lossy(&stderr)
+        )
+    });
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Issue 17, item 10: while the first pgcdc takes its snapshot only a temporary slot is held,
+/// so nothing stopped a second `pgcdc run` on the same `--slot`, nor `pgcdc drop`. Both must be
+/// refused (exit 3, naming the holder) while the first runs — here its snapshot waits for its
+/// output to be read — and a new run may start once it ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_on_the_same_slot_is_refused() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 30000) g;",
+    )
+    .await;
+    let progress = p.dir.join("progress.json");
+    let progress = progress.to_str().unwrap();
+    let args = [
+        "--table",
+        "public.big",
+        "--sink",
+        "stdout",
+        "--progress-file",
+        progress,
+    ];
+    let mut first = p
+        .command(&args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(p.dir.join("first.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = first.stdout.take().unwrap();
+    p.wait_for_log("first.log", "snapshot: reading table").await;
+
+    let second = output_within(p.command(&args), "the second pgcdc").await;
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(3), "stderr:\n{err}");
+    let quoted = format!("`{}`", p.slot);
+    for needle in [quoted.as_str(), "another pgcdc", "backend pid"] {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    assert!(
+        second.stdout.is_empty(),
+        "the second pgcdc published:\n{err}"
+    );
+    assert!(
+        !err.contains("snapshot exported"),
+        "the second pgcdc must not start a snapshot:\n{err}"
+    );
+
+    let dropped = output_within(drop_command(&p, progress), "pgcdc drop").await;
+    let err = String::from_utf8_lossy(&dropped.stderr);
+    assert_eq!(dropped.status.code(), Some(3), "stderr:\n{err}");
+    assert!(err.contains("another pgcdc"), "stderr:\n{err}");
+
+    let reader = read_all(stdout);
+    p.wait_for_log("first.log", "streaming changes").await;
+    sigterm(&first);
+    let status = wait_exit(&mut first, Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "first: {status:?}\n{}",
+        p.log("first.log")
+    );
+    let out = reader.join().unwrap();
+    let ids: BTreeSet<i64> = read_ids(&out)
+        .remove(&p.topic("big"))
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    assert_eq!(ids.len(), 30000, "{}", p.log("first.log"));
+    // Once the first one ended, the next may start.
+    let mut third = p.command(&args);
+    third.args(["--stop-lsn", "now"]);
+    assert_success(
+        &output_within(third, "the third pgcdc").await,
+        "a run after the first ended",
+    );
+}
+
+/// Issue 17, items 9 and 10: with `idle_session_timeout` (PostgreSQL 14+) on the database,
+/// pgcdc's idle connections are not ended, so the lock that keeps a second process away
+/// stays held while pgcdc streams an idle database.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_session_timeout_does_not_release_the_slot() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY, v text);").await;
+    let admin = p.db.client().await;
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if version < 140000 {
+        common::skip("idle_session_timeout", "PostgreSQL 14+ only");
+        return;
+    }
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET idle_session_timeout = '500ms'",
+            p.db.name
+        ))
+        .await
+        .unwrap();
+    let table = ["--table", "public.t"];
+    let mut first = spawn_logged(&p, p.command(&table), "first.log", None);
+    p.wait_for_log("first.log", "streaming changes").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = output_within(p.command(&table), "the second pgcdc").await;
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(3), "stderr:\n{err}");
+    assert!(err.contains("another pgcdc"), "stderr:\n{err}");
+    admin
+        .batch_execute("INSERT INTO t VALUES (1, 'after the idle time')")
+        .await
+        .unwrap();
+    assert_eq!(p.events("t", Some(1)).await.len(), 1);
+    sigterm(&first);
+    let status = wait_exit(&mut first, Duration::from_secs(30)).await;
+    let log = p.log("first.log");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(
+        !log.contains("idle-session timeout") && !log.contains("connection failed"),
+        "a connection of pgcdc was ended:\n{log}"
+    );
+}
+
+/// Issue 17, item 10: the slot's lock goes with its connection. After PostgreSQL ended every
+/// session of pgcdc, it takes the lock again before it streams again, and a second process is
+/// still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slot_lock_is_taken_again_after_its_connection_was_lost() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY, v text);").await;
+    let admin = p.db.client().await;
+    let table = ["--table", "public.t"];
+    let mut first = spawn_logged(&p, p.command(&table), "first.log", None);
+    p.wait_for_log("first.log", "streaming changes").await;
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+    p.wait_for_log("first.log", "taking the lock again").await;
+    let again = common::poll_until(Duration::from_secs(30), || async {
+        (p.log("first.log").matches("streaming changes").count() >= 2).then_some(())
+    })
+    .await;
+    assert!(
+        again.is_some(),
+        "never streamed again:\n{}",
+        p.log("first.log")
+    );
+    let second = output_within(p.command(&table), "the second pgcdc").await;
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(3), "stderr:\n{err}");
+    assert!(err.contains("another pgcdc"), "stderr:\n{err}");
+    admin
+        .batch_execute("INSERT INTO t VALUES (1, 'after the reconnect')")
+        .await
+        .unwrap();
+    assert_eq!(p.events("t", Some(1)).await.len(), 1);
+    sigterm(&first);
+    let status = wait_exit(&mut first, Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        p.log("first.log")
+    );
+}
+
+/// Terminates the backend running the snapshot's COPY, once one runs.
+async fn terminate_snapshot_copy(p: &Pipeline, log: &str) {
+    let admin = p.db.client().await;
+    let terminated = common::poll_until(Duration::from_secs(30), || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND state = 'active' AND query ILIKE 'COPY%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    assert!(
+        terminated.is_some(),
+        "no snapshot COPY was seen running:\n{}",
+        p.log(log)
+    );
+}
+
+/// A GET of `path` on `port`; the status line and body.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Issue 17, item 11: an in-process restart of the pipeline (here: the snapshot's backend is
+/// terminated) must not bind `--metrics-addr` again — which failed with exit 2 — and the
+/// endpoint keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_endpoint_survives_an_in_process_restart() {
+    let p = Pipeline::new(
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text, n int);
+         INSERT INTO public.big SELECT g, repeat('x', 300), g FROM generate_series(1, 100000) g;",
+    )
+    .await;
+    let port = servers::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cmd = p.command(&["--table", "public.big", "--metrics-addr", &addr]);
+    let mut child = spawn_logged(&p, cmd, "run.log", None);
+    terminate_snapshot_copy(&p, "run.log").await;
+    p.wait_for_log("run.log", "starting again with a new snapshot")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !p.log("run.log").contains("streaming changes") {
+        let log = p.log("run.log");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("pgcdc ended after the restart ({status:?}):\n{log}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never streamed after the restart:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = p.log("run.log");
+    let metrics = http_get(port, "/metrics").unwrap_or_default();
+    assert!(
+        metrics.starts_with("HTTP/1.1 200") && metrics.contains("pgcdc_snapshot_rows"),
+        "{metrics}\n{log}"
+    );
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        p.log("run.log")
+    );
+}
+
+/// Issue 17, item 11: `--stop-lsn now` is the position when the process started, also after
+/// the pipeline started again inside the process (here: Kafka failed a delivery while the
+/// link to the broker was silent). A transaction committed after the start is not published.
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_lsn_now_is_the_process_start_also_after_a_restart() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY, v text);").await;
+    let proxy_port = servers::free_port();
+    let broker = servers::PrivateBroker::start_advertising(Some(proxy_port));
+    let proxy = proxy::Proxy::start_on(proxy_port, broker.port);
+    let bootstrap = broker.bootstrap();
+    let args = [
+        "--table",
+        "public.t",
+        "--snapshot",
+        "never",
+        "--stop-lsn",
+        "now",
+    ];
+    let out = output_within(
+        p.command_with(&p.source(), &bootstrap, &args),
+        "slot creation",
+    )
+    .await;
+    assert_success(&out, "slot creation");
+    let client = p.db.client().await;
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    // Records wait 3 s in the producer before they go, and fail 5 s after they were produced.
+    let mut cmd = p.command_with(&p.source(), &bootstrap, &args);
+    cmd.args(["-X", "linger.ms=3000", "-X", "message.timeout.ms=5000"]);
+    let mut child = spawn_logged(&p, cmd, "run.log", None);
+    p.wait_for_log("run.log", "streaming changes").await;
+    proxy.silence();
+    client
+        .batch_execute("INSERT INTO t VALUES (11, 'after the start')")
+        .await
+        .unwrap();
+    p.wait_for_log("run.log", "starting again from the last confirmed position")
+        .await;
+    proxy.restore();
+    let status = wait_exit(&mut child, Duration::from_secs(90)).await;
+    let log = p.log("run.log");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    let records = tokio::task::spawn_blocking({
+        let topic = p.topic("t");
+        move || {
+            pgcdc::sink::kafka::read_topic(
+                &pgcdc::sink::kafka::KafkaConfig::new(bootstrap),
+                &topic,
+                pgcdc::sink::kafka::ReadStop::Quiet {
+                    expected: None,
+                    quiet: Duration::from_secs(3),
+                    max_wait: Duration::from_secs(60),
+                },
+            )
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let ids: BTreeSet<i64> = records
+        .iter()
+        .filter_map(|r| {
+            let key: Value = serde_json::from_slice(r.key.as_ref()?).ok()?;
+            key["id"].as_i64()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=10).collect::<BTreeSet<i64>>(),
+        "only what committed before the start may be published\n{log}"
+    );
+}
+
+/// Issue 17, item 13: with Kafka unreachable at start-up, SIGTERM ends pgcdc at once (it was
+/// logged and ignored until SIGKILL).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_kafka_is_unreachable_at_start_exits_0() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY);").await;
+    let closed = format!("127.0.0.1:{}", servers::free_port());
+    let cmd = p.command_with(&p.source(), &closed, &["--table", "public.t"]);
+    let mut child = spawn_logged(&p, cmd, "run.log", None);
+    p.wait_for_log("run.log", "is unreachable").await;
+    let sent = Instant::now();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+    let took = sent.elapsed();
+    let log = p.log("run.log");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+}
+
+/// Issue 17, item 13: SIGTERM while the snapshot waits for a table that another session holds
+/// locked ends pgcdc at once with exit 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_the_snapshot_waits_for_a_lock_exits_0() {
+    let p = Pipeline::new(THREE_TABLES).await;
+    let admin = p.db.client().await;
+    let (mut child, stdout) = held_before_the_snapshot(&p, &[]).await;
+    // Taken after the slot was created: an ACCESS EXCLUSIVE lock is written to WAL, so it
+    // gives its transaction an id, which slot creation would wait for.
+    let locker = p.db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE public.a IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let _reader = read_all(stdout);
+    let waiting = common::poll_until(Duration::from_secs(30), || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'public.a'::regclass AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    assert!(
+        waiting.is_some(),
+        "pgcdc never waited for a:\n{}",
+        p.log("run.log")
+    );
+    let sent = Instant::now();
+    sigterm(&child);
+    // Its transaction has an id, which every slot creation in the cluster waits for.
+    let status = wait_exit(&mut child, Duration::from_secs(5)).await;
+    let took = sent.elapsed();
+    locker.batch_execute("COMMIT").await.unwrap();
+    let log = p.log("run.log");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+}
+
+/// Issue 17, item 13: SIGTERM while creating the slot waits for a transaction that was running
+/// before (as every slot creation does) ends pgcdc at once with exit 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_slot_creation_waits_for_a_transaction_exits_0() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY);").await;
+    let admin = p.db.client().await;
+    let open = p.db.client().await;
+    open.batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let mut child = spawn_logged(&p, p.command(&["--table", "public.t"]), "run.log", None);
+    let waiting = common::poll_until(Duration::from_secs(30), || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query LIKE 'CREATE_REPLICATION_SLOT%'
+                   AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    assert!(
+        waiting.is_some(),
+        "slot creation never waited:\n{}",
+        p.log("run.log")
+    );
+    let sent = Instant::now();
+    sigterm(&child);
+    // Every slot creation in the cluster waits for this transaction: not long.
+    let status = wait_exit(&mut child, Duration::from_secs(5)).await;
+    let took = sent.elapsed();
+    open.batch_execute("COMMIT").await.unwrap();
+    let log = p.log("run.log");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+}
+
+/// Formats a WAL position as PostgreSQL does.
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Issue 17, item 16d: a transaction whose commit LSN (its events' `source.commit_lsn`) is
+/// exactly `--stop-lsn` is published once, pgcdc stops after it, and the next run does not
+/// publish it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_committed_at_the_stop_lsn_is_published_once() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY, v text);").await;
+    let only_t = ["--table", "public.t"];
+    assert_success(
+        &p.run(&[
+            only_t[0],
+            only_t[1],
+            "--snapshot",
+            "never",
+            "--stop-lsn",
+            "now",
+        ]),
+        "slot creation",
+    );
+    let client = p.db.client().await;
+    // A second slot, only to learn the commit LSN of the next transaction (its BEGIN message
+    // carries it) without consuming pgcdc's slot.
+    let aux = format!("{}_aux", p.slot);
+    client
+        .query_one(
+            "SELECT 1 FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&aux],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'at the stop' FROM generate_series(1, 5) g")
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'later' FROM generate_series(6, 8) g")
+        .await
+        .unwrap();
+    let commit_lsn: i64 = client
+        .query_one(
+            "SELECT ('x' || encode(substring(data from 2 for 8), 'hex'))::bit(64)::int8
+             FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL,
+                  'proto_version', '1', 'publication_names', $2)
+             WHERE get_byte(data, 0) = 66 LIMIT 1",
+            &[&aux, &p.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .query_one("SELECT 1 FROM pg_drop_replication_slot($1)", &[&aux])
+        .await
+        .unwrap();
+    let stop = lsn_text(commit_lsn as u64);
+    let out = output_within(
+        {
+            let mut c = p.command(&only_t);
+            c.args(["--stop-lsn", &stop]);
+            c
+        },
+        "run to the stop",
+    )
+    .await;
+    assert_success(&out, "run to the stop");
+    let events = p.events("t", None).await;
+    let ids: Vec<i64> = events
+        .iter()
+        .filter(|e| e.value.is_some())
+        .map(|e| e.key.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![1, 2, 3, 4, 5],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in &events {
+        assert_eq!(e.lsn_pair().0, commit_lsn as u64, "commit_lsn of {e:?}");
+    }
+    assert_success(
+        &p.run(&[only_t[0], only_t[1], "--stop-lsn", "now"]),
+        "run for the rest",
+    );
+    let all = p.events("t", Some(8)).await;
+    let ids: Vec<i64> = all
+        .iter()
+        .map(|e| e.key.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=8).collect::<Vec<i64>>(), "published once each");
+}

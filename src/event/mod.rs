@@ -20,6 +20,7 @@ use crate::source::Lsn;
 pub mod json;
 pub mod kind;
 mod nested;
+pub mod order;
 mod time;
 
 pub use kind::{BinaryMode, DecimalMode, Kind, TypeDesc, TypeRegistry};

@@ -1,10 +1,13 @@
 //! From a Kafka record written by pgcdc to what the indexer needs: the document id, the
 //! version, and the change. Pure functions, no I/O.
 //!
-//! - **Version**: `(source.commit_lsn, source.lsn)`, compared in that order. Commit order is the
-//!   order in which PostgreSQL made changes visible, and within one transaction the LSN orders
-//!   changes of the same row, so a later version is always the newer state of the row. A
-//!   re-published event carries the same pair, so equal versions mean "the same event".
+//! - **Version**: [`Version`], the crate's one ordering rule for events
+//!   ([`crate::event::order`]): `(source.commit_lsn, source.lsn)`, compared in that order,
+//!   except that a snapshot read ranks below every change with its `commit_lsn` (its version
+//!   is `(C, 0)`). Commit order is the order in which PostgreSQL made changes visible, and
+//!   within one transaction the LSN orders changes of the same row, so a later version is
+//!   always the newer state of the row. A re-published event carries the same pair, so equal
+//!   versions mean "the same event".
 //! - **Document id**: derived from the record key (the primary-key columns) so that every key
 //!   maps to one id Meilisearch accepts (`[A-Za-z0-9_-]`, at most 511 bytes) and no two keys
 //!   of a table map to the same id (see [`doc_id`]).
@@ -22,36 +25,7 @@ pub const ID_FIELD: &str = "_id";
 /// The field holding the version ([`Version::encode`]) in every document.
 pub const VERSION_FIELD: &str = "_version";
 
-/// Where an event sits in PostgreSQL's history: `(commit_lsn, lsn)`, ordered lexicographically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version {
-    pub commit_lsn: u64,
-    pub lsn: u64,
-}
-
-impl Version {
-    pub const fn new(commit_lsn: u64, lsn: u64) -> Self {
-        Version { commit_lsn, lsn }
-    }
-
-    /// Fixed-width hex, `CCCCCCCCCCCCCCCC.LLLLLLLLLLLLLLLL`: exact (no float rounding in the
-    /// search engine), and string order equals version order.
-    pub fn encode(self) -> String {
-        format!("{:016X}.{:016X}", self.commit_lsn, self.lsn)
-    }
-
-    /// The inverse of [`encode`](Self::encode); `None` for anything else.
-    pub fn decode(s: &str) -> Option<Version> {
-        let (c, l) = s.split_once('.')?;
-        if c.len() != 16 || l.len() != 16 {
-            return None;
-        }
-        Some(Version {
-            commit_lsn: u64::from_str_radix(c, 16).ok()?,
-            lsn: u64::from_str_radix(l, 16).ok()?,
-        })
-    }
-}
+pub use crate::event::order::Version;
 
 /// A document id Meilisearch accepts, unique per key within one table.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -181,11 +155,11 @@ pub fn parse_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Parsed, 
     let mut value: Value =
         serde_json::from_slice(value).map_err(|e| EventError::NotJson(e.to_string()))?;
     let source = &value["source"];
+    let op = value["op"].as_str().unwrap_or_default().to_string();
     let version = match (source["commit_lsn"].as_u64(), source["lsn"].as_u64()) {
-        (Some(c), Some(l)) => Version::new(c, l),
+        (Some(c), Some(l)) => Version::of_event(&op, c, l),
         _ => return Err(EventError::NoVersion),
     };
-    let op = value["op"].as_str().unwrap_or_default().to_string();
     let change = match op.as_str() {
         "r" | "c" => Change::Replace(take_after(&mut value)?),
         "u" => Change::Merge(take_after(&mut value)?),
@@ -228,26 +202,6 @@ mod tests {
         doc_id(&v)
             .map(|d| d.0)
             .unwrap_or_else(|e| format!("error: {e}"))
-    }
-
-    #[test]
-    fn version_encoding_is_exact_and_ordered() {
-        let a = Version::new(0x16_B374_D848, 0x16_B374_D800);
-        assert_eq!(a.encode(), "00000016B374D848.00000016B374D800");
-        assert_eq!(Version::decode(&a.encode()), Some(a));
-        let max = Version::new(u64::MAX, u64::MAX);
-        assert_eq!(Version::decode(&max.encode()), Some(max));
-        let b = Version::new(0x16_B374_D848, 0x16_B374_D801);
-        assert!(a < b && a.encode() < b.encode());
-        assert!(Version::new(1, 99) < Version::new(2, 0));
-        for bad in [
-            "",
-            "1.2",
-            "00000016B374D848",
-            "00000016B374D848.0000000000000G00",
-        ] {
-            assert_eq!(Version::decode(bad), None, "{bad}");
-        }
     }
 
     #[test]
@@ -300,12 +254,17 @@ mod tests {
             panic!("not an event")
         };
         assert_eq!(e.id.as_str(), "1");
-        assert_eq!(e.version, Version::new(200, 120));
+        assert_eq!(
+            e.version,
+            Version::new(200, 0),
+            "a read ranks below changes at 200"
+        );
         assert!(matches!(e.change, Change::Replace(ref m) if m["status"] == "paid"));
         let Ok(Parsed::Event(e)) = parse_record(Some(key), Some(&value("u", row.clone()))) else {
             panic!("not an event")
         };
         assert!(matches!(e.change, Change::Merge(_)));
+        assert_eq!(e.version, Version::new(200, 120));
         let Ok(Parsed::Event(e)) = parse_record(Some(key), Some(&value("d", Value::Null))) else {
             panic!("not an event")
         };

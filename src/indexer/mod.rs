@@ -9,9 +9,10 @@
 //!
 //! # Why no document can regress
 //!
-//! pgcdc gives every event a version, `(source.commit_lsn, source.lsn)`, that orders the
-//! changes of a row as PostgreSQL committed them, and a re-published event carries the same
-//! version. The indexer stores the version in the document (`_version`) and, for deleted
+//! pgcdc gives every event a version, `(source.commit_lsn, source.lsn)` — for a snapshot read
+//! `(C, 0)`, below every change committed at the snapshot's point `C` (the crate's one
+//! ordering rule, [`crate::event::order`]) — that orders the changes of a row as PostgreSQL
+//! committed them, and a re-published event carries the same version. The indexer stores the version in the document (`_version`) and, for deleted
 //! rows, in a deletion marker. For each batch it reads the stored versions of the batch's ids,
 //! drops every event older than the stored version, folds the rest per id in version order into
 //! one write, and applies the writes, waiting until they are stored. The version stored for an
@@ -392,6 +393,53 @@ mod tests {
             out.contains(r#""_version":"000000000000001E.000000000000001E""#),
             "{out}"
         );
+    }
+
+    /// A transaction whose commit record lies exactly at the snapshot's consistent point is
+    /// streamed with `(commit_lsn = C, lsn < C)`: it is newer than the snapshot's rows.
+    #[tokio::test]
+    async fn a_change_committed_at_the_snapshot_point_is_applied_after_the_read() {
+        let mut ix =
+            Indexer::new(StdoutTarget::new(Vec::new()), &["p.public.orders".into()]).unwrap();
+        ix.prepare().await.unwrap();
+        let read = |id: i64, status: &str| {
+            rec(
+                id,
+                Some(
+                    json!({"before": null, "after": {"id": id, "status": status}, "op": "r",
+                            "source": {"lsn": 100, "commit_lsn": 100, "snapshot": "true"}}),
+                ),
+            )
+        };
+        let change = |id: i64, op: &str, status: &str| {
+            let after = if op == "d" {
+                Value::Null
+            } else {
+                json!({"id": id, "status": status})
+            };
+            rec(
+                id,
+                Some(json!({"before": null, "after": after, "op": op,
+                            "source": {"lsn": 40, "commit_lsn": 100, "snapshot": "false"}})),
+            )
+        };
+        ix.apply_batch(&[read(1, "new"), read(2, "new")])
+            .await
+            .unwrap();
+        ix.apply_batch(&[change(1, "u", "paid"), change(2, "d", "")])
+            .await
+            .unwrap();
+        assert_eq!(status(&ix, "1").as_deref(), Some("paid"));
+        assert_eq!(status(&ix, "2"), None);
+        // In one batch, and replayed: the same.
+        let mut again =
+            Indexer::new(StdoutTarget::new(Vec::new()), &["p.public.orders".into()]).unwrap();
+        again.prepare().await.unwrap();
+        let all = [read(1, "new"), change(1, "u", "paid"), read(1, "new")];
+        again.apply_batch(&all).await.unwrap();
+        again.apply_batch(&all).await.unwrap();
+        assert_eq!(status(&again, "1").as_deref(), Some("paid"));
+        assert_eq!(ix.stats().stale, 0);
     }
 
     #[test]

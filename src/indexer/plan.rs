@@ -333,7 +333,11 @@ mod tests {
         assert_eq!(p.writes[2].write, Write::Delete);
     }
 
-    /// A row's life: inserts, full-row updates and deletes, with strictly increasing versions.
+    /// Rows' lives: inserts, full-row updates and deletes, and now and then a snapshot read
+    /// of a live row, in the order they happened (`events`). Versions are made as pgcdc makes
+    /// them ([`Version::of_event`]): a change's `lsn` lies before its `commit_lsn`, and a
+    /// snapshot is taken exactly at the commit point of the next transaction — the case where
+    /// a read and a change share a `commit_lsn` (see [`crate::event::order`]).
     #[derive(Debug, Clone)]
     struct History {
         events: Vec<IndexEvent>,
@@ -341,28 +345,39 @@ mod tests {
 
     fn history() -> impl proptest::strategy::Strategy<Value = History> {
         use proptest::prelude::*;
-        proptest::collection::vec((0u32..4, 0u8..3, 0u8..4), 1..40).prop_map(|steps| {
-            let mut alive = [false; 4];
+        proptest::collection::vec((0u32..4, 0u8..4, 0u8..4), 1..40).prop_map(|steps| {
+            let mut alive: [Option<String>; 4] = Default::default();
             let mut events = Vec::new();
+            let commit = |n: usize| 10 * (n as u64 + 1);
             for (n, (key, kind, val)) in steps.into_iter().enumerate() {
-                let v = 10 + n as u64;
                 let k = key as usize;
                 let status = format!("s{val}");
-                let e = match (alive[k], kind) {
-                    (false, _) => {
-                        alive[k] = true;
-                        put(key, v, &status)
+                let change = |op: &str, change: Change| IndexEvent {
+                    id: id(key),
+                    version: Version::of_event(op, commit(n), commit(n) - 5),
+                    change,
+                };
+                let full_row = |s: &str| row(json!({"id": key, "status": s}));
+                let e = match (alive[k].clone(), kind) {
+                    (None, _) => {
+                        alive[k] = Some(status.clone());
+                        change("c", Change::Replace(full_row(&status)))
                     }
-                    (true, 0) => {
-                        alive[k] = false;
-                        del(key, v)
+                    (Some(_), 0) => {
+                        alive[k] = None;
+                        change("d", Change::Delete)
                     }
+                    // A snapshot at the next step's commit point reads the row as it is.
+                    (Some(now), 3) => IndexEvent {
+                        id: id(key),
+                        version: Version::of_event("r", commit(n + 1), commit(n + 1)),
+                        change: Change::Replace(full_row(&now)),
+                    },
                     // Full-row updates (see the module doc for partial ones).
-                    (true, _) => ev(
-                        key,
-                        v,
-                        Change::Merge(row(json!({"id": key, "status": status}))),
-                    ),
+                    (Some(_), _) => {
+                        alive[k] = Some(status.clone());
+                        change("u", Change::Merge(full_row(&status)))
+                    }
                 };
                 events.push(e);
             }
@@ -429,6 +444,9 @@ mod tests {
                 }
             }
             let last = Version::new(u64::MAX, u64::MAX);
+            for (a, b) in h.events.iter().zip(&h.events[1..]) {
+                proptest::prop_assert!(a.version < b.version, "versions follow history: {a:?} {b:?}");
+            }
             for key in 0..4 {
                 let id = id(key);
                 let want = truth(&h, &id, last);

@@ -56,6 +56,7 @@ fn rec(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
         topic: topic.into(),
         key: key.map(|k| Bytes::from(k.to_string())),
         value: value.map(|v| Bytes::from(v.to_string())),
+        partition: None,
     })
 }
 
@@ -489,6 +490,7 @@ async fn a_batch_larger_than_the_window_is_sent_within_it() {
             topic: topic.as_str().into(),
             key: Some(Bytes::from(i.to_string())),
             value: Some(Bytes::from_static(b"{}")),
+            partition: None,
         })
         .collect();
     tx.send(SinkItem::Records(batch)).await.expect("alive");
@@ -548,6 +550,7 @@ async fn records_are_stamped_when_they_are_sent_not_before() {
             topic: topic.as_str().into(),
             key: Some(Bytes::from_static(b"c")),
             value: Some(Bytes::from_static(b"{}")),
+            partition: None,
         }]),
     ]
     .into_iter()

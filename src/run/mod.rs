@@ -145,6 +145,7 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
     let progress_key = Progress::key(&server.database, &args.slot);
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.
+    let mut markers = snapshot::Markers::One;
     let (sink, store) = match kafka_cfg {
         Some(cfg) => {
             let progress_topic = format!("{}._progress", args.topic_prefix);
@@ -164,7 +165,8 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
                 replication: args.topic_replication_factor,
                 compacted: true,
             });
-            kafka::ensure_topics(&cfg, &specs).await.or_fail(SinkFail)?;
+            let partitions = kafka::ensure_topics(&cfg, &specs).await.or_fail(SinkFail)?;
+            markers = snapshot::Markers::PerPartition(std::sync::Arc::new(partitions));
             let sink = sink::Sink::Kafka(kafka::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
             let store = ProgressStore::Kafka {
                 cfg,
@@ -184,6 +186,9 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
             )
         }
     };
+    if !args.snapshot_markers {
+        markers = snapshot::Markers::Off;
+    }
     events.attach_lookup(&args, &conninfo, &store);
     let events::Events {
         encoder,
@@ -199,7 +204,7 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
 
     let outcome = capture(
         &args, &conninfo, &client, &server, &tables, stop_lsn, &encoder, &changes, &store, &tx,
-        acked_rx, &mut stop,
+        acked_rx, &mut stop, &markers,
     )
     .await;
 
@@ -325,6 +330,7 @@ async fn capture(
     tx: &mpsc::Sender<SinkItem>,
     acked_rx: watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
+    markers: &snapshot::Markers,
 ) -> CaptureResult {
     let no_stream = |f: Failure| (None, f);
     let mut repl = ReplicationClient::connect(conninfo)
@@ -459,6 +465,7 @@ async fn capture(
                 workers: usize::from(args.snapshot_workers),
                 conninfo,
                 copy: args.snapshot_copy,
+                markers,
             },
         )
         .await;

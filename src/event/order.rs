@@ -27,7 +27,7 @@
 use std::fmt;
 
 /// Where an event sits in its row's history; see the module docs for the rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
     pub commit_lsn: u64,
     /// The change's `lsn`; 0 for a snapshot read.

@@ -16,6 +16,9 @@
 //!   document must keep its value; deletes remove the document. Tombstones (null values) are
 //!   recognised and carry nothing to apply: the delete before them did the work and has the
 //!   version.
+//! - **Snapshot markers** (`op` `s`, no key) say that one partition of the topic holds every
+//!   row of the table's snapshot at their point: [`SnapshotDone`], which the indexer counts
+//!   until every partition has shown it (see [`super`]).
 
 use openssl::sha::sha256;
 use serde_json::{Map, Value};
@@ -117,12 +120,25 @@ pub struct IndexEvent {
     pub change: Change,
 }
 
+/// A snapshot marker: in the partition it was read from, every row of the table's snapshot
+/// taken at `point` came before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotDone {
+    /// The snapshot's consistent point (`source.commit_lsn`).
+    pub point: u64,
+    /// How many partitions the topic had when the snapshot was published: the snapshot is
+    /// complete once the marker was seen in partitions `0..partitions`.
+    pub partitions: u32,
+}
+
 /// What a record turned out to be.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     Event(IndexEvent),
     /// A tombstone: the end of a delete, nothing to apply.
     Tombstone(DocId),
+    /// A snapshot marker.
+    SnapshotDone(SnapshotDone),
 }
 
 /// Why a record cannot be indexed. The indexer logs it and goes on.
@@ -142,18 +158,25 @@ pub enum EventError {
     UnsupportedOp(String),
     #[error("column `{0}` clashes with a field the indexer adds (`_id`, `_version`); rename it")]
     ReservedColumn(String),
+    #[error("snapshot marker without a valid `snapshot.partitions`")]
+    BadMarker,
 }
 
 /// Parses one record: `key` and `value` as pgcdc wrote them (`value: None` is a tombstone).
 pub fn parse_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Parsed, EventError> {
+    let not_json = |e: serde_json::Error| EventError::NotJson(e.to_string());
+    let value: Option<Value> = value
+        .map(|v| serde_json::from_slice(v).map_err(not_json))
+        .transpose()?;
+    if let Some(v) = value.as_ref().filter(|v| v["op"] == "s") {
+        return snapshot_done(v).map(Parsed::SnapshotDone);
+    }
     let key = key.ok_or(EventError::NoKey)?;
-    let key: Value = serde_json::from_slice(key).map_err(|e| EventError::NotJson(e.to_string()))?;
+    let key: Value = serde_json::from_slice(key).map_err(not_json)?;
     let id = doc_id(&key)?;
-    let Some(value) = value else {
+    let Some(mut value) = value else {
         return Ok(Parsed::Tombstone(id));
     };
-    let mut value: Value =
-        serde_json::from_slice(value).map_err(|e| EventError::NotJson(e.to_string()))?;
     let source = &value["source"];
     let op = value["op"].as_str().unwrap_or_default().to_string();
     let version = match (source["commit_lsn"].as_u64(), source["lsn"].as_u64()) {
@@ -171,6 +194,18 @@ pub fn parse_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Parsed, 
         version,
         change,
     }))
+}
+
+fn snapshot_done(value: &Value) -> Result<SnapshotDone, EventError> {
+    let point = value["source"]["commit_lsn"]
+        .as_u64()
+        .ok_or(EventError::NoVersion)?;
+    let partitions = value["snapshot"]["partitions"]
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .ok_or(EventError::BadMarker)?;
+    Ok(SnapshotDone { point, partitions })
 }
 
 fn take_after(value: &mut Value) -> Result<Map<String, Value>, EventError> {
@@ -273,6 +308,35 @@ mod tests {
             parse_record(Some(key), None),
             Ok(Parsed::Tombstone(DocId("1".into())))
         );
+    }
+
+    #[test]
+    fn snapshot_markers_are_recognised() {
+        let marker = |snapshot: Value| {
+            serde_json::to_vec(&json!({
+                "before": null, "after": null, "op": "s", "snapshot": snapshot,
+                "source": {"lsn": 200, "commit_lsn": 200, "snapshot": "true"}
+            }))
+            .unwrap()
+        };
+        let m = marker(json!({"partition": 1, "partitions": 3, "rows": 7}));
+        assert_eq!(
+            parse_record(None, Some(&m)),
+            Ok(Parsed::SnapshotDone(SnapshotDone {
+                point: 200,
+                partitions: 3
+            }))
+        );
+        for bad in [
+            json!(null),
+            json!({"partitions": 0}),
+            json!({"partitions": "3"}),
+        ] {
+            assert_eq!(
+                parse_record(None, Some(&marker(bad))),
+                Err(EventError::BadMarker)
+            );
+        }
     }
 
     #[test]

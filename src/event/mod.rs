@@ -9,7 +9,9 @@
 //! Two value formats ([`Format`]): a Debezium-style envelope (`before`, `after`, `source`,
 //! `op`, `ts_ms`) without the Kafka Connect schema wrapper, or the flat row with `__op`,
 //! `__table`, `__lsn`, `__deleted`. The key is a JSON object of the primary-key columns
-//! either way. The README's "Event format" section is the reference for every field.
+//! either way. Besides row events, a snapshot marker ends each table's snapshot
+//! ([`Encoder::snapshot_marker`]). The README's "Event format" section is the reference for
+//! every field; [`order`] holds the one rule that orders a row's events.
 
 use std::sync::Arc;
 

@@ -25,7 +25,7 @@
 //!
 //! Healing after a completed snapshot (see [`super`]) needs the version of every document of
 //! an index: [`Target::documents`] lists them all, `_id` and `_version` only, in pages of
-//! [`LIST_PAGE`] (`POST /indexes/{uid}/documents/fetch` without a filter). That is one full
+//! `LIST_PAGE` (`POST /indexes/{uid}/documents/fetch` without a filter). That is one full
 //! scan of the index per completed table snapshot — fine at the demo's scale (and snapshots
 //! are rare), not for indexes of many millions of documents, where a range filter on a
 //! numeric copy of the version would be the way. Fact 1 makes the listing safe: nothing

@@ -445,6 +445,22 @@ async fn snapshot_only_leaves_no_slot() {
     let out = p.run(&["--table", "public.items", "--snapshot-only"]);
     assert_success(&out, "snapshot only");
     assert_eq!(p.events("items", Some(51)).await.len(), 51);
+    // PGCDC_SNAPSHOT_MARKERS=false (--snapshot-markers false): the rows only.
+    let out = p
+        .command(&[
+            "--table",
+            "public.items",
+            "--snapshot-only",
+            "--sink",
+            "stdout",
+        ])
+        .env("PGCDC_SNAPSHOT_MARKERS", "false")
+        .output()
+        .unwrap();
+    assert_success(&out, "snapshot only, without markers");
+    let lines = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(lines.lines().count(), 50);
+    assert!(!lines.contains(r#""op":"s""#), "{lines}");
     let client = p.db.client().await;
     let slots: i64 = client
         .query_one(

@@ -153,6 +153,8 @@ for line in open(sys.argv[1]):
 table = {}
 for line in open(sys.argv[2]):
     e = json.loads(line)
+    if e["value"]["op"] == "s":
+        continue  # a snapshot marker: the end of a table's snapshot, no row
     after = e["value"]["after"]
     table[(e["topic"].rsplit(".", 1)[-1], str(after["id"]))] = after
 if docs != table:

@@ -303,6 +303,13 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_SNAPSHOT_COPY", value_enum, default_value = "auto")]
     pub snapshot_copy: crate::source::snapshot::SnapshotCopy,
 
+    /// After the last row of each table's snapshot, publish a snapshot marker (op "s", null
+    /// key) to every partition of the table's topic, so consumers know the snapshot of the
+    /// table is complete and can drop rows it no longer holds (deleted while no slot recorded
+    /// deletes).
+    #[arg(long, env = "PGCDC_SNAPSHOT_MARKERS", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub snapshot_markers: bool,
+
     /// Exit 0 once everything committed up to this LSN (e.g. 16/B374D848) is published and
     /// confirmed; nothing committed after it is published. `now` means the server's WAL
     /// position at start.

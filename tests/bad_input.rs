@@ -16,7 +16,9 @@ mod servers;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::pipeline::is_marker_record;
 use common::TestDb;
+use pgcdc::sink::kafka::{KafkaConfig, ReadStop, TopicReader};
 
 fn kafka() -> String {
     std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
@@ -78,19 +80,42 @@ impl Case {
         c
     }
 
-    /// Records in `<prefix>.public.items` (0 when the topic does not exist).
+    /// Records published on `<prefix>.public.items`, snapshot markers aside (0 when the
+    /// topic does not exist).
     async fn published(&self) -> usize {
-        common::published(&kafka(), &self.prefix)
-            .await
-            .get(&format!("{}.public.items", self.prefix))
-            .copied()
-            .unwrap_or(0)
+        self.count(false).await
     }
 
     /// A run that failed at start published nothing and left no slot.
     async fn assert_left_nothing(&self) {
         common::assert_nothing_published(&kafka(), &self.prefix).await;
         common::assert_no_slot(&self.db.admin(), &self.slot).await;
+    }
+
+    /// Records on the table's topic, snapshot markers included or not.
+    async fn count(&self, markers: bool) -> usize {
+        let cfg = KafkaConfig::new(kafka());
+        let topic = format!("{}.public.items", self.prefix);
+        tokio::task::spawn_blocking(move || {
+            match TopicReader::open_if_exists(
+                &cfg,
+                &topic,
+                ReadStop::Quiet {
+                    expected: None,
+                    quiet: Duration::from_secs(2),
+                    max_wait: Duration::from_secs(30),
+                },
+            )
+            .expect("the topic is readable")
+            {
+                None => 0,
+                Some(r) => r
+                    .filter(|r| markers || !r.as_ref().is_ok_and(is_marker_record))
+                    .count(),
+            }
+        })
+        .await
+        .expect("reader thread")
     }
 }
 

@@ -7,7 +7,9 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::pipeline::{assert_fails, assert_success, Event, Pipeline};
+use common::pipeline::{
+    assert_fails, assert_success, is_marker_record, without_markers, Event, Pipeline,
+};
 use pgcdc::sink::kafka::ConsumedRecord;
 use serde_json::{json, Value};
 
@@ -191,8 +193,11 @@ async fn type_matrix_snapshot_and_stream_are_byte_identical() {
     let out = p.command_with(&source, &kafka, &args).output().unwrap();
     assert_success(&out, "stream");
 
-    let records = p.records(&p.topic("matrix"), Some(6)).await;
-    assert_eq!(records.len(), 6);
+    // The rows, the snapshot marker, the rows again as inserts.
+    let mut records = p.records(&p.topic("matrix"), Some(7)).await;
+    assert_eq!(records.len(), 7);
+    assert!(is_marker_record(&records[3]));
+    records.remove(3);
     for (i, r) in records.iter().enumerate() {
         let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
         let (want_op, id) = if i < 3 { ("r", i + 1) } else { ("c", i - 2) };
@@ -276,14 +281,14 @@ async fn unchanged_toast_is_filled_under_full_and_listed_otherwise() {
             .get(0);
     assert!(big.len() > 8000);
 
-    let full = p.events("full_t", Some(2)).await;
+    let full = without_markers(p.events("full_t", Some(3)).await);
     let u = full[1].value.as_ref().unwrap();
     assert_eq!(u["op"], "u");
     assert_eq!(u["after"], json!({"id": 1, "big": big, "n": 1}));
     assert_eq!(u["before"], json!({"id": 1, "big": big, "n": 0}));
     assert!(u.get("unchanged").is_none(), "{u}");
 
-    let def = p.events("def_t", Some(2)).await;
+    let def = without_markers(p.events("def_t", Some(3)).await);
     let u = def[1].value.as_ref().unwrap();
     assert_eq!(u["op"], "u");
     assert_eq!(u["after"], json!({"id": 1, "n": 1}), "big is not invented");
@@ -353,7 +358,7 @@ async fn schema_changes_while_streaming_reflect_the_new_shape() {
         .status();
     let _ = child.wait();
 
-    let events = p.events("a", Some(10)).await;
+    let events = without_markers(p.events("a", Some(11)).await);
     let afters: Vec<&Value> = events
         .iter()
         .map(|e| &e.value.as_ref().unwrap()["after"])
@@ -467,9 +472,13 @@ async fn truncate_messages_and_transaction_metadata() {
     }
     assert_success(&p.run(&args), "stream");
 
-    // a: read, 2 creates, update | delete + tombstone + create (key change) | truncate.
-    let a = p.events("a", Some(8)).await;
-    assert_eq!(a.len(), 8);
+    // a: read, marker | 2 creates, update | delete + tombstone + create (key change) |
+    // truncate. The marker has `transaction: null` like the read.
+    let a = p.events("a", Some(9)).await;
+    assert_eq!(a.len(), 9);
+    assert!(a[1].is_marker());
+    assert_eq!(a[1].value.as_ref().unwrap()["transaction"], Value::Null);
+    let a = without_markers(a);
     let ops: Vec<Option<&str>> = a.iter().map(Event::op).collect();
     assert_eq!(
         ops,
@@ -484,8 +493,10 @@ async fn truncate_messages_and_transaction_metadata() {
             Some("t")
         ]
     );
-    // b: create, delete + tombstone | truncate.
-    let b = p.events("b", Some(4)).await;
+    // b: marker (an empty table's snapshot) | create, delete + tombstone | truncate.
+    let b = p.events("b", Some(5)).await;
+    assert_eq!(b[0].marker_rows(), Some(0));
+    let b = without_markers(b);
     let ops: Vec<Option<&str>> = b.iter().map(Event::op).collect();
     assert_eq!(ops, [Some("c"), Some("d"), None, Some("t")]);
     let t = b[3].value.as_ref().unwrap();
@@ -587,7 +598,7 @@ async fn truncate_messages_and_transaction_metadata() {
     off.extend(["--truncate", "false"]);
     assert_success(&p.run(&off), "stream without truncate");
     // Everything is published when the run ends: the read finds all there is.
-    let a = p.events("a", None).await;
+    let a = without_markers(p.events("a", None).await);
     let ops: Vec<Option<&str>> = a[8..].iter().map(Event::op).collect();
     assert_eq!(ops, [Some("c")], "only the insert");
 }
@@ -641,8 +652,16 @@ async fn flat_format_with_excluded_column() {
         .unwrap();
     assert_success(&p.run(&args), "stream");
 
-    let records = p.records(&p.topic("users"), Some(5)).await;
-    assert_eq!(records.len(), 5);
+    let mut records = p.records(&p.topic("users"), Some(6)).await;
+    assert_eq!(records.len(), 6);
+    // The flat snapshot marker, after the read.
+    let marker: Value = serde_json::from_slice(records[1].value.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        marker,
+        json!({"__op": "s", "__table": "public.users", "__lsn": marker["__lsn"],
+               "__deleted": false, "__partition": 0, "__partitions": 1, "__rows": 1})
+    );
+    assert!(is_marker_record(&records.remove(1)));
     for r in &records {
         let raw = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default());
         assert!(!raw.contains("secret") && !raw.contains("email"), "{raw}");
@@ -779,9 +798,11 @@ async fn binary_copy_snapshot_and_stream_are_byte_identical() {
         "the parallel snapshot did not read with binary COPY:\n{log}"
     );
 
-    let n = 4 * rows as usize;
-    let records = p.records(&p.topic("bin"), Some(n)).await;
+    // Two snapshots, each with its marker.
+    let n = 4 * rows as usize + 2;
+    let mut records = p.records(&p.topic("bin"), Some(n)).await;
     assert_eq!(records.len(), n);
+    records.retain(|r| !is_marker_record(r));
     let mut read = BTreeMap::new();
     let mut streamed = BTreeMap::new();
     let mut read_again = BTreeMap::new();

@@ -254,6 +254,39 @@ impl Fake {
                 let Some(idx) = self.indexes.get(*uid) else {
                     return not_found;
                 };
+                let fields: Vec<String> = body["fields"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|f| f.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let pick = |d: &Map<String, Value>| -> Value {
+                    Value::Object(
+                        d.iter()
+                            .filter(|(k, _)| fields.is_empty() || fields.contains(k))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    )
+                };
+                if body.get("filter").is_none() {
+                    // Without a filter: a page of all documents.
+                    let offset = body["offset"].as_u64().unwrap_or(0) as usize;
+                    let limit = body["limit"].as_u64().unwrap_or(20) as usize;
+                    let results: Vec<Value> = idx
+                        .docs
+                        .values()
+                        .skip(offset)
+                        .take(limit)
+                        .map(pick)
+                        .collect();
+                    return (
+                        200,
+                        json!({"results": results, "offset": offset, "limit": limit,
+                               "total": idx.docs.len()}),
+                    );
+                }
                 // Only the filter the indexer sends: `_id IN ["a", "b"]`.
                 let filter = body["filter"].as_str().unwrap_or_default();
                 let Some(list) = filter
@@ -272,23 +305,10 @@ impl Fake {
                         "message": "attribute `_id` is not filterable"}),
                     );
                 }
-                let fields: Vec<String> = body["fields"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|f| f.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
                 let mut results = Vec::new();
                 for id in list.split(',').map(|s| s.trim().trim_matches('"')) {
                     if let Some(d) = idx.docs.get(id) {
-                        let picked: Map<String, Value> = d
-                            .iter()
-                            .filter(|(k, _)| fields.is_empty() || fields.contains(k))
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
-                        results.push(Value::Object(picked));
+                        results.push(pick(d));
                     }
                 }
                 (
@@ -394,6 +414,22 @@ fn event(topic: &str, id: i64, op: &str, after: Value, commit: u64, lsn: u64) ->
         "source": {"connector": "pgcdc", "lsn": lsn, "commit_lsn": commit, "snapshot": "false"}
     });
     record(topic, json!({"id": id}), Some(value))
+}
+
+/// pgcdc's snapshot marker of the snapshot at `point`, in partition 0 of 1.
+fn marker(topic: &str, point: u64) -> SourceRecord {
+    SourceRecord {
+        key: None,
+        ..record(
+            topic,
+            Value::Null,
+            Some(json!({
+                "before": null, "after": null, "op": "s", "ts_ms": 1,
+                "source": {"connector": "pgcdc", "lsn": point, "commit_lsn": point, "snapshot": "true"},
+                "snapshot": {"partition": 0, "partitions": 1, "rows": 0}
+            })),
+        )
+    }
 }
 
 fn tombstone(topic: &str, id: i64) -> SourceRecord {
@@ -624,4 +660,87 @@ async fn meilisearch_failures_are_reported() {
     let mut down = Indexer::new(MeiliTarget::new(http), &[ORDERS.into()]).expect("indexer");
     let err = down.prepare().await.expect_err("refused");
     assert!(err.is_transient(), "{err}");
+}
+
+/// A new snapshot after a lost slot: the rows it no longer holds are deleted from the index
+/// once its marker arrived, with deletion markers at the read's version; the listing pages
+/// through an index larger than one page; a replay from the start changes nothing.
+#[tokio::test]
+async fn meilisearch_heals_after_a_completed_snapshot() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve(fake.clone()).await;
+    let mut ix = indexer(&url).await;
+    let read = |id: i64, point: u64| {
+        event(
+            ORDERS,
+            id,
+            "r",
+            json!({"id": id, "status": "new"}),
+            point,
+            point,
+        )
+    };
+    // The first snapshot at 100: 1,200 rows, more than a page of the listing.
+    let mut first: Vec<SourceRecord> = (1..=1200).map(|id| read(id, 100)).collect();
+    first.push(marker(ORDERS, 100));
+    first.push(event(
+        ORDERS,
+        7,
+        "u",
+        json!({"id": 7, "status": "paid"}),
+        150,
+        140,
+    ));
+    ix.apply_batch(&first).await.expect("first snapshot");
+    assert_eq!(ix.stats().healed, 0);
+    // The slot was lost; every odd row was deleted unseen. The snapshot at 500 reads the even
+    // ones; row 1201 is inserted by the transaction committing exactly at 500.
+    let mut second: Vec<SourceRecord> = (2..=1200).step_by(2).map(|id| read(id, 500)).collect();
+    second.push(event(
+        ORDERS,
+        1201,
+        "c",
+        json!({"id": 1201, "status": "new"}),
+        500,
+        480,
+    ));
+    second.push(marker(ORDERS, 500));
+    for batch in second.chunks(400) {
+        ix.apply_batch(batch).await.expect("second snapshot");
+    }
+    assert_eq!(ix.stats().healed, 600);
+    {
+        let f = fake.lock().unwrap();
+        let orders = &f.indexes["orders"].docs;
+        assert_eq!(orders.len(), 601);
+        assert!(orders
+            .keys()
+            .all(|id| id.parse::<i64>().unwrap() % 2 == 0 || id == "1201"));
+        let marker = f.doc("orders-pgcdc-deleted", "7").expect("deletion marker");
+        assert_eq!(marker["_version"], "00000000000001F4.0000000000000000");
+        let listed = f
+            .log
+            .iter()
+            .filter(|(m, p, b)| {
+                m == "POST" && p == "/indexes/orders/documents/fetch" && b.get("filter").is_none()
+            })
+            .count();
+        assert_eq!(listed, 4, "two pages of 1,000 per completed snapshot");
+    }
+
+    // A restart replays everything: the old snapshot's marker deletes nothing.
+    let before = format!(
+        "{:?}",
+        fake.lock().unwrap().indexes.get("orders").map(|i| &i.docs)
+    );
+    let mut again = indexer(&url).await;
+    for batch in first.chunks(500).chain(second.chunks(500)) {
+        again.apply_batch(batch).await.expect("replay");
+    }
+    assert_eq!(again.stats().healed, 0);
+    let after = format!(
+        "{:?}",
+        fake.lock().unwrap().indexes.get("orders").map(|i| &i.docs)
+    );
+    assert!(before == after, "a replay changed the index");
 }

@@ -251,6 +251,7 @@ async fn produce(topic: &str, events: &[(Value, Value)]) {
             topic: topic.into(),
             key: Some(serde_json::to_vec(key).unwrap().into()),
             value: Some(serde_json::to_vec(value).unwrap().into()),
+            partition: None,
         };
         tx.send(SinkItem::Record(record)).await.expect("sink open");
     }

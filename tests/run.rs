@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pipeline::{assert_fails, assert_success, kafka, Event, Pipeline};
+use pgcdc::event::order::Version;
 use pgcdc::sink::kafka::{KafkaConfig, ReadStop};
 use serde_json::{json, Value};
 
@@ -32,14 +33,19 @@ fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>)
 }
 
 /// The state each key ends in, replaying the topic like a consumer would; also checks that
-/// per key `(commit_lsn, lsn)` never goes backwards except for exact replays of seen events.
-/// Returns the final states and the number of replayed (duplicate) events.
+/// per key the version (`(commit_lsn, lsn)`, a read below a change at its `commit_lsn`)
+/// never goes backwards except for exact replays of seen events. Snapshot markers are
+/// skipped. Returns the final states and the number of replayed (duplicate) events.
 fn replay(events: &[Event]) -> (BTreeMap<i64, Value>, usize) {
     let mut state: BTreeMap<i64, Value> = BTreeMap::new();
     let mut seen: HashSet<(i64, u64, u64, String)> = HashSet::new();
-    let mut high: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    let mut high: BTreeMap<i64, Version> = BTreeMap::new();
     let mut duplicates = 0;
     for e in events {
+        if e.is_marker() {
+            assert_eq!(e.key, None, "a snapshot marker has no key");
+            continue;
+        }
         let id = e
             .key
             .as_ref()
@@ -50,10 +56,11 @@ fn replay(events: &[Event]) -> (BTreeMap<i64, Value>, usize) {
             assert!(!state.contains_key(&id) || seen.iter().any(|s| s.0 == id));
             continue;
         };
-        let pos = e.lsn_pair();
+        let (commit_lsn, lsn) = e.lsn_pair();
+        let pos = e.version();
         let op = e.op().unwrap_or_default().to_string();
-        let fresh = seen.insert((id, pos.0, pos.1, op.clone()));
-        let h = high.entry(id).or_insert((0, 0));
+        let fresh = seen.insert((id, commit_lsn, lsn, op.clone()));
+        let h = high.entry(id).or_insert(Version::new(0, 0));
         if pos < *h {
             assert!(
                 !fresh,
@@ -85,8 +92,16 @@ async fn snapshot_then_changes_exactly_once_and_resume_without_new_snapshot() {
     let out = p.run(&["--table", "public.items", "--stop-lsn", "now"]);
     assert_success(&out, "first run");
 
-    let events = p.events("items", Some(50)).await;
-    assert_eq!(events.len(), 50, "one read event per row");
+    let mut events = p.events("items", Some(51)).await;
+    assert_eq!(
+        events.len(),
+        51,
+        "one read event per row, then the snapshot marker"
+    );
+    let marker = events.pop().expect("the marker");
+    assert!(marker.is_marker() && marker.key.is_none(), "{marker:?}");
+    assert_eq!(marker.marker_rows(), Some(50));
+    assert_eq!(marker.lsn_pair(), events[0].lsn_pair());
     assert!(events.iter().all(|e| e.op() == Some("r")));
     let markers: Vec<&str> = events
         .iter()
@@ -133,14 +148,15 @@ async fn snapshot_then_changes_exactly_once_and_resume_without_new_snapshot() {
 
     // 2 inserts, 1 update, delete+tombstone, key change = delete+tombstone+create,
     // 3 updates, delete+tombstone.
-    let all = p.events("items", Some(50 + 13)).await;
-    assert_eq!(all.len(), 63, "{:#?}", &all[50..]);
+    let all = p.events("items", Some(51 + 13)).await;
+    assert_eq!(all.len(), 64, "{:#?}", &all[51..]);
     assert_eq!(
         all.iter().filter(|e| e.op() == Some("r")).count(),
         50,
         "no second snapshot"
     );
-    let changes: Vec<(Option<&str>, Value)> = all[50..]
+    assert_eq!(all.iter().filter(|e| e.is_marker()).count(), 1);
+    let changes: Vec<(Option<&str>, Value)> = all[51..]
         .iter()
         .map(|e| (e.op(), e.key.clone().unwrap()))
         .collect();
@@ -164,7 +180,7 @@ async fn snapshot_then_changes_exactly_once_and_resume_without_new_snapshot() {
         ]
     );
     // One transaction: one commit_lsn and txId for its four changes.
-    let txn: HashSet<String> = all[50..54]
+    let txn: HashSet<String> = all[51..55]
         .iter()
         .filter_map(|e| e.value.as_ref())
         .map(|v| format!("{}/{}", v["source"]["commit_lsn"], v["source"]["txId"]))
@@ -390,10 +406,19 @@ async fn stdout_sink_writes_json_lines() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
-    assert_eq!(lines.len(), 50);
+    assert_eq!(lines.len(), 51);
     assert_eq!(lines[0]["topic"], p.topic("items"));
     assert_eq!(lines[0]["key"], serde_json::json!({"id": 1}));
     assert_eq!(lines[0]["value"]["op"], "r");
+    assert_eq!(lines[49]["value"]["source"]["snapshot"], "last");
+    // One snapshot marker on stdout: partition 0 of 1.
+    assert_eq!(lines[50]["topic"], p.topic("items"));
+    assert_eq!(lines[50]["key"], Value::Null);
+    assert_eq!(lines[50]["value"]["op"], "s");
+    assert_eq!(
+        lines[50]["value"]["snapshot"],
+        serde_json::json!({"partition": 0, "partitions": 1, "rows": 50})
+    );
 
     p.db.client()
         .await
@@ -419,7 +444,23 @@ async fn snapshot_only_leaves_no_slot() {
     let p = Pipeline::new(ITEMS).await;
     let out = p.run(&["--table", "public.items", "--snapshot-only"]);
     assert_success(&out, "snapshot only");
-    assert_eq!(p.events("items", Some(50)).await.len(), 50);
+    assert_eq!(p.events("items", Some(51)).await.len(), 51);
+    // PGCDC_SNAPSHOT_MARKERS=false (--snapshot-markers false): the rows only.
+    let out = p
+        .command(&[
+            "--table",
+            "public.items",
+            "--snapshot-only",
+            "--sink",
+            "stdout",
+        ])
+        .env("PGCDC_SNAPSHOT_MARKERS", "false")
+        .output()
+        .unwrap();
+    assert_success(&out, "snapshot only, without markers");
+    let lines = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(lines.lines().count(), 50);
+    assert!(!lines.contains(r#""op":"s""#), "{lines}");
     let client = p.db.client().await;
     let slots: i64 = client
         .query_one(
@@ -642,8 +683,9 @@ async fn without_table_flags_every_table_of_the_publication_is_captured() {
     );
     p.assert_left_nothing().await;
     assert_success(&p.run(&["--stop-lsn", "now"]), "run from the publication");
-    assert_eq!(p.events("a", Some(1)).await.len(), 1);
-    assert_eq!(p.events("b", Some(2)).await.len(), 2);
+    // The rows, then the snapshot marker.
+    assert_eq!(p.events("a", Some(2)).await.len(), 2);
+    assert_eq!(p.events("b", Some(3)).await.len(), 3);
     let cfg = KafkaConfig::new(kafka());
     let topic_c = p.topic("c");
     let c_exists = tokio::task::spawn_blocking(move || {
@@ -755,9 +797,9 @@ async fn partitioned_table_is_captured_under_its_own_name() {
         &p.run(&["--table", "public.m", "--stop-lsn", "now"]),
         "stream",
     );
-    let events = p.events("m", Some(5)).await;
+    let events = p.events("m", Some(6)).await;
     let ops: Vec<&str> = events.iter().filter_map(|e| e.op()).collect();
-    assert_eq!(ops, ["r", "r", "c", "c", "u"], "{events:?}");
+    assert_eq!(ops, ["r", "r", "s", "c", "c", "u"], "{events:?}");
     let (state, _) = replay(&events);
     assert_same_state(&state, &p.table_rows("m").await);
 
@@ -827,10 +869,20 @@ async fn parallel_snapshot_reads_each_row_once_and_meets_the_stream() {
         "big was not cut into ranges ({units} units):\n{log}"
     );
 
-    let big = p.events("big", Some(live)).await;
-    let small = p.events("small", Some(20)).await;
-    assert_eq!(big.len(), live, "one read event per live row");
-    assert_eq!(small.len(), 20);
+    let mut big = p.events("big", Some(live + 1)).await;
+    let mut small = p.events("small", Some(21)).await;
+    assert_eq!(
+        big.len(),
+        live + 1,
+        "one read event per live row, then the marker"
+    );
+    assert_eq!(small.len(), 21);
+    // The marker of each table comes after all its rows.
+    for (events, rows) in [(&mut big, live), (&mut small, 20)] {
+        let marker = events.pop().expect("marker");
+        assert!(marker.is_marker(), "{marker:?}");
+        assert_eq!(marker.marker_rows(), Some(rows as u64));
+    }
     let mut ids = HashSet::new();
     for e in &big {
         let v = e.value.as_ref().expect("a value");
@@ -866,8 +918,8 @@ async fn parallel_snapshot_reads_each_row_once_and_meets_the_stream() {
         .map(|k| 1 + 1000 * k)
         .filter(|id| id % 11 != 0)
         .count();
-    let events = p.events("big", Some(live + updated + 2 + 1)).await;
-    assert_eq!(events.len(), live + updated + 3);
+    let events = p.events("big", Some(live + 1 + updated + 2 + 1)).await;
+    assert_eq!(events.len(), live + 1 + updated + 3);
     let (state, duplicates) = replay(&events);
     assert_eq!(duplicates, 0);
     assert_same_state(&state, &p.table_rows("big").await);

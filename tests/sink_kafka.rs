@@ -56,6 +56,7 @@ fn rec(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
         topic: topic.into(),
         key: key.map(|k| Bytes::from(k.to_string())),
         value: value.map(|v| Bytes::from(v.to_string())),
+        partition: None,
     })
 }
 
@@ -490,6 +491,7 @@ async fn a_batch_larger_than_the_window_is_sent_within_it() {
             topic: topic.as_str().into(),
             key: Some(Bytes::from(i.to_string())),
             value: Some(Bytes::from_static(b"{}")),
+            partition: None,
         })
         .collect();
     tx.send(SinkItem::Records(batch)).await.expect("alive");
@@ -549,6 +551,7 @@ async fn records_are_stamped_when_they_are_sent_not_before() {
             topic: topic.as_str().into(),
             key: Some(Bytes::from_static(b"c")),
             value: Some(Bytes::from_static(b"{}")),
+            partition: None,
         }]),
     ]
     .into_iter()
@@ -710,6 +713,53 @@ async fn keys_land_on_the_java_clients_partition() {
     }
 }
 
+/// Snapshot markers name their partition: the record goes there, in order after the keyed
+/// records sent before it to that partition, whatever the key hashing would say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_an_explicit_partition_goes_there() {
+    let Some(bootstrap) = durable_broker() else {
+        return;
+    };
+    let cfg = KafkaConfig::new(bootstrap);
+    let topic = unique("explicit");
+    create(&cfg, &topic, 3, false).await;
+    let (tx, mut acked, handle) = start(cfg.clone(), 16);
+    let keys = [r#"{"id":1}"#, r#"{"id":2}"#, r#"{"id":3}"#, r#"{"id":42}"#];
+    for k in keys {
+        tx.send(rec(&topic, Some(k), Some("{}")))
+            .await
+            .expect("alive");
+    }
+    let markers = (0..3)
+        .map(|p| Record {
+            topic: topic.as_str().into(),
+            key: None,
+            value: Some(Bytes::from(format!("{{\"marker\":{p}}}"))),
+            partition: Some(p),
+        })
+        .collect();
+    tx.send(SinkItem::Records(markers)).await.expect("alive");
+    tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
+    wait_acked(&mut acked, Lsn(1), Duration::from_secs(30)).await;
+    drop(tx);
+    handle.await.expect("join").expect("run ok");
+
+    let records = read_back(&cfg, &topic, ReadStop::HighWatermark).await;
+    assert_eq!(records.len(), keys.len() + 3);
+    for p in 0..3 {
+        let in_p: Vec<&ConsumedRecord> = records.iter().filter(|r| r.partition == p).collect();
+        let last = in_p.last().expect("the marker at least");
+        assert_eq!(
+            last.value.as_deref(),
+            Some(format!("{{\"marker\":{p}}}").as_bytes()),
+            "partition {p} ends with its marker"
+        );
+        assert!(in_p[..in_p.len() - 1]
+            .iter()
+            .all(|r| java_partition(r.key.as_deref().expect("keyed"), 3) == p));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_last_value_returns_the_latest_value_of_a_key() {
     let Some(bootstrap) = durable_broker() else {
@@ -789,12 +839,21 @@ async fn ensure_topics_creates_missing_topics_and_is_idempotent() {
             compacted: true,
         },
     ];
-    ensure_topics(&cfg, &specs)
+    // Both calls report every topic's partition count, created or found.
+    let counts = |specs: &[TopicSpec]| -> std::collections::HashMap<String, i32> {
+        specs
+            .iter()
+            .map(|s| (s.name.clone(), s.partitions))
+            .collect()
+    };
+    let created = ensure_topics(&cfg, &specs)
         .await
         .expect("first call creates");
-    ensure_topics(&cfg, &specs)
+    assert_eq!(created, counts(&specs));
+    let found = ensure_topics(&cfg, &specs)
         .await
         .expect("second call is a no-op");
+    assert_eq!(found, counts(&specs));
     ensure_topics(&cfg, &specs[..1]).await.expect("subset");
 
     // The compacted one is compacted.

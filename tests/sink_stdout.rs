@@ -89,6 +89,7 @@ fn record(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
         topic: topic.into(),
         key: key.map(|k| Bytes::from(k.to_string())),
         value: value.map(|v| Bytes::from(v.to_string())),
+        partition: None,
     })
 }
 

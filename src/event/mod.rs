@@ -9,7 +9,9 @@
 //! Two value formats ([`Format`]): a Debezium-style envelope (`before`, `after`, `source`,
 //! `op`, `ts_ms`) without the Kafka Connect schema wrapper, or the flat row with `__op`,
 //! `__table`, `__lsn`, `__deleted`. The key is a JSON object of the primary-key columns
-//! either way. The README's "Event format" section is the reference for every field.
+//! either way. Besides row events, a snapshot marker ends each table's snapshot
+//! ([`Encoder::snapshot_marker`]). The README's "Event format" section is the reference for
+//! every field; [`order`] holds the one rule that orders a row's events.
 
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use crate::source::Lsn;
 pub mod json;
 pub mod kind;
 mod nested;
+pub mod order;
 mod time;
 
 pub use kind::{BinaryMode, DecimalMode, Kind, TypeDesc, TypeRegistry};
@@ -485,6 +488,60 @@ impl Encoder {
             let at = pos + b"\"snapshot\":\"".len();
             value[at..at + 4].copy_from_slice(b"last");
         }
+    }
+
+    /// The value of a snapshot marker: the snapshot of `table` at `position` (its consistent
+    /// point, `snapshot` `"true"`) is complete in `partition` of the topic's `partitions` —
+    /// every one of its `rows` read events (counted over the whole table) was published before
+    /// it. Published with a null key, explicitly to each partition (one marker in all on
+    /// stdout: partition 0 of 1). Envelope:
+    /// `{"before":null,"after":null,"source":{…},"op":"s","snapshot":{"partition":0,"partitions":3,"rows":42},"ts_ms":…}`;
+    /// flat: `{"__op":"s","__table":…,"__lsn":…,"__deleted":false,"__partition":0,"__partitions":3,"__rows":42}`.
+    pub fn snapshot_marker(
+        &self,
+        table: &TableSchema,
+        position: Position,
+        partition: i32,
+        partitions: i32,
+        rows: u64,
+        now_ms: i64,
+    ) -> Bytes {
+        let mut out =
+            Vec::with_capacity(self.source_prefix.len() + table.source_fields.len() + 256);
+        match self.options.format {
+            Format::Envelope => {
+                out.extend_from_slice(b"{\"before\":null,\"after\":null,");
+                out.extend_from_slice(&self.source_prefix);
+                out.extend_from_slice(&table.source_fields);
+                write_position(&mut out, &position);
+                out.extend_from_slice(b"},\"op\":\"s\",\"snapshot\":{\"partition\":");
+                push_int(&mut out, partition);
+                out.extend_from_slice(b",\"partitions\":");
+                push_int(&mut out, partitions);
+                out.extend_from_slice(b",\"rows\":");
+                push_int(&mut out, rows);
+                out.extend_from_slice(b"},\"ts_ms\":");
+                push_int(&mut out, now_ms);
+                if self.options.transaction_metadata {
+                    out.extend_from_slice(b",\"transaction\":null");
+                }
+                out.push(b'}');
+            }
+            Format::Flat => {
+                out.extend_from_slice(b"{\"__op\":\"s\",");
+                out.extend_from_slice(&table.flat_table);
+                out.extend_from_slice(b",\"__lsn\":");
+                push_int(&mut out, position.lsn.0);
+                out.extend_from_slice(b",\"__deleted\":false,\"__partition\":");
+                push_int(&mut out, partition);
+                out.extend_from_slice(b",\"__partitions\":");
+                push_int(&mut out, partitions);
+                out.extend_from_slice(b",\"__rows\":");
+                push_int(&mut out, rows);
+                out.push(b'}');
+            }
+        }
+        out.into()
     }
 
     /// Key and value of a logical decoding message (`<prefix>.message` topic). The key is
@@ -961,6 +1018,55 @@ mod tests {
             );
             assert_eq!(String::from_utf8(out).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn snapshot_markers() {
+        let position = Position {
+            lsn: Lsn(200),
+            commit_lsn: Lsn(200),
+            xid: None,
+            commit_ts_ms: 7,
+            snapshot: SnapshotMarker::True,
+        };
+        let v = encoder(Format::Envelope, false).snapshot_marker(&table(), position, 1, 3, 42, 9);
+        let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(parsed["op"], "s");
+        assert_eq!(parsed["before"], serde_json::Value::Null);
+        assert_eq!(parsed["after"], serde_json::Value::Null);
+        assert_eq!(
+            parsed["snapshot"],
+            serde_json::json!({"partition": 1, "partitions": 3, "rows": 42})
+        );
+        assert_eq!(parsed["ts_ms"], 9);
+        let source = &parsed["source"];
+        assert_eq!(
+            (&source["lsn"], &source["commit_lsn"]),
+            (&200.into(), &200.into())
+        );
+        assert_eq!(source["snapshot"], "true");
+        assert_eq!(source["table"], "orders");
+        assert_eq!(source["txId"], serde_json::Value::Null);
+        assert!(parsed.get("transaction").is_none());
+        // The source block is the one the table's read events carry.
+        let read = encoder(Format::Envelope, false).read_value(
+            &table(),
+            &[Datum::Text(b"1"), Datum::Null, Datum::Null, Datum::Null],
+            &encoder(Format::Envelope, false).read_tail(&table(), position, 9),
+        );
+        let read: serde_json::Value = serde_json::from_slice(&read).unwrap();
+        assert_eq!(read["source"], parsed["source"]);
+
+        let v = encoder(Format::Envelope, true).snapshot_marker(&table(), position, 0, 1, 0, 9);
+        let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(parsed["transaction"], serde_json::Value::Null);
+        assert!(parsed.as_object().unwrap().contains_key("transaction"));
+
+        let v = encoder(Format::Flat, false).snapshot_marker(&table(), position, 2, 3, 5, 9);
+        assert_eq!(
+            std::str::from_utf8(&v).unwrap(),
+            r#"{"__op":"s","__table":"public.orders","__lsn":200,"__deleted":false,"__partition":2,"__partitions":3,"__rows":5}"#
+        );
     }
 
     #[test]

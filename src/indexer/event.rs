@@ -1,10 +1,13 @@
 //! From a Kafka record written by pgcdc to what the indexer needs: the document id, the
 //! version, and the change. Pure functions, no I/O.
 //!
-//! - **Version**: `(source.commit_lsn, source.lsn)`, compared in that order. Commit order is the
-//!   order in which PostgreSQL made changes visible, and within one transaction the LSN orders
-//!   changes of the same row, so a later version is always the newer state of the row. A
-//!   re-published event carries the same pair, so equal versions mean "the same event".
+//! - **Version**: [`Version`], the crate's one ordering rule for events
+//!   ([`crate::event::order`]): `(source.commit_lsn, source.lsn)`, compared in that order,
+//!   except that a snapshot read ranks below every change with its `commit_lsn` (its version
+//!   is `(C, 0)`). Commit order is the order in which PostgreSQL made changes visible, and
+//!   within one transaction the LSN orders changes of the same row, so a later version is
+//!   always the newer state of the row. A re-published event carries the same pair, so equal
+//!   versions mean "the same event".
 //! - **Document id**: derived from the record key (the primary-key columns) so that every key
 //!   maps to one id Meilisearch accepts (`[A-Za-z0-9_-]`, at most 511 bytes) and no two keys
 //!   of a table map to the same id (see [`doc_id`]).
@@ -13,6 +16,9 @@
 //!   document must keep its value; deletes remove the document. Tombstones (null values) are
 //!   recognised and carry nothing to apply: the delete before them did the work and has the
 //!   version.
+//! - **Snapshot markers** (`op` `s`, no key) say that one partition of the topic holds every
+//!   row of the table's snapshot at their point: [`SnapshotDone`], which the indexer counts
+//!   until every partition has shown it (see [`super`]).
 
 use openssl::sha::sha256;
 use serde_json::{Map, Value};
@@ -22,36 +28,7 @@ pub const ID_FIELD: &str = "_id";
 /// The field holding the version ([`Version::encode`]) in every document.
 pub const VERSION_FIELD: &str = "_version";
 
-/// Where an event sits in PostgreSQL's history: `(commit_lsn, lsn)`, ordered lexicographically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version {
-    pub commit_lsn: u64,
-    pub lsn: u64,
-}
-
-impl Version {
-    pub const fn new(commit_lsn: u64, lsn: u64) -> Self {
-        Version { commit_lsn, lsn }
-    }
-
-    /// Fixed-width hex, `CCCCCCCCCCCCCCCC.LLLLLLLLLLLLLLLL`: exact (no float rounding in the
-    /// search engine), and string order equals version order.
-    pub fn encode(self) -> String {
-        format!("{:016X}.{:016X}", self.commit_lsn, self.lsn)
-    }
-
-    /// The inverse of [`encode`](Self::encode); `None` for anything else.
-    pub fn decode(s: &str) -> Option<Version> {
-        let (c, l) = s.split_once('.')?;
-        if c.len() != 16 || l.len() != 16 {
-            return None;
-        }
-        Some(Version {
-            commit_lsn: u64::from_str_radix(c, 16).ok()?,
-            lsn: u64::from_str_radix(l, 16).ok()?,
-        })
-    }
-}
+pub use crate::event::order::Version;
 
 /// A document id Meilisearch accepts, unique per key within one table.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -143,12 +120,25 @@ pub struct IndexEvent {
     pub change: Change,
 }
 
+/// A snapshot marker: in the partition it was read from, every row of the table's snapshot
+/// taken at `point` came before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotDone {
+    /// The snapshot's consistent point (`source.commit_lsn`).
+    pub point: u64,
+    /// How many partitions the topic had when the snapshot was published: the snapshot is
+    /// complete once the marker was seen in partitions `0..partitions`.
+    pub partitions: u32,
+}
+
 /// What a record turned out to be.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     Event(IndexEvent),
     /// A tombstone: the end of a delete, nothing to apply.
     Tombstone(DocId),
+    /// A snapshot marker.
+    SnapshotDone(SnapshotDone),
 }
 
 /// Why a record cannot be indexed. The indexer logs it and goes on.
@@ -168,24 +158,31 @@ pub enum EventError {
     UnsupportedOp(String),
     #[error("column `{0}` clashes with a field the indexer adds (`_id`, `_version`); rename it")]
     ReservedColumn(String),
+    #[error("snapshot marker without a valid `snapshot.partitions`")]
+    BadMarker,
 }
 
 /// Parses one record: `key` and `value` as pgcdc wrote them (`value: None` is a tombstone).
 pub fn parse_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Parsed, EventError> {
+    let not_json = |e: serde_json::Error| EventError::NotJson(e.to_string());
+    let value: Option<Value> = value
+        .map(|v| serde_json::from_slice(v).map_err(not_json))
+        .transpose()?;
+    if let Some(v) = value.as_ref().filter(|v| v["op"] == "s") {
+        return snapshot_done(v).map(Parsed::SnapshotDone);
+    }
     let key = key.ok_or(EventError::NoKey)?;
-    let key: Value = serde_json::from_slice(key).map_err(|e| EventError::NotJson(e.to_string()))?;
+    let key: Value = serde_json::from_slice(key).map_err(not_json)?;
     let id = doc_id(&key)?;
-    let Some(value) = value else {
+    let Some(mut value) = value else {
         return Ok(Parsed::Tombstone(id));
     };
-    let mut value: Value =
-        serde_json::from_slice(value).map_err(|e| EventError::NotJson(e.to_string()))?;
     let source = &value["source"];
+    let op = value["op"].as_str().unwrap_or_default().to_string();
     let version = match (source["commit_lsn"].as_u64(), source["lsn"].as_u64()) {
-        (Some(c), Some(l)) => Version::new(c, l),
+        (Some(c), Some(l)) => Version::of_event(&op, c, l),
         _ => return Err(EventError::NoVersion),
     };
-    let op = value["op"].as_str().unwrap_or_default().to_string();
     let change = match op.as_str() {
         "r" | "c" => Change::Replace(take_after(&mut value)?),
         "u" => Change::Merge(take_after(&mut value)?),
@@ -197,6 +194,18 @@ pub fn parse_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Parsed, 
         version,
         change,
     }))
+}
+
+fn snapshot_done(value: &Value) -> Result<SnapshotDone, EventError> {
+    let point = value["source"]["commit_lsn"]
+        .as_u64()
+        .ok_or(EventError::NoVersion)?;
+    let partitions = value["snapshot"]["partitions"]
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .ok_or(EventError::BadMarker)?;
+    Ok(SnapshotDone { point, partitions })
 }
 
 fn take_after(value: &mut Value) -> Result<Map<String, Value>, EventError> {
@@ -228,26 +237,6 @@ mod tests {
         doc_id(&v)
             .map(|d| d.0)
             .unwrap_or_else(|e| format!("error: {e}"))
-    }
-
-    #[test]
-    fn version_encoding_is_exact_and_ordered() {
-        let a = Version::new(0x16_B374_D848, 0x16_B374_D800);
-        assert_eq!(a.encode(), "00000016B374D848.00000016B374D800");
-        assert_eq!(Version::decode(&a.encode()), Some(a));
-        let max = Version::new(u64::MAX, u64::MAX);
-        assert_eq!(Version::decode(&max.encode()), Some(max));
-        let b = Version::new(0x16_B374_D848, 0x16_B374_D801);
-        assert!(a < b && a.encode() < b.encode());
-        assert!(Version::new(1, 99) < Version::new(2, 0));
-        for bad in [
-            "",
-            "1.2",
-            "00000016B374D848",
-            "00000016B374D848.0000000000000G00",
-        ] {
-            assert_eq!(Version::decode(bad), None, "{bad}");
-        }
     }
 
     #[test]
@@ -300,12 +289,17 @@ mod tests {
             panic!("not an event")
         };
         assert_eq!(e.id.as_str(), "1");
-        assert_eq!(e.version, Version::new(200, 120));
+        assert_eq!(
+            e.version,
+            Version::new(200, 0),
+            "a read ranks below changes at 200"
+        );
         assert!(matches!(e.change, Change::Replace(ref m) if m["status"] == "paid"));
         let Ok(Parsed::Event(e)) = parse_record(Some(key), Some(&value("u", row.clone()))) else {
             panic!("not an event")
         };
         assert!(matches!(e.change, Change::Merge(_)));
+        assert_eq!(e.version, Version::new(200, 120));
         let Ok(Parsed::Event(e)) = parse_record(Some(key), Some(&value("d", Value::Null))) else {
             panic!("not an event")
         };
@@ -314,6 +308,35 @@ mod tests {
             parse_record(Some(key), None),
             Ok(Parsed::Tombstone(DocId("1".into())))
         );
+    }
+
+    #[test]
+    fn snapshot_markers_are_recognised() {
+        let marker = |snapshot: Value| {
+            serde_json::to_vec(&json!({
+                "before": null, "after": null, "op": "s", "snapshot": snapshot,
+                "source": {"lsn": 200, "commit_lsn": 200, "snapshot": "true"}
+            }))
+            .unwrap()
+        };
+        let m = marker(json!({"partition": 1, "partitions": 3, "rows": 7}));
+        assert_eq!(
+            parse_record(None, Some(&m)),
+            Ok(Parsed::SnapshotDone(SnapshotDone {
+                point: 200,
+                partitions: 3
+            }))
+        );
+        for bad in [
+            json!(null),
+            json!({"partitions": 0}),
+            json!({"partitions": "3"}),
+        ] {
+            assert_eq!(
+                parse_record(None, Some(&marker(bad))),
+                Err(EventError::BadMarker)
+            );
+        }
     }
 
     #[test]

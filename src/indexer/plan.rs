@@ -19,6 +19,9 @@
 //! a partition, and pgcdc keeps a key on one partition — with replays of already-seen events
 //! anywhere. Only if events of one key were reordered *and* partial could a merged column keep an
 //! older value; the version still never goes back.
+//!
+//! [`heal`] is the rule for a completed snapshot (see [`super`]): every document whose stored
+//! version is below a read of that snapshot is deleted, at that read's version.
 
 use std::collections::HashMap;
 
@@ -125,6 +128,47 @@ pub fn plan(events: Vec<IndexEvent>, stored: &HashMap<DocId, Version>) -> Plan {
         }
     }
     out
+}
+
+/// The deletes that heal an index once the snapshot taken at `point` is complete (its marker
+/// seen in every partition, after every event before it): every document whose version is
+/// below a read at `point` — it was not read again, and not changed since — and whose stored
+/// version (`stored`: the higher of document and deletion marker, for those ids) is too.
+/// Each is deleted at the version of a read at `point`, so no stored version ever decreases.
+/// In id order.
+pub fn heal(
+    documents: &HashMap<DocId, Version>,
+    stored: &HashMap<DocId, Version>,
+    point: u64,
+) -> Vec<Planned> {
+    let floor = Version::snapshot_read(point);
+    let mut out: Vec<Planned> = documents
+        .iter()
+        .filter(|(id, doc)| {
+            let version = stored.get(*id).map_or(**doc, |s| (*s).max(**doc));
+            version < floor
+        })
+        .map(|(id, _)| Planned {
+            id: id.clone(),
+            version: floor,
+            write: Write::Delete,
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// The documents of `documents` (id → version) whose version is below a read at `point`:
+/// the candidates [`heal`] needs the stored versions of.
+pub fn heal_candidates(documents: &HashMap<DocId, Version>, point: u64) -> Vec<DocId> {
+    let floor = Version::snapshot_read(point);
+    let mut ids: Vec<DocId> = documents
+        .iter()
+        .filter(|(_, v)| **v < floor)
+        .map(|(id, _)| id.clone())
+        .collect();
+    ids.sort();
+    ids
 }
 
 #[cfg(test)]
@@ -333,7 +377,43 @@ mod tests {
         assert_eq!(p.writes[2].write, Write::Delete);
     }
 
-    /// A row's life: inserts, full-row updates and deletes, with strictly increasing versions.
+    #[test]
+    fn heal_deletes_what_a_snapshot_did_not_read_and_never_lowers_a_version() {
+        let docs: HashMap<DocId, Version> = [
+            (id(1), Version::new(50, 45)),        // older than the snapshot at 100
+            (id(2), Version::snapshot_read(100)), // read by it
+            (id(3), Version::new(100, 40)),       // committed exactly at its point: newer
+            (id(4), Version::new(150, 140)),      // changed after it
+            (id(5), Version::new(60, 55)),        // older, but its deletion marker is newer
+        ]
+        .into_iter()
+        .collect();
+        let candidates = heal_candidates(&docs, 100);
+        assert_eq!(candidates, [id(1), id(5)]);
+        let stored: HashMap<DocId, Version> = [
+            (id(1), Version::new(50, 45)),
+            (id(5), Version::new(120, 110)), // an interrupted delete
+        ]
+        .into_iter()
+        .collect();
+        let writes = heal(&docs, &stored, 100);
+        assert_eq!(
+            writes,
+            [Planned {
+                id: id(1),
+                version: Version::snapshot_read(100),
+                write: Write::Delete
+            }]
+        );
+        // An older snapshot's point deletes nothing of these.
+        assert!(heal(&docs, &stored, 40).is_empty());
+    }
+
+    /// Rows' lives: inserts, full-row updates and deletes, and now and then a snapshot read
+    /// of a live row, in the order they happened (`events`). Versions are made as pgcdc makes
+    /// them ([`Version::of_event`]): a change's `lsn` lies before its `commit_lsn`, and a
+    /// snapshot is taken exactly at the commit point of the next transaction — the case where
+    /// a read and a change share a `commit_lsn` (see [`crate::event::order`]).
     #[derive(Debug, Clone)]
     struct History {
         events: Vec<IndexEvent>,
@@ -341,28 +421,39 @@ mod tests {
 
     fn history() -> impl proptest::strategy::Strategy<Value = History> {
         use proptest::prelude::*;
-        proptest::collection::vec((0u32..4, 0u8..3, 0u8..4), 1..40).prop_map(|steps| {
-            let mut alive = [false; 4];
+        proptest::collection::vec((0u32..4, 0u8..4, 0u8..4), 1..40).prop_map(|steps| {
+            let mut alive: [Option<String>; 4] = Default::default();
             let mut events = Vec::new();
+            let commit = |n: usize| 10 * (n as u64 + 1);
             for (n, (key, kind, val)) in steps.into_iter().enumerate() {
-                let v = 10 + n as u64;
                 let k = key as usize;
                 let status = format!("s{val}");
-                let e = match (alive[k], kind) {
-                    (false, _) => {
-                        alive[k] = true;
-                        put(key, v, &status)
+                let change = |op: &str, change: Change| IndexEvent {
+                    id: id(key),
+                    version: Version::of_event(op, commit(n), commit(n) - 5),
+                    change,
+                };
+                let full_row = |s: &str| row(json!({"id": key, "status": s}));
+                let e = match (alive[k].clone(), kind) {
+                    (None, _) => {
+                        alive[k] = Some(status.clone());
+                        change("c", Change::Replace(full_row(&status)))
                     }
-                    (true, 0) => {
-                        alive[k] = false;
-                        del(key, v)
+                    (Some(_), 0) => {
+                        alive[k] = None;
+                        change("d", Change::Delete)
                     }
+                    // A snapshot at the next step's commit point reads the row as it is.
+                    (Some(now), 3) => IndexEvent {
+                        id: id(key),
+                        version: Version::of_event("r", commit(n + 1), commit(n + 1)),
+                        change: Change::Replace(full_row(&now)),
+                    },
                     // Full-row updates (see the module doc for partial ones).
-                    (true, _) => ev(
-                        key,
-                        v,
-                        Change::Merge(row(json!({"id": key, "status": status}))),
-                    ),
+                    (Some(_), _) => {
+                        alive[k] = Some(status.clone());
+                        change("u", Change::Merge(full_row(&status)))
+                    }
                 };
                 events.push(e);
             }
@@ -429,6 +520,9 @@ mod tests {
                 }
             }
             let last = Version::new(u64::MAX, u64::MAX);
+            for (a, b) in h.events.iter().zip(&h.events[1..]) {
+                proptest::prop_assert!(a.version < b.version, "versions follow history: {a:?} {b:?}");
+            }
             for key in 0..4 {
                 let id = id(key);
                 let want = truth(&h, &id, last);

@@ -35,6 +35,11 @@ pub trait Target {
     /// the deletion marker must be stored before the document is removed.
     async fn apply(&mut self, index: &str, writes: &[Planned]) -> Result<(), TargetError>;
 
+    /// The `_version` of every document of `index` (deletion markers not included): what a
+    /// completed snapshot is compared with to find rows it no longer holds. Documents without
+    /// a valid `_version` (not written by the indexer) are left out.
+    async fn documents(&mut self, index: &str) -> Result<HashMap<DocId, Version>, TargetError>;
+
     /// Called once when the indexer stops cleanly.
     async fn finish(&mut self) -> Result<(), TargetError> {
         Ok(())
@@ -96,6 +101,17 @@ impl MemoryStore {
             .and_then(Value::as_str)
             .and_then(Version::decode);
         doc.max(self.deleted.get(id).copied())
+    }
+
+    /// The version of every document (deletion markers not included).
+    pub fn documents(&self) -> HashMap<DocId, Version> {
+        self.docs
+            .iter()
+            .filter_map(|(id, d)| {
+                let v = d.get(VERSION_FIELD)?.as_str()?;
+                Some((id.clone(), Version::decode(v)?))
+            })
+            .collect()
     }
 
     /// Every stored version.
@@ -197,6 +213,14 @@ impl<W: std::io::Write> Target for StdoutTarget<W> {
         }
         self.out.flush()?;
         Ok(())
+    }
+
+    async fn documents(&mut self, index: &str) -> Result<HashMap<DocId, Version>, TargetError> {
+        Ok(self
+            .indexes
+            .get(index)
+            .map(MemoryStore::documents)
+            .unwrap_or_default())
     }
 
     async fn finish(&mut self) -> Result<(), TargetError> {

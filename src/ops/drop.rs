@@ -196,6 +196,7 @@ async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
                     topic: topic.as_str().into(),
                     key: Some(key.clone().into_bytes().into()),
                     value: None,
+                    partition: None,
                 }))
                 .await
                 .is_ok()

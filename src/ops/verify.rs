@@ -14,7 +14,8 @@
 //! On the topic side, every event carries `source.commit_lsn`, the LSN of its transaction's
 //! commit record (for snapshot reads, the snapshot's own consistent point). The topic's
 //! state at `C` is therefore the last event per key among those with `commit_lsn < C` (reads:
-//! `<= C`, as a snapshot at `C0` holds what committed before `C0`).
+//! `<= C`, as a snapshot at `C0` holds what committed before `C0`): the events
+//! [`Version::visible_at`] `C`.
 //!
 //! Those events must all be in the topic before it is read. pgcdc confirms a position to
 //! PostgreSQL only after Kafka acknowledged every event before it (see [`crate::sink`]), and
@@ -40,8 +41,9 @@
 //! active one. An active slot is waited for, up to `--wait`.
 //!
 //! Per key, replays after a crash repeat older events; the event with the highest
-//! `(commit_lsn, lsn)` wins (a snapshot read before a streamed change at the same
-//! `commit_lsn`), the later offset on a tie.
+//! [`Version`] wins — `(commit_lsn, lsn)`, a snapshot read below a streamed change at the same
+//! `commit_lsn` (the crate's one ordering rule, [`crate::event::order`]) — the later offset on
+//! a tie. Snapshot markers (`op` `s`, no key) carry no row and are skipped.
 //!
 //! # Speed
 //!
@@ -67,6 +69,7 @@ use serde_json::value::RawValue;
 use super::{parse_lsn, EXIT_DIFFERENT};
 use crate::cli::VerifyArgs;
 use crate::config::conninfo::ConnInfo;
+use crate::event::order::Version;
 use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::kafka::{self, ConsumedRecord, KafkaConfig, ReadStop, TopicReader};
@@ -160,8 +163,8 @@ enum State {
 }
 
 struct Entry {
-    /// `(commit_lsn, streamed, lsn)`: see [`position`].
-    pos: (u64, bool, u64),
+    /// Where the event ranks among the key's events.
+    pos: Version,
     state: State,
     partition: i32,
     offset: i64,
@@ -659,7 +662,7 @@ struct Fold {
     /// Keys whose latest value record committed after the point: their tombstone is too.
     after: HashSet<Box<[u8]>>,
     /// The latest TRUNCATE before the point: every key's earlier state is gone.
-    truncated: Option<(u64, bool, u64)>,
+    truncated: Option<Version>,
     n: Counters,
 }
 
@@ -690,7 +693,9 @@ impl Fold {
                 return;
             };
             if !after.contains(key.as_slice()) {
-                let pos = map.get(key.as_slice()).map_or((0, false, 0), |e| e.pos);
+                let pos = map
+                    .get(key.as_slice())
+                    .map_or(Version::new(0, 0), |e| e.pos);
                 map.insert(
                     key.into_boxed_slice(),
                     Entry {
@@ -715,12 +720,12 @@ impl Fold {
             return;
         };
         let op = env.op.as_deref().unwrap_or("");
-        let included = if op == "r" {
-            commit_lsn <= point.0
-        } else {
-            commit_lsn < point.0
-        };
-        let pos = position(op, commit_lsn, lsn);
+        if op == "s" {
+            // A snapshot marker: the end of a table's snapshot, no row.
+            return;
+        }
+        let pos = Version::of_event(op, commit_lsn, lsn);
+        let included = pos.visible_at(point.0);
         if op == "t" {
             // A TRUNCATE has no key: it empties the table for every key at once.
             if included {
@@ -779,18 +784,6 @@ impl Fold {
             }
         }
         (self.map, self.n)
-    }
-}
-
-/// The order of a key's events. By commit first; at an equal `commit_lsn`, a streamed
-/// change comes after a snapshot read: a snapshot at `C` holds what committed *before* `C`,
-/// so a transaction whose commit record starts exactly at `C` is newer than it. Within a
-/// transaction, by the change's own LSN.
-fn position(op: &str, commit_lsn: u64, lsn: u64) -> (u64, bool, u64) {
-    if op == "r" {
-        (commit_lsn, false, 0)
-    } else {
-        (commit_lsn, true, lsn)
     }
 }
 
@@ -1103,9 +1096,38 @@ mod tests {
 
     #[test]
     fn a_change_committed_at_the_snapshot_point_is_newer_than_the_read() {
-        assert!(position("u", 100, 40) > position("r", 100, 100));
-        assert!(position("r", 100, 100) > position("u", 99, 99));
-        assert!(position("u", 100, 41) > position("u", 100, 40));
+        use serde_json::json;
+        let k = r#"{"id":1}"#;
+        let read = json!({"id": 1, "v": "a"});
+        let changed = json!({"id": 1, "v": "b"});
+        // The snapshot at 100, then the transaction whose commit record lies at 100.
+        let mut f = Fold::new(Lsn(200), 2);
+        f.add(rec(0, Some(k), Some(ev("r", read.clone(), 100, 100))));
+        f.add(rec(1, Some(k), Some(ev("u", changed.clone(), 100, 40))));
+        // A replay of the read after a restart changes nothing.
+        f.add(rec(2, Some(k), Some(ev("r", read, 100, 100))));
+        let (map, _) = f.finish();
+        let hash = |v: &serde_json::Value| hash_bytes(v.to_string().as_bytes());
+        assert_eq!(row(&map, k), Some((hash(&changed), false)));
+    }
+
+    #[test]
+    fn snapshot_markers_are_skipped() {
+        use serde_json::json;
+        let mut f = Fold::new(Lsn(200), 2);
+        let k = r#"{"id":1}"#;
+        f.add(rec(
+            0,
+            Some(k),
+            Some(ev("r", json!({"id": 1, "v": "a"}), 100, 100)),
+        ));
+        let marker = json!({"before": null, "after": null, "op": "s",
+                            "source": {"commit_lsn": 100, "lsn": 100, "snapshot": "true"},
+                            "snapshot": {"partition": 0, "partitions": 1, "rows": 1}});
+        f.add(rec(1, None, Some(marker)));
+        let (map, n) = f.finish();
+        assert!(row(&map, k).is_some());
+        assert_eq!((n.read, n.unreadable, n.after_point), (2, 0, 0));
     }
 
     #[test]

@@ -203,6 +203,7 @@ async fn run_once(
     let progress_key = Progress::key(&server.database, &args.slot);
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.
+    let mut markers = snapshot::Markers::One;
     let (sink, store) = match kafka_cfg {
         Some(cfg) => {
             let progress_topic = format!("{}._progress", args.topic_prefix);
@@ -222,13 +223,14 @@ async fn run_once(
                 replication: args.topic_replication_factor,
                 compacted: true,
             });
-            tokio::select! {
+            let partitions = tokio::select! {
                 r = kafka::ensure_topics(&cfg, &specs) => r.or_fail(SinkFail)?,
                 () = signals::requested(&mut watcher) => {
                     tracing::info!("stopped while creating topics");
                     return Ok(());
                 }
-            }
+            };
+            markers = snapshot::Markers::PerPartition(std::sync::Arc::new(partitions));
             let sink = sink::Sink::Kafka(kafka::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
             let store = ProgressStore::Kafka {
                 cfg,
@@ -248,6 +250,9 @@ async fn run_once(
             )
         }
     };
+    if !args.snapshot_markers {
+        markers = snapshot::Markers::Off;
+    }
     events.attach_lookup(&args, &conninfo, &store);
     let events::Events {
         encoder,
@@ -273,6 +278,7 @@ async fn run_once(
         store: &store,
         tx: &tx,
         acked_rx,
+        markers: &markers,
         system_id: String::new(),
     };
     let outcome = until_stopped(
@@ -459,6 +465,8 @@ struct Capture<'a> {
     store: &'a ProgressStore,
     tx: &'a mpsc::Sender<SinkItem>,
     acked_rx: watch::Receiver<Lsn>,
+    /// Where each table's snapshot-complete markers go (see [`snapshot::Markers`]).
+    markers: &'a snapshot::Markers,
     /// IDENTIFY_SYSTEM's system identifier, recorded in progress.
     system_id: String,
 }
@@ -786,6 +794,7 @@ async fn snapshot(
             workers: usize::from(c.args.snapshot_workers),
             conninfo: c.conninfo,
             copy: c.args.snapshot_copy,
+            markers: c.markers,
         },
     )
     .await;

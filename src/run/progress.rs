@@ -43,6 +43,7 @@ impl ProgressStore {
                 topic: topic.as_str().into(),
                 key: Some(key.clone().into_bytes().into()),
                 value: Some(checkpoint::encode(p).into()),
+                partition: None,
             };
             tx.send(SinkItem::Record(record))
                 .await

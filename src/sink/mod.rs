@@ -35,6 +35,10 @@ pub struct Record {
     pub key: Option<Bytes>,
     /// JSON bytes of the event, or `None` for a tombstone.
     pub value: Option<Bytes>,
+    /// The partition to write to; `None`: the partitioner's choice by key (every event but
+    /// the snapshot markers, which go to each partition of their topic). The stdout sink has
+    /// no partitions and ignores it.
+    pub partition: Option<i32>,
 }
 
 impl Record {

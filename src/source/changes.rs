@@ -592,6 +592,7 @@ fn record(topic: &Arc<str>, key: Option<bytes::Bytes>, value: Option<bytes::Byte
         topic: topic.clone(),
         key,
         value,
+        partition: None,
     })
 }
 

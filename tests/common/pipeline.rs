@@ -41,6 +41,33 @@ impl Event {
             s["lsn"].as_u64().expect("lsn"),
         )
     }
+    /// Where the event ranks among its key's events (pgcdc's one ordering rule).
+    pub fn version(&self) -> pgcdc::event::order::Version {
+        let (commit_lsn, lsn) = self.lsn_pair();
+        pgcdc::event::order::Version::of_event(self.op().unwrap_or_default(), commit_lsn, lsn)
+    }
+    /// A snapshot marker (`op` `s`): the end of a table's snapshot, no row.
+    pub fn is_marker(&self) -> bool {
+        self.op() == Some("s")
+    }
+    /// `snapshot.rows` of a marker.
+    pub fn marker_rows(&self) -> Option<u64> {
+        self.value.as_ref()?["snapshot"]["rows"].as_u64()
+    }
+}
+
+/// Whether a raw record is a snapshot marker (no key; `op` or, flat, `__op` `s`).
+pub fn is_marker_record(r: &ConsumedRecord) -> bool {
+    r.key.is_none()
+        && r.value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+            .is_some_and(|v| v["op"] == "s" || v["__op"] == "s")
+}
+
+/// The events without the snapshot markers.
+pub fn without_markers(events: Vec<Event>) -> Vec<Event> {
+    events.into_iter().filter(|e| !e.is_marker()).collect()
 }
 
 impl Pipeline {
@@ -127,7 +154,8 @@ impl Pipeline {
         format!("{}.public.{table}", self.prefix)
     }
 
-    /// Everything in a table's topic, in offset order (one partition by default).
+    /// Everything in a table's topic, in offset order (one partition by default), snapshot
+    /// markers included: `expected` counts them (one per snapshot on a one-partition topic).
     pub async fn events(&self, table: &str, expected: Option<usize>) -> Vec<Event> {
         self.events_in(&self.topic(table), expected).await
     }

@@ -3,8 +3,10 @@
 //! 1. **no loss** — replaying each topic like a consumer that drops what it has seen gives
 //!    exactly the table (deleted rows end in a delete or tombstone), and every change of every
 //!    committed transaction is in the topics, with the transaction's xid and marker;
-//! 2. **order** — per key, `(commit_lsn, lsn)` never goes backwards, except for an exact
-//!    replay of an event already seen;
+//! 2. **order** — per key, the version (`(commit_lsn, lsn)`, a snapshot read below a change
+//!    with its `commit_lsn`: pgcdc's one rule, `pgcdc::event::order`) never goes backwards,
+//!    except for an exact replay of an event already seen; and in each partition a snapshot's
+//!    marker comes after every read of that snapshot;
 //! 3. **bounded duplicates** — a duplicate is an exact copy of an earlier event (same key,
 //!    position and content), and none was written before the first fault;
 //!
@@ -16,6 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
+use pgcdc::event::order::Version;
 use pgcdc::sink::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Map, Value};
@@ -60,6 +63,8 @@ pub struct Summary {
     pub duplicates: usize,
     /// Read events of a snapshot taken again (after a crash during a snapshot).
     pub snapshot_rereads: usize,
+    /// Snapshot markers (one per partition per completed table snapshot).
+    pub markers: usize,
     /// Committed transactions whose changes were all found.
     pub transactions: usize,
     /// Row changes of those transactions.
@@ -73,14 +78,15 @@ impl fmt::Display for Summary {
         write!(
             f,
             "{} events ({} records), {} transactions / {} changes all present, {} rows equal, \
-             0 lost, {} duplicates, {} snapshot re-reads",
+             0 lost, {} duplicates, {} snapshot re-reads, {} snapshot markers",
             self.events,
             self.records,
             self.transactions,
             self.changes,
             self.rows,
             self.duplicates,
-            self.snapshot_rereads
+            self.snapshot_rereads,
+            self.markers
         )
     }
 }
@@ -90,6 +96,7 @@ impl fmt::Display for Summary {
 struct Event {
     offset: i64,
     partition: i32,
+    /// The canonical key; empty for a snapshot marker (the only record without a key).
     key: String,
     value: Option<Value>,
     timestamp: Option<i64>,
@@ -101,6 +108,16 @@ impl Event {
             .as_ref()
             .and_then(|v| v["op"].as_str())
             .unwrap_or("")
+    }
+
+    fn is_marker(&self) -> bool {
+        self.op() == "s"
+    }
+
+    /// Where the event ranks among its key's events.
+    fn version(&self) -> Version {
+        let (commit_lsn, lsn) = self.position();
+        Version::of_event(self.op(), commit_lsn, lsn)
     }
 
     fn position(&self) -> (u64, u64) {
@@ -193,10 +210,9 @@ async fn read_topics(
             .map(|r| Event {
                 offset: r.offset,
                 partition: r.partition,
-                key: canonical(
-                    &serde_json::from_slice(r.key.as_deref().expect("every event has a key"))
-                        .expect("the key is JSON"),
-                ),
+                key: r.key.as_deref().map_or(String::new(), |k| {
+                    canonical(&serde_json::from_slice(k).expect("the key is JSON"))
+                }),
                 value: r
                     .value
                     .map(|v| serde_json::from_slice(&v).expect("the value is JSON")),
@@ -233,8 +249,8 @@ async fn table_rows(client: &tokio_postgres::Client, t: &Table) -> BTreeMap<Stri
 /// Per key, while replaying a topic.
 #[derive(Default)]
 struct KeyState {
-    /// The highest position applied.
-    high: (u64, u64),
+    /// The highest version applied.
+    high: Version,
     /// Content of every event seen, by position and op.
     seen: HashMap<(u64, u64, String), Value>,
     /// The row as a consumer has it, `None` once deleted.
@@ -267,9 +283,24 @@ pub async fn check(
         for e in events {
             by_partition.entry(e.partition).or_default().push(e);
         }
-        for (_, events) in by_partition {
+        for (partition, events) in by_partition {
+            // Snapshot points whose marker this partition has shown.
+            let mut completed: HashSet<u64> = HashSet::new();
             for e in events {
                 summary.records += 1;
+                if e.key.is_empty() {
+                    let v = e.value.as_ref().unwrap_or(&Value::Null);
+                    if !e.is_marker() || v["snapshot"]["partition"] != partition {
+                        problems.push(format!(
+                            "{}: a record without a key that is not this partition's snapshot \
+                             marker at offset {}: {v}",
+                            t.name, e.offset
+                        ));
+                    }
+                    summary.markers += 1;
+                    completed.insert(e.position().0);
+                    continue;
+                }
                 let k = keys.entry(e.key.clone()).or_default();
                 let Some(v) = &e.value else {
                     // A tombstone follows a delete of the same key.
@@ -285,6 +316,12 @@ pub async fn check(
                 summary.events += 1;
                 let op = e.op().to_string();
                 let pos = e.position();
+                if op == "r" && completed.contains(&pos.0) {
+                    problems.push(format!(
+                        "{}: read of {} at offset {} after its snapshot's marker",
+                        t.name, e.key, e.offset
+                    ));
+                }
                 if op != "r" {
                     let xid = v["source"]["txId"].as_u64().expect("txId") as u32;
                     *xids_seen.entry(xid).or_default() += 1;
@@ -320,14 +357,14 @@ pub async fn check(
                     k.last_op = op;
                     continue;
                 }
-                if pos < k.high {
+                if e.version() < k.high {
                     problems.push(format!(
-                        "{}: {} goes backwards: {op} at {pos:?} (offset {}) after {:?}, and is not a replay",
+                        "{}: {} goes backwards: {op} at {pos:?} (offset {}) after {}, and is not a replay",
                         t.name, e.key, e.offset, k.high
                     ));
                 }
                 k.seen.insert((pos.0, pos.1, op.clone()), content);
-                k.high = k.high.max(pos);
+                k.high = k.high.max(e.version());
                 match op.as_str() {
                     "d" => k.row = None,
                     "r" | "c" | "u" => {

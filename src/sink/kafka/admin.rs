@@ -112,13 +112,21 @@ fn seconds(d: Duration) -> String {
     }
 }
 
-/// Creates the topics of `topics` that do not exist yet.
+/// Topic name → its partition count, as the cluster's metadata reports it.
+pub type Partitions = HashMap<String, i32>;
+
+/// Creates the topics of `topics` that do not exist yet, and returns the partition count of
+/// each of them as the cluster reports it (a topic that did not show up in the metadata
+/// within a few seconds of its creation is left out).
 ///
 /// Existing topics are left as they are (their partition count and policy are the
 /// operator's business); a topic created concurrently by someone else counts as success. A
 /// refused creation fails with [`SinkError::TopicCreation`], naming the topic, the broker's
 /// answer and what to do.
-pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), SinkError> {
+pub async fn ensure_topics(
+    cfg: &KafkaConfig,
+    topics: &[TopicSpec],
+) -> Result<Partitions, SinkError> {
     for t in topics {
         // -1 asks for the broker's default (Kafka 2.4+; tansu 0.6 accepts it too).
         if t.partitions == 0 || t.partitions < -1 {
@@ -136,7 +144,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
         }
     }
     if topics.is_empty() {
-        return Ok(());
+        return Ok(Partitions::new());
     }
     // One client lists, creates and polls: each new client costs a connection and a thread
     // set-up (pgcdc's start-up waits for all of it).
@@ -145,12 +153,21 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
         .map_err(config_error)?;
     let admin = super::OffThreadDrop::new(Arc::new(admin));
     let existing = existing_topics(&admin, &cfg.bootstrap).await?;
+    let counts = |existing: &HashMap<String, usize>| -> Partitions {
+        topics
+            .iter()
+            .filter_map(|t| {
+                let n = *existing.get(&t.name)?;
+                Some((t.name.clone(), i32::try_from(n).ok().filter(|&n| n > 0)?))
+            })
+            .collect()
+    };
     let missing: Vec<&TopicSpec> = topics
         .iter()
         .filter(|t| !existing.contains_key(&t.name))
         .collect();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(counts(&existing));
     }
 
     let new_topics: Vec<NewTopic<'_>> = missing
@@ -207,7 +224,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
             .iter()
             .all(|t| existing.get(&t.name).is_some_and(|&n| n > 0));
         if all_there || Instant::now() >= deadline {
-            return Ok(());
+            return Ok(counts(&existing));
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(200));

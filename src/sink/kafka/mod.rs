@@ -62,7 +62,7 @@ mod native;
 pub mod producer;
 mod reader;
 
-pub use admin::{ensure_topics, wait_for_cluster, TopicSpec};
+pub use admin::{ensure_topics, wait_for_cluster, Partitions, TopicSpec};
 pub use producer::KafkaSink;
 pub use reader::{read_last_value, read_one, read_topic, ConsumedRecord, ReadStop, TopicReader};
 

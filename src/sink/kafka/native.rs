@@ -12,7 +12,8 @@
 //! snapshot publishes millions of records to a handful of topics, so the sink asks librdkafka
 //! for each topic's handle once and passes it with every record (`rd_kafka_produceva` with
 //! `RD_KAFKA_VTYPE_RKT`). Everything else is what `send` does: the key and value are copied
-//! (`RD_KAFKA_MSG_F_COPY`), the partition is the partitioner's choice, and the record's
+//! (`RD_KAFKA_MSG_F_COPY`), the partition is the partitioner's choice (unless the record
+//! names one: the snapshot markers, see [`crate::sink::Record::partition`]), and the record's
 //! sequence number travels as the delivery opaque, so delivery reports reach
 //! [`super::producer`]'s context exactly as before. The record's timestamp (Kafka's
 //! `CreateTime`) is given too, from a clock the sink reads once per batch of records: left
@@ -122,6 +123,9 @@ impl<C: ProducerContext + 'static> Drop for PolledProducer<C> {
     }
 }
 
+/// librdkafka's `RD_KAFKA_PARTITION_UA`: no partition named, the partitioner chooses.
+const PARTITION_UNASSIGNED: i32 = -1;
+
 /// One topic's librdkafka handle; released when dropped.
 struct Topic(NonNull<rd::rd_kafka_topic_t>);
 
@@ -147,12 +151,15 @@ pub(super) struct Topics {
 }
 
 impl Topics {
-    /// Hands one record to librdkafka. `Err` is librdkafka's refusal (`QueueFull`, a record
-    /// above `message.max.bytes`, ...): nothing was queued and the record's opaque is unused.
+    /// Hands one record to librdkafka, to `partition` or (`None`) where the partitioner puts
+    /// its key. `Err` is librdkafka's refusal (`QueueFull`, a record above
+    /// `message.max.bytes`, ...): nothing was queued and the record's opaque is unused.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn produce<C: ProducerContext<DeliveryOpaque = usize>>(
         &mut self,
         producer: &BaseProducer<C>,
         topic: &Arc<str>,
+        partition: Option<i32>,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         seq: usize,
@@ -189,6 +196,9 @@ impl Topics {
             }),
             vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TIMESTAMP, |u| {
                 u.i64_ = timestamp_ms
+            }),
+            vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_PARTITION, |u| {
+                u.i32_ = partition.unwrap_or(PARTITION_UNASSIGNED)
             }),
         ];
         // SAFETY: `rk` is the live producer's client, `rkt` a handle of that client (kept

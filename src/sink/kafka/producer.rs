@@ -218,6 +218,7 @@ impl KafkaSink {
             let sent = st.topics.produce(
                 self.producer.producer(),
                 &record.topic,
+                record.partition,
                 record.key.as_deref(),
                 record.value.as_deref(),
                 seq as usize,

@@ -39,12 +39,24 @@
 //! converts is read with binary `COPY` instead (less work for the server), and its values
 //! turned into that same text before they reach the encoder (`--snapshot-copy text` turns
 //! this off).
+//!
+//! # Snapshot markers
+//!
+//! After the last row of each table (an empty table too), a *snapshot marker* goes to the
+//! table's topic (`--snapshot-markers`, [`Markers`]): op `s`, null key, the snapshot's position,
+//! sent explicitly to every partition of the topic. Kafka keeps the order of one producer's
+//! records within a partition, so a consumer that has seen the marker of the snapshot at `C`
+//! in every partition has seen every row that snapshot read. That is what lets a consumer
+//! forget rows the snapshot no longer holds — rows deleted while no slot recorded deletes
+//! (a lost slot, then `--snapshot always`) — as the indexer does. The final row of the whole
+//! snapshot is still the one marked `snapshot: "last"`: a table's markers are held back with
+//! it and follow it (see [`Reader`]).
 
 mod parallel;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
@@ -131,6 +143,60 @@ pub struct SnapshotStats {
     pub rows: u64,
 }
 
+/// Where snapshot markers go (`--snapshot-markers`, see the module docs).
+#[derive(Debug, Clone, Default)]
+pub enum Markers {
+    /// None are published (`--snapshot-markers false`).
+    #[default]
+    Off,
+    /// One per table: the stdout sink, one ordered stream (partition 0 of 1).
+    One,
+    /// One per partition of each table's topic; topic → partition count, from the topics'
+    /// metadata at start (a topic missing here gets no marker, with a warning).
+    PerPartition(Arc<HashMap<String, i32>>),
+}
+
+impl Markers {
+    /// The marker records of `table`'s snapshot at `position`, which read `rows` rows.
+    fn records(
+        &self,
+        encoder: &Encoder,
+        table: &TableSchema,
+        position: Position,
+        rows: u64,
+    ) -> Vec<Record> {
+        let now = crate::event::now_ms();
+        let marker = |partition: Option<i32>, partitions: i32| Record {
+            topic: table.topic.clone(),
+            key: None,
+            value: Some(encoder.snapshot_marker(
+                table,
+                position,
+                partition.unwrap_or(0),
+                partitions,
+                rows,
+                now,
+            )),
+            partition,
+        };
+        match self {
+            Markers::Off => Vec::new(),
+            Markers::One => vec![marker(None, 1)],
+            Markers::PerPartition(counts) => match counts.get(&*table.topic) {
+                Some(&n) if n > 0 => (0..n).map(|p| marker(Some(p), n)).collect(),
+                _ => {
+                    tracing::warn!(
+                        table = %table.qualified,
+                        topic = %table.topic,
+                        "no partition count known for the topic: its snapshot marker is left out"
+                    );
+                    Vec::new()
+                }
+            },
+        }
+    }
+}
+
 /// How the snapshot is read.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotOptions<'a> {
@@ -141,6 +207,8 @@ pub struct SnapshotOptions<'a> {
     pub conninfo: &'a ConnInfo,
     /// Which `COPY` format tables may be read with (`--snapshot-copy`).
     pub copy: SnapshotCopy,
+    /// Where each table's snapshot marker goes.
+    pub markers: &'a Markers,
 }
 
 /// `--snapshot-copy`: the `COPY` format of the snapshot.
@@ -278,8 +346,9 @@ fn read_position(consistent_point: Lsn, started_ms: i64) -> Position {
     }
 }
 
-/// Reads every table inside `snapshot_name` and sends one read event per row to `tx`.
-/// The very last row of the whole snapshot is marked `snapshot: "last"`.
+/// Reads every table inside `snapshot_name` and sends one read event per row to `tx`, and
+/// after each table its snapshot markers. The very last row of the whole snapshot is marked
+/// `snapshot: "last"`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: &tokio_postgres::Client,
@@ -324,6 +393,10 @@ pub async fn run(
         let table_rows = reader
             .copy(client, info, None, &table, &tail, &progress)
             .await?;
+        let markers = options
+            .markers
+            .records(encoder, &table, position, table_rows);
+        reader.table_done(markers).await?;
         progress.snapshot_finished();
         tracing::info!(table = %info.name, rows = table_rows, "snapshot: table done");
         stats.rows += table_rows;
@@ -335,7 +408,7 @@ pub async fn run(
 }
 
 /// A read event not yet sent: the last one is held back so it can be marked "last".
-type Held = (Arc<str>, Option<Bytes>, Bytes);
+type Held = Record;
 
 /// Where a [`Reader`] sends its events.
 enum Out<'a> {
@@ -350,7 +423,7 @@ enum Out<'a> {
     /// channel: one hand-off between threads per batch rather than per event (a hand-off per
     /// event made one worker thread slower than no thread at all).
     Batches {
-        tx: &'a mpsc::Sender<Vec<Record>>,
+        tx: &'a mpsc::Sender<parallel::Piece>,
         batch: Vec<Record>,
         bytes: usize,
     },
@@ -385,6 +458,9 @@ struct Reader<'a> {
     stop: watch::Receiver<bool>,
     /// The latest event, sent when the next one is ready (see [`Held`]).
     held: Option<Held>,
+    /// Snapshot markers of tables whose rows are all read, waiting behind `held`: they must
+    /// follow their table's rows, and the held row may be the one to mark "last".
+    markers: Vec<Record>,
     /// Rows read but not yet counted in the metrics (they are counted per batch).
     uncounted: u64,
     // Per-row scratch, reused: rows borrow from each COPY message, so the vectors are
@@ -406,6 +482,7 @@ impl<'a> Reader<'a> {
             copy,
             stop,
             held: None,
+            markers: Vec::new(),
             uncounted: 0,
             fields_buf: Vec::new(),
             row_buf: Vec::new(),
@@ -422,12 +499,7 @@ impl<'a> Reader<'a> {
 
     /// Adds one event to the current batch; true when the batch is full and must be flushed.
     /// Not async: the per-row path builds no future unless a batch is due.
-    fn push(&mut self, (topic, key, value): Held) -> bool {
-        let record = Record {
-            topic,
-            key,
-            value: Some(value),
-        };
+    fn push(&mut self, record: Record) -> bool {
         let (batch, bytes, max_bytes, max_events) = match &mut self.out {
             Out::Sink { batch, bytes, .. } => (batch, bytes, SINK_BATCH_BYTES, SINK_BATCH_EVENTS),
             Out::Batches { batch, bytes, .. } => (batch, bytes, BATCH_BYTES, BATCH_EVENTS),
@@ -449,7 +521,7 @@ impl<'a> Reader<'a> {
             Out::Batches { tx, batch, bytes } if !batch.is_empty() => {
                 let full = std::mem::replace(batch, Vec::with_capacity(BATCH_EVENTS));
                 *bytes = 0;
-                send(tx, &mut self.stop, full).await
+                send(tx, &mut self.stop, parallel::Piece::Rows(full)).await
             }
             Out::Sink { tx, batch, bytes } if !batch.is_empty() => {
                 let full = std::mem::replace(batch, Vec::with_capacity(SINK_BATCH_EVENTS));
@@ -621,20 +693,68 @@ impl<'a> Reader<'a> {
             });
         }
         self.uncounted += 1;
-        let key = self.encoder.key(table, row);
-        let value = self.encoder.read_value(table, row, tail);
-        Ok(match self.held.replace((table.topic.clone(), key, value)) {
-            Some(previous) => self.push(previous),
-            None => false,
-        })
+        let record = Record {
+            topic: table.topic.clone(),
+            key: self.encoder.key(table, row),
+            value: Some(self.encoder.read_value(table, row, tail)),
+            partition: None,
+        };
+        Ok(self.hold(record))
     }
 
-    /// Sends `last`, the snapshot's final event, marked as such.
+    /// Holds `record` back and queues the one held before it, with the markers that waited
+    /// behind that one. True when the batch is full and must be flushed.
+    fn hold(&mut self, record: Record) -> bool {
+        let Some(previous) = self.held.replace(record) else {
+            return false;
+        };
+        let mut full = self.push(previous);
+        if !self.markers.is_empty() {
+            for marker in std::mem::take(&mut self.markers) {
+                full |= self.push(marker);
+            }
+        }
+        full
+    }
+
+    /// Every row of a table has been read (and held or queued): its `markers` follow them —
+    /// behind the held row, if there is one.
+    async fn table_done(&mut self, markers: Vec<Record>) -> Result<(), SnapshotError> {
+        if self.held.is_some() {
+            self.markers.extend(markers);
+            return Ok(());
+        }
+        for marker in markers {
+            self.emit(marker).await?;
+        }
+        Ok(())
+    }
+
+    /// Queues the held row, if any, with the markers behind it; nothing is held afterwards.
+    fn release(&mut self) -> bool {
+        let mut full = false;
+        if let Some(held) = self.held.take() {
+            full |= self.push(held);
+        }
+        for marker in std::mem::take(&mut self.markers) {
+            full |= self.push(marker);
+        }
+        full
+    }
+
+    /// Sends `last`, the snapshot's final event, marked as such, then the markers held back
+    /// behind it.
     async fn finish(&mut self, last: Option<Held>) -> Result<(), SnapshotError> {
-        if let Some((topic, key, value)) = last {
-            let mut value = value.to_vec();
-            self.encoder.mark_last(&mut value);
-            self.emit((topic, key, value.into())).await?;
+        if let Some(mut record) = last {
+            if let Some(value) = record.value.take() {
+                let mut value = value.to_vec();
+                self.encoder.mark_last(&mut value);
+                record.value = Some(value.into());
+            }
+            self.emit(record).await?;
+        }
+        for marker in std::mem::take(&mut self.markers) {
+            self.emit(marker).await?;
         }
         self.flush().await
     }

@@ -24,9 +24,14 @@
 //! one thread. Workers send into the same bounded channel as everything else, so a slow sink
 //! stops all of them.
 //!
-//! Each worker holds back its latest event (see [`super::Reader`]). When all are done, the
-//! coordinator sends the held events and marks the very last one `snapshot: "last"`, which is
-//! then the final read event as with one connection.
+//! A worker sends every row of a unit before it counts the unit done; the worker that
+//! finishes a table's last unit then sends [`Piece::TableDone`] into the same channel. The
+//! channel keeps the order of sends that happen one after the other — every other unit of the
+//! table was counted done, hence sent, before — so the coordinator receives all rows of a
+//! table before its `TableDone`, and sends the table's snapshot markers after them. The
+//! coordinator holds back the latest row it forwards (see [`super::Reader`]), with the markers
+//! that came after it, and marks the very last row `snapshot: "last"`, which is then the final
+//! read event as with one connection.
 
 use std::cmp::Reverse;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -36,7 +41,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    import, send, table_schema, Held, Out, Reader, SnapshotCopy, SnapshotError, SnapshotOptions,
+    import, send, table_schema, Out, Reader, SnapshotCopy, SnapshotError, SnapshotOptions,
 };
 use super::{SnapshotStats, TableInfo};
 use crate::config::conninfo::ConnInfo;
@@ -119,8 +124,17 @@ struct Shared {
     copy: SnapshotCopy,
 }
 
-/// What a worker reports: its held-back event, or why it stopped.
-type Outcome = Result<Option<Held>, SnapshotError>;
+/// What a worker reports: done, or why it stopped.
+type Outcome = Result<(), SnapshotError>;
+
+/// What a worker sends to the coordinator, in order.
+pub(super) enum Piece {
+    /// Read events, in the order read.
+    Rows(Vec<Record>),
+    /// Every row of the table with this index was sent (by whichever worker): its snapshot
+    /// markers may follow. `rows`: how many the table has.
+    TableDone { table: usize, rows: u64 },
+}
 
 /// Reads the snapshot with `options.workers` connections; `client` is in a transaction that
 /// imported the snapshot and locked the tables. See the module documentation.
@@ -194,7 +208,7 @@ pub(super) async fn run(
     // Set when one worker fails or a signal arrives: the others stop at their next row.
     let (halt_tx, halt_rx) = watch::channel(false);
     // Two batches per worker in flight at most: a slow sink stops the workers.
-    let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Record>>(2 * workers);
+    let (batch_tx, mut batch_rx) = mpsc::channel::<Piece>(2 * workers);
     let mut error: Option<SnapshotError> = None;
     let mut pending = FuturesUnordered::new();
     for id in 0..workers {
@@ -216,7 +230,8 @@ pub(super) async fn run(
     }
     // The batches channel closes when the last worker thread has ended.
     drop(batch_tx);
-    let mut held = Vec::with_capacity(workers);
+    // Forwards into the sink's channel, in its small batches (their size bounds its memory).
+    let mut out = Reader::new(encoder, Out::sink(tx), stop.clone(), options.copy);
     let mut watching_stop = true;
     let mut signal = stop.clone();
     let mut batches_open = true;
@@ -233,31 +248,26 @@ pub(super) async fn run(
                 None => batches_open = false,
                 // After a failure, batches are drained (so no worker waits on a full
                 // channel) but not published.
-                Some(batch) if error.is_none() => {
-                    // In the sink channel's small batches: their size bounds its memory.
-                    let mut records = batch.into_iter().peekable();
-                    while records.peek().is_some() {
-                        let mut part = Vec::with_capacity(super::SINK_BATCH_EVENTS);
-                        let mut bytes = 0;
-                        while bytes < super::SINK_BATCH_BYTES
-                            && part.len() < super::SINK_BATCH_EVENTS
-                        {
-                            let Some(record) = records.next() else { break };
-                            bytes += record.payload_len();
-                            part.push(record);
+                Some(piece) if error.is_none() => {
+                    let sent = match piece {
+                        Piece::Rows(rows) => forward(&mut out, rows).await,
+                        Piece::TableDone { table, rows } => {
+                            let schema = &shared.schemas[table];
+                            let markers =
+                                options.markers.records(encoder, schema, position, rows);
+                            out.table_done(markers).await
                         }
-                        if let Err(e) = send(tx, stop, SinkItem::Records(part)).await {
-                            keep(&mut error, e);
-                            let _ = halt_tx.send(true);
-                            break;
-                        }
+                    };
+                    if let Err(e) = sent {
+                        keep(&mut error, e);
+                        let _ = halt_tx.send(true);
                     }
                 }
                 Some(_) => {}
             },
             done = pending.next(), if !pending.is_empty() => match done {
                 None => {}
-                Some(Ok(Ok(h))) => held.extend(h),
+                Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => {
                     keep(&mut error, e);
                     let _ = halt_tx.send(true);
@@ -275,21 +285,21 @@ pub(super) async fn run(
     if let Some(e) = error {
         return Err(e);
     }
-    let last = held.pop();
-    for (topic, key, value) in held {
-        let record = Record {
-            topic,
-            key,
-            value: Some(value),
-        };
-        send(tx, stop, SinkItem::Record(record)).await?;
-    }
-    Reader::new(encoder, Out::sink(tx), stop.clone(), options.copy)
-        .finish(last)
-        .await?;
+    let last = out.held.take();
+    out.finish(last).await?;
     Ok(SnapshotStats {
         rows: shared.rows.iter().map(|r| r.load(Ordering::Relaxed)).sum(),
     })
+}
+
+/// Forwards a worker's rows, holding back the latest (see [`Reader::hold`]).
+async fn forward(out: &mut Reader<'_>, rows: Vec<Record>) -> Result<(), SnapshotError> {
+    for record in rows {
+        if out.hold(record) {
+            out.flush().await?;
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the error that explains the failure: a worker's own error rather than the
@@ -306,7 +316,7 @@ fn spawn(
     shared: Arc<Shared>,
     conninfo: ConnInfo,
     encoder: Encoder,
-    tx: mpsc::Sender<Vec<Record>>,
+    tx: mpsc::Sender<Piece>,
     halt: watch::Receiver<bool>,
 ) -> Result<oneshot::Receiver<Outcome>, SnapshotError> {
     let (done_tx, done_rx) = oneshot::channel();
@@ -333,7 +343,7 @@ async fn work(
     shared: &Shared,
     conninfo: &ConnInfo,
     encoder: &Encoder,
-    tx: &mpsc::Sender<Vec<Record>>,
+    tx: &mpsc::Sender<Piece>,
     halt: watch::Receiver<bool>,
 ) -> Outcome {
     let client = connect::connect(conninfo).await?;
@@ -370,15 +380,18 @@ async fn work(
             .copy(&client, info, unit.pages, table, &tail, &progress)
             .await?;
         shared.rows[t].fetch_add(rows, Ordering::Relaxed);
+        // Every row of the unit is sent before the unit counts as done (see the module docs).
+        reader.release();
+        reader.flush().await?;
         if shared.left[t].fetch_sub(1, Ordering::AcqRel) == 1 {
             progress.snapshot_finished();
             let rows = shared.rows[t].load(Ordering::Relaxed);
             tracing::info!(table = %info.name, rows, "snapshot: table done");
+            send(tx, &mut reader.stop, Piece::TableDone { table: t, rows }).await?;
         }
     }
-    reader.flush().await?;
     client.batch_execute("COMMIT").await?;
-    Ok(reader.held.take())
+    Ok(())
 }
 
 /// Locks `info` `ACCESS SHARE` without queueing behind another session's request (see the

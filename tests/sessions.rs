@@ -209,7 +209,7 @@ async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
     for t in ["big1", "big2"] {
         p.wait_for_log(
             "run.log",
-            &format!("snapshot: reading table table=public.{t}"),
+            &format!("snapshot: reading table table=\"public\".\"{t}\""),
         )
         .await;
     }

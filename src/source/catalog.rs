@@ -534,10 +534,12 @@ pub async fn describe_published(
     let mut tables = describe_tables(client, names).await?;
     for t in &mut tables {
         if let Some(p) = published(client, publication, &t.name).await? {
-            if p.columns.is_some() || p.row_filter.is_some() {
-                tracing::info!(table = %t.name, columns = ?p.columns, row_filter = ?p.row_filter, "the publication publishes part of this table: the snapshot reads that part");
-            }
             t.restrict(publication, p)?;
+            // PostgreSQL 15+ lists every column when there is no column list: say something
+            // only when part of the table is left out.
+            if !t.unpublished.is_empty() || t.row_filter.is_some() {
+                tracing::info!(table = %t.name, left_out = ?t.unpublished, row_filter = ?t.row_filter, "the publication publishes part of this table: the snapshot reads that part");
+            }
         }
     }
     Ok(tables)

@@ -4,7 +4,8 @@
 //!    exactly the table (deleted rows end in a delete or tombstone), and every change of every
 //!    committed transaction is in the topics, with the transaction's xid and marker;
 //! 2. **order** — per key, `(commit_lsn, lsn)` never goes backwards, except for an exact
-//!    replay of an event already seen;
+//!    replay of an event already seen (the rule of `common::topics`, shared with the
+//!    integrity oracle);
 //! 3. **bounded duplicates** — a duplicate is an exact copy of an earlier event (same key,
 //!    position and content), and none was written before the first fault;
 //!
@@ -16,10 +17,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
-use pgcdc::sink::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Map, Value};
 
+pub use crate::common::topics::read_all;
+use crate::common::topics::{self, KeyOrder, Seen};
 use crate::workload::{Expect, Txn};
 
 /// A table to check: its name in `public` and its key columns.
@@ -103,71 +104,20 @@ impl Event {
             .unwrap_or("")
     }
 
-    fn position(&self) -> (u64, u64) {
-        let s = &self.value.as_ref().expect("not a tombstone")["source"];
-        (
-            s["commit_lsn"].as_u64().expect("commit_lsn"),
-            s["lsn"].as_u64().expect("lsn"),
-        )
+    fn position(&self) -> topics::Position {
+        topics::position(self.value.as_ref().expect("not a tombstone"))
+            .expect("source.commit_lsn and source.lsn")
     }
 
     /// The event without the time it was encoded, which differs between re-publications.
     fn content(&self) -> Value {
-        let mut v = self.value.clone().unwrap_or(Value::Null);
-        if let Some(o) = v.as_object_mut() {
-            o.remove("ts_ms");
-        }
-        v
+        topics::content(self.value.as_ref().unwrap_or(&Value::Null))
     }
 }
 
 /// A key as one canonical string (object keys sorted).
 fn canonical(v: &Value) -> String {
     serde_json::to_string(v).expect("JSON")
-}
-
-fn watermark_total(kafka: &str, topic: &str) -> usize {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .set("group.id", "pgcdc-fault-checker")
-        .create()
-        .expect("a consumer");
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .expect("topic metadata");
-    let mut total = 0;
-    for t in md.topics() {
-        for p in t.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(30))
-                .expect("watermarks");
-            total += (high - low).max(0) as usize;
-        }
-    }
-    total
-}
-
-/// Reads a topic from the beginning: until the records the broker's watermarks announce
-/// have arrived, or nothing new arrived for a while.
-pub fn read_all(kafka: &str, topic: &str) -> Vec<ConsumedRecord> {
-    let expected = watermark_total(kafka, topic);
-    let records = read_topic(
-        &KafkaConfig::new(kafka),
-        topic,
-        ReadStop::Quiet {
-            expected: Some(expected),
-            // Only matters when the broker delivers less than it announced.
-            quiet: Duration::from_secs(30),
-            max_wait: Duration::from_secs(180),
-        },
-    )
-    .unwrap_or_else(|e| panic!("cannot read {topic}: {e}"));
-    assert!(
-        records.len() >= expected,
-        "{topic}: read {} records, the broker holds {expected}",
-        records.len()
-    );
-    records
 }
 
 /// Reads every table's topic (in parallel).
@@ -233,10 +183,8 @@ async fn table_rows(client: &tokio_postgres::Client, t: &Table) -> BTreeMap<Stri
 /// Per key, while replaying a topic.
 #[derive(Default)]
 struct KeyState {
-    /// The highest position applied.
-    high: (u64, u64),
-    /// Content of every event seen, by position and op.
-    seen: HashMap<(u64, u64, String), Value>,
+    /// Positions and contents seen: order and replays.
+    order: KeyOrder,
     /// The row as a consumer has it, `None` once deleted.
     row: Option<Value>,
     last_op: String,
@@ -301,33 +249,32 @@ pub async fn check(
                     found.insert((t.name.to_string(), e.key.clone(), xid, class, marker));
                 }
                 let content = e.content();
-                if let Some(earlier) = k.seen.get(&(pos.0, pos.1, op.clone())) {
-                    summary.duplicates += 1;
-                    if *earlier != content {
-                        problems.push(format!(
-                            "{}: {} at {pos:?} was published twice with different content:\n{earlier}\n{content}",
-                            t.name, e.key
-                        ));
-                    }
-                    if let (Some(first), Some(ts)) = (first_fault_ms, e.timestamp) {
-                        if ts < first {
+                match k.order.observe(pos, &op, content.clone()) {
+                    Seen::New => {}
+                    Seen::Backwards { high } => problems.push(format!(
+                        "{}: {} goes backwards: {op} at {pos:?} (offset {}) after {high:?}, and is not a replay",
+                        t.name, e.key, e.offset
+                    )),
+                    replay => {
+                        summary.duplicates += 1;
+                        if let Seen::ConflictingReplay { earlier } = replay {
                             problems.push(format!(
-                                "{}: duplicate of {} at {pos:?} (offset {}) written before any fault",
-                                t.name, e.key, e.offset
+                                "{}: {} at {pos:?} was published twice with different content:\n{earlier}\n{content}",
+                                t.name, e.key
                             ));
                         }
+                        if let (Some(first), Some(ts)) = (first_fault_ms, e.timestamp) {
+                            if ts < first {
+                                problems.push(format!(
+                                    "{}: duplicate of {} at {pos:?} (offset {}) written before any fault",
+                                    t.name, e.key, e.offset
+                                ));
+                            }
+                        }
+                        k.last_op = op;
+                        continue;
                     }
-                    k.last_op = op;
-                    continue;
                 }
-                if pos < k.high {
-                    problems.push(format!(
-                        "{}: {} goes backwards: {op} at {pos:?} (offset {}) after {:?}, and is not a replay",
-                        t.name, e.key, e.offset, k.high
-                    ));
-                }
-                k.seen.insert((pos.0, pos.1, op.clone()), content);
-                k.high = k.high.max(pos);
                 match op.as_str() {
                     "d" => k.row = None,
                     "r" | "c" | "u" => {

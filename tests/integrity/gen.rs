@@ -838,6 +838,13 @@ pub fn generate(seed: u64, cfg: &Config) -> Case {
     }
     g.workload(&mut case);
     case.shapes = g.shapes;
+    let ddl = case
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Sql { ddl: true, .. }));
+    if ddl && cfg.allows(Bug::DdlDuringSnapshot) {
+        case.shapes.insert(Bug::DdlDuringSnapshot);
+    }
     note_shapes(&mut case);
     case
 }
@@ -1334,11 +1341,16 @@ impl Gen<'_> {
                 ddl: false,
             });
         }
-        // Leave: plain tables only (a parent would take its children along).
+        // Leave: plain tables only (a parent would take its children along), without a
+        // column list or row filter (the oracle reads those from the publication).
         let members: Vec<usize> = (0..case.tables.len())
             .filter(|&i| {
                 let t = &case.tables[i];
-                t.in_pub && !t.removed && t.layout == Layout::Plain
+                t.in_pub
+                    && !t.removed
+                    && t.layout == Layout::Plain
+                    && t.pub_cols.is_none()
+                    && t.row_filter.is_none()
             })
             .collect();
         if members.len() < 2 || !self.rng.chance(50) {

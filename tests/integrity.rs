@@ -368,7 +368,7 @@ mod oracle_self_test {
         // A key lacking a key column.
         let p = problems(
             &[ev("r", json!({"x": 1}), row.clone(), 100, 100)],
-            &[row.clone()],
+            std::slice::from_ref(&row),
         );
         assert!(p.iter().any(|p| p.contains("lacks column")), "{p:?}");
         // Going backwards without being a replay.

@@ -777,6 +777,8 @@ pub fn generate(seed: u64, cfg: &Config) -> Case {
                 c.name = cname;
                 c.layout = Layout::Child(idx);
                 c.prefill = g.rng.range(0, 30);
+                c.next = c.prefill + 1;
+                c.live = c.prefill;
                 c.pub_cols = None;
                 c.row_filter = None;
                 children.push(tables.len());

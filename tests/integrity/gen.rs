@@ -62,10 +62,13 @@ pub enum Bug {
     /// statement and every later query of the table hang (a deadlock PostgreSQL cannot see).
     /// While it is open, the runner holds such statements until pgcdc streams.
     DdlDuringSnapshot,
+    /// PostgreSQL 18, `publish_generated_columns = stored`: the stream carries generated
+    /// columns, the snapshot leaves them out (rows not changed since lack them).
+    GeneratedColumns18,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 9] = [
         Bug::KeywordNames,
         Bug::PublicationFilters,
         Bug::UsingIndexKey,
@@ -74,6 +77,7 @@ impl Bug {
         Bug::InheritPages,
         Bug::RewriteAfterPoint,
         Bug::DdlDuringSnapshot,
+        Bug::GeneratedColumns18,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +90,7 @@ impl Bug {
             Bug::InheritPages => "inherit_pages",
             Bug::RewriteAfterPoint => "rewrite_after_point",
             Bug::DdlDuringSnapshot => "ddl_during_snapshot",
+            Bug::GeneratedColumns18 => "generated_columns_18",
         }
     }
 }
@@ -742,15 +747,17 @@ pub fn generate(seed: u64, cfg: &Config) -> Case {
     let mut schemas = Names::default();
     schemas.take("public");
     let n_schemas = g.rng.range(1, 3);
-    let schema_names: Vec<String> = (0..n_schemas)
-        .map(|_| {
-            if g.rng.chance(35) {
-                "public".to_string()
-            } else {
-                schemas.fresh(&mut g.rng, "sch", 80, keywords)
-            }
-        })
-        .collect();
+    let mut schema_names: Vec<String> = Vec::new();
+    for _ in 0..n_schemas {
+        let s = if g.rng.chance(35) {
+            "public".to_string()
+        } else {
+            schemas.fresh(&mut g.rng, "sch", 80, keywords)
+        };
+        if !schema_names.contains(&s) {
+            schema_names.push(s);
+        }
+    }
     let mut table_names: Vec<Names> = schema_names.iter().map(|_| Names::default()).collect();
 
     let n_tables = g.rng.range(2, 5 + u64::from(cfg.scale)) as usize;
@@ -818,7 +825,8 @@ pub fn generate(seed: u64, cfg: &Config) -> Case {
             tables.push(t);
         }
     }
-    let publish_generated = cfg.major >= 18 && own && g.rng.chance(50);
+    let publish_generated =
+        cfg.major >= 18 && own && g.rng.chance(50) && cfg.allows(Bug::GeneratedColumns18);
 
     let mut case = Case {
         seed,
@@ -1556,6 +1564,9 @@ pub fn note_shapes(case: &mut Case) {
         if matches!(t.layout, Layout::Parent(_)) && t.prefill >= 10_000 && case.snapshot_workers > 1
         {
             case.shapes.insert(Bug::InheritPages);
+        }
+        if case.publish_generated && t.cols.iter().any(|c| matches!(c.role, Role::Generated(_))) {
+            case.shapes.insert(Bug::GeneratedColumns18);
         }
     }
 }

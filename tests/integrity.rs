@@ -215,7 +215,12 @@ fn run_plan(test: &str, major: u32, env: TestEnv, default: &'static [u64]) {
 #[test]
 fn pg15_fixed_seeds() {
     let env = common::env();
-    run_plan("pg15_fixed_seeds", 15, env, &[1, 2, 3, 4, 5, 6]);
+    run_plan(
+        "pg15_fixed_seeds",
+        15,
+        env,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    );
 }
 
 fn other_major(test: &str, major: u32) {

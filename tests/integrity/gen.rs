@@ -518,6 +518,9 @@ pub enum Step {
         sql: Vec<String>,
         what: String,
         ddl: bool,
+        /// Run only once pgcdc streams: a table leaving the publication must have been
+        /// snapshotted, or its topic cannot hold the table as it was then.
+        settle: bool,
     },
     /// Stop pgcdc (the following steps run while it is stopped, until [`Step::Start`]).
     Stop(StopKind),
@@ -1111,6 +1114,7 @@ impl Gen<'_> {
             sql,
             what: format!("txn: {}", what.join("; ")),
             ddl: false,
+            settle: false,
         })
     }
 
@@ -1205,6 +1209,7 @@ impl Gen<'_> {
             sql: vec![format!("TRUNCATE {}{}", t.only(), t.qname())],
             what: format!("truncate {}", shorten(&t.name, 20)),
             ddl: true,
+            settle: false,
         })
     }
 
@@ -1310,6 +1315,7 @@ impl Gen<'_> {
             sql: vec![sql],
             what,
             ddl: true,
+            settle: false,
         })
     }
 
@@ -1349,6 +1355,7 @@ impl Gen<'_> {
                     }
                 ),
                 ddl: false,
+                settle: false,
             });
         }
         // Leave: plain tables only (a parent would take its children along), without a
@@ -1363,7 +1370,7 @@ impl Gen<'_> {
                     && t.row_filter.is_none()
             })
             .collect();
-        if members.len() < 2 || !self.rng.chance(50) {
+        if members.len() < 2 || !running || !self.rng.chance(50) {
             return self.txn(case);
         }
         let ti = *self.rng.pick(&members);
@@ -1377,6 +1384,7 @@ impl Gen<'_> {
             )],
             what: format!("{} leaves the publication", shorten(&t.name, 20)),
             ddl: false,
+            settle: true,
         })
     }
 

@@ -320,8 +320,14 @@ pub async fn run_case(
             return Err(format!("before step {i}: {}", p.died(status)));
         }
         match step {
-            Step::Sql { sql, what, ddl } => {
-                if *ddl && p.child.is_some() && !cfg.allows(Bug::DdlDuringSnapshot) {
+            Step::Sql {
+                sql,
+                what,
+                ddl,
+                settle,
+            } => {
+                let held = *ddl && !cfg.allows(Bug::DdlDuringSnapshot);
+                if (held || *settle) && p.child.is_some() {
                     p.wait_streaming(Duration::from_secs(60))
                         .await
                         .map_err(|e| format!("before step {i} ({what}): {e}"))?;

@@ -622,3 +622,29 @@ fn describe_seed() {
     let cfg = config(env_u64("PGCDC_INTEGRITY_MAJOR").unwrap_or(15) as u32);
     println!("seed {seed}\n{}", gen::generate(seed, &cfg).describe());
 }
+
+/// The silent form of [`Bug::KeywordNames`]: a partitioned table is read with
+/// `SELECT <columns> FROM …`, where an unquoted column named `user` is the SQL function
+/// `user`: the snapshot publishes the role's name instead of the row's value.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails until identifiers that are SQL keywords are quoted"]
+async fn bug_keyword_column_reads_the_sql_function() {
+    use common::pipeline::{assert_success, Pipeline};
+    let p = Pipeline::new(
+        "CREATE TABLE public.p (id int PRIMARY KEY, \"user\" text, \"current_date\" text)
+             PARTITION BY HASH (id);
+         CREATE TABLE public.p0 PARTITION OF public.p FOR VALUES WITH (MODULUS 1, REMAINDER 0);
+         INSERT INTO public.p VALUES (1, 'alice', 'not a date');",
+    )
+    .await;
+    let out = p.run(&["--table", "public.p", "--stop-lsn", "now"]);
+    assert_success(&out, "snapshot");
+    let events = p.events("p", Some(1)).await;
+    let after = &events[0].value.as_ref().expect("a read event")["after"];
+    assert_eq!(
+        after,
+        &serde_json::json!({"id": 1, "user": "alice", "current_date": "not a date"}),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -131,7 +131,7 @@ fn run_seed(seed: u64, cfg: &Config, env: &TestEnv, test: &str) -> Result<(), St
             record(&format!(
                 "integrity PG{} seed {seed}: ok: {} tables, {} events ({} replays), {} rows equal; \
                  {} pgcdc runs ({} kill -9, {} SIGTERM); {:?} sink, {:?}, {} snapshot workers; \
-                 open-bug shapes {:?}; {secs:.1}s",
+                 open-bug shapes {:?}; {} topic names Kafka would refuse; {secs:.1}s",
                 cfg.major,
                 o.tables,
                 o.events,
@@ -143,7 +143,8 @@ fn run_seed(seed: u64, cfg: &Config, env: &TestEnv, test: &str) -> Result<(), St
                 case.sink,
                 case.pub_mode,
                 case.snapshot_workers,
-                case.shapes
+                case.shapes,
+                o.illegal_topics
             ));
             Ok(())
         }

@@ -201,6 +201,9 @@ pub struct Outcome {
     pub runs: usize,
     pub kills: usize,
     pub terms: usize,
+    /// Topics whose names Apache Kafka would refuse (characters outside `[A-Za-z0-9._-]`, or
+    /// longer than 249): tansu accepts them, so this is counted, not failed.
+    pub illegal_topics: usize,
 }
 
 /// Runs `case` against the cluster of `env`; `Err` holds everything a failure report needs
@@ -461,7 +464,13 @@ pub async fn run_case(
 
     // The oracle.
     let mut problems = Vec::new();
+    let legal = |t: &str| {
+        t.len() <= 249
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    };
     let mut outcome = Outcome {
+        illegal_topics: topics.iter().filter(|t| !legal(t)).count(),
         tables: captured.len(),
         runs: p.runs,
         kills: p.kills,

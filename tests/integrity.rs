@@ -18,6 +18,8 @@
 //! | `PGCDC_INTEGRITY_BUGS=all` or `name,…` | also generate the shapes of open bugs ([`gen::Bug`]) |
 //! | `PGCDC_INTEGRITY_SCALE=<n>` | more tables and longer workloads |
 //!
+//! `describe_seed` (ignored; `-- --ignored --nocapture`) prints a seed's case without running
+//! it (`PGCDC_INTEGRITY_MAJOR` picks the version it is generated for).
 //! Without them, `pg15_fixed_seeds` runs a fixed set of seeds on the default cluster (about a
 //! minute on 2 cores), and `pg14`…`pg18` two seeds each on the clusters of
 //! `scripts/pg-versions.sh` (skipped, with a note, when `PGCDC_TEST_PG<major>_PORT` is unset).

@@ -31,8 +31,12 @@ mod common;
 mod gen;
 #[path = "integrity/oracle.rs"]
 mod oracle;
+#[path = "faults/process.rs"]
+mod process;
 #[path = "integrity/runner.rs"]
 mod runner;
+#[path = "faults/servers.rs"]
+mod servers;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

@@ -20,10 +20,7 @@ impl Rng {
 
     /// Uniform in `lo..hi` (`lo` when the range is empty).
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        lo + self.next_u64() % (hi - lo)
+        lo + self.next_u64() % hi.saturating_sub(lo).max(1)
     }
 
     /// Uniform in `0..n` as an index (0 when `n` is 0).
@@ -39,6 +36,18 @@ impl Rng {
     /// One element of a non-empty slice.
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
+    }
+
+    /// One element, or `None` for an empty slice.
+    pub fn choose<T: Copy>(&mut self, items: &[T]) -> Option<T> {
+        (!items.is_empty()).then(|| *self.pick(items))
+    }
+
+    /// `len` letters and digits: random enough that PostgreSQL cannot compress them, so a
+    /// few kilobytes are stored out of line (TOAST).
+    pub fn text(&mut self, len: usize) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        (0..len).map(|_| *self.pick(ALPHABET) as char).collect()
     }
 
     /// An independent generator for a sub-task, so adding choices to one part of a test

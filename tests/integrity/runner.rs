@@ -2,8 +2,7 @@
 //! (restarted, stopped and `kill -9`ed as the workload says), the real broker or stdout, and
 //! then the oracle on every captured table.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use pgcdc::source::catalog::TableName;
@@ -13,152 +12,90 @@ use serde_json::Value;
 use crate::common::{self, TestDb, TestEnv};
 use crate::gen::{Bug, Case, Config, PubMode, Sink, Step, StopKind};
 use crate::oracle::{self, Record};
+use crate::process::Pgcdc;
 
-/// What pgcdc logs once its signal handlers are installed.
-const FIRST_LOG_LINE: &str = "connecting to PostgreSQL";
-
-/// The `pgcdc run` process of a case, run after run.
+/// The `pgcdc run` process of a case, run after run (the fault suite's supervisor), with
+/// counts of how it was stopped.
 struct Proc {
-    args: Vec<String>,
-    dir: PathBuf,
-    child: Option<Child>,
-    runs: usize,
-    stdout: bool,
+    p: Pgcdc,
     kills: usize,
     terms: usize,
 }
 
 impl Proc {
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "a run is still going");
-        self.runs += 1;
-        let log = std::fs::File::create(self.dir.join(format!("run{}.log", self.runs)))
-            .expect("log file");
-        let out = if self.stdout {
-            Stdio::from(
-                std::fs::File::create(self.dir.join(format!("run{}.out", self.runs)))
-                    .expect("stdout file"),
-            )
-        } else {
-            Stdio::null()
-        };
-        let child = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-            .arg("run")
-            .args(&self.args)
-            .env_remove("PGCDC_LOG")
-            .env("PGPASSFILE", "/nonexistent")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(log)
-            .spawn()
-            .expect("pgcdc starts");
-        self.child = Some(child);
+        self.p.spawn();
     }
 
-    fn log_of(&self, run: usize) -> String {
-        std::fs::read_to_string(self.dir.join(format!("run{run}.log"))).unwrap_or_default()
+    fn running(&self) -> bool {
+        self.p.running()
     }
 
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            self.kills += 1;
-        }
-    }
-
-    /// SIGTERM (once the run installed its handlers); the exit status, `None` if it did not
-    /// end within `timeout` (it is then killed).
-    fn sigterm(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let ready = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < ready && !self.log_of(self.runs).contains(FIRST_LOG_LINE) {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // pgcdc installs its handlers in a task of its own, which may run after that first
-        // line: a SIGTERM right after it can still end the process by the default action.
-        std::thread::sleep(Duration::from_millis(300));
-        let mut c = self.child.take()?;
-        self.terms += 1;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = c.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        None
-    }
-
-    fn stop(&mut self, kind: StopKind) -> Result<(), String> {
-        match kind {
-            StopKind::Kill => {
-                if let Some(status) = self.exited() {
-                    return Err(self.died(status));
-                }
-                self.kill9();
-                Ok(())
-            }
-            StopKind::Term => match self.sigterm(Duration::from_secs(30)) {
-                Some(s) if s.success() => Ok(()),
-                Some(s) => Err(self.died(s)),
-                None => Err(format!(
-                    "run {} did not exit within 30 s of SIGTERM\n{}",
-                    self.runs,
-                    self.tail(self.runs)
-                )),
-            },
-        }
-    }
-
-    /// The exit status if the current run has ended (it is then forgotten).
-    /// Waits until the current run streams (its snapshot, if any, is done); an error if it
-    /// ends first or takes longer than `timeout`.
-    async fn wait_streaming(&mut self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log_of(self.runs).contains("streaming changes") {
-                return Ok(());
-            }
-            if let Some(status) = self.exited() {
-                return Err(self.died(status));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "run {} did not start streaming within {timeout:?}:\n{}",
-                    self.runs,
-                    self.tail(self.runs)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    fn runs(&self) -> usize {
+        self.p.runs
     }
 
     fn exited(&mut self) -> Option<ExitStatus> {
-        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
-        self.child = None;
-        Some(status)
+        self.p.exited()
+    }
+
+    fn stop(&mut self, kind: StopKind) -> Result<(), String> {
+        if let Some(status) = self.p.exited() {
+            return Err(self.died(status));
+        }
+        match kind {
+            StopKind::Kill => {
+                self.p.kill9();
+                self.kills += 1;
+                Ok(())
+            }
+            StopKind::Term => {
+                self.terms += 1;
+                match self.p.sigterm(Duration::from_secs(30)) {
+                    Some(s) if s.success() => Ok(()),
+                    Some(s) => Err(self.died(s)),
+                    None => Err(format!(
+                        "run {} did not exit within 30 s of SIGTERM\n{}",
+                        self.p.runs,
+                        self.tail(self.p.runs)
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Waits until the current run streams (its snapshot, if any, is done); an error if it
+    /// ends first or takes longer than `timeout`.
+    async fn wait_streaming(&mut self, timeout: Duration) -> Result<(), String> {
+        if self.p.wait_for_log("streaming changes", timeout).await {
+            return Ok(());
+        }
+        Err(match self.p.exited() {
+            Some(status) => self.died(status),
+            None if !self.p.running() => format!(
+                "run {} ended before streaming:\n{}",
+                self.p.runs,
+                self.tail(self.p.runs)
+            ),
+            None => format!(
+                "run {} did not start streaming within {timeout:?}:\n{}",
+                self.p.runs,
+                self.tail(self.p.runs)
+            ),
+        })
     }
 
     fn died(&self, status: ExitStatus) -> String {
         format!(
             "pgcdc run {} exited on its own with {status}:\n{}",
-            self.runs,
-            self.tail(self.runs)
+            self.p.runs,
+            self.tail(self.p.runs)
         )
     }
 
     /// The last lines of a run's log.
     fn tail(&self, run: usize) -> String {
-        let log = self.log_of(run);
+        let log = self.p.log_of(run);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
@@ -166,10 +103,8 @@ impl Proc {
     /// Every stdout line of every run, in order, by topic.
     fn stdout_records(&self) -> Vec<(String, Record)> {
         let mut out = Vec::new();
-        for run in 1..=self.runs {
-            let text =
-                std::fs::read_to_string(self.dir.join(format!("run{run}.out"))).unwrap_or_default();
-            for line in text.lines() {
+        for run in 1..=self.p.runs {
+            for line in self.p.stdout_of(run).lines() {
                 // A run killed mid-line leaves a partial last line.
                 let Ok(v) = serde_json::from_str::<Value>(line) else {
                     continue;
@@ -181,13 +116,6 @@ impl Proc {
             }
         }
         out
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -272,14 +200,13 @@ pub async fn run_case(
         ]);
     }
     let mut p = Proc {
-        args,
-        dir,
-        child: None,
-        runs: 0,
-        stdout: case.sink == Sink::Stdout,
+        p: Pgcdc::new(args, dir),
         kills: 0,
         terms: 0,
     };
+    if case.sink == Sink::Stdout {
+        p.p.capture_stdout();
+    }
     p.spawn();
     // The workload starts once the slot exists (as an application would be running anyway):
     // its changes then reach pgcdc through the snapshot, the stream, or both.
@@ -305,7 +232,7 @@ pub async fn run_case(
                 return Err(format!(
                     "the slot did not appear within 60 s:\n{}\n{}",
                     activity(&client).await,
-                    p.tail(p.runs)
+                    p.tail(p.runs())
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -330,7 +257,7 @@ pub async fn run_case(
                 settle,
             } => {
                 let held = *ddl && !cfg.allows(Bug::DdlDuringSnapshot);
-                if (held || *settle) && p.child.is_some() {
+                if (held || *settle) && p.running() {
                     p.wait_streaming(Duration::from_secs(60))
                         .await
                         .map_err(|e| format!("before step {i} ({what}): {e}"))?;
@@ -344,7 +271,7 @@ pub async fn run_case(
                         format!(
                             "step {i} ({what}) waited 20 s for a lock that pgcdc holds:\n{}\n{}",
                             activity(&client).await,
-                            p.tail(p.runs)
+                            p.tail(p.runs())
                         )
                     } else {
                         format!(
@@ -365,7 +292,7 @@ pub async fn run_case(
     }
 
     // Everything the workload committed is published once the slot confirmed this.
-    if p.child.is_none() {
+    if !p.running() {
         p.spawn();
     }
     let target: String = client
@@ -401,7 +328,7 @@ pub async fn run_case(
         if Instant::now() > deadline {
             return Err(format!(
                 "pgcdc did not catch up within 120 s (confirmed {confirmed:?} < {target}):\n{}",
-                p.tail(p.runs)
+                p.tail(p.runs())
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -472,7 +399,7 @@ pub async fn run_case(
     let mut outcome = Outcome {
         illegal_topics: topics.iter().filter(|t| !legal(t)).count(),
         tables: captured.len(),
-        runs: p.runs,
+        runs: p.runs(),
         kills: p.kills,
         terms: p.terms,
         ..Outcome::default()
@@ -499,7 +426,7 @@ pub async fn run_case(
     if problems.is_empty() {
         Ok(outcome)
     } else {
-        let logs: String = (1..=p.runs)
+        let logs: String = (1..=p.runs())
             .map(|r| format!("--- pgcdc run {r} (last lines)\n{}\n", p.tail(r)))
             .collect();
         Err(format!(

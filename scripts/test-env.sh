@@ -10,7 +10,9 @@
 #     loopback port (default 54329), wal_level=logical, TLS with a self-signed CA made here,
 #     and roles for every authentication method pgcdc supports (trust, SCRAM, MD5, cleartext);
 #   - two brokers on loopback: durable storage (sqlite, survives restarts, correct watermarks)
-#     and memory storage (supports transactions).
+#     and memory storage (supports transactions);
+#   - clusters of PostgreSQL 14, 16, 17 and 18 on ports 54314, 54316, 54317, 54318, from npm
+#     (scripts/pg-versions.sh; PGCDC_TEST_PG_VERSIONS="" leaves them out).
 #
 # Nothing here touches the machine's default PostgreSQL cluster or port 5432.
 set -euo pipefail
@@ -230,6 +232,10 @@ start_broker() { # name port storage
 start_broker durable "$KAFKA_PORT" "sqlite://tansu.db"
 start_broker memory "$KAFKA_MEM_PORT" "memory://tansu/"
 
+# --- other PostgreSQL versions ---------------------------------------------------------------
+# Optional: a version that cannot be installed is left out, and its tests skip with a note.
+versions=$(PGCDC_TEST_STATE=$STATE bash "$(dirname "$0")/pg-versions.sh") || versions=""
+
 # --- settings for the tests ----------------------------------------------------------------
 cat <<EOF
 export PGCDC_TEST_STATE='$STATE'
@@ -251,4 +257,5 @@ export PGCDC_TEST_KAFKA='127.0.0.1:$KAFKA_PORT'
 export PGCDC_TEST_KAFKA_MEM='127.0.0.1:$KAFKA_MEM_PORT'
 export PGCDC_TEST_TANSU='$TANSU'
 EOF
+[ -z "$versions" ] || printf '%s\n' "$versions"
 log "ready"

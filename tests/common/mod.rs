@@ -7,6 +7,8 @@
 
 pub mod lines;
 pub mod pipeline;
+pub mod rng;
+pub mod topics;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -86,6 +88,25 @@ pub fn parse(conninfo: &str) -> ConnInfo {
     .unwrap_or_else(|e| panic!("test conninfo does not parse: {e}"))
 }
 
+/// The cluster of another PostgreSQL major version that `scripts/pg-versions.sh` started
+/// (`PGCDC_TEST_PG<major>_PORT`), with the superuser and host of [`env`]; `None` when that
+/// variable is unset, and the test should [`skip`].
+pub fn env_for_major(major: u32) -> Option<TestEnv> {
+    let port = var(&format!("PGCDC_TEST_PG{major}_PORT"))?
+        .parse()
+        .unwrap_or_else(|_| panic!("PGCDC_TEST_PG{major}_PORT must be a port number"));
+    Some(TestEnv {
+        port,
+        socket_dir: None,
+        scram: None,
+        md5: None,
+        cleartext: None,
+        tls: None,
+        sslrootcert: None,
+        ..env()
+    })
+}
+
 impl TestEnv {
     /// A TCP conninfo for `user` on `dbname`; `extra` is appended verbatim
     /// (e.g. `sslmode=require`).
@@ -147,7 +168,11 @@ pub struct TestDb {
 impl TestDb {
     /// Creates a fresh uniquely named database.
     pub async fn create() -> TestDb {
-        let env = env();
+        TestDb::create_in(env()).await
+    }
+
+    /// Creates a fresh uniquely named database in the cluster of `env`.
+    pub async fn create_in(env: TestEnv) -> TestDb {
         let name = unique_name("pgcdc_t");
         let admin = client(&env.admin("postgres")).await;
         admin

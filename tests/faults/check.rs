@@ -5,8 +5,9 @@
 //!    committed transaction is in the topics, with the transaction's xid and marker;
 //! 2. **order** — per key, the version (`(commit_lsn, lsn)`, a snapshot read below a change
 //!    with its `commit_lsn`: pgcdc's one rule, `pgcdc::event::order`) never goes backwards,
-//!    except for an exact replay of an event already seen; and in each partition a snapshot's
-//!    marker comes after every read of that snapshot;
+//!    except for an exact replay of an event already seen (`common::topics`, shared with the
+//!    integrity oracle); and in each partition a snapshot's marker comes after every read of
+//!    that snapshot;
 //! 3. **bounded duplicates** — a duplicate is an exact copy of an earlier event (same key,
 //!    position and content), and none was written before the first fault;
 //!
@@ -18,11 +19,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
-use pgcdc::event::order::Version;
-use pgcdc::sink::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Map, Value};
 
+pub use crate::common::topics::read_all;
+use crate::common::topics::{self, KeyOrder, Seen};
 use crate::workload::{Expect, Txn};
 
 /// A table to check: its name in `public` and its key columns.
@@ -114,77 +114,20 @@ impl Event {
         self.op() == "s"
     }
 
-    /// Where the event ranks among its key's events.
-    fn version(&self) -> Version {
-        let (commit_lsn, lsn) = self.position();
-        Version::of_event(self.op(), commit_lsn, lsn)
-    }
-
-    fn position(&self) -> (u64, u64) {
-        let s = &self.value.as_ref().expect("not a tombstone")["source"];
-        (
-            s["commit_lsn"].as_u64().expect("commit_lsn"),
-            s["lsn"].as_u64().expect("lsn"),
-        )
+    fn position(&self) -> topics::Position {
+        topics::position(self.value.as_ref().expect("not a tombstone"))
+            .expect("source.commit_lsn and source.lsn")
     }
 
     /// The event without the time it was encoded, which differs between re-publications.
     fn content(&self) -> Value {
-        let mut v = self.value.clone().unwrap_or(Value::Null);
-        if let Some(o) = v.as_object_mut() {
-            o.remove("ts_ms");
-        }
-        v
+        topics::content(self.value.as_ref().unwrap_or(&Value::Null))
     }
 }
 
 /// A key as one canonical string (object keys sorted).
 fn canonical(v: &Value) -> String {
     serde_json::to_string(v).expect("JSON")
-}
-
-fn watermark_total(kafka: &str, topic: &str) -> usize {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .set("group.id", "pgcdc-fault-checker")
-        .create()
-        .expect("a consumer");
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .expect("topic metadata");
-    let mut total = 0;
-    for t in md.topics() {
-        for p in t.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(30))
-                .expect("watermarks");
-            total += (high - low).max(0) as usize;
-        }
-    }
-    total
-}
-
-/// Reads a topic from the beginning: until the records the broker's watermarks announce
-/// have arrived, or nothing new arrived for a while.
-pub fn read_all(kafka: &str, topic: &str) -> Vec<ConsumedRecord> {
-    let expected = watermark_total(kafka, topic);
-    let records = read_topic(
-        &KafkaConfig::new(kafka),
-        topic,
-        ReadStop::Quiet {
-            expected: Some(expected),
-            // Only matters when the broker delivers less than it announced.
-            quiet: Duration::from_secs(30),
-            max_wait: Duration::from_secs(180),
-        },
-    )
-    .unwrap_or_else(|e| panic!("cannot read {topic}: {e}"));
-    assert!(
-        records.len() >= expected,
-        "{topic}: read {} records, the broker holds {expected}",
-        records.len()
-    );
-    records
 }
 
 /// Reads every table's topic (in parallel).
@@ -249,10 +192,8 @@ async fn table_rows(client: &tokio_postgres::Client, t: &Table) -> BTreeMap<Stri
 /// Per key, while replaying a topic.
 #[derive(Default)]
 struct KeyState {
-    /// The highest version applied.
-    high: Version,
-    /// Content of every event seen, by position and op.
-    seen: HashMap<(u64, u64, String), Value>,
+    /// Positions and contents seen: order and replays.
+    order: KeyOrder,
     /// The row as a consumer has it, `None` once deleted.
     row: Option<Value>,
     last_op: String,
@@ -298,7 +239,7 @@ pub async fn check(
                         ));
                     }
                     summary.markers += 1;
-                    completed.insert(e.position().0);
+                    completed.insert(e.position().commit_lsn);
                     continue;
                 }
                 let k = keys.entry(e.key.clone()).or_default();
@@ -316,7 +257,7 @@ pub async fn check(
                 summary.events += 1;
                 let op = e.op().to_string();
                 let pos = e.position();
-                if op == "r" && completed.contains(&pos.0) {
+                if op == "r" && completed.contains(&pos.commit_lsn) {
                     problems.push(format!(
                         "{}: read of {} at offset {} after its snapshot's marker",
                         t.name, e.key, e.offset
@@ -338,33 +279,32 @@ pub async fn check(
                     found.insert((t.name.to_string(), e.key.clone(), xid, class, marker));
                 }
                 let content = e.content();
-                if let Some(earlier) = k.seen.get(&(pos.0, pos.1, op.clone())) {
-                    summary.duplicates += 1;
-                    if *earlier != content {
-                        problems.push(format!(
-                            "{}: {} at {pos:?} was published twice with different content:\n{earlier}\n{content}",
-                            t.name, e.key
-                        ));
-                    }
-                    if let (Some(first), Some(ts)) = (first_fault_ms, e.timestamp) {
-                        if ts < first {
+                match k.order.observe(pos, &op, content.clone()) {
+                    Seen::New => {}
+                    Seen::Backwards { high } => problems.push(format!(
+                        "{}: {} goes backwards: {op} at {pos:?} (offset {}) after {high:?}, and is not a replay",
+                        t.name, e.key, e.offset
+                    )),
+                    replay => {
+                        summary.duplicates += 1;
+                        if let Seen::ConflictingReplay { earlier } = replay {
                             problems.push(format!(
-                                "{}: duplicate of {} at {pos:?} (offset {}) written before any fault",
-                                t.name, e.key, e.offset
+                                "{}: {} at {pos:?} was published twice with different content:\n{earlier}\n{content}",
+                                t.name, e.key
                             ));
                         }
+                        if let (Some(first), Some(ts)) = (first_fault_ms, e.timestamp) {
+                            if ts < first {
+                                problems.push(format!(
+                                    "{}: duplicate of {} at {pos:?} (offset {}) written before any fault",
+                                    t.name, e.key, e.offset
+                                ));
+                            }
+                        }
+                        k.last_op = op;
+                        continue;
                     }
-                    k.last_op = op;
-                    continue;
                 }
-                if e.version() < k.high {
-                    problems.push(format!(
-                        "{}: {} goes backwards: {op} at {pos:?} (offset {}) after {}, and is not a replay",
-                        t.name, e.key, e.offset, k.high
-                    ));
-                }
-                k.seen.insert((pos.0, pos.1, op.clone()), content);
-                k.high = k.high.max(e.version());
                 match op.as_str() {
                     "d" => k.row = None,
                     "r" | "c" | "u" => {

@@ -17,6 +17,10 @@ pub struct Pgcdc {
     child: Option<Child>,
     /// Number of runs started so far; run `n` logs to `run<n>.log`.
     pub runs: usize,
+    /// Run `n` writes its stdout to `run<n>.out` (the stdout sink), else to nowhere.
+    stdout: bool,
+    /// When the current run was started.
+    spawned: Option<Instant>,
 }
 
 impl Pgcdc {
@@ -29,7 +33,14 @@ impl Pgcdc {
             dir,
             child: None,
             runs: 0,
+            stdout: false,
+            spawned: None,
         }
+    }
+
+    /// Keeps each following run's stdout in `run<n>.out` (see [`Pgcdc::stdout_of`]).
+    pub fn capture_stdout(&mut self) {
+        self.stdout = true;
     }
 
     /// Sets an environment variable for the following runs.
@@ -64,13 +75,28 @@ impl Pgcdc {
         assert!(self.child.is_none(), "a run is still going");
         self.runs += 1;
         let log = std::fs::File::create(self.log_path(self.runs)).expect("log file");
+        let out = if self.stdout {
+            Stdio::from(std::fs::File::create(self.out_path(self.runs)).expect("stdout file"))
+        } else {
+            Stdio::null()
+        };
         let child = self
             .command(extra)
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("pgcdc starts");
         self.child = Some(child);
+        self.spawned = Some(Instant::now());
+    }
+
+    fn out_path(&self, run: usize) -> PathBuf {
+        self.dir.join(format!("run{run}.out"))
+    }
+
+    /// What run `run` wrote to stdout (with [`Pgcdc::capture_stdout`]).
+    pub fn stdout_of(&self, run: usize) -> String {
+        std::fs::read_to_string(self.out_path(run)).unwrap_or_default()
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -97,6 +123,14 @@ impl Pgcdc {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        // pgcdc installs its handlers in a task of its own, which may run after that first
+        // line: a SIGTERM right after it could still end the process by the default action.
+        if let Some(wait) = self
+            .spawned
+            .and_then(|t| (t + Duration::from_millis(300)).checked_duration_since(Instant::now()))
+        {
+            std::thread::sleep(wait);
         }
         let mut c = self.child.take()?;
         crate::servers::signal(c.id(), "-TERM");

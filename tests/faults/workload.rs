@@ -47,49 +47,7 @@ pub fn prefill_sql(orders: i64, docs: i64) -> String {
     )
 }
 
-/// SplitMix64: small, seedable, good enough to pick operations and timings.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo).max(1)
-    }
-
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.range(0, 100) < percent
-    }
-
-    pub fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
-        if items.is_empty() {
-            None
-        } else {
-            Some(items[self.range(0, items.len() as u64) as usize])
-        }
-    }
-
-    /// `len` letters and digits: random enough that PostgreSQL cannot compress them, so a
-    /// few kilobytes are stored out of line (TOAST).
-    pub fn text(&mut self, len: usize) -> String {
-        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-        (0..len)
-            .map(|_| ALPHABET[self.range(0, ALPHABET.len() as u64) as usize] as char)
-            .collect()
-    }
-}
+pub use crate::common::rng::Rng;
 
 /// A seed from `PGCDC_FAULT_SEED`, or the clock; printed so that a failure can be replayed.
 pub fn seed(scenario: &str) -> u64 {
@@ -469,7 +427,7 @@ fn plan(rng: &mut Rng, state: &State, marker: &str, pace: Pace) -> Plan {
                 }
             }
             50..=64 => {
-                if let Some(id) = rng.pick(&s.orders) {
+                if let Some(id) = rng.choose(&s.orders) {
                     statements.push((
                         format!(
                             "UPDATE orders SET note = 'updated {}', amount = amount + 1, marker = '{marker}' WHERE id = {id}",
@@ -481,7 +439,7 @@ fn plan(rng: &mut Rng, state: &State, marker: &str, pace: Pace) -> Plan {
                 }
             }
             65..=74 => {
-                if let Some(id) = rng.pick(&s.orders) {
+                if let Some(id) = rng.choose(&s.orders) {
                     statements.push((format!("DELETE FROM orders WHERE id = {id}"), 1));
                     s.orders.retain(|o| *o != id);
                     expects.push(del("orders", order_key(id)));
@@ -489,7 +447,7 @@ fn plan(rng: &mut Rng, state: &State, marker: &str, pace: Pace) -> Plan {
             }
             75..=79 => {
                 // A primary-key change: a delete of the old key and a create of the new one.
-                if let Some(id) = rng.pick(&s.orders) {
+                if let Some(id) = rng.choose(&s.orders) {
                     let new = s.next_order;
                     s.next_order += 1;
                     statements.push((
@@ -520,7 +478,7 @@ fn plan(rng: &mut Rng, state: &State, marker: &str, pace: Pace) -> Plan {
             }
             87..=91 => {
                 // The TOASTed body is unchanged: PostgreSQL does not send it again.
-                if let Some(id) = rng.pick(&s.docs) {
+                if let Some(id) = rng.choose(&s.docs) {
                     statements.push((
                         format!(
                             "UPDATE docs SET title = 'retitled {}', marker = '{marker}' WHERE id = {id}",
@@ -532,7 +490,7 @@ fn plan(rng: &mut Rng, state: &State, marker: &str, pace: Pace) -> Plan {
                 }
             }
             92..=94 => {
-                if let Some(id) = rng.pick(&s.docs) {
+                if let Some(id) = rng.choose(&s.docs) {
                     let len = rng.range(2500, 7000) as usize;
                     statements.push((
                         format!(
@@ -545,14 +503,14 @@ fn plan(rng: &mut Rng, state: &State, marker: &str, pace: Pace) -> Plan {
                 }
             }
             95..=96 => {
-                if let Some(id) = rng.pick(&s.docs) {
+                if let Some(id) = rng.choose(&s.docs) {
                     statements.push((format!("DELETE FROM docs WHERE id = {id}"), 1));
                     s.docs.retain(|d| *d != id);
                     expects.push(del("docs", json!({ "id": id })));
                 }
             }
             _ => {
-                if let Some((acc, seq)) = rng.pick(&s.ledger) {
+                if let Some((acc, seq)) = rng.choose(&s.ledger) {
                     statements.push((
                         format!("DELETE FROM ledger WHERE account = {acc} AND seq = {seq}"),
                         1,

@@ -13,19 +13,10 @@ use pgcdc::config::file::{parse_cli, ConfigError};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match parse_cli(std::env::args_os()) {
-        Ok(cli) => cli,
-        // Help, version and flag errors: clap prints them and picks 0 or 2.
-        Err(ConfigError::Clap(e)) => e.exit(),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    pgcdc::logging::init(cli.global.log_format);
     // One thread for the whole pipeline: PostgreSQL's backend needs the other cores, and a
     // hand-off between runtime threads cost a futex wake-up and a context switch per event
     // (measured: 30-55% of pgcdc's CPU, bench/PROFILE.md). librdkafka keeps its own threads.
+    // Built first: the signal handlers need it, and they come before anything else.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -40,8 +31,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before a flag is parsed, a line logged or a connection opened: from here on SIGTERM is
+    // a graceful stop (see `pgcdc::signals`).
+    let stop = {
+        let _context = runtime.enter();
+        pgcdc::signals::stop_on_signals()
+    };
+    let cli = match parse_cli(std::env::args_os()) {
+        Ok(cli) => cli,
+        // Help, version and flag errors: clap prints them and picks 0 or 2.
+        Err(ConfigError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    pgcdc::logging::init(cli.global.log_format);
     let result = runtime.block_on(async {
-        let stop = pgcdc::signals::stop_on_signals();
         match cli.command {
             Command::Run(args) => pgcdc::run::run(*args, stop).await.map(|()| 0),
             Command::Status(args) => pgcdc::ops::status::run(*args).await,

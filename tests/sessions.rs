@@ -891,3 +891,52 @@ async fn a_transaction_committed_at_the_stop_lsn_is_published_once() {
         .collect();
     assert_eq!(ids, (1..=8).collect::<Vec<i64>>(), "published once each");
 }
+
+/// A SIGTERM at any moment after the process started is a graceful stop (exit 0): the
+/// signal handlers are installed before pgcdc logs or connects.
+///
+/// Between `exec` and `main` (the dynamic loader) no program can handle a signal, so a SIGTERM
+/// sent the instant `spawn` returns is started with SIGTERM blocked ([`common::block_sigterm_until_handled`]):
+/// pgcdc unblocks it once its handlers are installed. Then, unblocked, a SIGTERM the moment
+/// the first log line appears, and a little after.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_right_after_start_exits_0() {
+    let p = Pipeline::new("CREATE TABLE public.t (id int PRIMARY KEY);").await;
+    let term = |child: &Child| {
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+        // SAFETY: kill(2) of a child not yet waited for.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    };
+    for i in 0..5 {
+        let log = format!("blocked{i}.log");
+        let mut cmd = p.command(&["--table", "public.t"]);
+        common::block_sigterm_until_handled(&mut cmd);
+        let mut child = spawn_logged(&p, cmd, &log, None);
+        term(&child);
+        let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "try {i}: SIGTERM at once: {status:?}\n{}",
+            p.log(&log)
+        );
+    }
+    for (i, delay_ms) in [0, 0, 0, 1, 5, 20].into_iter().enumerate() {
+        let log = format!("run{i}.log");
+        let mut child = spawn_logged(&p, p.command(&["--table", "public.t"]), &log, None);
+        let logged = common::poll_until(Duration::from_secs(20), || async {
+            std::fs::metadata(p.dir.join(&log))
+                .is_ok_and(|m| m.len() > 0)
+                .then_some(())
+        })
+        .await;
+        assert!(logged.is_some(), "try {i}: nothing logged");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        term(&child);
+        let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "try {i}: SIGTERM {delay_ms} ms after the first log line: {status:?}\n{}",
+            p.log(&log)
+        );
+    }
+}

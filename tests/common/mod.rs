@@ -255,6 +255,24 @@ impl Drop for TestDb {
     }
 }
 
+/// Starts `cmd` with SIGTERM blocked, as a supervisor that must not lose a signal sent before
+/// the program's `main` runs does (nothing can handle a signal while the dynamic loader runs):
+/// pgcdc unblocks it once its handlers are installed, so a SIGTERM sent the instant `spawn`
+/// returns is a graceful stop.
+pub fn block_sigterm_until_handled(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
+
 /// Polls `f` until it returns `Some`, for at most `timeout`.
 pub async fn poll_until<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
 where

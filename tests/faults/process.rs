@@ -6,9 +6,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// What `pgcdc run` logs first, once its signal handlers are installed.
-const FIRST_LOG_LINE: &str = "connecting to PostgreSQL";
-
 /// Repeated runs of one pgcdc configuration.
 pub struct Pgcdc {
     args: Vec<String>,
@@ -19,8 +16,6 @@ pub struct Pgcdc {
     pub runs: usize,
     /// Run `n` writes its stdout to `run<n>.out` (the stdout sink), else to nowhere.
     stdout: bool,
-    /// When the current run was started.
-    spawned: Option<Instant>,
 }
 
 impl Pgcdc {
@@ -34,7 +29,6 @@ impl Pgcdc {
             child: None,
             runs: 0,
             stdout: false,
-            spawned: None,
         }
     }
 
@@ -48,6 +42,9 @@ impl Pgcdc {
         self.env.push((key.into(), value.into()));
     }
 
+    /// `pgcdc run` with SIGTERM blocked until pgcdc handles it (see
+    /// [`crate::common::block_sigterm_until_handled`]): a SIGTERM at any moment after the
+    /// spawn is a graceful stop.
     pub fn command(&self, extra: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
         c.arg("run")
@@ -59,6 +56,7 @@ impl Pgcdc {
         for (k, v) in &self.env {
             c.env(k, v);
         }
+        crate::common::block_sigterm_until_handled(&mut c);
         c
     }
 
@@ -87,7 +85,6 @@ impl Pgcdc {
             .spawn()
             .expect("pgcdc starts");
         self.child = Some(child);
-        self.spawned = Some(Instant::now());
     }
 
     fn out_path(&self, run: usize) -> PathBuf {
@@ -111,27 +108,8 @@ impl Pgcdc {
         }
     }
 
-    /// SIGTERM; waits at most `timeout` for the exit. A run that has just been started is
-    /// first given time to install its signal handlers (its first log line comes after
-    /// them): a SIGTERM before that kills it by the signal's default action, which is not
-    /// what a graceful stop tests.
+    /// SIGTERM; waits at most `timeout` for the exit.
     pub fn sigterm(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let started = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < started && !self.log().contains(FIRST_LOG_LINE) {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // pgcdc installs its handlers in a task of its own, which may run after that first
-        // line: a SIGTERM right after it could still end the process by the default action.
-        if let Some(wait) = self
-            .spawned
-            .and_then(|t| (t + Duration::from_millis(300)).checked_duration_since(Instant::now()))
-        {
-            std::thread::sleep(wait);
-        }
         let mut c = self.child.take()?;
         crate::servers::signal(c.id(), "-TERM");
         let deadline = Instant::now() + timeout;

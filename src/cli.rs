@@ -46,8 +46,9 @@ Examples:
   pgcdc run --source postgres://app@db/shop --kafka localhost:9092 --table public.orders
   pgcdc run --source 'host=/var/run/postgresql dbname=shop' --sink stdout --stop-lsn now
 
-Topics are <topic-prefix>.<schema>.<table>; progress is kept in the compacted topic
-<topic-prefix>._progress (Kafka sink) or in --progress-file (stdout sink).
+Topics are <topic-prefix>.<schema>.<table>; a name Kafka would refuse or that could be another
+table's gets `_` for other characters and a hash suffix (README: Topic names). Progress is kept
+in the compacted topic <topic-prefix>._progress (Kafka sink) or in --progress-file (stdout sink).
 Exit codes: 0 done or stopped, 2 usage or configuration, 3 PostgreSQL, 4 sink (Kafka, stdout).
 Logs go to stderr; set PGCDC_LOG=debug (or a tracing filter) for more.";
 

@@ -995,15 +995,15 @@ const ODD_NAMES: &str = r#"
     INSERT INTO "Mixed Case"."user" SELECT g, repeat('s', 500), g FROM generate_series(1, 2600) g;"#;
 
 /// The tables of [`ODD_NAMES`]: SQL name (also the `--table` value), topic after the
-/// prefix, key column.
+/// prefix (names Kafka accepts: see `pgcdc::source::topic`), key column.
 const ODD_TABLES: [(&str, &str, &str); 3] = [
     (
         r#""Odd ""Schema"" ü"."Order ""Table"" ✓""#,
-        r#"Odd "Schema" ü.Order "Table" ✓"#,
+        "Odd__Schema___.Order__Table____b0b03abf",
         "order",
     ),
     (r#"public."group""#, "public.group", "user"),
-    (r#""Mixed Case"."user""#, "Mixed Case.user", "user"),
+    (r#""Mixed Case"."user""#, "Mixed_Case.user_e526abd4", "user"),
 ];
 
 /// Checks that replaying `lines` gives every table of [`ODD_TABLES`] as it is now.
@@ -1019,6 +1019,156 @@ async fn assert_odd_tables<'a>(
         let want = common::lines::table_state(&client, table, "*", "true", &[key]).await;
         common::lines::assert_same(&got, &want, &format!("{what}: {table}"));
     }
+}
+
+/// Issue 17: topics were `<prefix>.<schema>.<table>` as is: `"a.b".c` and `a."b.c"` shared the
+/// topic `<prefix>.a.b.c` (their events merged under colliding keys), and names with spaces or
+/// non-ASCII were topics Apache Kafka refuses. Now each table has a topic of its own, a legal
+/// name, and legal names are kept as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_table_gets_a_topic_of_its_own_that_kafka_accepts() {
+    let p = Pipeline::new(
+        r#"CREATE SCHEMA "a.b"; CREATE SCHEMA a; CREATE SCHEMA "Sales";
+           CREATE TABLE "a.b".c (id int PRIMARY KEY, v text);
+           CREATE TABLE a."b.c" (id int PRIMARY KEY, v text);
+           CREATE TABLE "Sales"."Order Lines" (id int PRIMARY KEY, v text);
+           CREATE TABLE public.plain_one (id int PRIMARY KEY, v text);
+           INSERT INTO "a.b".c SELECT g, 'ab.c' FROM generate_series(1, 3) g;
+           INSERT INTO a."b.c" SELECT g, 'a.bc' FROM generate_series(1, 5) g;
+           INSERT INTO "Sales"."Order Lines" SELECT g, 'ol' FROM generate_series(1, 2) g;
+           INSERT INTO public.plain_one VALUES (1, 'p');"#,
+    )
+    .await;
+    let tables = [
+        (r#""a.b".c"#, "a_b.c_8b745bb4", 3, "ab.c"),
+        (r#"a."b.c""#, "a.b_c_ad8a94ab", 5, "a.bc"),
+        (
+            r#""Sales"."Order Lines""#,
+            "Sales.Order_Lines_c2765b86",
+            2,
+            "ol",
+        ),
+        ("public.plain_one", "public.plain_one", 1, "p"),
+    ];
+    let mut args = vec!["--stop-lsn", "now"];
+    for (t, ..) in &tables {
+        args.extend(["--table", t]);
+    }
+    let out = p.run(&args);
+    assert_success(&out, "snapshot");
+    p.db.client()
+        .await
+        .batch_execute(
+            r#"INSERT INTO "a.b".c VALUES (10, 'ab.c'); INSERT INTO a."b.c" VALUES (10, 'a.bc');"#,
+        )
+        .await
+        .unwrap();
+    assert_success(&p.run(&args), "stream");
+    for (table, topic, rows, v) in tables {
+        let topic = format!("{}.{topic}", p.prefix);
+        let streamed = usize::from(v.contains('.'));
+        // The reads, the marker, and one insert for the dotted tables.
+        let events = p.events_in(&topic, Some(rows + 1 + streamed)).await;
+        let data = without_markers(events);
+        assert_eq!(data.len(), rows + streamed, "{table} in {topic}: {data:?}");
+        for e in &data {
+            let value = e.value.as_ref().expect("a value");
+            assert_eq!(value["after"]["v"], v, "{table} in {topic}: {e:?}");
+        }
+    }
+    let published = common::published(&common::pipeline::kafka(), &p.prefix).await;
+    for topic in published.keys() {
+        assert!(
+            topic.len() <= 249
+                && topic
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')),
+            "Kafka would refuse the topic {topic:?}"
+        );
+    }
+}
+
+/// Issue 17: two tables whose topics Kafka would take for one (`.` and `_` are the same to
+/// it) are refused at start, naming both tables and the fix; nothing is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_that_would_share_a_topic_are_refused_at_start() {
+    let p = Pipeline::new(
+        "CREATE SCHEMA a_b; CREATE SCHEMA a;
+         CREATE TABLE a_b.c (id int PRIMARY KEY);
+         CREATE TABLE a.b_c (id int PRIMARY KEY);
+         INSERT INTO a_b.c VALUES (1); INSERT INTO a.b_c VALUES (1);",
+    )
+    .await;
+    let out = p.run(&["--table", "a_b.c", "--table", "a.b_c", "--stop-lsn", "now"]);
+    assert_fails(
+        &out,
+        2,
+        &[
+            r#""a_b"."c""#,
+            r#""a"."b_c""#,
+            "'.' versus '_'",
+            "Fix: rename one",
+        ],
+    );
+    common::assert_nothing_published(&common::pipeline::kafka(), &p.prefix).await;
+}
+
+/// Issue 17: a table that joins the publication while pgcdc streams, and whose topic would be
+/// another captured table's, stops pgcdc with the message (exit 3) rather than merging the two
+/// tables' events: `s."x y"` publishes to `<prefix>.s.x_y_<hash>`, and a table named exactly
+/// that joins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_joining_onto_another_tables_topic_stops_pgcdc() {
+    // The table part of `s."x y"`'s topic: `x_y_` and the hash of its exact names.
+    let joining = "x_y_2896a1b4";
+    let p = Pipeline::new(r#"CREATE SCHEMA s; CREATE TABLE s."x y" (id int PRIMARY KEY);"#).await;
+    let client = p.db.client().await;
+    client
+        .batch_execute(&format!(
+            r#"CREATE PUBLICATION {} FOR TABLE s."x y" WITH (publish_via_partition_root = true);
+               CREATE TABLE s.{joining} (id int PRIMARY KEY);"#,
+            p.slot
+        ))
+        .await
+        .unwrap();
+    let mut child = p.spawn(&[], "run.log");
+    p.wait_for_log("run.log", "streaming changes").await;
+    client
+        .batch_execute(&format!(
+            r#"INSERT INTO s."x y" VALUES (1);
+               ALTER PUBLICATION {} ADD TABLE s.{joining};
+               INSERT INTO s.{joining} VALUES (2);"#,
+            p.slot
+        ))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = p.log("run.log");
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{log}");
+    assert!(
+        log.contains(&format!(r#""s"."{joining}""#)) && log.contains(r#""s"."x y""#),
+        "{log}"
+    );
+    // Nothing of the joining table reached the other's topic.
+    let topic = format!("{}.s.{joining}", p.prefix);
+    let events = p.events_in(&topic, None).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.key.as_ref().map_or(true, |k| k["id"] != 2)),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

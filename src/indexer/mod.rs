@@ -120,6 +120,9 @@ pub struct Stats {
 
 /// The index a topic goes to: its last dot-separated part (`pgcdc.public.orders` →
 /// `orders`), with characters Meilisearch does not allow in index names replaced by `_`.
+/// pgcdc's topic names have no dot inside a table's part (`"Order.Lines"` publishes to
+/// `….Order_Lines_<hash>`, see [`crate::source::topic`]), so that part is the whole table
+/// name as the topic carries it.
 pub fn index_for_topic(topic: &str) -> String {
     let table = topic.rsplit('.').next().unwrap_or(topic);
     let name: String = table
@@ -573,6 +576,8 @@ mod tests {
         assert_eq!(index_for_topic("orders"), "orders");
         assert_eq!(index_for_topic("p.s.Order Lines"), "Order_Lines");
         assert_eq!(index_for_topic("p.s."), "_");
+        // pgcdc's name for `a."b.c"`: the table's part is one part.
+        assert_eq!(index_for_topic("pgcdc.a.b_c_ad8a94ab"), "b_c_ad8a94ab");
         let clash = Indexer::new(
             StdoutTarget::new(Vec::new()),
             &["a.public.orders".into(), "a.shop.orders".into()],

@@ -74,8 +74,8 @@ use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSc
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::kafka::{self, ConsumedRecord, KafkaConfig, ReadStop, TopicReader};
 use crate::source::catalog::{self, quote_ident, quote_literal};
-use crate::source::changes::topic_name;
 use crate::source::replication::{ReplicationClient, SnapshotAction};
+use crate::source::topic::topic_name;
 use crate::source::{copy_text, snapshot, Lsn};
 
 /// The result of a comparison; also the `--json` output.

@@ -38,9 +38,10 @@ use crate::signals;
 use crate::sink::{self, kafka, SinkItem};
 use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
-use crate::source::changes::{topic_name, ChangeBuilder, ChangeOptions};
+use crate::source::changes::{ChangeBuilder, ChangeOptions};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
 use crate::source::slot_lock::SlotLock;
+use crate::source::topic::{self, topic_name};
 use crate::source::{connect, session, snapshot, Lsn};
 
 use failure::{
@@ -408,6 +409,7 @@ async fn prepare_source(
     // Named tables are checked before the publication is touched, so a missing table or
     // privilege is reported as such rather than as a failed CREATE PUBLICATION.
     if !args.tables.is_empty() {
+        topic::check_distinct(&args.topic_prefix, &args.tables).or_fail(Usage)?;
         catalog::describe_tables(&client, &args.tables)
             .await
             .or_fail(SourceFail)?;
@@ -415,6 +417,8 @@ async fn prepare_source(
     let names = catalog::ensure_publication(&client, &args.publication, &args.tables)
         .await
         .or_fail(SourceFail)?;
+    // One topic per table, each a name Kafka accepts (see `crate::source::topic`).
+    topic::check_distinct(&args.topic_prefix, &names).or_fail(Usage)?;
     let tables = catalog::describe_published(&client, &args.publication, &names)
         .await
         .or_fail(SourceFail)?;

@@ -15,7 +15,7 @@ use super::failure::{Failure, FailureKind};
 use crate::cli::{LogFormat, ProgressDisplay, RunArgs};
 use crate::metrics::{self, TableMetrics};
 use crate::source::catalog::TableInfo;
-use crate::source::changes::topic_name;
+use crate::source::topic::topic_name;
 
 /// How often the log-line display reports.
 const LOG_EVERY: Duration = Duration::from_secs(10);

@@ -43,6 +43,7 @@ use crate::source::pgoutput::{
     ReplicaIdentity, TupleData,
 };
 use crate::source::schema::{Lookup, LookupError};
+use crate::source::topic::{topic_name, TopicError, Topics};
 use crate::source::Lsn;
 
 /// A change stream pgcdc cannot turn into events.
@@ -64,6 +65,8 @@ pub enum ChangeError {
     Lookup(#[from] LookupError),
     #[error("cannot follow a table that joined the publication or whose key changed: {0}")]
     Exclude(#[from] ExcludeError),
+    #[error("cannot follow a table that joined the publication: {0}")]
+    Topic(#[from] TopicError),
     #[error("{table}: the publication does not publish its key column(s) {}, so its events could not be keyed (the Kafka key is the replica identity index under REPLICA IDENTITY USING INDEX, else the primary key). Fix: add them to the publication's column list for that table (ALTER PUBLICATION … DROP TABLE …; ALTER PUBLICATION … ADD TABLE … (columns…);)", .missing.join(", "))]
     KeyNotPublished {
         table: TableName,
@@ -158,6 +161,8 @@ pub struct ChangeBuilder {
     options: ChangeOptions,
     /// Key column names of the captured tables.
     selected: HashMap<TableName, Vec<String>>,
+    /// Their topics: a table that joins may not take another's (see [`crate::source::topic`]).
+    topics: Topics,
     /// Relation OID → schema, or `None` for a relation that is published but not captured.
     relations: HashMap<u32, Option<Arc<Rel>>>,
     /// Types known so far: those of the encoder, plus any learned while streaming.
@@ -190,6 +195,14 @@ impl ChangeBuilder {
                 .iter()
                 .map(|t| (t.name.clone(), t.key.clone()))
                 .collect(),
+            // Checked at start (`topic::check_distinct`): nothing to refuse here.
+            topics: {
+                let mut topics = Topics::new(topic_prefix);
+                for t in tables {
+                    let _ = topics.add(&t.name);
+                }
+                topics
+            },
             relations: HashMap::new(),
             txn: None,
             message_topic: format!("{topic_prefix}.message").into(),
@@ -241,9 +254,9 @@ impl ChangeBuilder {
             None => {
                 let key = key_for(&name, lookup.table_key(r.oid).await?, r)?;
                 self.options.exclude.check_key(&name, &key)?;
-                lookup
-                    .ensure_topic(&topic_name(&self.topic_prefix, &name))
-                    .await?;
+                // Stop rather than merge its events into another table's topic.
+                let topic = self.topics.add(&name)?;
+                lookup.ensure_topic(&topic).await?;
                 tracing::info!(table = %name, ?key, "a table joined the publication: streaming its changes from here on (rows it held before are not snapshotted)");
                 if key.is_empty() {
                     tracing::warn!(table = %name, "table has no primary key or replica identity index: its events get a null Kafka key");
@@ -656,11 +669,6 @@ fn flagged(r: &Relation) -> Vec<&str> {
 /// The same columns, in any order.
 fn same_columns(a: &[impl AsRef<str>], b: &[impl AsRef<str>]) -> bool {
     a.len() == b.len() && a.iter().all(|x| b.iter().any(|y| y.as_ref() == x.as_ref()))
-}
-
-/// `<prefix>.<schema>.<table>`.
-pub fn topic_name(prefix: &str, table: &TableName) -> String {
-    format!("{prefix}.{}.{}", table.schema, table.name)
 }
 
 /// The values of `tuple` for the kept columns.

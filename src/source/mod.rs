@@ -1,7 +1,8 @@
 //! Everything that reads from PostgreSQL: start-up checks ([`catalog`]), the replication
 //! connection ([`replication`]) and ordinary connections ([`connect`]), the I/O-free pgoutput
 //! decoder ([`pgoutput`]), the initial [`snapshot`], and the turning of decoded messages into
-//! events ([`changes`]), with what it learns from the catalog on the way ([`schema`]). Both
+//! events ([`changes`]), with what it learns from the catalog on the way ([`schema`]), and
+//! the topic each table's events go to ([`topic`]). Both
 //! connections use one canonical text form for values ([`session`]).
 
 pub mod catalog;
@@ -18,5 +19,6 @@ pub mod schema;
 pub mod session;
 pub mod slot_lock;
 pub mod snapshot;
+pub mod topic;
 
 pub use lsn::Lsn;

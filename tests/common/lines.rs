@@ -1,5 +1,5 @@
-//! `pgcdc run --sink stdout` for tests whose table names no Kafka topic could carry (quotes,
-//! spaces, unicode), and the state its JSON lines and a table end in, keyed like the events.
+//! `pgcdc run --sink stdout` for tests that read events as JSON lines, and the state its lines
+//! and a table end in, keyed like the events.
 
 use std::collections::BTreeMap;
 use std::process::Output;

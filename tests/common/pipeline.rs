@@ -150,8 +150,12 @@ impl Pipeline {
         std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
     }
 
+    /// The topic of `public.<table>` (see `pgcdc::source::topic`).
     pub fn topic(&self, table: &str) -> String {
-        format!("{}.public.{table}", self.prefix)
+        pgcdc::source::topic::topic_name(
+            &self.prefix,
+            &pgcdc::source::catalog::TableName::new("public", table),
+        )
     }
 
     /// Everything in a table's topic, in offset order (one partition by default), snapshot

@@ -139,7 +139,10 @@ async fn read_topics(
     let mut handles = Vec::new();
     for t in tables {
         let kafka = kafka.to_string();
-        let topic = format!("{prefix}.public.{}", t.name);
+        let topic = pgcdc::source::topic::topic_name(
+            prefix,
+            &pgcdc::source::catalog::TableName::new("public", t.name.to_string()),
+        );
         handles.push((
             t.name,
             tokio::task::spawn_blocking(move || read_all(&kafka, &topic)),

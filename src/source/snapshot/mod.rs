@@ -67,10 +67,10 @@ use crate::event::{
 use crate::metrics::TableMetrics;
 use crate::sink::{Record, SinkItem};
 use crate::source::catalog::{quote_literal, CopyFormat, TableInfo};
-use crate::source::changes::topic_name;
 use crate::source::connect::{describe, ConnectError};
 use crate::source::copy_binary::{self, Conv, CopyBinaryError, Text};
 use crate::source::copy_text::{self, CopyTextError};
+use crate::source::topic::topic_name;
 use crate::source::Lsn;
 
 /// Why the snapshot failed.

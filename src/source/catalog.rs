@@ -245,13 +245,28 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// A column of a table, as the catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribute {
+    pub name: String,
+    pub type_oid: u32,
+    /// A stored generated column (`GENERATED ALWAYS AS (…) STORED`): published only by
+    /// PostgreSQL 18+, when the publication says so (see [`published`]).
+    pub generated: bool,
+}
+
 /// What the pipeline needs to know about a published table.
 #[derive(Debug, Clone)]
 pub struct TableInfo {
     pub oid: u32,
     pub name: TableName,
-    /// Column names and type OIDs in attribute order (what COPY and pgoutput both use).
+    /// Column names and type OIDs in attribute order (what COPY and pgoutput both use): the
+    /// published ones, without excluded ones.
     pub columns: Vec<(String, u32)>,
+    /// Every column of the table when pgcdc read the catalog, in attribute order (virtual
+    /// generated columns of PostgreSQL 18 aside: never published). The snapshot checks them
+    /// against its consistent point (see [`crate::source::snapshot`]).
+    pub attributes: Vec<Attribute>,
     /// Kafka key columns in key order (see [`table_key`]).
     pub key: Vec<String>,
     /// A partitioned table: its rows live in partitions, and its changes are published under
@@ -295,7 +310,8 @@ impl TableInfo {
     }
 
     /// `COPY table (columns)` when that reads the rows wanted, else `COPY (SELECT …)` (page
-    /// ranges, the publication's row filter, partitioned tables).
+    /// ranges, the publication's row filter, partitioned tables, and generated columns,
+    /// which `COPY table (columns)` refuses on every version).
     /// `COPY table TO` reads the table's own rows, but a `SELECT` from an inheritance parent
     /// reads its children's rows too, which are published as tables of their own: so
     /// `FROM ONLY`, except for a partitioned table, whose rows are all in its partitions.
@@ -312,7 +328,7 @@ impl TableInfo {
         if let Some(filter) = &self.row_filter {
             conditions.push(format!("({filter})"));
         }
-        if conditions.is_empty() && !self.partitioned {
+        if conditions.is_empty() && !self.partitioned && !self.reads_generated() {
             return format!("COPY {} ({cols}) TO STDOUT{options}", self.name);
         }
         let only = if self.partitioned { "" } else { "ONLY " };
@@ -325,6 +341,15 @@ impl TableInfo {
             "COPY (SELECT {cols} FROM {only}{}{filter}) TO STDOUT{options}",
             self.name
         )
+    }
+
+    /// Whether a column read is a generated one.
+    fn reads_generated(&self) -> bool {
+        self.columns.iter().any(|(name, _)| {
+            self.attributes
+                .iter()
+                .any(|a| a.generated && &a.name == name)
+        })
     }
 
     fn column_list(&self) -> String {
@@ -371,6 +396,13 @@ pub async fn check_server(client: &Client) -> Result<ServerInfo, PreflightError>
     Ok(info)
 }
 
+/// A table's columns (`$1`: its OID) in attribute order: name, type, whether stored
+/// generated. Virtual generated columns (PostgreSQL 18) are never published.
+pub const ATTRIBUTES_SQL: &str = "SELECT attname::text, atttypid, attgenerated = 's' \
+     FROM pg_attribute \
+     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated IN ('', 's') \
+     ORDER BY attnum";
+
 /// Looks up tables, their columns, keys and privileges.
 pub async fn describe_tables(
     client: &Client,
@@ -401,16 +433,21 @@ pub async fn describe_tables(
                 table: t.clone(),
             });
         }
-        let columns = client
-            .query(
-                "SELECT attname::text, atttypid FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
-                 ORDER BY attnum",
-                &[&oid],
-            )
+        let attributes: Vec<Attribute> = client
+            .query(ATTRIBUTES_SQL, &[&oid])
             .await?
             .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
+            .map(|r| Attribute {
+                name: r.get(0),
+                type_oid: r.get(1),
+                generated: r.get(2),
+            })
+            .collect();
+        // Generated columns only when the publication publishes them (see `restrict`).
+        let columns = attributes
+            .iter()
+            .filter(|a| !a.generated)
+            .map(|a| (a.name.clone(), a.type_oid))
             .collect();
         let key = table_key(client, oid).await?;
         match replident.as_str() {
@@ -435,6 +472,7 @@ pub async fn describe_tables(
             oid,
             name: t.clone(),
             columns,
+            attributes,
             key,
         });
     }
@@ -444,10 +482,15 @@ pub async fn describe_tables(
 /// What a publication publishes of one table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
-    /// The column list; `None`: every column.
+    /// The published columns (PostgreSQL 15+ lists them, with or without a column list);
+    /// `None`: every column.
     pub columns: Option<Vec<String>>,
     /// The row filter, as `pg_get_expr` deparses it.
     pub row_filter: Option<String>,
+    /// Generated columns among `columns` are published (PostgreSQL 18+: with
+    /// `publish_generated_columns = stored`, or named in the column list). Before 18
+    /// pgoutput never sends them — and 15's `pg_publication_tables` lists them anyway.
+    pub generated: bool,
 }
 
 /// What `publication` publishes of `table`, or `None` when it does not publish it. Column
@@ -476,6 +519,7 @@ pub async fn published(
     Ok(row.map(|r| Published {
         columns: r.get(0),
         row_filter: r.get(1),
+        generated: version >= 180_000,
     }))
 }
 
@@ -487,7 +531,13 @@ impl TableInfo {
         let Some(names) = p.columns else {
             return Ok(());
         };
-        let all = std::mem::take(&mut self.columns);
+        // The stored generated columns the publication publishes, and the others it lists.
+        let all: Vec<(String, u32)> = self
+            .attributes
+            .iter()
+            .filter(|a| !a.generated || (p.generated && names.contains(&a.name)))
+            .map(|a| (a.name.clone(), a.type_oid))
+            .collect();
         let (columns, unpublished): (Vec<_>, Vec<_>) =
             all.iter().cloned().partition(|(c, _)| names.contains(c));
         self.columns = columns;
@@ -783,11 +833,23 @@ mod tests {
         }
     }
 
+    fn attribute(name: &str, type_oid: u32, generated: bool) -> Attribute {
+        Attribute {
+            name: name.into(),
+            type_oid,
+            generated,
+        }
+    }
+
     fn info(partitioned: bool) -> TableInfo {
         TableInfo {
             oid: 1,
             name: TableName::new("public", "user"),
             columns: vec![("order".into(), 23), ("Mixed \"Case\"".into(), 25)],
+            attributes: vec![
+                attribute("order", 23, false),
+                attribute("Mixed \"Case\"", 25, false),
+            ],
             key: vec!["order".into()],
             partitioned,
             row_filter: None,
@@ -825,9 +887,11 @@ mod tests {
     fn a_publication_narrows_columns_and_rows_and_must_keep_the_key() {
         let mut t = info(false);
         t.columns.push(("secret".into(), 25));
+        t.attributes.push(attribute("secret", 25, false));
         let published = Published {
             columns: Some(vec!["order".into(), "Mixed \"Case\"".into()]),
             row_filter: Some("(\"order\" > 5)".into()),
+            generated: false,
         };
         t.restrict("p", published.clone()).unwrap();
         assert_eq!(t.unpublished, ["secret"]);
@@ -865,6 +929,7 @@ mod tests {
                 Published {
                     columns: Some(vec!["Mixed \"Case\"".into()]),
                     row_filter: Some("true".into()),
+                    generated: false,
                 },
             )
             .unwrap_err();
@@ -876,6 +941,53 @@ mod tests {
             )),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn generated_columns_are_read_when_published_and_through_a_query() {
+        let mut t = info(false);
+        // As `describe_tables` leaves it: the generated column known, not read.
+        t.attributes.insert(1, attribute("twice", 23, true));
+        let listed = |generated| Published {
+            columns: Some(vec![
+                "order".into(),
+                "twice".into(),
+                "Mixed \"Case\"".into(),
+            ]),
+            row_filter: None,
+            generated,
+        };
+        // PostgreSQL 15 lists it, but pgoutput before 18 never sends it.
+        let mut before_18 = t.clone();
+        before_18.restrict("p", listed(false)).unwrap();
+        assert_eq!(before_18.columns, info(false).columns);
+        assert_eq!(
+            before_18.copy_sql(CopyFormat::Text),
+            info(false).copy_sql(CopyFormat::Text)
+        );
+        // 18, published: read, in attribute order, with a query (`COPY t (twice)` is refused).
+        let mut t18 = t.clone();
+        t18.restrict("p", listed(true)).unwrap();
+        let names: Vec<&str> = t18.columns.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["order", "twice", "Mixed \"Case\""]);
+        assert_eq!(
+            t18.copy_sql(CopyFormat::Text),
+            r#"COPY (SELECT "order", "twice", "Mixed ""Case""" FROM ONLY "public"."user") TO STDOUT"#
+        );
+        // 18, not published: as before.
+        let mut not_listed = t;
+        not_listed
+            .restrict(
+                "p",
+                Published {
+                    columns: Some(vec!["order".into(), "Mixed \"Case\"".into()]),
+                    row_filter: None,
+                    generated: true,
+                },
+            )
+            .unwrap();
+        assert_eq!(not_listed.columns, info(false).columns);
+        assert!(not_listed.unpublished.is_empty());
     }
 
     #[test]

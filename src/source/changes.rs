@@ -729,6 +729,7 @@ mod tests {
             oid: 0,
             name: TableName::new("public", name),
             columns: Vec::new(),
+            attributes: Vec::new(),
             key: key.iter().map(|k| k.to_string()).collect(),
             partitioned: false,
             row_filter: None,

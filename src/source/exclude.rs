@@ -103,6 +103,7 @@ mod tests {
             oid: 1,
             name: TableName::new("public", "users"),
             columns: vec![("id".into(), 23), ("email".into(), 25), ("n".into(), 23)],
+            attributes: Vec::new(),
             key: vec!["id".into()],
             row_filter: None,
             unpublished: vec!["hidden".into()],

@@ -72,7 +72,13 @@ pub fn without_markers(events: Vec<Event>) -> Vec<Event> {
 
 impl Pipeline {
     pub async fn new(setup_sql: &str) -> Pipeline {
-        let db = TestDb::create().await;
+        Pipeline::new_in(super::env(), setup_sql).await
+    }
+
+    /// A pipeline on the cluster of `env` (another PostgreSQL version, see
+    /// [`super::env_for_major`]).
+    pub async fn new_in(env: super::TestEnv, setup_sql: &str) -> Pipeline {
+        let db = TestDb::create_in(env).await;
         db.client()
             .await
             .batch_execute(setup_sql)

@@ -199,6 +199,7 @@ async fn run_once(
         server,
         tables,
         mut events,
+        publication,
     } = source;
     let stop_lsn = process.stop_lsn;
     let progress_key = Progress::key(&server.database, &args.slot);
@@ -280,6 +281,7 @@ async fn run_once(
         tx: &tx,
         acked_rx,
         markers: &markers,
+        publication: &publication,
         system_id: String::new(),
     };
     let outcome = until_stopped(
@@ -381,6 +383,8 @@ struct Source {
     server: catalog::ServerInfo,
     tables: Vec<catalog::TableInfo>,
     events: events::Events,
+    /// The publication as read before the tables were.
+    publication: catalog::PublicationSeen,
 }
 
 /// Connects, checks the server, takes the slot's lock (see [`crate::source::slot_lock`]),
@@ -414,9 +418,19 @@ async fn prepare_source(
             .await
             .or_fail(SourceFail)?;
     }
+    // Read before what it defines, so that a change in between shows at the snapshot's
+    // consistent point (see `crate::source::snapshot`); again if pgcdc creates it.
+    let mut publication = catalog::publication_state(&client, &args.publication)
+        .await
+        .or_fail(SourceFail)?;
     let names = catalog::ensure_publication(&client, &args.publication, &args.tables)
         .await
         .or_fail(SourceFail)?;
+    if !publication.exists() {
+        publication = catalog::publication_state(&client, &args.publication)
+            .await
+            .or_fail(SourceFail)?;
+    }
     // One topic per table, each a name Kafka accepts (see `crate::source::topic`).
     topic::check_distinct(&args.topic_prefix, &names).or_fail(Usage)?;
     let tables = catalog::describe_published(&client, &args.publication, &names)
@@ -443,6 +457,7 @@ async fn prepare_source(
         server,
         tables,
         events,
+        publication,
     })
 }
 
@@ -471,6 +486,8 @@ struct Capture<'a> {
     acked_rx: watch::Receiver<Lsn>,
     /// Where each table's snapshot-complete markers go (see [`snapshot::Markers`]).
     markers: &'a snapshot::Markers,
+    /// The publication as read at start, which the snapshot checks.
+    publication: &'a catalog::PublicationSeen,
     /// IDENTIFY_SYSTEM's system identifier, recorded in progress.
     system_id: String,
 }
@@ -799,6 +816,7 @@ async fn snapshot(
             conninfo: c.conninfo,
             copy: c.args.snapshot_copy,
             markers: c.markers,
+            publication: Some(c.publication),
         },
     )
     .await;

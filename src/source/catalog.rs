@@ -595,6 +595,55 @@ pub async fn describe_published(
     Ok(tables)
 }
 
+/// A publication's definition as pgcdc read it (see [`publication_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicationSeen {
+    pub name: String,
+    pub state: String,
+}
+
+impl PublicationSeen {
+    /// Whether the publication existed when read.
+    pub fn exists(&self) -> bool {
+        !self.state.starts_with("[null")
+    }
+}
+
+/// The definition of `publication` as one text: its `pg_publication` row, its
+/// `pg_publication_rel` rows (tables, column lists, row filters) and, on PostgreSQL 15+, its
+/// `pg_publication_namespace` rows (`FOR TABLES IN SCHEMA`), each as `to_jsonb` of the whole
+/// row (the columns differ between versions). Read in a transaction, catalog rows are those
+/// its snapshot sees: the snapshot compares its consistent point's with what pgcdc read at
+/// start (see [`crate::source::snapshot`]).
+pub async fn publication_state(
+    client: &Client,
+    publication: &str,
+) -> Result<PublicationSeen, tokio_postgres::Error> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0);
+    let schemas = if version >= 150_000 {
+        "(SELECT jsonb_agg(to_jsonb(n) ORDER BY n.oid) FROM pg_publication_namespace n \
+          WHERE n.pnpubid = (SELECT oid FROM p))"
+    } else {
+        "NULL::jsonb"
+    };
+    let sql = format!(
+        "WITH p AS (SELECT * FROM pg_publication WHERE pubname = $1) \
+         SELECT jsonb_build_array( \
+             (SELECT to_jsonb(p) FROM p), \
+             (SELECT jsonb_agg(to_jsonb(r) ORDER BY r.oid) FROM pg_publication_rel r \
+              WHERE r.prpubid = (SELECT oid FROM p)), \
+             {schemas})::text"
+    );
+    let row = client.query_one(&sql, &[&publication]).await?;
+    Ok(PublicationSeen {
+        name: publication.to_string(),
+        state: row.get(0),
+    })
+}
+
 /// The Kafka key of a table, and what it rests on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableKey {

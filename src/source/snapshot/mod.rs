@@ -27,6 +27,24 @@
 //! a difference means a rewrite after the consistent point, and the snapshot fails with
 //! [`SnapshotError::Rewritten`], which starts the pipeline again with a new snapshot.
 //!
+//! A fourth: the snapshot reads the columns the stream publishes from its consistent point.
+//! pgcdc reads each table's columns and its publication from the catalog at start, before the
+//! slot and its consistent point exist, and `COPY` names those columns. A column added,
+//! dropped, renamed or retyped in between, or a publication whose tables, column lists or row
+//! filters changed, would make the snapshot read another shape than the stream's Relation
+//! messages describe from C on (or fail its `COPY`: "column … does not exist"). So after its
+//! lock the snapshot compares, inside its transaction, the table's columns and the
+//! publication's catalog rows as they were at C (catalog queries read with the transaction's
+//! snapshot) with what pgcdc read at start, and checks that every column it reads still exists
+//! under the same name and type now (a query naming them, parsed against the relation's cache,
+//! current once the lock is held): a column dropped or renamed after C but before the lock. Any
+//! difference fails the snapshot with [`SnapshotError::CatalogChanged`], which starts the
+//! pipeline again: a fresh look at the catalog, a new slot, a new snapshot. A column *added*
+//! after C changes nothing here: `COPY` reads named columns, rows as of C did not have it, and
+//! the stream's next Relation message brings the new shape, as for any column added while
+//! streaming. From the lock on, no column can change until the snapshot ends (every such
+//! `ALTER TABLE` needs `ACCESS EXCLUSIVE`).
+//!
 //! Several connections may import the same snapshot ([`parallel`], `--snapshot-workers`):
 //! they all see the tables as of C, so splitting a table into ranges of pages read by
 //! different connections reads each row version visible at C exactly once. Each key appears
@@ -66,7 +84,9 @@ use crate::event::{
 };
 use crate::metrics::TableMetrics;
 use crate::sink::{Record, SinkItem};
-use crate::source::catalog::{quote_literal, CopyFormat, TableInfo};
+use crate::source::catalog::{
+    self, quote_ident, quote_literal, Attribute, CopyFormat, PublicationSeen, TableInfo,
+};
 use crate::source::connect::{describe, ConnectError};
 use crate::source::copy_binary::{self, Conv, CopyBinaryError, Text};
 use crate::source::copy_text::{self, CopyTextError};
@@ -108,6 +128,15 @@ pub enum SnapshotError {
         tables: String,
     },
     #[error(
+        "{what}, after pgcdc read the catalog: the snapshot would not read the columns the \
+         stream publishes from its consistent point, so it starts again (the catalog is read \
+         again)"
+    )]
+    CatalogChanged {
+        /// The table (or publication) and what changed.
+        what: String,
+    },
+    #[error(
         "another session asked for a lock on {table} that conflicts with the snapshot's (ALTER \
          TABLE, VACUUM FULL, CLUSTER, TRUNCATE, LOCK TABLE…): the snapshot gives way to it and \
          starts again"
@@ -131,7 +160,9 @@ impl SnapshotError {
             SnapshotError::Query(e) => crate::source::connect::is_transient(e),
             SnapshotError::Connect(e) => e.is_transient(),
             // A new snapshot is taken after the rewrite, so it sees the rows.
-            SnapshotError::Rewritten { .. } | SnapshotError::LockQueued { .. } => true,
+            SnapshotError::Rewritten { .. }
+            | SnapshotError::LockQueued { .. }
+            | SnapshotError::CatalogChanged { .. } => true,
             _ => false,
         }
     }
@@ -209,6 +240,9 @@ pub struct SnapshotOptions<'a> {
     pub copy: SnapshotCopy,
     /// Where each table's snapshot marker goes.
     pub markers: &'a Markers,
+    /// The publication as pgcdc read it at start, checked at the consistent point (see the
+    /// module documentation).
+    pub publication: Option<&'a PublicationSeen>,
 }
 
 /// `--snapshot-copy`: the `COPY` format of the snapshot.
@@ -335,6 +369,133 @@ async fn lock_tables(
     Err(SnapshotError::Rewritten { tables })
 }
 
+/// Every column of the tables `$1` at the snapshot's consistent point (the transaction's
+/// snapshot reads the catalog as it was then), as [`catalog::ATTRIBUTES_SQL`] reads them.
+const ATTRIBUTES_AT_POINT_SQL: &str = "\
+    SELECT attrelid, attname::text, atttypid, attgenerated = 's' FROM pg_attribute \
+    WHERE attrelid = ANY($1::oid[]) AND attnum > 0 AND NOT attisdropped \
+      AND attgenerated IN ('', 's') \
+    ORDER BY attrelid, attnum";
+
+/// Checks, in the snapshot's transaction and after its lock, that what pgcdc read from the
+/// catalog at start still holds at the consistent point, and that the columns read still
+/// exist (see the module documentation); [`SnapshotError::CatalogChanged`] otherwise.
+async fn check_columns(
+    client: &tokio_postgres::Client,
+    tables: &[TableInfo],
+    publication: Option<&PublicationSeen>,
+) -> Result<(), SnapshotError> {
+    let changed = |what: String| Err(SnapshotError::CatalogChanged { what });
+    if let Some(seen) = publication {
+        let at_point = catalog::publication_state(client, &seen.name).await?;
+        if at_point.state != seen.state {
+            return changed(format!(
+                "publication {} changed (its tables, column lists, row filters or options) \
+                 before the snapshot's consistent point",
+                quote_ident(&seen.name)
+            ));
+        }
+    }
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let mut at_point: HashMap<u32, Vec<Attribute>> = HashMap::new();
+    for r in client.query(ATTRIBUTES_AT_POINT_SQL, &[&oids]).await? {
+        at_point.entry(r.get(0)).or_default().push(Attribute {
+            name: r.get(1),
+            type_oid: r.get(2),
+            generated: r.get(3),
+        });
+    }
+    for t in tables {
+        let then = at_point.remove(&t.oid).unwrap_or_default();
+        if let Some(why) = column_change(&t.attributes, &then) {
+            return changed(format!(
+                "{}: {why} before the snapshot's consistent point",
+                t.name
+            ));
+        }
+    }
+    for t in tables {
+        if t.columns.is_empty() {
+            continue;
+        }
+        let sql = current_types_sql(t);
+        match client.query_one(&sql, &[]).await {
+            Ok(row) => {
+                let now: Vec<u32> = row.get(0);
+                let retyped = t
+                    .columns
+                    .iter()
+                    .zip(&now)
+                    .find(|((_, then), now)| then != *now);
+                if let Some(((name, _), _)) = retyped {
+                    return changed(format!(
+                        "{}: column {} changed its type after the snapshot's consistent point",
+                        t.name,
+                        quote_ident(name)
+                    ));
+                }
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+                let detail = e.as_db_error().map(|d| d.message().to_string());
+                return changed(format!(
+                    "{}: a column the snapshot reads was dropped or renamed after the \
+                     snapshot's consistent point ({})",
+                    t.name,
+                    detail.unwrap_or_default()
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// What differs between a table's columns as read at start and at the consistent point.
+fn column_change(start: &[Attribute], then: &[Attribute]) -> Option<String> {
+    if start == then {
+        return None;
+    }
+    let named = |list: &[Attribute], name: &str| list.iter().find(|a| a.name == name).cloned();
+    for a in start {
+        match named(then, &a.name) {
+            None => {
+                return Some(format!(
+                    "column {} was dropped or renamed",
+                    quote_ident(&a.name)
+                ))
+            }
+            Some(b) if b.type_oid != a.type_oid => {
+                return Some(format!("column {} changed its type", quote_ident(&a.name)))
+            }
+            Some(b) if b.generated != a.generated => {
+                return Some(format!("column {} changed", quote_ident(&a.name)))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(b) = then.iter().find(|b| named(start, &b.name).is_none()) {
+        return Some(format!("column {} was added", quote_ident(&b.name)));
+    }
+    Some("its columns changed".into())
+}
+
+/// A query of the current types of the columns `info` reads: parsed against the relation's
+/// cache, so a column no longer there fails it (`undefined_column`). No row is read.
+fn current_types_sql(info: &TableInfo) -> String {
+    let names: Vec<String> = info.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    let types: Vec<String> = names
+        .iter()
+        .map(|n| format!("pg_typeof(x.{n})::oid"))
+        .collect();
+    format!(
+        "SELECT ARRAY[{}]::oid[] FROM (SELECT 1) AS one \
+         LEFT JOIN (SELECT {} FROM ONLY {} LIMIT 0) AS x ON true",
+        types.join(", "),
+        names.join(", "),
+        info.name
+    )
+}
+
 /// The position every read event carries: the consistent point.
 fn read_position(consistent_point: Lsn, started_ms: i64) -> Position {
     Position {
@@ -363,6 +524,7 @@ pub async fn run(
 ) -> Result<SnapshotStats, SnapshotError> {
     import(client, snapshot_name).await?;
     lock_tables(client, tables, options.conninfo, stop).await?;
+    check_columns(client, tables, options.publication).await?;
     let started_ms = crate::event::now_ms();
     let position = read_position(consistent_point, started_ms);
     if options.workers > 1 {

@@ -137,7 +137,7 @@ fn run_seed(seed: u64, cfg: &Config, env: &TestEnv, test: &str) -> Result<(), St
             record(&format!(
                 "integrity PG{} seed {seed}: ok: {} tables, {} events ({} replays), {} rows equal; \
                  {} pgcdc runs ({} kill -9, {} SIGTERM); {:?} sink, {:?}, {} snapshot workers; \
-                 open-bug shapes {:?}; {secs:.1}s",
+                 shapes of known bugs {:?}; {secs:.1}s",
                 cfg.major,
                 o.tables,
                 o.events,

@@ -585,7 +585,7 @@ impl Case {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "PostgreSQL {}; publication: {:?}; sink: {:?}; --snapshot-workers {}{}; shapes of open bugs: {:?}",
+            "PostgreSQL {}; publication: {:?}; sink: {:?}; --snapshot-workers {}{}; shapes of known bugs: {:?}",
             self.major,
             self.pub_mode,
             self.sink,
@@ -1579,7 +1579,7 @@ fn setup_sql(case: &Case, schemas: &[String]) -> Vec<String> {
     out
 }
 
-/// Notes which open-bug shapes a generated case contains (for the report and the gating).
+/// Notes which shapes of known bugs a generated case contains (for the report and the gating).
 pub fn note_shapes(case: &mut Case) {
     for t in &case.tables {
         let names = std::iter::once(t.schema.as_str())

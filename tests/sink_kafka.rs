@@ -19,6 +19,7 @@ use pgcdc::source::Lsn;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -833,6 +834,46 @@ async fn ensure_topics_creates_missing_topics_and_is_idempotent() {
         .expect("topic exists");
         assert_eq!(reader, spec.partitions as usize, "{}", spec.name);
     }
+}
+
+/// Regression: the latest record of a key was chosen by timestamp, which is only what the
+/// producer's clock said; a clock stepping back made an older progress record win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_last_value_goes_by_offset_not_by_timestamp() {
+    let Some(bootstrap) = durable_broker() else {
+        return;
+    };
+    let cfg = KafkaConfig::new(bootstrap.clone());
+    let topic = unique("progress-clock");
+    create(&cfg, &topic, 1, true).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("producer");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    // Written in this order (offsets 0 and 1), stamped the other way round.
+    for (value, timestamp) in [("older", now), ("newer", now - 60_000)] {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("slot")
+                    .payload(value)
+                    .timestamp(timestamp),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("delivered");
+    }
+    let records = read_back(&cfg, &topic, quiet(2)).await;
+    assert_eq!(records.len(), 2);
+    assert!(
+        records[0].timestamp > records[1].timestamp,
+        "the broker kept the producer's timestamps: {records:?}"
+    );
+    let last = read_last_value(&cfg, &topic, b"slot").await.expect("read");
+    assert_eq!(last.as_deref(), Some(&b"newer"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,6 +186,19 @@ pub enum SinkError {
 
     #[error("reading Kafka topic `{topic}` made no progress for {secs}s: is the broker up?")]
     ReadStalled { topic: String, secs: u64 },
+
+    #[error(
+        "key `{key}` appears in partitions {partitions:?} of Kafka topic `{topic}` (were \
+         partitions added to it?): records of different partitions have no order, so pgcdc \
+         cannot tell which is the latest. pgcdc's progress topic needs one partition: delete \
+         the topic and start pgcdc again (it recreates it; finding no completed snapshot \
+         recorded, it takes a new one, publishing the rows again)"
+    )]
+    KeyInSeveralPartitions {
+        topic: String,
+        key: String,
+        partitions: Vec<i32>,
+    },
 }
 
 impl SinkError {
@@ -201,6 +214,7 @@ impl SinkError {
                 | SinkError::UnknownTopic { .. }
                 | SinkError::Config(_)
                 | SinkError::TopicCreation { .. }
+                | SinkError::KeyInSeveralPartitions { .. }
         )
     }
 

@@ -14,7 +14,7 @@ use pgcdc::sink::kafka::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
-use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSummary};
+use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
 use pgcdc::source::Lsn;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
@@ -62,12 +62,9 @@ fn rec(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
 
 type Running = tokio::task::JoinHandle<Result<SinkSummary, SinkError>>;
 
-fn start(
-    cfg: KafkaConfig,
-    capacity: usize,
-) -> (mpsc::Sender<SinkItem>, watch::Receiver<Lsn>, Running) {
+fn start(cfg: KafkaConfig, capacity: usize) -> (SinkSender, watch::Receiver<Lsn>, Running) {
     let sink = KafkaSink::new(cfg).expect("producer created");
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = sink::channel(capacity, sink::channel::CHANNEL_BYTES);
     let (acked_tx, acked_rx) = watch::channel(Lsn(0));
     let handle = tokio::spawn(sink::run(Sink::Kafka(sink), rx, acked_tx));
     (tx, acked_rx, handle)

@@ -2,10 +2,10 @@
 //!
 //! ```text
 //!  PostgreSQL ──(COPY in the exported snapshot)──┐
-//!       │                                         ├─► ChangeBuilder/Encoder ─► [bounded channel] ─► sink task ─► Kafka / stdout
-//!       └──(START_REPLICATION, pgoutput)──────────┘                                                       │
-//!                 ▲                                                                                          │
-//!                 └────────── standby status: confirmed = last checkpoint the sink acknowledged ◄──────────┘
+//!       │                                         ├─► ChangeBuilder/Encoder ─► [channel, bounded in items and bytes] ─► sink task ─► Kafka / stdout
+//!       └──(START_REPLICATION, pgoutput)──────────┘                                                                          │
+//!                 ▲                                                                                                             │
+//!                 └────────── standby status: confirmed = last checkpoint the sink acknowledged ◄─────────────────────────────┘
 //! ```
 //!
 //! The one rule: the LSN confirmed to PostgreSQL is always a checkpoint that the sink reported
@@ -25,13 +25,13 @@ mod stream;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::checkpoint::{FileStore, Progress, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, SnapshotMode, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
-use crate::sink::{self, kafka, SinkItem};
+use crate::sink::{self, kafka, SinkSender};
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{topic_name, ChangeBuilder, ChangeOptions};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
@@ -190,9 +190,8 @@ async fn run_once(args: RunArgs, mut stop: watch::Receiver<bool>) -> Result<(), 
         changes,
         tables,
     } = events;
-    // Items: a record, a checkpoint, or a snapshot batch of at most 16 records and about
-    // 8 KB; the capacity bounds what waits here while the sink waits for Kafka.
-    let (tx, rx) = mpsc::channel::<SinkItem>(1024);
+    // Bounded in items and in bytes: what waits here while the sink waits for Kafka.
+    let (tx, rx) = sink::channel(sink::channel::CHANNEL_ITEMS, sink::channel::CHANNEL_BYTES);
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));
@@ -322,7 +321,7 @@ async fn capture(
     encoder: &Encoder,
     changes: &ChangeOptions,
     store: &ProgressStore,
-    tx: &mpsc::Sender<SinkItem>,
+    tx: &SinkSender,
     acked_rx: watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
 ) -> CaptureResult {

@@ -11,8 +11,8 @@
 //! same snapshot, then takes ranges (or whole tables) from a shared list until none is left, so
 //! a worker whose ranges held fewer live rows takes over work instead of idling. Threads, not
 //! tasks: parsing and encoding are the CPU-heavy part, and the rest of the pipeline keeps its
-//! one thread. Workers send into the same bounded channel as everything else, so a slow sink
-//! stops all of them.
+//! one thread. Workers charge their batches to the same byte budget as everything else sent
+//! to the sink ([`crate::sink::channel`]), so a slow sink stops all of them.
 //!
 //! Each worker holds back its latest event (see [`super::Reader`]). When all are done, the
 //! coordinator sends the held events and marks the very last one `snapshot: "last"`, which is
@@ -26,12 +26,13 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    import, send, table_schema, Held, Out, Reader, SnapshotCopy, SnapshotError, SnapshotOptions,
+    import, send_charged, send_to_sink, table_schema, Held, Out, Reader, SnapshotCopy,
+    SnapshotError, SnapshotOptions,
 };
 use super::{SnapshotStats, TableInfo};
 use crate::config::conninfo::ConnInfo;
 use crate::event::{Encoder, Position, TableSchema};
-use crate::sink::{Record, SinkItem};
+use crate::sink::{Budget, Charge, Record, SinkItem, SinkSender};
 use crate::source::connect;
 
 /// The smallest page range worth a query of its own: 8 MB at the default page size.
@@ -122,7 +123,7 @@ pub(super) async fn run(
     tables: &[TableInfo],
     topic_prefix: &str,
     encoder: &Encoder,
-    tx: &mpsc::Sender<SinkItem>,
+    tx: &SinkSender,
     stop: &mut watch::Receiver<bool>,
     options: SnapshotOptions<'_>,
 ) -> Result<SnapshotStats, SnapshotError> {
@@ -190,8 +191,9 @@ pub(super) async fn run(
 
     // Set when one worker fails or a signal arrives: the others stop at their next row.
     let (halt_tx, halt_rx) = watch::channel(false);
-    // Two batches per worker in flight at most: a slow sink stops the workers.
-    let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Record>>(2 * workers);
+    // Two batches per worker in flight at most, each charged to the sink channel's budget:
+    // a slow sink stops the workers.
+    let (batch_tx, mut batch_rx) = mpsc::channel::<(Vec<Record>, Charge)>(2 * workers);
     let mut error: Option<SnapshotError> = None;
     let mut pending = FuturesUnordered::new();
     for id in 0..workers {
@@ -200,7 +202,7 @@ pub(super) async fn run(
             shared.clone(),
             options.conninfo.clone(),
             encoder.clone(),
-            batch_tx.clone(),
+            (batch_tx.clone(), tx.budget().clone()),
             halt_rx.clone(),
         ) {
             Ok(done) => pending.push(done),
@@ -230,24 +232,12 @@ pub(super) async fn run(
                 None => batches_open = false,
                 // After a failure, batches are drained (so no worker waits on a full
                 // channel) but not published.
-                Some(batch) if error.is_none() => {
-                    // In the sink channel's small batches: their size bounds its memory.
-                    let mut records = batch.into_iter().peekable();
-                    while records.peek().is_some() {
-                        let mut part = Vec::with_capacity(super::SINK_BATCH_EVENTS);
-                        let mut bytes = 0;
-                        while bytes < super::SINK_BATCH_BYTES
-                            && part.len() < super::SINK_BATCH_EVENTS
-                        {
-                            let Some(record) = records.next() else { break };
-                            bytes += record.payload_len();
-                            part.push(record);
-                        }
-                        if let Err(e) = send(tx, stop, SinkItem::Records(part)).await {
-                            keep(&mut error, e);
-                            let _ = halt_tx.send(true);
-                            break;
-                        }
+                Some((batch, charge)) if error.is_none() => {
+                    // Whole, with the charge its worker took for it: the budget bounds the
+                    // channel's memory, whatever the size of its items.
+                    if let Err(e) = send_charged(tx, stop, SinkItem::Records(batch), charge).await {
+                        keep(&mut error, e);
+                        let _ = halt_tx.send(true);
                     }
                 }
                 Some(_) => {}
@@ -279,7 +269,8 @@ pub(super) async fn run(
             key,
             value: Some(value),
         };
-        send(tx, stop, SinkItem::Record(record)).await?;
+        let bytes = record.buffered_bytes();
+        send_to_sink(tx, stop, SinkItem::Record(record), bytes).await?;
     }
     Reader::new(encoder, Out::sink(tx), stop.clone(), options.copy)
         .finish(last)
@@ -303,7 +294,7 @@ fn spawn(
     shared: Arc<Shared>,
     conninfo: ConnInfo,
     encoder: Encoder,
-    tx: mpsc::Sender<Vec<Record>>,
+    out: (mpsc::Sender<(Vec<Record>, Charge)>, Budget),
     halt: watch::Receiver<bool>,
 ) -> Result<oneshot::Receiver<Outcome>, SnapshotError> {
     let (done_tx, done_rx) = oneshot::channel();
@@ -314,7 +305,7 @@ fn spawn(
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(work(&shared, &conninfo, &encoder, &tx, halt)),
+                Ok(rt) => rt.block_on(work(&shared, &conninfo, &encoder, (&out.0, &out.1), halt)),
                 Err(e) => Err(SnapshotError::Worker(format!(
                     "cannot start its runtime: {e}"
                 ))),
@@ -330,13 +321,14 @@ async fn work(
     shared: &Shared,
     conninfo: &ConnInfo,
     encoder: &Encoder,
-    tx: &mpsc::Sender<Vec<Record>>,
+    (tx, budget): (&mpsc::Sender<(Vec<Record>, Charge)>, &Budget),
     halt: watch::Receiver<bool>,
 ) -> Outcome {
     let client = connect::connect(conninfo).await?;
     import(&client, &shared.snapshot_name).await?;
     let out = Out::Batches {
         tx,
+        budget,
         batch: Vec::with_capacity(super::BATCH_EVENTS),
         bytes: 0,
     };

@@ -380,6 +380,76 @@ async fn a_refused_write_fails_with_the_authorization_error() {
     assert_eq!(*acked.borrow(), Lsn(0));
 }
 
+/// After a failed delivery, `pgcdc run` starts its pipeline again with a new producer, which
+/// publishes the unconfirmed rows again. The old producer must be gone by then: records it
+/// still held (queued while the broker was away) must never go out after the sink returned,
+/// where they could land after the new producer's copies of the same rows — a row's older
+/// event after its newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique("restart");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let cfg = KafkaConfig::new(mock.bootstrap_servers())
+        .property("message.max.bytes", "10000")
+        .property("reconnect.backoff.max.ms", "200");
+
+    // The broker is away: the old producer holds five records.
+    mock.broker_down(1).expect("broker down");
+    let (tx, _, old) = start(cfg.clone(), 16);
+    for i in 0..5 {
+        tx.send(rec(&topic, Some(&i.to_string()), Some("\"old\"")))
+            .await
+            .expect("alive");
+    }
+    // A barrier has the sink send at once, on a thread that holds the producer meanwhile.
+    let (barrier, _) = oneshot::channel();
+    tx.send(SinkItem::Barrier(barrier)).await.expect("alive");
+    // Then a record librdkafka refuses outright: the sink fails.
+    let huge = format!("\"{}\"", "x".repeat(20_000));
+    let _ = tx.send(rec(&topic, Some("5"), Some(&huge))).await;
+    let err = tokio::time::timeout(Duration::from_secs(30), old)
+        .await
+        .expect("fails in time")
+        .expect("join")
+        .expect_err("the record is too large");
+    assert!(matches!(err, SinkError::MessageTooLarge { .. }), "{err:?}");
+
+    // The broker is back, and the next pipeline's producer publishes the same rows.
+    mock.broker_up(1).expect("broker up");
+    let (tx, mut acked, new) = start(cfg.clone(), 16);
+    for i in 0..5 {
+        tx.send(rec(&topic, Some(&i.to_string()), Some("\"new\"")))
+            .await
+            .expect("alive");
+    }
+    tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
+    wait_acked(&mut acked, Lsn(1), Duration::from_secs(30)).await;
+    drop(tx);
+    new.await.expect("join").expect("run ok");
+    // Time for an old producer, were it still alive, to reconnect and deliver.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = read_back(
+        &cfg,
+        &topic,
+        ReadStop::Quiet {
+            expected: None,
+            quiet: Duration::from_secs(3),
+            max_wait: Duration::from_secs(30),
+        },
+    )
+    .await;
+    let values: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(
+        values,
+        vec!["\"new\""; 5],
+        "the old producer's records went out"
+    );
+}
+
 #[tokio::test]
 async fn queue_full_is_backpressure_not_loss() {
     let mock = MockCluster::new(1).expect("mock cluster");

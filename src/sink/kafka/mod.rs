@@ -242,6 +242,21 @@ impl<T: Send + 'static> std::ops::Deref for OffThreadDrop<T> {
     }
 }
 
+impl<T: Send + 'static> OffThreadDrop<T> {
+    /// Calls `last` with the client, then destroys it, both on a blocking thread, and waits
+    /// until that is done.
+    pub(crate) async fn destroy(mut self, last: impl FnOnce(&T) + Send + 'static) {
+        if let Some(client) = self.0.take() {
+            // A panic while destroying has been reported by the panic hook already.
+            let _ = tokio::task::spawn_blocking(move || {
+                last(&client);
+                drop(client);
+            })
+            .await;
+        }
+    }
+}
+
 impl<T: Send + 'static> Drop for OffThreadDrop<T> {
     fn drop(&mut self) {
         if let Some(client) = self.0.take() {

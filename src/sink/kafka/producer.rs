@@ -35,6 +35,9 @@
 //!
 //! Memory per record in flight on this side: a bit in the ring, and at most one marker per
 //! record (consecutive checkpoints share one), whatever the records' size.
+//!
+//! A failed run purges the producer and waits for it to be destroyed before returning (see
+//! `KafkaSink::discard`): the pipeline that starts again must not race the old producer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -46,7 +49,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -105,11 +108,45 @@ impl KafkaSink {
 
     /// Runs until `rx` is closed and every record is acknowledged. See [`crate::sink::run`].
     ///
+    /// When it fails, the producer is emptied and destroyed before this returns (see
+    /// [`KafkaSink::discard`]): the pipeline that starts again after a failure must not race
+    /// records of this one.
+    pub async fn run(
+        self,
+        rx: SinkReceiver,
+        acked: watch::Sender<Lsn>,
+    ) -> Result<SinkSummary, SinkError> {
+        let result = self.deliver(rx, acked).await;
+        if result.is_err() {
+            self.discard().await;
+        }
+        result
+    }
+
+    /// Purges whatever the producer still holds — queued, waiting for a retry, or in flight —
+    /// and waits until it is destroyed: its connections closed, nothing of it left to send.
+    ///
+    /// Why wait: after a failed delivery, `run` starts the pipeline again in this process from
+    /// the last confirmed position, with a new producer publishing the same keys. Records the
+    /// old producer still held (the failure of one record leaves the others queued or in
+    /// retry) would otherwise go on being sent, and could land after the new producer's
+    /// copies — a row's older event after its newer one. Destroying it in the background, as
+    /// at a normal end, left that open for as long as a [`PolledProducer::send_now`] kept it
+    /// alive (up to 10 s).
+    async fn discard(self) {
+        let purge = PurgeConfig::default().queue().inflight();
+        self.producer
+            .destroy(move |p| p.producer().purge(purge))
+            .await;
+    }
+
+    /// The delivery loop of [`KafkaSink::run`].
+    ///
     /// Work that is ready is done without waiting first: markers the watermark has passed,
     /// then items already queued in the channel. Only then does the loop wait, so a burst of
     /// records costs one wake-up, not one per record.
-    pub async fn run(
-        self,
+    async fn deliver(
+        &self,
         mut rx: SinkReceiver,
         acked: watch::Sender<Lsn>,
     ) -> Result<SinkSummary, SinkError> {

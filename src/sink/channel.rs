@@ -3,12 +3,12 @@
 //! Items differ in size by six orders of magnitude — a checkpoint, a row of 200 bytes, a
 //! snapshot batch of 16 rows, a row of 1 MB — so a bound in items alone bounds nothing: 1,024
 //! rows of 1 MB fit in a channel of 1,024 items (a 400-row snapshot of such rows peaked at
-//! 433 MB with a slow broker). Here every item that carries records first takes its size from
-//! a byte budget ([`Budget`], a semaphore whose permits are bytes) and enters the channel with
-//! that [`Charge`]; the sink gives the charge back once it has handed the records on (to
-//! librdkafka, whose own queue `queue.buffering.max.kbytes` bounds, or written to the output).
-//! A sender that finds the budget spent waits: backpressure, which for the streaming loop
-//! means "stop reading WAL", never a dropped record.
+//! 433 MB with a slow broker, 475 MB with a stopped one). Here every item that carries records
+//! first takes its size from a byte budget ([`Budget`], a semaphore whose permits are bytes)
+//! and enters the channel with that [`Charge`]; the sink gives the charge back once it has
+//! handed the records on (to librdkafka, whose own queue `queue.buffering.max.kbytes` bounds,
+//! or written to the output). A sender that finds the budget spent waits: backpressure, which
+//! for the streaming loop means "stop reading WAL", never a dropped record.
 //!
 //! An item larger than the whole budget takes the whole budget: it waits until everything
 //! before it was handed on, then passes alone. What waits between the pipeline and the sink is
@@ -31,7 +31,9 @@ use super::{Record, SinkItem};
 /// Items the channel holds at most (checkpoints and barriers cost no bytes: this bounds them).
 pub const CHANNEL_ITEMS: usize = 1024;
 
-/// Bytes of records that may wait between the pipeline and the sink (see the module docs).
+/// Bytes of records that may wait between the pipeline and the sink (see the module docs):
+/// hundreds of snapshot batches of small rows, plenty to keep the sink busy (librdkafka's
+/// 16 MB queue is what absorbs a slow broker), and part of the README's 64 MB figure.
 pub const CHANNEL_BYTES: usize = 4 << 20;
 
 /// What a record costs besides its key and value: the record itself, its slot in a batch,

@@ -14,11 +14,12 @@ use pgcdc::sink::kafka::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
-use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSummary};
+use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
 use pgcdc::source::Lsn;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -62,12 +63,9 @@ fn rec(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
 
 type Running = tokio::task::JoinHandle<Result<SinkSummary, SinkError>>;
 
-fn start(
-    cfg: KafkaConfig,
-    capacity: usize,
-) -> (mpsc::Sender<SinkItem>, watch::Receiver<Lsn>, Running) {
+fn start(cfg: KafkaConfig, capacity: usize) -> (SinkSender, watch::Receiver<Lsn>, Running) {
     let sink = KafkaSink::new(cfg).expect("producer created");
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = sink::channel(capacity, sink::channel::CHANNEL_BYTES);
     let (acked_tx, acked_rx) = watch::channel(Lsn(0));
     let handle = tokio::spawn(sink::run(Sink::Kafka(sink), rx, acked_tx));
     (tx, acked_rx, handle)
@@ -382,6 +380,76 @@ async fn a_refused_write_fails_with_the_authorization_error() {
     );
     assert!(err.to_string().contains(&topic), "{err}");
     assert_eq!(*acked.borrow(), Lsn(0));
+}
+
+/// After a failed delivery, `pgcdc run` starts its pipeline again with a new producer, which
+/// publishes the unconfirmed rows again. The old producer must be gone by then: records it
+/// still held (queued while the broker was away) must never go out after the sink returned,
+/// where they could land after the new producer's copies of the same rows — a row's older
+/// event after its newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique("restart");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let cfg = KafkaConfig::new(mock.bootstrap_servers())
+        .property("message.max.bytes", "10000")
+        .property("reconnect.backoff.max.ms", "200");
+
+    // The broker is away: the old producer holds five records.
+    mock.broker_down(1).expect("broker down");
+    let (tx, _, old) = start(cfg.clone(), 16);
+    for i in 0..5 {
+        tx.send(rec(&topic, Some(&i.to_string()), Some("\"old\"")))
+            .await
+            .expect("alive");
+    }
+    // A barrier has the sink send at once, on a thread that holds the producer meanwhile.
+    let (barrier, _) = oneshot::channel();
+    tx.send(SinkItem::Barrier(barrier)).await.expect("alive");
+    // Then a record librdkafka refuses outright: the sink fails.
+    let huge = format!("\"{}\"", "x".repeat(20_000));
+    let _ = tx.send(rec(&topic, Some("5"), Some(&huge))).await;
+    let err = tokio::time::timeout(Duration::from_secs(30), old)
+        .await
+        .expect("fails in time")
+        .expect("join")
+        .expect_err("the record is too large");
+    assert!(matches!(err, SinkError::MessageTooLarge { .. }), "{err:?}");
+
+    // The broker is back, and the next pipeline's producer publishes the same rows.
+    mock.broker_up(1).expect("broker up");
+    let (tx, mut acked, new) = start(cfg.clone(), 16);
+    for i in 0..5 {
+        tx.send(rec(&topic, Some(&i.to_string()), Some("\"new\"")))
+            .await
+            .expect("alive");
+    }
+    tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
+    wait_acked(&mut acked, Lsn(1), Duration::from_secs(30)).await;
+    drop(tx);
+    new.await.expect("join").expect("run ok");
+    // Time for an old producer, were it still alive, to reconnect and deliver.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = read_back(
+        &cfg,
+        &topic,
+        ReadStop::Quiet {
+            expected: None,
+            quiet: Duration::from_secs(3),
+            max_wait: Duration::from_secs(30),
+        },
+    )
+    .await;
+    let values: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(
+        values,
+        vec!["\"new\""; 5],
+        "the old producer's records went out"
+    );
 }
 
 #[tokio::test]
@@ -893,6 +961,46 @@ async fn ensure_topics_creates_missing_topics_and_is_idempotent() {
         .expect("topic exists");
         assert_eq!(reader, spec.partitions as usize, "{}", spec.name);
     }
+}
+
+/// Regression: the latest record of a key was chosen by timestamp, which is only what the
+/// producer's clock said; a clock stepping back made an older progress record win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_last_value_goes_by_offset_not_by_timestamp() {
+    let Some(bootstrap) = durable_broker() else {
+        return;
+    };
+    let cfg = KafkaConfig::new(bootstrap.clone());
+    let topic = unique("progress-clock");
+    create(&cfg, &topic, 1, true).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("producer");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    // Written in this order (offsets 0 and 1), stamped the other way round.
+    for (value, timestamp) in [("older", now), ("newer", now - 60_000)] {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("slot")
+                    .payload(value)
+                    .timestamp(timestamp),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("delivered");
+    }
+    let records = read_back(&cfg, &topic, quiet(2)).await;
+    assert_eq!(records.len(), 2);
+    assert!(
+        records[0].timestamp > records[1].timestamp,
+        "the broker kept the producer's timestamps: {records:?}"
+    );
+    let last = read_last_value(&cfg, &topic, b"slot").await.expect("read");
+    assert_eq!(last.as_deref(), Some(&b"newer"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

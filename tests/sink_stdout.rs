@@ -7,10 +7,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgcdc::sink::{self, Record, Sink, SinkError, SinkItem, SinkSummary, StdoutSink};
+use pgcdc::sink::{self, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink};
 use pgcdc::source::Lsn;
 use tokio::io::AsyncWrite;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 /// A writer whose state the test can inspect and control.
 #[derive(Clone, Default)]
@@ -95,8 +95,8 @@ fn record(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
 
 type Running = tokio::task::JoinHandle<Result<SinkSummary, SinkError>>;
 
-fn start(probe: &Probe) -> (mpsc::Sender<SinkItem>, watch::Receiver<Lsn>, Running) {
-    let (tx, rx) = mpsc::channel(16);
+fn start(probe: &Probe) -> (SinkSender, watch::Receiver<Lsn>, Running) {
+    let (tx, rx) = sink::channel(16, sink::channel::CHANNEL_BYTES);
     let (acked_tx, acked_rx) = watch::channel(Lsn(0));
     let handle = tokio::spawn(sink::run(
         Sink::Stdout(StdoutSink::new(probe.clone())),
@@ -287,7 +287,7 @@ async fn other_write_errors_are_io_errors() {
             Poll::Ready(Ok(()))
         }
     }
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = sink::channel(4, sink::channel::CHANNEL_BYTES);
     let (acked_tx, acked) = watch::channel(Lsn(0));
     let handle = tokio::spawn(sink::run(
         Sink::Stdout(StdoutSink::new(Failing)),

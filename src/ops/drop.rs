@@ -11,7 +11,7 @@
 //! Topics and their events stay: they are the consumers' data.
 
 use anyhow::anyhow;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_postgres::error::SqlState;
 
 use super::ProgressLocation;
@@ -187,7 +187,7 @@ async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
                 .await
                 .or_fail(FailureKind::Sink)?;
             let producer = kafka::KafkaSink::new(cfg.clone()).or_fail(FailureKind::Sink)?;
-            let (tx, rx) = mpsc::channel(4);
+            let (tx, rx) = sink::channel(4, sink::channel::CHANNEL_BYTES);
             let (acked, _) = watch::channel(Lsn::INVALID);
             let task = tokio::spawn(sink::run(sink::Sink::Kafka(producer), rx, acked));
             let (done_tx, done_rx) = oneshot::channel();

@@ -2,10 +2,10 @@
 //!
 //! ```text
 //!  PostgreSQL ──(COPY in the exported snapshot)──┐
-//!       │                                         ├─► ChangeBuilder/Encoder ─► [bounded channel] ─► sink task ─► Kafka / stdout
-//!       └──(START_REPLICATION, pgoutput)──────────┘                                                       │
-//!                 ▲                                                                                          │
-//!                 └────────── standby status: confirmed = last checkpoint the sink acknowledged ◄──────────┘
+//!       │                                         ├─► ChangeBuilder/Encoder ─► [channel, bounded in items and bytes] ─► sink task ─► Kafka / stdout
+//!       └──(START_REPLICATION, pgoutput)──────────┘                                                                          │
+//!                 ▲                                                                                                             │
+//!                 └────────── standby status: confirmed = last checkpoint the sink acknowledged ◄─────────────────────────────┘
 //! ```
 //!
 //! The one rule: the LSN confirmed to PostgreSQL is always a checkpoint that the sink reported
@@ -28,14 +28,14 @@ mod stream;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::checkpoint::{FileStore, Progress, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::signals;
-use crate::sink::{self, kafka, SinkItem};
+use crate::sink::{self, kafka, SinkSender};
 use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
@@ -261,9 +261,8 @@ async fn run_once(
         changes,
         tables,
     } = events;
-    // Items: a record, a checkpoint, or a snapshot batch of at most 16 records and about
-    // 8 KB; the capacity bounds what waits here while the sink waits for Kafka.
-    let (tx, rx) = mpsc::channel::<SinkItem>(1024);
+    // Bounded in items and in bytes: what waits here while the sink waits for Kafka.
+    let (tx, rx) = sink::channel(sink::channel::CHANNEL_ITEMS, sink::channel::CHANNEL_BYTES);
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));
@@ -482,7 +481,7 @@ struct Capture<'a> {
     encoder: &'a Encoder,
     changes: &'a ChangeOptions,
     store: &'a ProgressStore,
-    tx: &'a mpsc::Sender<SinkItem>,
+    tx: &'a SinkSender,
     acked_rx: watch::Receiver<Lsn>,
     /// Where each table's snapshot-complete markers go (see [`snapshot::Markers`]).
     markers: &'a snapshot::Markers,

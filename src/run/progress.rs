@@ -1,10 +1,10 @@
 //! Where the snapshot state is kept, and waiting for the sink to acknowledge everything.
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::failure::{sink_gone, Classify, Failure, FailureKind::Sink as SinkFail};
 use crate::checkpoint::{self, FileStore, Progress};
-use crate::sink::{kafka, Record, SinkItem};
+use crate::sink::{kafka, Record, SinkItem, SinkSender};
 
 /// Where the snapshot state is kept.
 pub(super) enum ProgressStore {
@@ -33,11 +33,7 @@ impl ProgressStore {
     }
 
     /// Durably stores `p` after everything queued before it is acknowledged.
-    pub(super) async fn save(
-        &self,
-        p: &Progress,
-        tx: &mpsc::Sender<SinkItem>,
-    ) -> Result<(), Failure> {
+    pub(super) async fn save(&self, p: &Progress, tx: &SinkSender) -> Result<(), Failure> {
         if let ProgressStore::Kafka { topic, key, .. } = self {
             let record = Record {
                 topic: topic.as_str().into(),
@@ -58,7 +54,7 @@ impl ProgressStore {
 }
 
 /// Waits until everything sent so far is acknowledged.
-pub(super) async fn barrier(tx: &mpsc::Sender<SinkItem>) -> Result<(), Failure> {
+pub(super) async fn barrier(tx: &SinkSender) -> Result<(), Failure> {
     let (done_tx, done_rx) = oneshot::channel();
     tx.send(SinkItem::Barrier(done_tx))
         .await

@@ -4,8 +4,8 @@
 //! (3) the status timer — it fires even while the sink applies backpressure, so
 //! `wal_sender_timeout` never cuts a slow but healthy stream — (4) handing queued items to the
 //! sink, and only when nothing is queued, (5) the receive timeout and (6) reading more WAL. At
-//! most one message's items are queued here; everything else waits in the bounded channel or in
-//! PostgreSQL.
+//! most one message's items are queued here; everything else waits in the channel (bounded in
+//! items and bytes, see [`crate::sink::channel`]) or in PostgreSQL.
 //!
 //! The receive timeout exists because a connection can die silently: a partition or a
 //! middlebox that forgets the connection delivers neither data nor a reset, and TCP would only
@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::failure::{sink_gone, Classify, Failure, FailureKind::Source as SourceFail};
 use super::progress::barrier;
@@ -26,7 +26,7 @@ use super::EndedStream;
 use crate::cli::RunArgs;
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
-use crate::sink::SinkItem;
+use crate::sink::{SinkItem, SinkSender};
 use crate::source::catalog::{quote_ident, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
 use crate::source::pgoutput::{Decoder, LogicalMessage};
@@ -66,7 +66,7 @@ pub(super) async fn catch_up(
     tables: &[TableInfo],
     encoder: &Encoder,
     changes: &ChangeOptions,
-    tx: &mpsc::Sender<SinkItem>,
+    tx: &SinkSender,
     acked_rx: &watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, Failure> {
@@ -169,7 +169,7 @@ const BACKLOG_AGE_MS: i64 = 200;
 pub(super) async fn stream_changes(
     mut stream: ReplicationStream,
     mut builder: ChangeBuilder,
-    tx: &mpsc::Sender<SinkItem>,
+    tx: &SinkSender,
     mut acked_rx: watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
     Bounds {
@@ -217,6 +217,9 @@ pub(super) async fn stream_changes(
     let metrics = crate::metrics::global();
     metrics.set_streaming(true);
     let end = loop {
+        // The bytes the next item takes from the sink channel's budget: it waits for them
+        // (reading no WAL meanwhile) as it waits for room in the channel.
+        let front_bytes = pending.front().map_or(0, SinkItem::buffered_bytes);
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => {
@@ -241,7 +244,7 @@ pub(super) async fn stream_changes(
                     fail!(Failure::replication(e));
                 }
             }
-            permit = tx.reserve(), if !pending.is_empty() => {
+            permit = tx.reserve(front_bytes), if !pending.is_empty() => {
                 match (permit, pending.pop_front()) {
                     (Ok(permit), Some(item)) => permit.send(item),
                     _ => break End::Stopped,

@@ -1,6 +1,7 @@
 //! Sinks: where encoded events go (Kafka, stdout), and how their acknowledgements flow back.
 //!
-//! The pipeline hands the sink an ordered stream of [`SinkItem`]s through a bounded channel.
+//! The pipeline hands the sink an ordered stream of [`SinkItem`]s through a channel bounded in
+//! items and in bytes ([`channel`]).
 //! Records are published in that order; a [`SinkItem::Checkpoint`] is reported on the `acked`
 //! watch only once **every record sent before it** has been acknowledged (Kafka: delivery
 //! report with `acks=all`; stdout: written and flushed). The replication side confirms to
@@ -17,13 +18,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rdkafka::error::KafkaError;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::source::Lsn;
 
+pub mod channel;
 pub mod kafka;
 pub mod stdout;
 
+pub use channel::{channel, Budget, Charge, SinkReceiver, SinkSender};
 pub use kafka::KafkaSink;
 pub use stdout::StdoutSink;
 
@@ -190,6 +193,19 @@ pub enum SinkError {
 
     #[error("reading Kafka topic `{topic}` made no progress for {secs}s: is the broker up?")]
     ReadStalled { topic: String, secs: u64 },
+
+    #[error(
+        "key `{key}` appears in partitions {partitions:?} of Kafka topic `{topic}` (were \
+         partitions added to it?): records of different partitions have no order, so pgcdc \
+         cannot tell which is the latest. pgcdc's progress topic needs one partition: delete \
+         the topic and start pgcdc again (it recreates it; finding no completed snapshot \
+         recorded, it takes a new one, publishing the rows again)"
+    )]
+    KeyInSeveralPartitions {
+        topic: String,
+        key: String,
+        partitions: Vec<i32>,
+    },
 }
 
 impl SinkError {
@@ -205,6 +221,7 @@ impl SinkError {
                 | SinkError::UnknownTopic { .. }
                 | SinkError::Config(_)
                 | SinkError::TopicCreation { .. }
+                | SinkError::KeyInSeveralPartitions { .. }
         )
     }
 
@@ -219,10 +236,12 @@ impl SinkError {
 /// each [`SinkItem::Checkpoint`] on `acked` once every record before it is acknowledged.
 ///
 /// Backpressure: the sink stops reading `rx` while it is at its in-flight limit (Kafka) or while
-/// its output blocks (stdout); it never buffers without bound and never drops a record.
+/// its output blocks (stdout); it never buffers without bound and never drops a record. It
+/// drops each item's [`Charge`] once the item's records are handed on (to librdkafka, or
+/// written), which frees their bytes for the pipeline.
 pub async fn run(
     sink: Sink,
-    rx: mpsc::Receiver<SinkItem>,
+    rx: SinkReceiver,
     acked: watch::Sender<Lsn>,
 ) -> Result<SinkSummary, SinkError> {
     match sink {

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::{report, Record, SinkError, SinkItem, SinkSummary};
+use super::{report, Record, SinkError, SinkItem, SinkReceiver, SinkSummary};
 use crate::source::Lsn;
 
 /// Size of the output buffer. Each write of it is a hand-off to tokio's blocking pool (and
@@ -70,7 +70,7 @@ impl StdoutSink {
     /// Runs until `rx` is closed and the last line is flushed. See [`super::run`].
     pub async fn run(
         mut self,
-        mut rx: mpsc::Receiver<SinkItem>,
+        mut rx: SinkReceiver,
         acked: watch::Sender<Lsn>,
     ) -> Result<SinkSummary, SinkError> {
         let mut summary = SinkSummary::default();
@@ -104,7 +104,8 @@ impl StdoutSink {
                 }
                 item = rx.recv() => item,
             };
-            let Some(item) = item else { break };
+            // The charge is given back once the item's records are in the output buffer.
+            let Some((item, _charge)) = item else { break };
             match item {
                 SinkItem::Record(record) => {
                     self.write_record(&record).await?;

@@ -227,13 +227,16 @@ impl Drop for PrivatePg {
 }
 
 /// A tansu broker of one test, with durable `sqlite://` storage in a temporary directory, so
-/// it keeps its topics across restarts. It can advertise another port than it listens on,
-/// so that clients reach it through a [`crate::proxy::Proxy`].
+/// it keeps its topics across restarts (or, from [`PrivateBroker::start_in_memory`], memory
+/// storage: faster, gone at a restart, and with an unreliable high watermark). It can
+/// advertise another port than it listens on, so that clients reach it through a
+/// [`crate::proxy::Proxy`].
 pub struct PrivateBroker {
     pub port: u16,
     advertised: u16,
     dir: PathBuf,
     tansu: PathBuf,
+    storage: &'static str,
     child: Option<Child>,
     restarts: u32,
 }
@@ -244,8 +247,17 @@ impl PrivateBroker {
         Self::start_advertising(None)
     }
 
+    /// Starts a broker with memory storage on a free port, advertising itself.
+    pub fn start_in_memory() -> PrivateBroker {
+        Self::start_with(None, "memory://tansu/")
+    }
+
     /// Starts a broker on a free port that advertises `advertised` (a proxy) if given.
     pub fn start_advertising(advertised: Option<u16>) -> PrivateBroker {
+        Self::start_with(advertised, "sqlite://tansu.db")
+    }
+
+    fn start_with(advertised: Option<u16>, storage: &'static str) -> PrivateBroker {
         let tansu =
             PathBuf::from(std::env::var("PGCDC_TEST_TANSU").unwrap_or_else(|_| "tansu".into()));
         let mut b = PrivateBroker {
@@ -253,6 +265,7 @@ impl PrivateBroker {
             advertised: 0,
             dir: temp_dir("pgcdc_broker"),
             tansu,
+            storage,
             child: None,
             restarts: 0,
         };
@@ -291,7 +304,7 @@ impl PrivateBroker {
                 "--advertised-listener-url",
                 &format!("tcp://127.0.0.1:{}", self.advertised),
             ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", self.storage])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)

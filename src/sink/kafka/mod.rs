@@ -25,9 +25,12 @@
 //! - **`linger.ms=5`, `compression.type=lz4`.** Small batches cost latency nothing noticeable
 //!   and save most of the per-request overhead; lz4 is cheap on CPU.
 //! - **Bounded in flight.** At most [`KafkaConfig::max_in_flight`] records lie between the
-//!   oldest one not yet acknowledged and the newest one sent. At the limit — or when
-//!   librdkafka answers `QueueFull` — the sink waits for acknowledgements before taking more:
-//!   backpressure, never a dropped record.
+//!   oldest one not yet acknowledged and the newest one sent, and librdkafka's queue holds at
+//!   most `queue.buffering.max.kbytes` of them (16 MiB; enough for one record of
+//!   `message.max.bytes`). At either limit (`QueueFull`) the sink waits for acknowledgements
+//!   before taking more: backpressure, never a dropped record. Records wait for the sink in a
+//!   channel bounded in bytes ([`crate::sink::channel`]); the sink gives their bytes back once
+//!   librdkafka has them. Both bounds make up the memory bound of the README's Guarantees.
 //!
 //! Every `-X key=value` property given by the user overrides these defaults; an invalid one
 //! fails at creation with [`SinkError::Config`] naming it.
@@ -85,8 +88,9 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     // idempotent producer waited up to a second for its producer id at every start.
     ("enable.sparse.connections", "false"),
     // Memory stays bounded whatever the row size: a full buffer is backpressure (QueueFull).
-    // 16 MiB keeps peak RSS near 60 MB and is still tens of thousands of typical events;
-    // raised automatically when -X message.max.bytes needs more (see `client_config`).
+    // 16 MiB is part of the documented memory bound (README, Guarantees) and still tens of
+    // thousands of typical events; raised automatically to hold one record of
+    // -X message.max.bytes when that is larger (see `client_config`).
     ("queue.buffering.max.kbytes", "16384"),
 ];
 
@@ -182,8 +186,11 @@ pub(crate) fn client_config(cfg: &KafkaConfig, role: Role) -> ClientConfig {
     }
     match role {
         Role::Producer => {
-            // The queue must hold at least two of the largest records, or one that size would
-            // wait forever for room (QueueFull with nothing in flight).
+            // The queue must hold the largest record librdkafka accepts, or one that size
+            // would wait forever for room (QueueFull with nothing in flight). One, not two:
+            // a record that large then passes alone, as it does through the sink's channel
+            // (see crate::sink::channel), and memory stays within the documented bound plus
+            // that one record.
             let user_set = |key: &str| cfg.properties.iter().any(|(k, _)| k == key);
             let max_bytes = c
                 .get("message.max.bytes")
@@ -193,7 +200,7 @@ pub(crate) fn client_config(cfg: &KafkaConfig, role: Role) -> ClientConfig {
                 .get("queue.buffering.max.kbytes")
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0);
-            let needed_kb = max_bytes.saturating_mul(2).div_ceil(1024);
+            let needed_kb = max_bytes.div_ceil(1024);
             if !user_set("queue.buffering.max.kbytes") && queue_kb < needed_kb {
                 c.set("queue.buffering.max.kbytes", needed_kb.to_string());
             }
@@ -232,6 +239,21 @@ impl<T: Send + 'static> std::ops::Deref for OffThreadDrop<T> {
     fn deref(&self) -> &T {
         // Always `Some` until dropped.
         self.0.as_ref().expect("client present until drop")
+    }
+}
+
+impl<T: Send + 'static> OffThreadDrop<T> {
+    /// Calls `last` with the client, then destroys it, both on a blocking thread, and waits
+    /// until that is done.
+    pub(crate) async fn destroy(mut self, last: impl FnOnce(&T) + Send + 'static) {
+        if let Some(client) = self.0.take() {
+            // A panic while destroying has been reported by the panic hook already.
+            let _ = tokio::task::spawn_blocking(move || {
+                last(&client);
+                drop(client);
+            })
+            .await;
+        }
     }
 }
 
@@ -458,12 +480,15 @@ mod tests {
     }
 
     #[test]
-    fn producer_queue_holds_two_of_the_largest_records() {
+    fn producer_queue_holds_the_largest_record() {
         let c = client_config(&KafkaConfig::new("b:9092"), Role::Producer);
+        assert_eq!(c.get("queue.buffering.max.kbytes"), Some("16384"));
+        let cfg = KafkaConfig::new("b:9092").property("message.max.bytes", "10000000");
+        let c = client_config(&cfg, Role::Producer);
         assert_eq!(c.get("queue.buffering.max.kbytes"), Some("16384"));
         let cfg = KafkaConfig::new("b:9092").property("message.max.bytes", "20000000");
         let c = client_config(&cfg, Role::Producer);
-        assert_eq!(c.get("queue.buffering.max.kbytes"), Some("39063"));
+        assert_eq!(c.get("queue.buffering.max.kbytes"), Some("19532"));
         let cfg = cfg.property("queue.buffering.max.kbytes", "1000");
         let c = client_config(&cfg, Role::Producer);
         assert_eq!(c.get("queue.buffering.max.kbytes"), Some("1000"));

@@ -30,7 +30,7 @@
 use std::ffi::{c_void, CString};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -55,6 +55,9 @@ pub(super) struct PolledProducer<C: ProducerContext + 'static> {
     poller: Option<JoinHandle<()>>,
     /// A [`PolledProducer::send_now`] is in progress.
     sending_now: Arc<AtomicBool>,
+    /// The thread of the latest `send_now`: it holds the producer while it lasts, so it is
+    /// joined before the producer is dropped (the producer must be gone when the drop ends).
+    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl<C: ProducerContext + 'static> PolledProducer<C> {
@@ -77,6 +80,7 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
             stop,
             poller: Some(poller),
             sending_now: Arc::new(AtomicBool::new(false)),
+            flusher: Mutex::new(None),
         })
     }
 
@@ -90,6 +94,11 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
         if self.sending_now.swap(true, Ordering::AcqRel) {
             return;
         }
+        let mut flusher = self.flusher.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(done) = flusher.take() {
+            // Its flush is over (`sending_now` was clear): the thread is ending, if not gone.
+            let _ = done.join();
+        }
         let producer = Arc::clone(&self.producer);
         let sending_now = Arc::clone(&self.sending_now);
         let spawned = std::thread::Builder::new()
@@ -101,10 +110,13 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
                 unsafe { rd::rd_kafka_flush(producer.client().native_ptr(), SEND_NOW_FOR_MS) };
                 sending_now.store(false, Ordering::Release);
             });
-        if let Err(e) = spawned {
-            // Only a latency of linger.ms is at stake.
-            tracing::debug!(error = %e, "cannot start a thread to send the last batches at once");
-            self.sending_now.store(false, Ordering::Release);
+        match spawned {
+            Ok(thread) => *flusher = Some(thread),
+            Err(e) => {
+                // Only a latency of linger.ms is at stake.
+                tracing::debug!(error = %e, "cannot start a thread to send the last batches at once");
+                self.sending_now.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -115,6 +127,13 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
 
 impl<C: ProducerContext + 'static> Drop for PolledProducer<C> {
     fn drop(&mut self) {
+        // First the flush thread, while the poller still serves the delivery reports its
+        // flush waits for: then this drop holds the last reference, and the producer is
+        // destroyed (its connections closed) when the drop returns.
+        let flusher = self.flusher.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(thread) = flusher.take() {
+            let _ = thread.join();
+        }
         self.stop.store(true, Ordering::Release);
         if let Some(poller) = self.poller.take() {
             // A panic in a delivery callback has been reported already; nothing to add.

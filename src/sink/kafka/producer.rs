@@ -28,8 +28,16 @@
 //! under the same rule: the rest waits in the loop, and the channel is read again only once
 //! the batch is sent. When librdkafka's own queue is full
 //! (`QueueFull`), the record is kept and the loop waits for the watermark to move before
-//! retrying it — never a drop. When the channel is closed, the loop waits until every record
-//! is acknowledged and returns.
+//! retrying it — never a drop. An item's bytes stay charged to the channel's budget
+//! ([`crate::sink::channel`]) until all its records are with librdkafka, so the pipeline reads
+//! no more meanwhile. When the channel is closed, the loop waits until every record is
+//! acknowledged and returns.
+//!
+//! Memory per record in flight on this side: a bit in the ring, and at most one marker per
+//! record (consecutive checkpoints share one), whatever the records' size.
+//!
+//! A failed run purges the producer and waits for it to be destroyed before returning (see
+//! `KafkaSink::discard`): the pipeline that starts again must not race the old producer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -41,14 +49,15 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext, PurgeConfig};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{oneshot, watch, Notify};
 
 use super::native::{PolledProducer, Topics};
 use super::{
     client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
 };
-use crate::sink::{report, Record, SinkError, SinkItem, SinkSummary};
+use crate::sink::{report, Charge, Record, SinkError, SinkItem, SinkReceiver, SinkSummary};
 use crate::source::Lsn;
 
 /// Warn when no delivery report has arrived for this long while records are in flight.
@@ -99,12 +108,46 @@ impl KafkaSink {
 
     /// Runs until `rx` is closed and every record is acknowledged. See [`crate::sink::run`].
     ///
+    /// When it fails, the producer is emptied and destroyed before this returns (see
+    /// [`KafkaSink::discard`]): the pipeline that starts again after a failure must not race
+    /// records of this one.
+    pub async fn run(
+        self,
+        rx: SinkReceiver,
+        acked: watch::Sender<Lsn>,
+    ) -> Result<SinkSummary, SinkError> {
+        let result = self.deliver(rx, acked).await;
+        if result.is_err() {
+            self.discard().await;
+        }
+        result
+    }
+
+    /// Purges whatever the producer still holds — queued, waiting for a retry, or in flight —
+    /// and waits until it is destroyed: its connections closed, nothing of it left to send.
+    ///
+    /// Why wait: after a failed delivery, `run` starts the pipeline again in this process from
+    /// the last confirmed position, with a new producer publishing the same keys. Records the
+    /// old producer still held (the failure of one record leaves the others queued or in
+    /// retry) would otherwise go on being sent, and could land after the new producer's
+    /// copies — a row's older event after its newer one. Destroying it in the background, as
+    /// at a normal end, left that open for as long as a [`PolledProducer::send_now`] kept it
+    /// alive (up to 10 s).
+    async fn discard(self) {
+        let purge = PurgeConfig::default().queue().inflight();
+        self.producer
+            .destroy(move |p| p.producer().purge(purge))
+            .await;
+    }
+
+    /// The delivery loop of [`KafkaSink::run`].
+    ///
     /// Work that is ready is done without waiting first: markers the watermark has passed,
     /// then items already queued in the channel. Only then does the loop wait, so a burst of
     /// records costs one wake-up, not one per record.
-    pub async fn run(
-        self,
-        mut rx: mpsc::Receiver<SinkItem>,
+    async fn deliver(
+        &self,
+        mut rx: SinkReceiver,
         acked: watch::Sender<Lsn>,
     ) -> Result<SinkSummary, SinkError> {
         let mut st = Loop::new(&self.bootstrap, acked);
@@ -137,6 +180,10 @@ impl KafkaSink {
                 // What is left of a batch goes first: it came before anything in the channel.
                 if let Some(record) = st.next_of_batch() {
                     self.send(record, &mut st).await?;
+                    if st.batch.is_none() {
+                        // All of it is with librdkafka: its bytes are free for the pipeline.
+                        st.batch_charge = Charge::none();
+                    }
                     read_any = true;
                     continue;
                 }
@@ -144,12 +191,12 @@ impl KafkaSink {
                     break;
                 }
                 match rx.try_recv() {
-                    Ok(item) => {
-                        self.handle(item, &mut st).await?;
+                    Ok((item, charge)) => {
+                        self.handle(item, charge, &mut st).await?;
                         read_any = true;
                     }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => closed = true,
                 }
             }
             // Just closed: the drain may be complete already; check before waiting for more.
@@ -177,7 +224,7 @@ impl KafkaSink {
                 () = self.acks.notify.notified() => {}
                 item = rx.recv(), if can_read => match item {
                     None => closed = true,
-                    Some(item) => self.handle(item, &mut st).await?,
+                    Some((item, charge)) => self.handle(item, charge, &mut st).await?,
                 },
                 () = st.stall_timer.as_mut(), if pending => st.on_stall_timer(&self.acks),
             }
@@ -186,13 +233,18 @@ impl KafkaSink {
         }
     }
 
-    async fn handle(&self, item: SinkItem, st: &mut Loop) -> Result<(), SinkError> {
+    /// Takes one item from the channel. Its `charge` is dropped once its records are handed
+    /// to librdkafka (whose queue holds them from then on).
+    async fn handle(&self, item: SinkItem, charge: Charge, st: &mut Loop) -> Result<(), SinkError> {
         // The records of this item are stamped with the time it was taken.
         st.read_clock();
         match item {
             SinkItem::Record(record) => self.send(record, st).await?,
             // Sent by the loop, each when the window has room for it.
-            SinkItem::Records(records) => st.batch = Some(records.into_iter()),
+            SinkItem::Records(records) => {
+                st.batch = Some(records.into_iter());
+                st.batch_charge = charge;
+            }
             SinkItem::Checkpoint(lsn) => st.push_marker(Marker::Checkpoint(lsn)),
             SinkItem::Barrier(done) => {
                 st.push_marker(Marker::Barrier(done));
@@ -541,6 +593,8 @@ struct Loop {
     markers: VecDeque<Pending>,
     /// The records of a [`SinkItem::Records`] not sent yet; `None` once all are.
     batch: Option<std::vec::IntoIter<Record>>,
+    /// The budget that batch holds, given back once all of it is sent.
+    batch_charge: Charge,
     /// Records handed to librdkafka so far (the next sequence number).
     sent: u64,
     acked: watch::Sender<Lsn>,
@@ -569,6 +623,7 @@ impl Loop {
         Loop {
             markers: VecDeque::new(),
             batch: None,
+            batch_charge: Charge::none(),
             sent: 0,
             acked,
             bootstrap: bootstrap.to_string(),
@@ -611,6 +666,15 @@ impl Loop {
     }
 
     fn push_marker(&mut self, marker: Marker) {
+        // A checkpoint right after another, with no record between them, replaces it: only
+        // the later one is ever reported (see `complete_markers`). So the queue holds at most
+        // about one marker per record in flight, however many keepalives arrive meanwhile.
+        if let (Marker::Checkpoint(lsn), Some(back)) = (&marker, self.markers.back_mut()) {
+            if let (Marker::Checkpoint(prev), true) = (&mut back.marker, back.after == self.sent) {
+                *prev = (*prev).max(*lsn);
+                return;
+            }
+        }
         self.markers.push_back(Pending {
             after: self.sent,
             marker,
@@ -773,6 +837,33 @@ mod tests {
         assert_eq!(*rx.borrow(), Lsn(10));
         st.complete_markers(5);
         assert_eq!(*rx.borrow(), Lsn(30));
+        assert!(st.markers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn consecutive_checkpoints_share_a_marker() {
+        let (tx, rx) = watch::channel(Lsn(0));
+        let mut st = Loop::new("b", tx);
+        st.sent = 3;
+        for lsn in [10, 20, 30] {
+            st.push_marker(Marker::Checkpoint(Lsn(lsn)));
+        }
+        assert_eq!(st.markers.len(), 1);
+        let (done, _) = oneshot::channel();
+        st.push_marker(Marker::Barrier(done));
+        st.push_marker(Marker::Checkpoint(Lsn(40)));
+        assert_eq!(
+            st.markers.len(),
+            3,
+            "a barrier between them keeps them apart"
+        );
+        st.sent = 4;
+        st.push_marker(Marker::Checkpoint(Lsn(50)));
+        assert_eq!(st.markers.len(), 4, "a record between them too");
+        st.complete_markers(3);
+        assert_eq!(*rx.borrow(), Lsn(40));
+        st.complete_markers(4);
+        assert_eq!(*rx.borrow(), Lsn(50));
         assert!(st.markers.is_empty());
     }
 }

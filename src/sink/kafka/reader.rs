@@ -307,6 +307,13 @@ pub fn read_one(
 /// The latest value of `key` in `topic` (typically compacted), reading to the high
 /// watermarks. `Ok(None)` if the topic does not exist, the key never appears, or its latest
 /// record is a tombstone.
+///
+/// "Latest" is the highest offset: within a partition, offsets are the order in which the
+/// broker appended the records, while timestamps are only what the producers said
+/// (`CreateTime`), and a producer's clock can go backwards. pgcdc's progress topic has one
+/// partition, and a key always lands on the same partition while the count is unchanged. A
+/// key found in several partitions (partitions added later) has no order between them: that
+/// is [`SinkError::KeyInSeveralPartitions`] rather than a guess.
 pub async fn read_last_value(
     cfg: &KafkaConfig,
     topic: &str,
@@ -320,24 +327,93 @@ pub async fn read_last_value(
         else {
             return Ok(None);
         };
-        // The key normally lives in one partition; if the partitioner ever changed it may
-        // appear in several, and the most recent record (by timestamp) wins.
-        let mut latest: Option<(Option<i64>, Option<Vec<u8>>)> = None;
-        for record in reader {
-            let record = record?;
-            if record.key.as_deref() != Some(&key[..]) {
-                continue;
-            }
-            let newer = match &latest {
-                None => true,
-                Some((ts, _)) => record.timestamp >= *ts,
-            };
-            if newer {
-                latest = Some((record.timestamp, record.value));
-            }
-        }
-        Ok(latest.and_then(|(_, value)| value))
+        last_by_offset(reader, &topic, &key)
     })
     .await
     .map_err(join_error)?
+}
+
+/// The value of the record of `key` with the highest offset among `records` (see
+/// [`read_last_value`]).
+fn last_by_offset(
+    records: impl IntoIterator<Item = Result<ConsumedRecord, SinkError>>,
+    topic: &str,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, SinkError> {
+    // Partition → (offset, value) of the key's latest record there.
+    let mut latest: HashMap<i32, (i64, Option<Vec<u8>>)> = HashMap::new();
+    for record in records {
+        let record = record?;
+        if record.key.as_deref() != Some(key) {
+            continue;
+        }
+        let newer = match latest.get(&record.partition) {
+            Some((offset, _)) => record.offset > *offset,
+            None => true,
+        };
+        if newer {
+            latest.insert(record.partition, (record.offset, record.value));
+        }
+    }
+    if latest.len() > 1 {
+        let mut partitions: Vec<i32> = latest.into_keys().collect();
+        partitions.sort_unstable();
+        return Err(SinkError::KeyInSeveralPartitions {
+            topic: topic.to_string(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            partitions,
+        });
+    }
+    Ok(latest.into_values().next().and_then(|(_, value)| value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(
+        partition: i32,
+        offset: i64,
+        key: &str,
+        value: Option<&str>,
+        ts: i64,
+    ) -> ConsumedRecord {
+        ConsumedRecord {
+            partition,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            value: value.map(|v| v.as_bytes().to_vec()),
+            timestamp: Some(ts),
+        }
+    }
+
+    #[test]
+    fn the_highest_offset_wins_whatever_the_timestamps() {
+        let records = vec![
+            record(0, 0, "k", Some("first"), 2_000),
+            record(0, 1, "other", Some("x"), 9_000),
+            record(0, 2, "k", Some("second"), 1_000),
+        ];
+        let last = last_by_offset(records.into_iter().map(Ok), "t", b"k").expect("one partition");
+        assert_eq!(last.as_deref(), Some(&b"second"[..]));
+        let tombstoned = vec![record(0, 0, "k", Some("v"), 5), record(0, 1, "k", None, 1)];
+        let last = last_by_offset(tombstoned.into_iter().map(Ok), "t", b"k").expect("read");
+        assert_eq!(last, None);
+    }
+
+    #[test]
+    fn a_key_in_several_partitions_is_an_error_naming_them() {
+        let records = vec![
+            record(0, 7, "k", Some("a"), 1),
+            record(2, 3, "k", Some("b"), 2),
+        ];
+        let err = last_by_offset(records.into_iter().map(Ok), "t", b"k").expect_err("ambiguous");
+        match &err {
+            SinkError::KeyInSeveralPartitions { partitions, .. } => {
+                assert_eq!(partitions, &[0, 2]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err.is_fatal());
+    }
 }

@@ -83,7 +83,8 @@ use crate::event::{
     Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
 };
 use crate::metrics::TableMetrics;
-use crate::sink::{Record, SinkItem};
+use crate::sink::channel::RECORD_OVERHEAD;
+use crate::sink::{Budget, Charge, Record, SinkItem, SinkSender};
 use crate::source::catalog::{
     self, quote_ident, quote_literal, Attribute, CopyFormat, PublicationSeen, TableInfo,
 };
@@ -518,7 +519,7 @@ pub async fn run(
     tables: &[TableInfo],
     topic_prefix: &str,
     encoder: &Encoder,
-    tx: &mpsc::Sender<SinkItem>,
+    tx: &SinkSender,
     stop: &mut watch::Receiver<bool>,
     options: SnapshotOptions<'_>,
 ) -> Result<SnapshotStats, SnapshotError> {
@@ -577,22 +578,25 @@ enum Out<'a> {
     /// Into the sink's channel, in small batches ([`SinkItem::Records`]): one connection, on
     /// the pipeline's thread. A channel operation per row was ~6% of that thread's time.
     Sink {
-        tx: &'a mpsc::Sender<SinkItem>,
+        tx: &'a SinkSender,
         batch: Vec<Record>,
         bytes: usize,
     },
     /// In batches to the coordinator of a parallel snapshot, which forwards them to the sink's
     /// channel: one hand-off between threads per batch rather than per event (a hand-off per
-    /// event made one worker thread slower than no thread at all).
+    /// event made one worker thread slower than no thread at all). Each batch is charged to
+    /// the sink channel's byte budget before it leaves the worker, and carries that charge
+    /// into the channel: what waits between the workers and the sink is bounded in bytes too.
     Batches {
         tx: &'a mpsc::Sender<parallel::Piece>,
+        budget: &'a Budget,
         batch: Vec<Record>,
         bytes: usize,
     },
 }
 
 impl<'a> Out<'a> {
-    fn sink(tx: &'a mpsc::Sender<SinkItem>) -> Self {
+    fn sink(tx: &'a SinkSender) -> Self {
         Out::Sink {
             tx,
             batch: Vec::with_capacity(SINK_BATCH_EVENTS),
@@ -601,13 +605,13 @@ impl<'a> Out<'a> {
     }
 }
 
-/// A batch is handed over when it holds this many bytes of keys and values...
+/// A worker's batch is handed over when it holds this many bytes of keys and values...
 const BATCH_BYTES: usize = 64 * 1024;
 /// ...or this many events.
 const BATCH_EVENTS: usize = 256;
 
-/// The same limits for batches into the sink's channel, kept small: the channel holds up to
-/// its capacity of them while the sink waits for Kafka, so their size bounds memory.
+/// The same limits for batches of one connection into the sink's channel. Each batch is one
+/// channel operation and one charge to the channel's byte budget, not one per row.
 const SINK_BATCH_BYTES: usize = 8 * 1024;
 const SINK_BATCH_EVENTS: usize = 16;
 
@@ -680,15 +684,21 @@ impl<'a> Reader<'a> {
     /// Hands over the current batch, if any.
     async fn flush(&mut self) -> Result<(), SnapshotError> {
         match &mut self.out {
-            Out::Batches { tx, batch, bytes } if !batch.is_empty() => {
+            Out::Batches {
+                tx,
+                budget,
+                batch,
+                bytes,
+            } if !batch.is_empty() => {
                 let full = std::mem::replace(batch, Vec::with_capacity(BATCH_EVENTS));
-                *bytes = 0;
-                send(tx, &mut self.stop, parallel::Piece::Rows(full)).await
+                let held = std::mem::take(bytes) + full.len() * RECORD_OVERHEAD;
+                let charge = charge(budget, &mut self.stop, held).await?;
+                send(tx, &mut self.stop, parallel::Piece::Rows(full, charge)).await
             }
             Out::Sink { tx, batch, bytes } if !batch.is_empty() => {
                 let full = std::mem::replace(batch, Vec::with_capacity(SINK_BATCH_EVENTS));
-                *bytes = 0;
-                send(tx, &mut self.stop, SinkItem::Records(full)).await
+                let held = std::mem::take(bytes) + full.len() * RECORD_OVERHEAD;
+                send_to_sink(tx, &mut self.stop, SinkItem::Records(full), held).await
             }
             _ => Ok(()),
         }
@@ -935,6 +945,58 @@ fn copy_label(table: &TableSchema, copy: SnapshotCopy) -> &'static str {
     match binary_plan(table, copy) {
         Some(_) => "binary",
         None => "text",
+    }
+}
+
+/// Sends `item`, which holds `bytes` (see [`SinkItem::buffered_bytes`]), to the sink's
+/// channel, waiting while its budget or the channel is full; gives up when `stop` is set.
+async fn send_to_sink(
+    tx: &SinkSender,
+    stop: &mut watch::Receiver<bool>,
+    item: SinkItem,
+    bytes: usize,
+) -> Result<(), SnapshotError> {
+    if *stop.borrow() {
+        return Err(SnapshotError::Interrupted);
+    }
+    let charge = charge(tx.budget(), stop, bytes).await?;
+    send_charged(tx, stop, item, charge).await
+}
+
+/// Sends `item` with a charge taken for it, waiting while the channel is full; gives up when
+/// `stop` is set.
+async fn send_charged(
+    tx: &SinkSender,
+    stop: &mut watch::Receiver<bool>,
+    item: SinkItem,
+    charge: Charge,
+) -> Result<(), SnapshotError> {
+    // Fast path while the sink keeps up; wait (interruptibly) only when the channel is full.
+    let (item, charge) = match tx.try_send_charged(item, charge) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(SnapshotError::SinkClosed),
+        Err(mpsc::error::TrySendError::Full(unsent)) => unsent,
+    };
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => Err(SnapshotError::Interrupted),
+        r = tx.send_charged(item, charge) => r.map_err(|_| SnapshotError::SinkClosed),
+    }
+}
+
+/// Takes `bytes` from `budget`, waiting while it is spent; gives up when `stop` is set.
+async fn charge(
+    budget: &Budget,
+    stop: &mut watch::Receiver<bool>,
+    bytes: usize,
+) -> Result<Charge, SnapshotError> {
+    if let Ok(charge) = budget.try_charge(bytes) {
+        return Ok(charge);
+    }
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => Err(SnapshotError::Interrupted),
+        r = budget.charge(bytes) => r.map_err(|_| SnapshotError::SinkClosed),
     }
 }
 

@@ -21,8 +21,8 @@
 //! same snapshot, then takes ranges (or whole tables) from a shared list until none is left, so
 //! a worker whose ranges held fewer live rows takes over work instead of idling. Threads, not
 //! tasks: parsing and encoding are the CPU-heavy part, and the rest of the pipeline keeps its
-//! one thread. Workers send into the same bounded channel as everything else, so a slow sink
-//! stops all of them.
+//! one thread. Workers charge their batches to the same byte budget as everything else sent
+//! to the sink ([`crate::sink::channel`]), so a slow sink stops all of them.
 //!
 //! A worker sends every row of a unit before it counts the unit done; the worker that
 //! finishes a table's last unit then sends [`Piece::TableDone`] into the same channel. The
@@ -46,7 +46,7 @@ use super::{
 use super::{SnapshotStats, TableInfo};
 use crate::config::conninfo::ConnInfo;
 use crate::event::{Encoder, Position, TableSchema};
-use crate::sink::{Record, SinkItem};
+use crate::sink::{Budget, Charge, Record, SinkSender};
 use crate::source::connect;
 
 /// The smallest page range worth a query of its own: 8 MB at the default page size.
@@ -129,8 +129,9 @@ type Outcome = Result<(), SnapshotError>;
 
 /// What a worker sends to the coordinator, in order.
 pub(super) enum Piece {
-    /// Read events, in the order read.
-    Rows(Vec<Record>),
+    /// Read events, in the order read, with what they were charged to the sink channel's
+    /// byte budget (see [`crate::sink::channel`]).
+    Rows(Vec<Record>, Charge),
     /// Every row of the table with this index was sent (by whichever worker): its snapshot
     /// markers may follow. `rows`: how many the table has.
     TableDone { table: usize, rows: u64 },
@@ -146,7 +147,7 @@ pub(super) async fn run(
     tables: &[TableInfo],
     topic_prefix: &str,
     encoder: &Encoder,
-    tx: &mpsc::Sender<SinkItem>,
+    tx: &SinkSender,
     stop: &mut watch::Receiver<bool>,
     options: SnapshotOptions<'_>,
 ) -> Result<SnapshotStats, SnapshotError> {
@@ -207,7 +208,8 @@ pub(super) async fn run(
 
     // Set when one worker fails or a signal arrives: the others stop at their next row.
     let (halt_tx, halt_rx) = watch::channel(false);
-    // Two batches per worker in flight at most: a slow sink stops the workers.
+    // Two batches per worker in flight at most, each charged to the sink channel's budget:
+    // a slow sink stops the workers.
     let (batch_tx, mut batch_rx) = mpsc::channel::<Piece>(2 * workers);
     let mut error: Option<SnapshotError> = None;
     let mut pending = FuturesUnordered::new();
@@ -217,7 +219,7 @@ pub(super) async fn run(
             shared.clone(),
             options.conninfo.clone(),
             encoder.clone(),
-            batch_tx.clone(),
+            (batch_tx.clone(), tx.budget().clone()),
             halt_rx.clone(),
         ) {
             Ok(done) => pending.push(done),
@@ -250,7 +252,13 @@ pub(super) async fn run(
                 // channel) but not published.
                 Some(piece) if error.is_none() => {
                     let sent = match piece {
-                        Piece::Rows(rows) => forward(&mut out, rows).await,
+                        // The rows go on in the sink channel's batches, each charged there;
+                        // the worker's charge for them ends once they are handed on.
+                        Piece::Rows(rows, charge) => {
+                            let sent = forward(&mut out, rows).await;
+                            drop(charge);
+                            sent
+                        }
                         Piece::TableDone { table, rows } => {
                             let schema = &shared.schemas[table];
                             let markers =
@@ -316,7 +324,7 @@ fn spawn(
     shared: Arc<Shared>,
     conninfo: ConnInfo,
     encoder: Encoder,
-    tx: mpsc::Sender<Piece>,
+    out: (mpsc::Sender<Piece>, Budget),
     halt: watch::Receiver<bool>,
 ) -> Result<oneshot::Receiver<Outcome>, SnapshotError> {
     let (done_tx, done_rx) = oneshot::channel();
@@ -327,7 +335,7 @@ fn spawn(
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(work(&shared, &conninfo, &encoder, &tx, halt)),
+                Ok(rt) => rt.block_on(work(&shared, &conninfo, &encoder, (&out.0, &out.1), halt)),
                 Err(e) => Err(SnapshotError::Worker(format!(
                     "cannot start its runtime: {e}"
                 ))),
@@ -343,13 +351,14 @@ async fn work(
     shared: &Shared,
     conninfo: &ConnInfo,
     encoder: &Encoder,
-    tx: &mpsc::Sender<Piece>,
+    (tx, budget): (&mpsc::Sender<Piece>, &Budget),
     halt: watch::Receiver<bool>,
 ) -> Outcome {
     let client = connect::connect(conninfo).await?;
     import(&client, &shared.snapshot_name).await?;
     let out = Out::Batches {
         tx,
+        budget,
         batch: Vec::with_capacity(super::BATCH_EVENTS),
         bytes: 0,
     };

@@ -139,6 +139,15 @@ async fn supervise(
                 }
                 delay = (delay * 2).min(RESTART_MAX_DELAY);
             }
+            // Stopped by a signal while the pipeline failed in a way a restart would clear:
+            // nothing was confirmed that should not be, so this is a stop like any other.
+            Err(f) if f.restart => {
+                tracing::info!(
+                    error = format!("{:#}", f.error),
+                    "stopped; the failure above is left to the next run"
+                );
+                return Ok(());
+            }
             other => return other,
         }
     }

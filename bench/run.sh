@@ -222,6 +222,8 @@ to_kafka=(--source "$CONNINFO")
 # order turns by one place each round (see `rotated`).
 snapshot_case() { # id-prefix label table rows
     local id=$1 label=$2 table=$3 rows=$4 r reader
+    # pgcdc publishes the rows and the table's snapshot marker (one partition).
+    local records=$((rows + 1))
     # Warm the caches once, untimed, so the reference does not pay for a cold read.
     psql_db -c "COPY $table TO STDOUT" >/dev/null
     for r in $(seq 1 "$REPEAT"); do
@@ -230,13 +232,13 @@ snapshot_case() { # id-prefix label table rows
                 ref) measure "$id-ref-$r" "$label" "psql COPY" "$rows" \
                     "$PGBIN/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d "$DB" \
                     -c "COPY $table TO STDOUT" ;;
-                null) measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$rows" \
+                null) measure "$id-null-$r" "$label" "pgcdc → /dev/null" "$records" \
                     "$PGCDC" run "${to_null[@]}" --snapshot-only --table "public.$table" \
                     --publication "${table}_pub" --slot "${DB}_snap" \
                     --snapshot-workers "$SNAPSHOT_WORKERS" ;;
                 kafka)
                     broker_start
-                    measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$rows" \
+                    measure "$id-kafka-$r" "$label" "pgcdc → Kafka" "$records" \
                         "$PGCDC" run "${to_kafka[@]}" --kafka "$KAFKA" --snapshot-only \
                         --table "public.$table" --publication "${table}_pub" --slot "${DB}_snap" \
                         --topic-prefix "$id-$r" --snapshot-workers "$SNAPSHOT_WORKERS"

@@ -537,42 +537,21 @@ async fn capture(
     stream(c, started, stop, lock).await
 }
 
-/// Looks at the slot and the progress record, decides, and runs the plan up to where
-/// streaming starts.
+/// What start-up finds: the run's slot and its progress record on this server.
+struct Found {
+    slot: Option<catalog::SlotInfo>,
+    progress: Option<Progress>,
+}
+
+/// Looks at the slot and the progress record, decides ([`start::decide`]), and runs the plan
+/// up to where streaming starts.
 async fn start(
     c: &Capture<'_>,
     repl: ReplicationClient,
     stop: &mut watch::Receiver<bool>,
 ) -> Started {
-    let slot_name = c.args.slot.as_str();
-    // After a crash, the old walsender may hold the slot for a moment: give it a few seconds.
-    let mut attempts = 0;
-    let existing = loop {
-        match catalog::inspect_slot(c.client, slot_name, &c.server.database).await {
-            Err(catalog::PreflightError::SlotActive { .. }) if attempts < 10 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            other => break other.or_fail(SourceFail)?,
-        }
-    };
-    let progress = if c.args.snapshot_only {
-        None
-    } else {
-        let stored = c.store.load().await?;
-        match stored {
-            Some(p) if p.system_id != c.system_id || p.slot != slot_name => {
-                tracing::warn!(
-                    slot = slot_name,
-                    "the progress record belongs to another server (system identifier {}); ignoring it",
-                    p.system_id
-                );
-                None
-            }
-            other => other,
-        }
-    };
-    let slot = match &existing {
+    let found = look(c).await?;
+    let slot = match &found.slot {
         None => start::SlotState::Missing,
         Some(s) if s.invalidated => start::SlotState::Invalidated,
         Some(s) => start::SlotState::Usable {
@@ -582,121 +561,152 @@ async fn start(
     let tables: Vec<(TableName, u32)> = c.tables.iter().map(|t| (t.name.clone(), t.oid)).collect();
     let plan = start::decide(start::Found {
         slot,
-        progress: progress.as_ref(),
+        progress: found.progress.as_ref(),
         tables: &tables,
         mode: c.args.snapshot,
         snapshot_only: c.args.snapshot_only,
     });
     tracing::debug!(?plan, ?slot, "start-up plan");
     match plan {
-        Plan::Refuse(r) => Err(Failure::new(SourceFail, anyhow!(r.message(slot_name)))),
+        Plan::Refuse(r) => Err(Failure::new(SourceFail, anyhow!(r.message(&c.args.slot)))),
         Plan::SnapshotOnly => snapshot(c, repl, c.tables, SlotHandOver::None, None, stop).await,
         Plan::NewSlot {
             snapshot: true,
             drop_invalidated,
-        } => {
-            if let Some(p) = &progress {
-                tracing::warn!(
-                    slot = slot_name,
-                    acked = %p.acked(),
-                    "the slot is gone; taking a new snapshot of every table (--snapshot always): changes made since the recorded position that the slot held are not published, and each table's snapshot marker tells consumers which rows remain"
-                );
-            }
-            if drop_invalidated {
-                drop_slot(c.client, slot_name).await?;
-            }
-            snapshot(
-                c,
-                repl,
-                c.tables,
-                SlotHandOver::Copy,
-                Some(Vec::new()),
-                stop,
-            )
-            .await
-        }
+        } => new_slot_with_snapshot(c, repl, &found, drop_invalidated, stop).await,
         Plan::NewSlot {
             snapshot: false, ..
         } => new_slot_without_snapshot(c, repl).await.map(Some),
-        Plan::Resnapshot { tables, why } => {
-            let subset: Vec<TableInfo> = c
-                .tables
-                .iter()
-                .filter(|t| tables.contains(&t.name))
-                .cloned()
-                .collect();
-            let names = || {
-                tables
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            match why {
-                start::Why::Requested => tracing::info!(slot = slot_name, "--snapshot always: publishing the slot's changes up to a new snapshot, then moving it to the snapshot's position"),
-                start::Why::NoRecord => tracing::warn!(slot = slot_name, "slot exists but no snapshot is recorded for it: publishing its changes up to a new snapshot, then moving it to the snapshot's position"),
-                start::Why::NotRecorded => tracing::info!(slot = slot_name, tables = names(), "tables without a completed snapshot (new to the capture, or unfinished): publishing the slot's changes up to a new snapshot of them, then moving the slot to the snapshot's position"),
-            }
-            let completed = match why {
-                start::Why::NotRecorded => progress
-                    .as_ref()
-                    .map(|p| p.snapshot.completed_tables().to_vec())
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            // What was recorded as complete and is still captured stays complete.
-            let completed: Vec<String> = c
-                .tables
-                .iter()
-                .filter(|t| !tables.contains(&t.name))
-                .filter(|t| {
-                    completed
-                        .iter()
-                        .any(|n| n.parse::<TableName>().ok().as_ref() == Some(&t.name))
-                })
-                .map(|t| t.name.to_string())
-                .collect();
-            snapshot(
-                c,
-                repl,
-                &subset,
-                SlotHandOver::CatchUp,
-                Some(completed),
-                stop,
-            )
-            .await
-        }
-        Plan::Resume { rewrite_record } => {
-            let Some(slot) = existing else {
-                return Err(Failure::new(
-                    SourceFail,
-                    anyhow!("internal: resume planned without a slot"),
-                ));
-            };
-            if rewrite_record {
-                if let Some(p) = &progress {
-                    let rows = match &p.snapshot {
-                        SnapshotState::Completed { rows, .. } => *rows,
-                        _ => 0,
-                    };
-                    let record = c.record(
-                        SnapshotState::Completed {
-                            tables: c.table_names(c.tables),
-                            rows,
-                        },
-                        Lsn(p.slot_lsn),
-                    );
-                    c.store.save(&record, c.tx).await?;
-                    tracing::info!(
-                        slot = slot_name,
-                        "progress record updated to the captured tables"
-                    );
-                }
-            }
-            tracing::info!(slot = slot_name, confirmed_flush = %slot.confirmed_flush, "resuming from the slot");
-            Ok(Some((repl, slot.confirmed_flush)))
-        }
+        Plan::Resnapshot {
+            tables,
+            completed,
+            why,
+        } => resnapshot(c, repl, &tables, &completed, why, stop).await,
+        Plan::Resume { rewrite_record } => resume(c, repl, found, rewrite_record).await,
     }
+}
+
+/// The slot (waiting a few seconds for an old walsender to let go of it after a crash) and
+/// the progress record of this slot on this server.
+async fn look(c: &Capture<'_>) -> Result<Found, Failure> {
+    let slot_name = c.args.slot.as_str();
+    let mut attempts = 0;
+    let slot = loop {
+        match catalog::inspect_slot(c.client, slot_name, &c.server.database).await {
+            Err(catalog::PreflightError::SlotActive { .. }) if attempts < 10 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other.or_fail(SourceFail)?,
+        }
+    };
+    let progress = match c.args.snapshot_only {
+        true => None,
+        false => match c.store.load().await? {
+            Some(p) if p.system_id != c.system_id || p.slot != slot_name => {
+                tracing::warn!(
+                    slot = slot_name,
+                    "the progress record belongs to another server (system identifier {}); ignoring it",
+                    p.system_id
+                );
+                None
+            }
+            other => other,
+        },
+    };
+    Ok(Found { slot, progress })
+}
+
+/// No usable slot: a new one, with a snapshot of every table (dropping an invalidated slot
+/// of the name first).
+async fn new_slot_with_snapshot(
+    c: &Capture<'_>,
+    repl: ReplicationClient,
+    found: &Found,
+    drop_invalidated: bool,
+    stop: &mut watch::Receiver<bool>,
+) -> Started {
+    if let Some(p) = &found.progress {
+        tracing::warn!(
+            slot = c.args.slot,
+            acked = %p.acked(),
+            "the slot is gone; taking a new snapshot of every table (--snapshot always): changes made since the recorded position that the slot held are not published, and each table's snapshot marker tells consumers which rows remain"
+        );
+    }
+    if drop_invalidated {
+        drop_slot(c.client, &c.args.slot).await?;
+    }
+    let completed = Some(Vec::new());
+    snapshot(c, repl, c.tables, SlotHandOver::Copy, completed, stop).await
+}
+
+/// The slot exists: `tables` are snapshotted over it (see [`SlotHandOver::CatchUp`]); the
+/// `completed` ones stay recorded as complete.
+async fn resnapshot(
+    c: &Capture<'_>,
+    repl: ReplicationClient,
+    tables: &[TableName],
+    completed: &[TableName],
+    why: start::Why,
+    stop: &mut watch::Receiver<bool>,
+) -> Started {
+    let slot = c.args.slot.as_str();
+    match why {
+        start::Why::Requested => tracing::info!(slot, "--snapshot always: publishing the slot's changes up to a new snapshot, then moving it to the snapshot's position"),
+        start::Why::NoRecord => tracing::warn!(slot, "slot exists but no snapshot is recorded for it: publishing its changes up to a new snapshot, then moving it to the snapshot's position"),
+        start::Why::NotRecorded => tracing::info!(slot, tables = ?tables.iter().map(ToString::to_string).collect::<Vec<_>>(), "tables without a completed snapshot (new to the capture, or unfinished): publishing the slot's changes up to a new snapshot of them, then moving the slot to the snapshot's position"),
+    }
+    let subset: Vec<TableInfo> = c
+        .tables
+        .iter()
+        .filter(|t| tables.contains(&t.name))
+        .cloned()
+        .collect();
+    let completed = completed.iter().map(ToString::to_string).collect();
+    snapshot(
+        c,
+        repl,
+        &subset,
+        SlotHandOver::CatchUp,
+        Some(completed),
+        stop,
+    )
+    .await
+}
+
+/// Streams from the slot's confirmed position; first writes the record again without the
+/// tables no longer captured when `rewrite_record`.
+async fn resume(
+    c: &Capture<'_>,
+    repl: ReplicationClient,
+    found: Found,
+    rewrite_record: bool,
+) -> Started {
+    let Some(slot) = found.slot else {
+        return Err(Failure::new(
+            SourceFail,
+            anyhow!("internal: resume planned without a slot"),
+        ));
+    };
+    if let (true, Some(p)) = (rewrite_record, &found.progress) {
+        let rows = match &p.snapshot {
+            SnapshotState::Completed { rows, .. } => *rows,
+            _ => 0,
+        };
+        let state = SnapshotState::Completed {
+            tables: c.table_names(c.tables),
+            rows,
+        };
+        c.store
+            .save(&c.record(state, Lsn(p.slot_lsn)), c.tx)
+            .await?;
+        tracing::info!(
+            slot = c.args.slot,
+            "progress record updated to the captured tables"
+        );
+    }
+    tracing::info!(slot = c.args.slot, confirmed_flush = %slot.confirmed_flush, "resuming from the slot");
+    Ok(Some((repl, slot.confirmed_flush)))
 }
 
 impl Capture<'_> {

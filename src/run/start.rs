@@ -85,7 +85,12 @@ pub(super) enum Plan {
     },
     /// The slot exists: publish what it holds up to a new snapshot's consistent point, move
     /// it there, snapshot `tables` (a subset of the captured ones, in their order), stream.
-    Resnapshot { tables: Vec<TableName>, why: Why },
+    /// `completed`: the other captured tables, whose snapshot is recorded as complete.
+    Resnapshot {
+        tables: Vec<TableName>,
+        completed: Vec<TableName>,
+        why: Why,
+    },
     /// Stream from the slot's confirmed position. `rewrite_record`: the record names tables
     /// that are no longer captured, and is written again without them.
     Resume { rewrite_record: bool },
@@ -168,6 +173,7 @@ pub(super) fn decide(found: Found<'_>) -> Plan {
     match (found.mode, found.progress) {
         (SnapshotMode::Always, _) if usable => Plan::Resnapshot {
             tables: all(),
+            completed: Vec::new(),
             why: Why::Requested,
         },
         (SnapshotMode::Always, _) => Plan::NewSlot {
@@ -188,6 +194,7 @@ pub(super) fn decide(found: Found<'_>) -> Plan {
         },
         (SnapshotMode::Initial, None) if usable => Plan::Resnapshot {
             tables: all(),
+            completed: Vec::new(),
             why: Why::NoRecord,
         },
         (SnapshotMode::Initial, None) => Plan::NewSlot {
@@ -202,19 +209,20 @@ pub(super) fn decide(found: Found<'_>) -> Plan {
                 };
             }
             let done = snapshotted(p);
-            let missing: Vec<TableName> = found
-                .tables
-                .iter()
-                .filter(|(name, oid)| match done.get(name) {
-                    Some(Some(recorded)) => recorded != oid,
-                    Some(None) => false,
-                    None => true,
-                })
-                .map(|(n, _)| n.clone())
-                .collect();
+            let (missing, completed): (Vec<_>, Vec<_>) =
+                found
+                    .tables
+                    .iter()
+                    .partition(|(name, oid)| match done.get(name) {
+                        Some(Some(recorded)) => recorded != oid,
+                        Some(None) => false,
+                        None => true,
+                    });
+            let names = |t: Vec<&(TableName, u32)>| t.into_iter().map(|(n, _)| n.clone()).collect();
             if !missing.is_empty() {
                 return Plan::Resnapshot {
-                    tables: missing,
+                    tables: names(missing),
+                    completed: names(completed),
                     why: Why::NotRecorded,
                 };
             }
@@ -289,9 +297,20 @@ mod tests {
         })
     }
 
+    /// A re-snapshot of `tables`; the other tables of [`now`] are the completed ones.
     fn resnapshot(tables: &[&str], why: Why) -> Plan {
+        let tables: Vec<TableName> = tables.iter().map(|n| t(n)).collect();
+        let completed = match why {
+            Why::NotRecorded => now()
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| !tables.contains(n))
+                .collect(),
+            _ => Vec::new(),
+        };
         Plan::Resnapshot {
-            tables: tables.iter().map(|n| t(n)).collect(),
+            tables,
+            completed,
             why,
         }
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pgcdc::run::failure::{Recoverable, Recovery};
 use pgcdc::sink::kafka::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
@@ -217,7 +218,7 @@ fn an_unknown_property_is_a_config_error_naming_it() {
     let err = KafkaSink::new(cfg).err().expect("must fail");
     assert!(matches!(err, SinkError::Config(_)), "{err:?}");
     assert!(err.to_string().contains("no.such.property"), "{err}");
-    assert!(err.is_fatal());
+    assert_eq!(err.recovery(), Recovery::Stop);
 }
 
 #[test]
@@ -1035,7 +1036,7 @@ async fn a_record_above_message_max_bytes_is_message_too_large() {
     }
     let msg = err.to_string();
     assert!(msg.contains("message.max.bytes"), "{msg}");
-    assert!(err.is_fatal());
+    assert_eq!(err.recovery(), Recovery::Stop);
     assert_eq!(*acked.borrow(), Lsn(1));
 }
 

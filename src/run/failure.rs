@@ -1,7 +1,4 @@
-//! Why a run failed, and the exit code that says so.
-
-use crate::sink::SinkError;
-use crate::source::replication::ReplicationError;
+//! Why a run failed, what recovering from it takes, and the exit code that says so.
 
 /// What kind of failure ended the run; decides the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,81 +30,67 @@ impl FailureKind {
     }
 }
 
-/// A failed run: what kind, and the error chain to print.
+/// What a failure calls for. Each error type that reaches a module boundary says which, in
+/// its `recovery()` ([`Recoverable`]), next to its definition; `run` acts on it in two places
+/// (the stream's reconnect loop and the pipeline's supervisor) and `ops` always stops. Where
+/// no loop handles an outcome (a lost connection at start-up, in `ops`), it stops with the
+/// exit code of the failure's [`FailureKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// The connection was lost or the server is briefly unavailable: reconnect, and resume
+    /// after what the sink acknowledged.
+    Reconnect,
+    /// Start the pipeline again from the last confirmed position: nothing unconfirmed was
+    /// confirmed, so a new run publishes again what this one could not (see `run::run`). A
+    /// snapshot that cannot complete restarts as a new snapshot.
+    Restart,
+    /// Only the operator can fix it: stop, with the exit code of the failure's kind.
+    Stop,
+}
+
+/// An error that knows what recovering from it takes.
+pub trait Recoverable {
+    fn recovery(&self) -> Recovery;
+}
+
+/// A failed run: what kind (the exit code), what it calls for, and the error chain to print.
 #[derive(Debug)]
 pub struct Failure {
     pub kind: FailureKind,
     pub error: anyhow::Error,
-    /// Reconnecting may help (the connection dropped, the server restarts).
-    pub transient: bool,
-    /// Starting the whole run again may clear it: nothing unconfirmed was confirmed, so a new
-    /// run publishes again what this one could not (see [`super::run`]).
-    pub restart: bool,
+    pub recovery: Recovery,
 }
 
 impl Failure {
+    /// A failure only the operator can fix.
     pub(crate) fn new(kind: FailureKind, error: impl Into<anyhow::Error>) -> Self {
         Failure {
             kind,
             error: error.into(),
-            transient: false,
-            restart: false,
+            recovery: Recovery::Stop,
         }
     }
 
-    /// A PostgreSQL failure, transient when the replication error says so. While streaming,
-    /// a busy slot is transient too: after a network cut the old walsender holds the slot
-    /// until `wal_sender_timeout` ends it.
-    pub(super) fn replication(e: ReplicationError) -> Self {
-        let transient = e.is_transient() || e.server_error().is_some_and(|s| s.is_object_in_use());
+    /// A failure classified by its error type.
+    pub(crate) fn classified<E>(kind: FailureKind, error: E) -> Self
+    where
+        E: Recoverable + Into<anyhow::Error>,
+    {
         Failure {
-            kind: FailureKind::Source,
-            error: e.into(),
-            transient,
-            restart: false,
-        }
-    }
-}
-
-impl Failure {
-    /// The snapshot's failure: a lost or shut-down connection starts the run again, which
-    /// takes a new snapshot (what was published is published again, as after a crash).
-    pub(super) fn snapshot(e: crate::source::snapshot::SnapshotError) -> Self {
-        let transient = e.is_transient();
-        Failure {
-            kind: FailureKind::Source,
-            error: e.into(),
-            transient,
-            restart: transient,
+            kind,
+            recovery: error.recovery(),
+            error: error.into(),
         }
     }
 
-    /// The slot's lock could not be taken: another process holds it (definite), or the server
-    /// could not be reached (transient: while streaming, the usual reconnect follows).
-    pub(super) fn slot_lock(e: crate::source::slot_lock::SlotLockError) -> Self {
-        let transient = e.is_transient();
-        Failure {
-            kind: FailureKind::Source,
-            error: e.into(),
-            transient,
-            restart: false,
-        }
+    /// PostgreSQL failed (exit 3 when it stops the run).
+    pub(crate) fn source<E: Recoverable + Into<anyhow::Error>>(error: E) -> Self {
+        Failure::classified(FailureKind::Source, error)
     }
 
-    /// The sink task's failure: transient when restarting the pipeline may clear it (a
-    /// delivery Kafka failed, a producer in a fatal state), not for configuration, permission,
-    /// size or output problems.
-    pub(super) fn sink(e: SinkError) -> Self {
-        let transient = matches!(
-            e,
-            SinkError::Delivery { .. } | SinkError::ProducerFatal { .. }
-        );
-        Failure {
-            kind: FailureKind::Sink,
-            error: e.into(),
-            transient,
-            restart: transient,
-        }
+    /// The sink failed (exit 4 when it stops the run).
+    pub(crate) fn sink<E: Recoverable + Into<anyhow::Error>>(error: E) -> Self {
+        Failure::classified(FailureKind::Sink, error)
     }
 }
 
@@ -124,37 +107,4 @@ impl<T, E: Into<anyhow::Error>> Classify<T> for Result<T, E> {
 /// The sink task ended before it was asked to.
 pub(super) fn sink_gone() -> Failure {
     Failure::new(FailureKind::Sink, anyhow::anyhow!("the sink stopped"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Regression: after a broker outage Kafka failed a record ("Unknown broker error") and
-    /// pgcdc exited with code 4; such failures now restart the pipeline in process.
-    #[test]
-    fn failed_deliveries_restart_the_pipeline_but_size_and_config_problems_do_not() {
-        let delivery = SinkError::Delivery {
-            topic: "t".into(),
-            source: rdkafka::error::KafkaError::MessageProduction(
-                rdkafka::types::RDKafkaErrorCode::Unknown,
-            ),
-        };
-        let delivery = Failure::sink(delivery);
-        assert!(delivery.transient && delivery.restart);
-        assert!(Failure::sink(SinkError::ProducerFatal { reason: "x".into() }).restart);
-        let too_large = SinkError::MessageTooLarge {
-            topic: "t".into(),
-            bytes: 10,
-        };
-        assert!(!Failure::sink(too_large).restart);
-        let refused = SinkError::Rejected {
-            topic: "t".into(),
-            keyless: true,
-            reason: "Broker: Invalid record".into(),
-        };
-        assert!(!Failure::sink(refused).restart);
-        assert!(!Failure::sink(SinkError::Config("x".into())).restart);
-        assert!(!Failure::sink(SinkError::OutputClosed).restart);
-    }
 }

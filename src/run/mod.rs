@@ -19,7 +19,7 @@
 //! events.
 
 mod events;
-mod failure;
+pub mod failure;
 mod observe;
 mod progress;
 mod start;
@@ -47,6 +47,7 @@ use crate::source::{connect, session, snapshot, Lsn};
 use failure::{
     Classify,
     FailureKind::{Sink as SinkFail, Source as SourceFail, Usage},
+    Recovery,
 };
 pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
@@ -116,7 +117,7 @@ async fn supervise(
         let started = std::time::Instant::now();
         let mut stop_rx = stop.clone();
         match run_once(args.clone(), stop.clone(), process).await {
-            Err(f) if f.restart && !*stop.borrow() => {
+            Err(f) if f.recovery == Recovery::Restart && !*stop.borrow() => {
                 if started.elapsed() >= RESTART_RESET_AFTER {
                     delay = RESTART_FIRST_DELAY;
                 }
@@ -141,7 +142,7 @@ async fn supervise(
             }
             // Stopped by a signal while the pipeline failed in a way a restart would clear:
             // nothing was confirmed that should not be, so this is a stop like any other.
-            Err(f) if f.restart => {
+            Err(f) if f.recovery == Recovery::Restart => {
                 tracing::info!(
                     error = format!("{:#}", f.error),
                     "stopped; the failure above is left to the next run"
@@ -417,7 +418,7 @@ async fn prepare_source(
         .lock
         .ensure(&conninfo)
         .await
-        .map_err(Failure::slot_lock)?;
+        .map_err(Failure::source)?;
     // Named tables are checked before the publication is touched, so a missing table or
     // privilege is reported as such rather than as a failed CREATE PUBLICATION.
     if !args.tables.is_empty() {
@@ -846,7 +847,7 @@ async fn snapshot(
             tracing::info!("stopped during the snapshot; the next run takes it again");
             return Ok(None);
         }
-        Err(e) => return Err(Failure::snapshot(e)),
+        Err(e) => return Err(Failure::source(e)),
     };
     barrier(c.tx).await?;
     tracing::info!(rows = stats.rows, "snapshot published and acknowledged");
@@ -912,12 +913,12 @@ async fn stream(
     loop {
         let attempt = async {
             // The slot's lock went with its connection if that was lost too.
-            lock.ensure(c.conninfo).await.map_err(Failure::slot_lock)?;
+            lock.ensure(c.conninfo).await.map_err(Failure::source)?;
             let client = match repl.take() {
                 Some(r) => r,
                 None => ReplicationClient::connect(c.conninfo)
                     .await
-                    .map_err(Failure::replication)?,
+                    .map_err(Failure::source)?,
             };
             let stream = start_stream(&args.publication, client, slot_name, start).await?;
             tracing::info!(slot = slot_name, from = %start, "streaming changes");
@@ -954,7 +955,7 @@ async fn stream(
         };
         match outcome {
             Ok(stream) => return Ok(Some(EndedStream { stream, start })),
-            Err((_, f)) if f.transient => {
+            Err((_, f)) if f.recovery == Recovery::Reconnect => {
                 crate::metrics::global().reconnecting();
                 tracing::warn!(
                     error = format!("{:#}", f.error),

@@ -52,7 +52,7 @@ pub(super) async fn start_stream(
     }
     repl.start_logical_replication(slot, start, &options)
         .await
-        .map_err(Failure::replication)
+        .map_err(Failure::source)
 }
 
 /// Publishes what `slot` holds before `until` (the consistent point of a new snapshot).
@@ -241,7 +241,7 @@ pub(super) async fn stream_changes(
             _ = tick.tick() => {
                 let confirm = confirmable(&acked_rx, start);
                 if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, true).await {
-                    fail!(Failure::replication(e));
+                    fail!(Failure::source(e));
                 }
             }
             permit = tx.reserve(front_bytes), if !pending.is_empty() => {
@@ -257,7 +257,7 @@ pub(super) async fn stream_changes(
                     silence.as_mut().reset(due);
                     continue;
                 }
-                fail!(Failure::replication(ReplicationError::Io(std::io::Error::new(
+                fail!(Failure::source(ReplicationError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(
                         "PostgreSQL sent nothing for {:?} (--receive-timeout): the connection is presumed lost",
@@ -292,8 +292,7 @@ pub(super) async fn stream_changes(
                         stream.batch_reads(backlog);
                         // A new table or type: ask the catalog first (rare; awaited in order).
                         if let Err(e) = builder.prepare(&decoded).await {
-                            let transient = e.is_transient();
-                            fail!(Failure { transient, ..Failure::new(SourceFail, e) });
+                            fail!(Failure::source(e));
                         }
                         if let Err(e) = builder.handle(decoded, wal_start, &mut scratch) {
                             fail!(Failure::new(SourceFail, e));
@@ -316,12 +315,12 @@ pub(super) async fn stream_changes(
                         if reply_requested {
                             let confirm = confirmable(&acked_rx, start);
                             if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, false).await {
-                                fail!(Failure::replication(e));
+                                fail!(Failure::source(e));
                             }
                         }
                     }
-                    Ok(None) => fail!(Failure::replication(ReplicationError::ConnectionClosed)),
-                    Err(e) => fail!(Failure::replication(e)),
+                    Ok(None) => fail!(Failure::source(ReplicationError::ConnectionClosed)),
+                    Err(e) => fail!(Failure::source(e)),
                 }
             }
         }

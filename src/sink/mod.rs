@@ -20,6 +20,7 @@ use bytes::Bytes;
 use rdkafka::error::KafkaError;
 use tokio::sync::{oneshot, watch};
 
+use crate::run::failure::{Recoverable, Recovery};
 use crate::source::Lsn;
 
 pub mod channel;
@@ -208,23 +209,33 @@ pub enum SinkError {
     },
 }
 
-impl SinkError {
-    /// Retrying without a change by the operator cannot help: a configuration, permission or
-    /// size problem. Transient conditions (delivery failures, an unreachable broker, a fatal
-    /// producer state that a restart clears) are not fatal in this sense.
-    pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
+impl Recoverable for SinkError {
+    /// A delivery Kafka failed, or a producer in a fatal state, restarts the pipeline from the
+    /// last confirmed position (nothing unacknowledged was confirmed). A configuration,
+    /// permission or size problem stops: retrying without the operator cannot help. The rest
+    /// (an unreachable or stalled broker, a shutting-down client, a closed output) is worth a
+    /// reconnect where there is a loop for it (a topic created mid-stream); elsewhere it stops.
+    fn recovery(&self) -> Recovery {
+        match self {
+            SinkError::Delivery { .. } | SinkError::ProducerFatal { .. } => Recovery::Restart,
             SinkError::MessageTooLarge { .. }
-                | SinkError::Rejected { .. }
-                | SinkError::TopicAuthorization { .. }
-                | SinkError::UnknownTopic { .. }
-                | SinkError::Config(_)
-                | SinkError::TopicCreation { .. }
-                | SinkError::KeyInSeveralPartitions { .. }
-        )
+            | SinkError::Rejected { .. }
+            | SinkError::TopicAuthorization { .. }
+            | SinkError::UnknownTopic { .. }
+            | SinkError::Config(_)
+            | SinkError::TopicCreation { .. }
+            | SinkError::KeyInSeveralPartitions { .. } => Recovery::Stop,
+            SinkError::OutputClosed
+            | SinkError::Io(_)
+            | SinkError::Unreachable { .. }
+            | SinkError::Read { .. }
+            | SinkError::ShuttingDown
+            | SinkError::ReadStalled { .. } => Recovery::Reconnect,
+        }
     }
+}
 
+impl SinkError {
     /// The reader of our output went away (`pgcdc … | head`): a clean end, not a failure.
     /// The caller exits 0 without confirming what was not written.
     pub fn is_output_closed(&self) -> bool {
@@ -277,6 +288,34 @@ mod tests {
         assert_eq!(*rx.borrow(), Lsn(11));
     }
 
+    /// Regression: after a broker outage Kafka failed a record ("Unknown broker error") and
+    /// pgcdc exited with code 4; such failures now restart the pipeline in process.
+    #[test]
+    fn failed_deliveries_restart_the_pipeline_but_size_and_config_problems_do_not() {
+        let delivery = SinkError::Delivery {
+            topic: "t".into(),
+            source: rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::Unknown,
+            ),
+        };
+        let restarts = |e: SinkError| e.recovery() == Recovery::Restart;
+        assert!(restarts(delivery));
+        assert!(restarts(SinkError::ProducerFatal { reason: "x".into() }));
+        let too_large = SinkError::MessageTooLarge {
+            topic: "t".into(),
+            bytes: 10,
+        };
+        assert!(!restarts(too_large));
+        let refused = SinkError::Rejected {
+            topic: "t".into(),
+            keyless: true,
+            reason: "Broker: Invalid record".into(),
+        };
+        assert!(!restarts(refused));
+        assert!(!restarts(SinkError::Config("x".into())));
+        assert!(!restarts(SinkError::OutputClosed));
+    }
+
     #[test]
     fn messages_name_the_fix() {
         let e = SinkError::MessageTooLarge {
@@ -285,9 +324,9 @@ mod tests {
         };
         let s = e.to_string();
         assert!(s.contains("message.max.bytes=6024"), "{s}");
-        assert!(e.is_fatal());
+        assert_eq!(e.recovery(), Recovery::Stop);
         assert!(SinkError::OutputClosed.is_output_closed());
-        assert!(!SinkError::OutputClosed.is_fatal());
+        assert_ne!(SinkError::OutputClosed.recovery(), Recovery::Stop);
         let e = SinkError::TopicCreation {
             topic: "x".into(),
             reason: "Broker: Policy violation".into(),
@@ -307,6 +346,6 @@ mod tests {
             "{s}"
         );
         assert!(!rejected(false).to_string().contains("no key"));
-        assert!(rejected(false).is_fatal());
+        assert_eq!(rejected(false).recovery(), Recovery::Stop);
     }
 }

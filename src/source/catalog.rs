@@ -17,6 +17,7 @@ use std::str::FromStr;
 
 use tokio_postgres::Client;
 
+use crate::run::failure::{Recoverable, Recovery};
 use crate::source::connect::describe;
 use crate::source::Lsn;
 
@@ -78,12 +79,14 @@ impl From<tokio_postgres::Error> for PreflightError {
     }
 }
 
-impl PreflightError {
-    /// Lost connections are worth a retry; everything else needs the user.
-    pub fn is_transient(&self) -> bool {
+impl Recoverable for PreflightError {
+    /// Lost connections are worth a reconnect; everything else needs the user.
+    fn recovery(&self) -> Recovery {
         match self {
-            PreflightError::Query(e) => crate::source::connect::is_transient(e),
-            _ => false,
+            PreflightError::Query(e) if crate::source::connect::is_transient(e) => {
+                Recovery::Reconnect
+            }
+            _ => Recovery::Stop,
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::event::{
     self, BinaryMode, Change, Column, Datum, Encoder, MessageEvent, Op, Position, SnapshotMarker,
     TableSchema, TxnOrder, TypeRegistry,
 };
+use crate::run::failure::{Recoverable, Recovery};
 use crate::sink::{Record, SinkItem};
 use crate::source::catalog::{TableInfo, TableName};
 use crate::source::exclude::{ExcludeError, Exclusions};
@@ -80,10 +81,14 @@ pub enum ChangeError {
     },
 }
 
-impl ChangeError {
-    /// Reconnecting may help (a catalog connection or the broker went away).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, ChangeError::Lookup(e) if e.is_transient())
+impl Recoverable for ChangeError {
+    /// Reconnecting may help when a catalog connection or the broker went away; a change
+    /// that cannot be published stops.
+    fn recovery(&self) -> Recovery {
+        match self {
+            ChangeError::Lookup(e) => e.recovery(),
+            _ => Recovery::Stop,
+        }
     }
 }
 

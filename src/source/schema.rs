@@ -19,6 +19,7 @@ use tokio_postgres::Client;
 
 use crate::config::conninfo::ConnInfo;
 use crate::event::{TypeDesc, TypeRegistry};
+use crate::run::failure::{Recoverable, Recovery};
 use crate::sink::kafka::{self, KafkaConfig, TopicSpec};
 use crate::sink::SinkError;
 use crate::source::catalog::{self, PreflightError};
@@ -51,14 +52,20 @@ impl From<PreflightError> for LookupError {
     }
 }
 
-impl LookupError {
-    /// A lost or refused connection may work on the next attempt.
-    pub fn is_transient(&self) -> bool {
-        match self {
+impl Recoverable for LookupError {
+    /// A lost or refused connection, or a topic that could not be created yet, may work after
+    /// a reconnect (the stream resumes after what the sink acknowledged); the rest stops.
+    fn recovery(&self) -> Recovery {
+        let reconnect = match self {
             LookupError::Connect(e) => e.is_transient(),
             LookupError::Query(e) => crate::source::connect::is_transient(e),
-            LookupError::Preflight(e) => e.is_transient(),
-            LookupError::Topic(e) => !e.is_fatal(),
+            LookupError::Preflight(e) => e.recovery() == Recovery::Reconnect,
+            LookupError::Topic(e) => e.recovery() != Recovery::Stop,
+        };
+        if reconnect {
+            Recovery::Reconnect
+        } else {
+            Recovery::Stop
         }
     }
 }

@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::config::conninfo::ConnInfo;
+use crate::run::failure::{Recoverable, Recovery};
 use crate::source::connect::{self, describe, ConnectError};
 
 /// How long a check that the lock's connection still works may take.
@@ -55,13 +56,19 @@ pub enum SlotLockError {
     },
 }
 
-impl SlotLockError {
-    /// Whether trying again later may help (the server could not be reached).
-    pub fn is_transient(&self) -> bool {
-        match self {
+impl Recoverable for SlotLockError {
+    /// Another process holding the lock is definite; a server that could not be reached is
+    /// reconnected to (while streaming; at start-up it stops like any other failure).
+    fn recovery(&self) -> Recovery {
+        let lost = match self {
             SlotLockError::Held { .. } => false,
             SlotLockError::Connect { source, .. } => source.is_transient(),
             SlotLockError::Query { source, .. } => connect::is_transient(source),
+        };
+        if lost {
+            Recovery::Reconnect
+        } else {
+            Recovery::Stop
         }
     }
 }

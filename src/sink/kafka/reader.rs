@@ -414,6 +414,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(err.is_fatal());
+        use crate::run::failure::{Recoverable, Recovery};
+        assert_eq!(err.recovery(), Recovery::Stop);
     }
 }

@@ -169,7 +169,7 @@ impl Connection {
                 Ok(BackendMessage::Message(Message::ReadyForQuery(_))) => break,
                 Ok(BackendMessage::Message(Message::ErrorResponse(body))) => {
                     let e = ServerError::from_fields(body.fields());
-                    if e.is_fatal() {
+                    if e.ends_session() {
                         // The server closes the connection after a FATAL error.
                         return Err(e.into());
                     }

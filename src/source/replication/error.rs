@@ -1,4 +1,4 @@
-//! Errors of the replication connection, classified as transient or definite.
+//! Errors of the replication connection, and what recovering from each takes.
 
 use std::fmt;
 use std::io;
@@ -9,6 +9,7 @@ use postgres_protocol::message::backend::ErrorFields;
 
 use super::tls::TlsError;
 use super::wire::WireError;
+use crate::run::failure::{Recoverable, Recovery};
 
 /// SQLSTATE codes pgcdc looks at. The full list is in PostgreSQL's `errcodes.txt`.
 pub mod sqlstate {
@@ -142,7 +143,7 @@ impl ServerError {
     }
 
     /// Whether the server ends the session after this error (FATAL or PANIC).
-    pub fn is_fatal(&self) -> bool {
+    pub fn ends_session(&self) -> bool {
         self.severity == "FATAL" || self.severity == "PANIC"
     }
 
@@ -174,8 +175,7 @@ impl std::error::Error for ServerError {}
 
 /// Everything that can go wrong on a replication connection.
 ///
-/// [`ReplicationError::is_transient`] tells a retry loop whether reconnecting may
-/// help. Messages never contain the password.
+/// Its [`Recovery`] tells a retry loop whether reconnecting may help. Messages never contain the password.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("could not connect to PostgreSQL at {target}: {source}")]
@@ -243,23 +243,30 @@ pub enum ReplicationError {
     InvalidArgument(String),
 }
 
-impl ReplicationError {
-    /// Whether reconnecting and retrying may succeed: network errors, the server
-    /// closing the connection, a connect timeout, and the server errors that
-    /// [`ServerError::is_transient`] lists. Authentication, TLS verification, protocol
-    /// violations and bad arguments are definite: retrying cannot fix them.
-    pub fn is_transient(&self) -> bool {
-        match self {
+impl Recoverable for ReplicationError {
+    /// Reconnect after network errors, the server closing the connection, a connect timeout,
+    /// and the server errors that [`ServerError::is_transient`] lists. A busy slot too: after
+    /// a network cut the old walsender holds the slot until `wal_sender_timeout` ends it (a
+    /// second pgcdc is kept out by the slot's lock, not by this). Authentication, TLS
+    /// verification, protocol violations and bad arguments stop: retrying cannot fix them.
+    fn recovery(&self) -> Recovery {
+        let reconnect = match self {
             ReplicationError::Connect { .. }
             | ReplicationError::ConnectTimeout { .. }
             | ReplicationError::Io(_)
             | ReplicationError::ConnectionClosed => true,
-            ReplicationError::Server(e) => e.is_transient(),
-            ReplicationError::Tls(e) => e.is_transient(),
+            ReplicationError::Server(e) => e.is_transient() || e.is_object_in_use(),
             _ => false,
+        };
+        if reconnect {
+            Recovery::Reconnect
+        } else {
+            Recovery::Stop
         }
     }
+}
 
+impl ReplicationError {
     /// The server's error, if this is one.
     pub fn server_error(&self) -> Option<&ServerError> {
         match self {
@@ -296,18 +303,38 @@ mod tests {
 
     #[test]
     fn classification() {
+        let transient = |code: &str| match server(code) {
+            ReplicationError::Server(e) => e.is_transient(),
+            _ => unreachable!(),
+        };
         for code in ["57P01", "57P02", "57P03", "53300", "08006", "40001"] {
-            assert!(server(code).is_transient(), "{code}");
+            assert!(transient(code), "{code}");
+            assert_eq!(server(code).recovery(), Recovery::Reconnect, "{code}");
         }
         for code in [
             "28P01", "28000", "42704", "42501", "0A000", "22023", "55006", "55000",
         ] {
-            assert!(!server(code).is_transient(), "{code}");
+            assert!(!transient(code), "{code}");
         }
-        assert!(ReplicationError::ConnectionClosed.is_transient());
-        assert!(ReplicationError::Io(io::Error::other("x")).is_transient());
-        assert!(!ReplicationError::PasswordRequired { user: "u".into() }.is_transient());
-        assert!(!ReplicationError::Protocol("x".into()).is_transient());
+        for code in [
+            "28P01", "28000", "42704", "42501", "0A000", "22023", "55000",
+        ] {
+            assert_eq!(server(code).recovery(), Recovery::Stop, "{code}");
+        }
+        // A slot still held by the walsender of a connection lost a moment ago.
+        assert_eq!(server("55006").recovery(), Recovery::Reconnect);
+        assert_eq!(
+            ReplicationError::ConnectionClosed.recovery(),
+            Recovery::Reconnect
+        );
+        let io = ReplicationError::Io(io::Error::other("x"));
+        assert_eq!(io.recovery(), Recovery::Reconnect);
+        let password = ReplicationError::PasswordRequired { user: "u".into() };
+        assert_eq!(password.recovery(), Recovery::Stop);
+        assert_eq!(
+            ReplicationError::Protocol("x".into()).recovery(),
+            Recovery::Stop
+        );
         assert_eq!(server("42704").sqlstate(), Some("42704"));
     }
 

@@ -256,7 +256,7 @@ impl ReplicationClient {
                 | BackendMessage::Message(Message::EmptyQueryResponse) => columns = None,
                 BackendMessage::Message(Message::ErrorResponse(body)) => {
                     let e = ServerErr::from_fields(body.fields());
-                    if e.is_fatal() {
+                    if e.ends_session() {
                         return Err(e.into());
                     }
                     error.get_or_insert(e);
@@ -402,7 +402,7 @@ impl ReplicationClient {
             BackendMessage::Message(Message::ErrorResponse(body)) => {
                 let err = ServerErr::from_fields(body.fields());
                 // Let the server finish (ReadyForQuery) before the connection is dropped.
-                if !err.is_fatal() {
+                if !err.ends_session() {
                     let _ = self.conn.drain_until_ready().await;
                 }
                 Err(err.into())

@@ -61,13 +61,6 @@ pub enum TlsError {
     BadAnswer { target: String, byte: u8 },
 }
 
-impl TlsError {
-    /// TLS failures are configuration or trust problems: none is transient.
-    pub fn is_transient(&self) -> bool {
-        false
-    }
-}
-
 /// The sslmode actually applied: `require` with an explicit `sslrootcert` verifies the
 /// chain, as libpq does.
 pub(crate) fn effective_mode(info: &ConnInfo) -> SslMode {

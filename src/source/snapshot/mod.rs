@@ -83,6 +83,7 @@ use crate::event::{
     Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
 };
 use crate::metrics::TableMetrics;
+use crate::run::failure::{Recoverable, Recovery};
 use crate::sink::channel::RECORD_OVERHEAD;
 use crate::sink::{Budget, Charge, Record, SinkItem, SinkSender};
 use crate::source::catalog::{
@@ -155,9 +156,12 @@ impl From<tokio_postgres::Error> for SnapshotError {
     }
 }
 
-impl SnapshotError {
-    pub fn is_transient(&self) -> bool {
-        match self {
+impl Recoverable for SnapshotError {
+    /// A snapshot cannot reconnect (its exported snapshot dies with its connection): a lost
+    /// connection, or a table rewritten or changed under it, takes a new snapshot (what was
+    /// published is published again, as after a crash). Everything else stops.
+    fn recovery(&self) -> Recovery {
+        let again = match self {
             SnapshotError::Query(e) => crate::source::connect::is_transient(e),
             SnapshotError::Connect(e) => e.is_transient(),
             // A new snapshot is taken after the rewrite, so it sees the rows.
@@ -165,6 +169,11 @@ impl SnapshotError {
             | SnapshotError::LockQueued { .. }
             | SnapshotError::CatalogChanged { .. } => true,
             _ => false,
+        };
+        if again {
+            Recovery::Restart
+        } else {
+            Recovery::Stop
         }
     }
 }

@@ -1203,3 +1203,61 @@ async fn the_key_is_the_replica_identity_index_else_the_primary_key() {
         common::lines::assert_same(&got, &want, &format!("joined: {table}"));
     }
 }
+
+/// Regression (issue 19, at-least-once part): acknowledged changes were confirmed to the
+/// server only at the next status update (every `--status-interval`), so a run killed before
+/// it confirmed nothing and the next run replayed everything it had published. Now an
+/// acknowledged position is confirmed within moments, whatever the status interval.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_changes_are_confirmed_without_waiting_for_the_status_interval() {
+    let p = Pipeline::new(ITEMS).await;
+    // No keepalive asking for a reply either (it comes at half of wal_sender_timeout).
+    let db = &p.db.name;
+    p.db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" SET wal_sender_timeout = '10min'"
+        ))
+        .await
+        .unwrap();
+    let log = std::fs::File::create(p.dir.join("prompt.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .arg("run")
+        .args([
+            "--source",
+            &p.source(),
+            "--kafka",
+            &common::pipeline::kafka(),
+        ])
+        .args(["--slot", &p.slot, "--publication", &p.slot])
+        .args(["--topic-prefix", &p.prefix, "--table", "public.items"])
+        .args(["--status-interval", "120"])
+        .env_remove("PGCDC_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    p.wait_for_log("prompt.log", "streaming changes").await;
+    p.db.client()
+        .await
+        .batch_execute("INSERT INTO public.items SELECT g, 'new', g FROM generate_series(51, 60) g")
+        .await
+        .unwrap();
+    let events = p.events("items", Some(61)).await;
+    let (commit, _) = events.last().expect("events").lsn_pair();
+    // Published and acknowledged: confirmed well before the next status update (2 minutes)
+    // or keepalive (5 minutes).
+    let confirmed = common::poll_until(Duration::from_secs(20), || async {
+        p.confirmed_flush().await.filter(|c| *c >= commit)
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        confirmed.is_some(),
+        "confirmed_flush_lsn stayed at {:?} < {commit}\n{}",
+        p.confirmed_flush().await,
+        p.log("prompt.log")
+    );
+}

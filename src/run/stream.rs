@@ -164,6 +164,12 @@ pub(super) enum End {
 /// backlog: the stream is read in batches until a recent one arrives.
 const BACKLOG_AGE_MS: i64 = 200;
 
+/// How soon an acknowledged position is confirmed to the server. The status interval only
+/// paces the updates that ask for a reply: a crash (or a kill) then replays only what was in
+/// flight, not up to a whole interval of acknowledged changes, and a run that dies early still
+/// leaves the slot where its acknowledgements got to.
+const CONFIRM_WITHIN: Duration = Duration::from_millis(100);
+
 /// The streaming loop; see the module docs for its priorities. Returns the stream (for the
 /// final status update and a clean stop) and why it ended.
 pub(super) async fn stream_changes(
@@ -192,6 +198,13 @@ pub(super) async fn stream_changes(
     // timer per WAL message cost more than the rest of the loop.
     let silence = tokio::time::sleep_until(heard + timers.receive_timeout);
     tokio::pin!(silence);
+    // The next prompt confirmation (armed when the sink acknowledges past what was reported).
+    let confirm_within = CONFIRM_WITHIN.min(timers.status_interval);
+    let mut reported = start;
+    let mut last_report = tokio::time::Instant::now();
+    let mut confirm_armed = false;
+    let confirm_soon = tokio::time::sleep_until(last_report);
+    tokio::pin!(confirm_soon);
     let reached = |acked: Lsn| match until {
         Until::StopLsn(Some(s)) => acked.is_valid() && acked >= s,
         _ => false,
@@ -237,12 +250,27 @@ pub(super) async fn stream_changes(
                     tracing::info!(%acked, "reached --stop-lsn");
                     break End::Drained;
                 }
+                if acked > reported && !confirm_armed {
+                    confirm_soon.as_mut().reset(last_report + confirm_within);
+                    confirm_armed = true;
+                }
+            }
+            () = &mut confirm_soon, if confirm_armed => {
+                confirm_armed = false;
+                let confirm = confirmable(&acked_rx, start);
+                if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, false).await {
+                    fail!(Failure::source(e));
+                }
+                reported = confirm;
+                last_report = tokio::time::Instant::now();
             }
             _ = tick.tick() => {
                 let confirm = confirmable(&acked_rx, start);
                 if let Err(e) = stream.send_standby_status(confirm, confirm, confirm, true).await {
                     fail!(Failure::source(e));
                 }
+                reported = confirm;
+                last_report = tokio::time::Instant::now();
             }
             permit = tx.reserve(front_bytes), if !pending.is_empty() => {
                 match (permit, pending.pop_front()) {

@@ -74,9 +74,14 @@ pub(super) async fn catch_up(
         .await
         .context("cannot open a replication connection")
         .or_fail(SourceFail)?;
-    let stream = start_stream(&args.publication, repl, slot, Lsn::INVALID).await?;
-    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones)
-        .with_options(changes.clone());
+    let stream = start_stream(&args.publication.name, repl, slot, Lsn::INVALID).await?;
+    let builder = ChangeBuilder::new(
+        encoder.clone(),
+        &args.kafka.topic_prefix,
+        tables,
+        args.tombstones,
+    )
+    .with_options(changes.clone());
     let (mut stream, end) = stream_changes(
         stream,
         builder,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::event::{BinaryMode, DecimalMode, Format};
+use crate::event::{BinaryMode, DecimalMode, EventOptions, Format};
 use crate::source::catalog::{ColumnRef, TableName};
 use crate::source::Lsn;
 
@@ -343,6 +343,18 @@ pub struct EventArgs {
     pub exclude_columns: Vec<ColumnRef>,
 }
 
+impl EventArgs {
+    /// The event options these flags decide, for events of the default shape (the envelope,
+    /// without transaction metadata): what `verify` reads.
+    pub fn event_options(&self) -> EventOptions {
+        EventOptions {
+            decimal: self.decimal,
+            binary: self.binary,
+            ..EventOptions::default()
+        }
+    }
+}
+
 /// `--json`: the report as one JSON object.
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
@@ -572,6 +584,17 @@ pub struct GlobalArgs {
         display_order = 801
     )]
     pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// The options every event of the run is written with.
+    pub fn event_options(&self) -> EventOptions {
+        EventOptions {
+            format: self.format,
+            transaction_metadata: self.transaction_metadata,
+            ..self.events.event_options()
+        }
+    }
 }
 
 /// `run`'s operations flags.

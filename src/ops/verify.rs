@@ -358,24 +358,22 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
 }
 
 /// The table's schema and the encoder, built exactly as `run` builds them, so a row read
-/// here encodes to the bytes `run` published for it. (Any event option of `run` that changes
-/// a row's JSON must be applied here too.)
+/// here encodes to the bytes `run` published for it: from the same event flags (`EventArgs`),
+/// turned into options the same way (`EventArgs::event_options`). (An event option of `run`
+/// that changes a row's JSON belongs there.)
 async fn row_encoding(
     args: &VerifyArgs,
     client: &tokio_postgres::Client,
     database: &str,
     info: &catalog::TableInfo,
 ) -> Result<(Arc<TableSchema>, Encoder), Failure> {
-    let mut types = crate::event::TypeRegistry::new(args.events.decimal, args.events.binary);
+    let options = args.events.event_options();
+    let mut types = options.types();
     crate::source::schema::load_types(client, &mut types, info.columns.iter().map(|(_, oid)| *oid))
         .await
         .or_fail(FailureKind::Source)?;
     let prefix = &args.conn.kafka.topic_prefix;
     let schema = snapshot::table_schema(prefix, info, &types);
-    let options = crate::event::EventOptions {
-        format: crate::event::Format::Envelope,
-        transaction_metadata: false,
-    };
     Ok((
         schema,
         Encoder::with_options(prefix, database, options, types),

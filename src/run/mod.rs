@@ -293,6 +293,7 @@ async fn run_once(
         markers: &markers,
         publication: &publication,
         system_id: String::new(),
+        timers: Timers::of(&args),
     };
     let outcome = until_stopped(
         capture(&mut capturing, &mut stop, &mut process.lock),
@@ -500,6 +501,8 @@ struct Capture<'a> {
     publication: &'a catalog::PublicationSeen,
     /// IDENTIFY_SYSTEM's system identifier, recorded in progress.
     system_id: String,
+    /// The streaming loop's clocks (`--status-interval`, `--receive-timeout`).
+    timers: Timers,
 }
 
 /// How a snapshot's temporary slot becomes (or does not become) the run's slot.
@@ -748,6 +751,17 @@ impl Capture<'_> {
             .context("cannot open a replication connection")
             .or_fail(SourceFail)
     }
+
+    /// What turns the stream's messages into events, as every streaming session needs it.
+    fn change_builder(&self) -> ChangeBuilder {
+        ChangeBuilder::new(
+            self.encoder.clone(),
+            &self.args.kafka.topic_prefix,
+            self.tables,
+            self.args.tombstones,
+        )
+        .with_options(self.changes.clone())
+    }
 }
 
 /// Takes a snapshot of `tables` through a temporary slot with an exported snapshot, whose
@@ -782,19 +796,7 @@ async fn snapshot(
     match hand_over {
         SlotHandOver::None => {}
         SlotHandOver::CatchUp => {
-            let caught_up = catch_up(
-                c.args,
-                c.conninfo,
-                slot_name,
-                at,
-                c.tables,
-                c.encoder,
-                c.changes,
-                c.tx,
-                &c.acked_rx,
-                stop,
-            )
-            .await?;
+            let caught_up = catch_up(c, at, stop).await?;
             if !caught_up {
                 return Ok(None);
             }
@@ -933,23 +935,16 @@ async fn stream(
             Ok(stream) => {
                 // Streaming again: the outage is over, the next one starts with a short wait.
                 backoff = RECONNECT_FIRST_DELAY;
-                let builder = ChangeBuilder::new(
-                    c.encoder.clone(),
-                    &args.kafka.topic_prefix,
-                    c.tables,
-                    args.tombstones,
-                )
-                .with_options(c.changes.clone());
                 stream_changes(
                     stream,
-                    builder,
+                    c.change_builder(),
                     c.tx,
                     c.acked_rx.clone(),
                     stop,
                     Bounds {
                         start,
                         until: Until::StopLsn(c.stop_lsn),
-                        timers: Timers::of(args),
+                        timers: c.timers,
                     },
                 )
                 .await

@@ -1,5 +1,13 @@
 //! The command line. Every flag has a help line and a `PGCDC_*` environment variable; this
-//! file is the one place flags are defined.
+//! file is the one place flags are defined, and each is defined once: a flag several commands
+//! take (`--source`, `--kafka`, `--decimal`, …) lives in a group (`PgArgs`, `KafkaArgs`,
+//! `EventArgs`, …) that each of them flattens, so its name, variable, default, parser and
+//! help cannot drift apart between commands. A group's help is therefore worded for every
+//! command that takes it; what only one command needs to say goes in its `after_help`.
+//!
+//! `--help` lists flags in the order they are added (groups included), then the global
+//! flags (`display_order` 800), then `run`'s operations flags (900); tests/golden/help holds
+//! the rendered help, so a change to it is deliberate.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -7,7 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::event::{BinaryMode, DecimalMode, Format};
+use crate::event::{BinaryMode, DecimalMode, EventOptions, Format};
 use crate::source::catalog::{ColumnRef, TableName};
 use crate::source::Lsn;
 
@@ -218,15 +226,14 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// `pgcdc run`.
-#[derive(Debug, Clone, Args)]
-pub struct RunArgs {
-    /// Operations flags (metrics, health, progress display); defined with the other
-    /// operations flags below.
-    #[command(flatten)]
-    pub ops: RunOpsArgs,
+// ---------------------------------------------------------------------------------------------
+// Flags several commands take, each defined once: the commands flatten these groups.
+// ---------------------------------------------------------------------------------------------
 
-    /// PostgreSQL to capture from: a libpq URL (postgres://user@host:5432/db?sslmode=require)
+/// `--source` and `--slot`: the database and the slot pgcdc reads it through.
+#[derive(Debug, Clone, Args)]
+pub struct PgArgs {
+    /// PostgreSQL to connect to: a libpq URL (postgres://user@host:5432/db?sslmode=require)
     /// or key=value string ("host=db dbname=shop"). PGHOST, PGPORT, PGUSER, PGPASSWORD,
     /// PGDATABASE, PGSSLMODE… and ~/.pgpass fill what it leaves out.
     #[arg(
@@ -239,9 +246,131 @@ pub struct RunArgs {
     )]
     pub source: String,
 
-    /// Kafka bootstrap servers, host:port[,host:port…]. Required for the Kafka sink.
-    #[arg(long, env = "PGCDC_KAFKA", value_name = "BOOTSTRAP")]
-    pub kafka: Option<String>,
+    /// The logical replication slot (`run` creates it or resumes from it).
+    #[arg(long, env = "PGCDC_SLOT", default_value = "pgcdc")]
+    pub slot: String,
+}
+
+/// `--kafka`, `-X` and `--topic-prefix`: the Kafka cluster and pgcdc's topics in it.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port…]: where the topics and pgcdc's progress
+    /// record are. Required for the Kafka sink and for verify.
+    #[arg(
+        id = "kafka",
+        long = "kafka",
+        env = "PGCDC_KAFKA",
+        value_name = "BOOTSTRAP"
+    )]
+    pub bootstrap: Option<String>,
+
+    /// A librdkafka property, as kcat takes it: -X compression.type=zstd (repeatable; the
+    /// value is taken whole). Overrides pgcdc's defaults. In the variable: semicolon-separated,
+    /// `\;` for a semicolon inside a value.
+    // The id names the config file's key (`kafka-properties`) and the variable's values
+    // (`properties_from_env`).
+    #[arg(
+        id = "kafka_properties",
+        short = 'X',
+        env = "PGCDC_KAFKA_PROPERTIES",
+        value_name = "KEY=VALUE",
+        value_parser = PropertyParser,
+        hide_env_values = true
+    )]
+    pub properties: Vec<Property>,
+
+    /// Topic names are `<prefix>.<schema>.<table>`, the progress record is in
+    /// `<prefix>._progress`; also the `source.name` of events.
+    #[arg(
+        long,
+        env = "PGCDC_TOPIC_PREFIX",
+        default_value = "pgcdc",
+        value_name = "PREFIX"
+    )]
+    pub topic_prefix: String,
+}
+
+/// `--progress-file`: where the stdout sink's progress is.
+#[derive(Debug, Clone, Args)]
+pub struct ProgressFileArgs {
+    /// Where the stdout sink (`run --sink stdout`) keeps its progress (default:
+    /// `~/.local/state/pgcdc/<db>-<slot>.json`).
+    #[arg(
+        id = "progress_file",
+        long = "progress-file",
+        env = "PGCDC_PROGRESS_FILE",
+        value_name = "PATH"
+    )]
+    pub path: Option<PathBuf>,
+}
+
+/// `--publication`.
+#[derive(Debug, Clone, Args)]
+pub struct PublicationArgs {
+    /// The publication `run` streams; `run` creates it for the --table list when it does not
+    /// exist.
+    #[arg(
+        id = "publication",
+        long = "publication",
+        env = "PGCDC_PUBLICATION",
+        default_value = "pgcdc",
+        value_name = "PUBLICATION"
+    )]
+    pub name: String,
+}
+
+/// How events encode values and which columns they leave out: `run` writes them so, `verify`
+/// reads the topic so (it must be given what `run` was).
+#[derive(Debug, Clone, Args)]
+pub struct EventArgs {
+    /// How events write `numeric` values: a string with the exact digits, or a JSON number
+    /// with the exact digits (NaN and ±Infinity stay strings either way).
+    #[arg(long, env = "PGCDC_DECIMAL", value_enum, default_value = "string")]
+    pub decimal: DecimalMode,
+
+    /// How events write `bytea` values and message contents.
+    #[arg(long, env = "PGCDC_BINARY", value_enum, default_value = "base64")]
+    pub binary: BinaryMode,
+
+    /// Leave a column out of every event, as schema.table.column (repeatable;
+    /// comma-separated in the variable). Key columns cannot be excluded.
+    #[arg(
+        long = "exclude-column",
+        env = "PGCDC_EXCLUDE_COLUMNS",
+        value_name = "SCHEMA.TABLE.COLUMN",
+        value_delimiter = ','
+    )]
+    pub exclude_columns: Vec<ColumnRef>,
+}
+
+impl EventArgs {
+    /// The event options these flags decide, for events of the default shape (the envelope,
+    /// without transaction metadata): what `verify` reads.
+    pub fn event_options(&self) -> EventOptions {
+        EventOptions {
+            decimal: self.decimal,
+            binary: self.binary,
+            ..EventOptions::default()
+        }
+    }
+}
+
+/// `--json`: the report as one JSON object.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long, env = "PGCDC_JSON")]
+    pub json: bool,
+}
+
+/// `pgcdc run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pg: PgArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 
     /// Where events go.
     #[arg(long, env = "PGCDC_SINK", value_enum, default_value = "kafka")]
@@ -257,22 +386,8 @@ pub struct RunArgs {
     )]
     pub tables: Vec<TableName>,
 
-    /// Logical replication slot to create or resume.
-    #[arg(long, env = "PGCDC_SLOT", default_value = "pgcdc")]
-    pub slot: String,
-
-    /// Publication to stream; created for the --table list when it does not exist.
-    #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
-    pub publication: String,
-
-    /// Topic names are `<prefix>.<schema>.<table>`; also the `source.name` of events.
-    #[arg(
-        long,
-        env = "PGCDC_TOPIC_PREFIX",
-        default_value = "pgcdc",
-        value_name = "PREFIX"
-    )]
-    pub topic_prefix: String,
+    #[command(flatten)]
+    pub publication: PublicationArgs,
 
     /// When to snapshot the tables before streaming.
     #[arg(long, env = "PGCDC_SNAPSHOT", value_enum, default_value = "initial")]
@@ -317,18 +432,6 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_STOP_LSN", value_name = "LSN|now")]
     pub stop_lsn: Option<StopLsn>,
 
-    /// A librdkafka property, as kcat takes it: -X compression.type=zstd (repeatable; the
-    /// value is taken whole). Overrides pgcdc's defaults. In the variable: semicolon-separated,
-    /// `\;` for a semicolon inside a value.
-    #[arg(
-        short = 'X',
-        env = "PGCDC_KAFKA_PROPERTIES",
-        value_name = "KEY=VALUE",
-        value_parser = PropertyParser,
-        hide_env_values = true
-    )]
-    pub kafka_properties: Vec<Property>,
-
     /// A record larger than Kafka accepts (message.max.bytes): fail, or skip it with a loud
     /// log line and a count (its change is then lost for consumers).
     #[arg(long, env = "PGCDC_OVERSIZED", value_enum, default_value = "fail")]
@@ -357,9 +460,8 @@ pub struct RunArgs {
     )]
     pub topic_replication_factor: i32,
 
-    /// Where the stdout sink keeps its progress (default: `~/.local/state/pgcdc/<db>-<slot>.json`).
-    #[arg(long, env = "PGCDC_PROGRESS_FILE", value_name = "PATH")]
-    pub progress_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub progress_file: ProgressFileArgs,
 
     /// Give up when Kafka stays unreachable this long at start (default: keep retrying).
     #[arg(long, env = "PGCDC_KAFKA_TIMEOUT", value_name = "SECONDS", value_parser = parse_seconds)]
@@ -374,14 +476,8 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_FORMAT", value_enum, default_value = "envelope")]
     pub format: Format,
 
-    /// How `numeric` values are written: a string with the exact digits, or a JSON number
-    /// with the exact digits (NaN and ±Infinity stay strings either way).
-    #[arg(long, env = "PGCDC_DECIMAL", value_enum, default_value = "string")]
-    pub decimal: DecimalMode,
-
-    /// How `bytea` values and message contents are written.
-    #[arg(long, env = "PGCDC_BINARY", value_enum, default_value = "base64")]
-    pub binary: BinaryMode,
+    #[command(flatten)]
+    pub events: EventArgs,
 
     /// Publish TRUNCATE as an event with op "t" (no key) on each truncated table's topic.
     #[arg(long, env = "PGCDC_TRUNCATE", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
@@ -396,21 +492,15 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_TRANSACTION_METADATA")]
     pub transaction_metadata: bool,
 
-    /// Leave a column out of every event, as schema.table.column (repeatable;
-    /// comma-separated in the variable). Key columns cannot be excluded.
-    #[arg(
-        long = "exclude-column",
-        env = "PGCDC_EXCLUDE_COLUMNS",
-        value_name = "SCHEMA.TABLE.COLUMN",
-        value_delimiter = ','
-    )]
-    pub exclude_columns: Vec<ColumnRef>,
-
     /// Treat the replication connection as lost when PostgreSQL sends nothing for this long
     /// while pgcdc waits for it (a silent network partition), and reconnect. PostgreSQL
     /// answers every status update, so keep it well above --status-interval; 0 turns it off.
     #[arg(long, env = "PGCDC_RECEIVE_TIMEOUT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
     pub receive_timeout: Duration,
+
+    /// Operations flags (metrics, health, progress display), listed last.
+    #[command(flatten)]
+    pub ops: RunOpsArgs,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,15 +537,19 @@ The table is read at the consistent point of a temporary replication slot; the t
 compared once pgcdc's slot (--slot) has confirmed past that point, using only events that
 committed before it. When no pgcdc reads the slot, verify does not wait: it looks through the
 slot (--publication) for changes of the table pgcdc has not published, and compares at once if
-there are none. Exit codes: 0 equal, 1 different, 2 usage, 3 PostgreSQL (or pgcdc did not get
-past the point within --wait, or a stopped pgcdc has not published a change), 4 Kafka.";
+there are none. Only the columns and rows the publication publishes of the table are compared
+(its column list and row filter, PostgreSQL 15+). Give --decimal, --binary and --exclude-column
+as `run` has them, so rows encode as they were published.
+Exit codes: 0 equal, 1 different, 2 usage, 3 PostgreSQL (or pgcdc did not get past the point
+within --wait, or a stopped pgcdc has not published a change), 4 Kafka.";
 
 const DROP_AFTER_HELP: &str = "\
 Examples:
   pgcdc drop --source postgres://app@db/shop --slot pgcdc --kafka localhost:9092 --yes
 
 Without --yes, prints what would be removed and exits 2. Refuses while the slot is in use.
-Topics and their events are left alone. Exit codes: 0 removed, 2 usage, 3 PostgreSQL, 4 sink.";
+The publication (--publication) goes too unless --keep-publication. Topics and their events
+are left alone. Exit codes: 0 removed, 2 usage, 3 PostgreSQL, 4 sink.";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -466,12 +560,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// Flags every command takes.
+/// Flags every command takes, listed after the command's own.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// A TOML file setting any flag of the command (keys named like the long flags, e.g.
     /// `topic-prefix = "shop"`). Flags and PGCDC_* variables override it.
-    #[arg(long, global = true, env = "PGCDC_CONFIG", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "PGCDC_CONFIG",
+        value_name = "PATH",
+        display_order = 800
+    )]
     pub config: Option<PathBuf>,
 
     /// Log format on stderr.
@@ -480,9 +580,21 @@ pub struct GlobalArgs {
         global = true,
         env = "PGCDC_LOG_FORMAT",
         value_enum,
-        default_value = "human"
+        default_value = "human",
+        display_order = 801
     )]
     pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// The options every event of the run is written with.
+    pub fn event_options(&self) -> EventOptions {
+        EventOptions {
+            format: self.format,
+            transaction_metadata: self.transaction_metadata,
+            ..self.events.event_options()
+        }
+    }
 }
 
 /// `run`'s operations flags.
@@ -530,51 +642,14 @@ pub enum ProgressDisplay {
 /// Where PostgreSQL and pgcdc's progress are, for `status`, `verify` and `drop`.
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
-    /// PostgreSQL, as for `run` (libpq URL or key=value string; PG* variables and
-    /// ~/.pgpass fill gaps).
-    #[arg(
-        long,
-        env = "PGCDC_SOURCE",
-        value_name = "CONNINFO",
-        default_value = "",
-        hide_default_value = true,
-        hide_env_values = true
-    )]
-    pub source: String,
+    #[command(flatten)]
+    pub pg: PgArgs,
 
-    /// The logical replication slot.
-    #[arg(long, env = "PGCDC_SLOT", default_value = "pgcdc")]
-    pub slot: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 
-    /// Kafka bootstrap servers, where the progress record (and, for verify, the topic) is.
-    #[arg(long, env = "PGCDC_KAFKA", value_name = "BOOTSTRAP")]
-    pub kafka: Option<String>,
-
-    /// A librdkafka property, as for `run` (repeatable; the value is taken whole). In the
-    /// variable: semicolon-separated, `\;` for a semicolon inside a value.
-    #[arg(
-        short = 'X',
-        env = "PGCDC_KAFKA_PROPERTIES",
-        value_name = "KEY=VALUE",
-        value_parser = PropertyParser,
-        hide_env_values = true
-    )]
-    pub kafka_properties: Vec<Property>,
-
-    /// Topic prefix used by `run`: topics `<prefix>.<schema>.<table>`, progress in
-    /// `<prefix>._progress`.
-    #[arg(
-        long,
-        env = "PGCDC_TOPIC_PREFIX",
-        default_value = "pgcdc",
-        value_name = "PREFIX"
-    )]
-    pub topic_prefix: String,
-
-    /// The stdout sink's progress file, when `run` used --sink stdout (default:
-    /// `~/.local/state/pgcdc/<db>-<slot>.json`).
-    #[arg(long, env = "PGCDC_PROGRESS_FILE", value_name = "PATH")]
-    pub progress_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub progress_file: ProgressFileArgs,
 }
 
 /// `pgcdc status`.
@@ -588,9 +663,8 @@ pub struct StatusArgs {
     #[arg(long, env = "PGCDC_MAX_RETAINED_WAL", value_name = "SIZE", default_value = "1GB", value_parser = parse_size)]
     pub max_retained_wal: u64,
 
-    /// Print one JSON object instead of text.
-    #[arg(long, env = "PGCDC_JSON")]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `pgcdc verify`.
@@ -603,11 +677,8 @@ pub struct VerifyArgs {
     #[arg(long, env = "PGCDC_VERIFY_TABLE", value_name = "SCHEMA.TABLE")]
     pub table: TableName,
 
-    /// The publication `run` uses: only the columns and rows it publishes of the table are
-    /// compared (its column list and row filter, PostgreSQL 15+), and when no pgcdc reads the
-    /// slot, verify looks through it for changes of the table not yet published.
-    #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
-    pub publication: String,
+    #[command(flatten)]
+    pub publication: PublicationArgs,
 
     /// How long to wait for pgcdc (its --slot) to confirm past the comparison point.
     #[arg(long, env = "PGCDC_VERIFY_WAIT", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
@@ -627,26 +698,11 @@ pub struct VerifyArgs {
     )]
     pub examples: usize,
 
-    /// Print one JSON object instead of text.
-    #[arg(long, env = "PGCDC_JSON")]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 
-    /// As `run --decimal`: how the topic's `numeric` values were written.
-    #[arg(long, env = "PGCDC_DECIMAL", value_enum, default_value = "string")]
-    pub decimal: crate::event::DecimalMode,
-
-    /// As `run --binary`: how the topic's `bytea` values were written.
-    #[arg(long, env = "PGCDC_BINARY", value_enum, default_value = "base64")]
-    pub binary: crate::event::BinaryMode,
-
-    /// As `run --exclude-column`: columns left out of the events (repeatable).
-    #[arg(
-        long = "exclude-column",
-        env = "PGCDC_EXCLUDE_COLUMNS",
-        value_name = "SCHEMA.TABLE.COLUMN",
-        value_delimiter = ','
-    )]
-    pub exclude_columns: Vec<crate::source::catalog::ColumnRef>,
+    #[command(flatten)]
+    pub events: EventArgs,
 }
 
 /// `pgcdc drop`.
@@ -655,9 +711,8 @@ pub struct DropArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
 
-    /// The publication to drop with the slot.
-    #[arg(long, env = "PGCDC_PUBLICATION", default_value = "pgcdc")]
-    pub publication: String,
+    #[command(flatten)]
+    pub publication: PublicationArgs,
 
     /// Leave the publication in place (other slots may use it).
     #[arg(long, env = "PGCDC_KEEP_PUBLICATION")]
@@ -718,6 +773,46 @@ mod tests {
         }
     }
 
+    /// A flag several commands take is one definition (a flattened group): the same help,
+    /// variable, default and value name wherever it appears.
+    #[test]
+    fn a_flag_shared_by_commands_is_the_same_everywhere() {
+        let cmd = Cli::command();
+        let describe = |a: &clap::Arg| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                a.get_help().map(|h| h.to_string()),
+                a.get_long_help().map(|h| h.to_string()),
+                a.get_env(),
+                a.get_default_values(),
+                a.get_value_names(),
+                a.get_action(),
+                a.get_possible_values()
+                    .iter()
+                    .map(|v| v.get_name().to_string())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let mut seen: std::collections::BTreeMap<String, (String, String)> = Default::default();
+        let mut differ = Vec::new();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().to_string();
+                let this = describe(arg);
+                match seen.get(&id) {
+                    Some((first, d)) if *d != this => {
+                        differ.push(format!("{id}: {first} and {} differ", sub.get_name()))
+                    }
+                    Some(_) => {}
+                    None => {
+                        seen.insert(id, (sub.get_name().to_string(), this));
+                    }
+                }
+            }
+        }
+        assert!(differ.is_empty(), "{differ:#?}");
+    }
+
     #[test]
     fn a_property_value_is_taken_whole_and_only_the_variable_is_split() {
         let cli = crate::config::file::parse_cli([
@@ -732,7 +827,7 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("run expected")
         };
-        let p = &run.kafka_properties;
+        let p = &run.kafka.properties;
         assert_eq!(
             (p[0].key.as_str(), p[0].value.as_str()),
             ("sasl.password", "a;b=c")

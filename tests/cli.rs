@@ -208,3 +208,55 @@ fn help_lists_the_exit_codes() {
         assert!(help.contains(code), "--help lacks `{code}`:\n{help}");
     }
 }
+
+/// `pgcdc [<command>] --help` as an operator sees it, byte for byte, against the files in
+/// tests/golden/help/: a change to a flag's name, variable, default or wording shows up here
+/// and has to be made on purpose. The binary runs with a fixed width (`COLUMNS`, no terminal)
+/// and without `PGCDC_*` variables, whose values `--help` would print.
+/// `PGCDC_UPDATE_GOLDEN=1 cargo test --test cli` rewrites the files.
+#[test]
+fn help_is_as_recorded() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/help");
+    let update = std::env::var_os("PGCDC_UPDATE_GOLDEN").is_some();
+    let mut differ = Vec::new();
+    for command in ["", "run", "status", "verify", "drop"] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"));
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("PGCDC_") {
+                cmd.env_remove(name);
+            }
+        }
+        if !command.is_empty() {
+            cmd.arg(command);
+        }
+        let out = cmd
+            .arg("--help")
+            .env("COLUMNS", "100")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run pgcdc --help");
+        assert!(out.status.success(), "pgcdc {command} --help: {out:?}");
+        let help = String::from_utf8(out.stdout).expect("UTF-8 help");
+        let file = dir.join(format!(
+            "{}.txt",
+            if command.is_empty() { "pgcdc" } else { command }
+        ));
+        if update {
+            std::fs::create_dir_all(&dir).expect("create tests/golden/help");
+            std::fs::write(&file, &help).expect("write golden help");
+            continue;
+        }
+        let golden = std::fs::read_to_string(&file).unwrap_or_default();
+        if help != golden {
+            differ.push(format!(
+                "pgcdc {command} --help differs from {}:\n{help}",
+                file.display()
+            ));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{}\n(PGCDC_UPDATE_GOLDEN=1 rewrites the files after a deliberate change)",
+        differ.join("\n")
+    );
+}

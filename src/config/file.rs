@@ -127,10 +127,10 @@ fn finish(matches: &ArgMatches) -> Result<Cli, ConfigError> {
     if let Some(from_env) = crate::cli::properties_from_env(sub, "kafka_properties") {
         let properties = from_env.map_err(ConfigError::Env)?;
         match &mut cli.command {
-            crate::cli::Command::Run(a) => a.kafka_properties = properties,
-            crate::cli::Command::Status(a) => a.conn.kafka_properties = properties,
-            crate::cli::Command::Verify(a) => a.conn.kafka_properties = properties,
-            crate::cli::Command::Drop(a) => a.conn.kafka_properties = properties,
+            crate::cli::Command::Run(a) => a.kafka.properties = properties,
+            crate::cli::Command::Status(a) => a.conn.kafka.properties = properties,
+            crate::cli::Command::Verify(a) => a.conn.kafka.properties = properties,
+            crate::cli::Command::Drop(a) => a.conn.kafka.properties = properties,
         }
     }
     Ok(cli)
@@ -337,21 +337,21 @@ mod tests {
         let Sub::Run(run) = &cli.command else {
             panic!("run expected")
         };
-        assert_eq!(run.slot, "flag");
-        assert_eq!(run.topic_prefix, "filepfx");
-        assert_eq!(run.source, "host=db");
+        assert_eq!(run.pg.slot, "flag");
+        assert_eq!(run.kafka.topic_prefix, "filepfx");
+        assert_eq!(run.pg.source, "host=db");
         assert_eq!(run.tables.len(), 2);
         assert!(run.snapshot_only);
         assert!(!run.tombstones);
         assert_eq!(run.status_interval, std::time::Duration::from_secs(5));
-        assert_eq!(run.kafka_properties[0].key, "linger.ms");
+        assert_eq!(run.kafka.properties[0].key, "linger.ms");
         assert_eq!(cli.global.log_format, crate::cli::LogFormat::Json);
         // The same file serves status; `table` does not apply to verify.
         let cli = parse_cli(["pgcdc", "status", "--config", p]).unwrap();
         let Sub::Status(st) = cli.command else {
             panic!("status expected")
         };
-        assert_eq!(st.conn.slot, "from_file");
+        assert_eq!(st.conn.pg.slot, "from_file");
         assert_eq!(st.max_retained_wal, 2 << 20);
     }
 
@@ -367,7 +367,8 @@ mod tests {
         };
         let mut p: Vec<(String, String)> = st
             .conn
-            .kafka_properties
+            .kafka
+            .properties
             .into_iter()
             .map(|p| (p.key, p.value))
             .collect();

@@ -271,12 +271,26 @@ pub struct MessageEvent<'a> {
     pub position: Position,
 }
 
-/// Choices that shape every event of a run.
-#[derive(Debug, Clone, Copy, Default)]
+/// Choices that shape every event of a run, decided once from the event flags
+/// (`cli::RunArgs::event_options`); `verify` decides them from the same flags
+/// (`cli::EventArgs::event_options`), so it encodes a row as `run` published it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EventOptions {
     pub format: Format,
     /// Add `transaction` to envelopes (`--transaction-metadata`).
     pub transaction_metadata: bool,
+    /// How `numeric` values are written (`--decimal`).
+    pub decimal: DecimalMode,
+    /// How `bytea` values and message contents are written (`--binary`).
+    pub binary: BinaryMode,
+}
+
+impl EventOptions {
+    /// The type registry these options encode with: the built-in types, before the
+    /// server's own are loaded into it (`source::schema::load_types`).
+    pub fn types(&self) -> TypeRegistry {
+        TypeRegistry::new(self.decimal, self.binary)
+    }
 }
 
 /// Encodes keys and values. Holds what is the same for every event of a run.
@@ -844,6 +858,7 @@ mod tests {
                 let options = EventOptions {
                     format,
                     transaction_metadata,
+                    ..EventOptions::default()
                 };
                 let enc = Encoder::with_options("pgcdc", "shop", options, TypeRegistry::default());
                 let tail = enc.read_tail(&table(), position, 5);
@@ -919,6 +934,7 @@ mod tests {
             EventOptions {
                 format,
                 transaction_metadata,
+                ..EventOptions::default()
             },
             TypeRegistry::default(),
         )

@@ -25,7 +25,7 @@ use crate::source::Lsn;
 /// Runs `pgcdc drop`; returns the exit code.
 pub async fn run(args: DropArgs) -> Result<u8, Failure> {
     let (_, client) = super::connect_source(&args.conn).await?;
-    let slot = args.conn.slot.as_str();
+    let slot = args.conn.pg.slot.as_str();
     let row = client
         .query_opt(
             "SELECT active, active_pid, database::text FROM pg_replication_slots \
@@ -67,7 +67,7 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
     let publication_exists = client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&args.publication],
+            &[&args.publication.name],
         )
         .await
         .or_fail(FailureKind::Source)?
@@ -79,7 +79,7 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
         plan.push(format!("replication slot `{slot}`"));
     }
     if publication_exists && !args.keep_publication {
-        plan.push(format!("publication `{}`", args.publication));
+        plan.push(format!("publication `{}`", args.publication.name));
     }
     plan.push(format!("the progress record ({})", location.describe()));
     if !args.yes {
@@ -129,12 +129,12 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
     }
 
     if args.keep_publication {
-        tracing::info!(publication = %args.publication, "keeping the publication (--keep-publication)");
+        tracing::info!(publication = %args.publication.name, "keeping the publication (--keep-publication)");
     } else if publication_exists {
         client
             .batch_execute(&format!(
                 "DROP PUBLICATION IF EXISTS {}",
-                quote_ident(&args.publication)
+                quote_ident(&args.publication.name)
             ))
             .await
             .map_err(|e| {
@@ -143,11 +143,11 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
                     anyhow::Error::new(e).context(format!(
                         "cannot drop publication `{}`: drop it as its owner, or pass \
                          --keep-publication",
-                        args.publication
+                        args.publication.name
                     )),
                 )
             })?;
-        tracing::info!(publication = %args.publication, "dropped publication");
+        tracing::info!(publication = %args.publication.name, "dropped publication");
     }
 
     remove_progress(&location).await?;

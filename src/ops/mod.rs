@@ -32,7 +32,7 @@ pub const EXIT_UNHEALTHY: u8 = 5;
 pub(crate) async fn connect_source(
     conn: &ConnArgs,
 ) -> Result<(ConnInfo, tokio_postgres::Client), Failure> {
-    let info = ConnInfo::parse(&conn.source)
+    let info = ConnInfo::parse(&conn.pg.source)
         .context("invalid --source")
         .or_fail(FailureKind::Usage)?;
     // The session settings `run` pins, so values print (and encode) as in the events.
@@ -47,10 +47,11 @@ pub(crate) async fn connect_source(
 
 /// The Kafka settings of `conn`, if `--kafka` was given.
 pub(crate) fn kafka_config(conn: &ConnArgs) -> Option<KafkaConfig> {
-    conn.kafka.as_ref().map(|b| KafkaConfig {
+    conn.kafka.bootstrap.as_ref().map(|b| KafkaConfig {
         bootstrap: b.clone(),
         properties: conn
-            .kafka_properties
+            .kafka
+            .properties
             .iter()
             .map(|p| (p.key.clone(), p.value.clone()))
             .collect(),
@@ -77,14 +78,15 @@ impl ProgressLocation {
         match kafka_config(conn) {
             Some(cfg) => ProgressLocation::Kafka {
                 cfg,
-                topic: format!("{}._progress", conn.topic_prefix),
-                key: Progress::key(database, &conn.slot),
+                topic: format!("{}._progress", conn.kafka.topic_prefix),
+                key: Progress::key(database, &conn.pg.slot),
             },
             None => ProgressLocation::File(FileStore {
                 path: conn
                     .progress_file
+                    .path
                     .clone()
-                    .unwrap_or_else(|| FileStore::default_path(database, &conn.slot)),
+                    .unwrap_or_else(|| FileStore::default_path(database, &conn.pg.slot)),
             }),
         }
     }

@@ -80,7 +80,7 @@ impl From<&Progress> for ProgressView {
 pub async fn run(args: StatusArgs) -> Result<u8, Failure> {
     let (_, client) = super::connect_source(&args.conn).await?;
     let status = inspect(&client, &args).await?;
-    if args.json {
+    if args.output.json {
         let text = serde_json::to_string_pretty(&status)
             .map_err(|e| Failure::new(FailureKind::Usage, anyhow!("cannot encode JSON: {e}")))?;
         println!("{text}");
@@ -98,7 +98,7 @@ pub async fn inspect(
     client: &tokio_postgres::Client,
     args: &StatusArgs,
 ) -> Result<SlotStatus, Failure> {
-    let slot = args.conn.slot.as_str();
+    let slot = args.conn.pg.slot.as_str();
     let row = client
         .query_one(
             "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \

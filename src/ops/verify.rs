@@ -193,19 +193,19 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
         .or_fail(FailureKind::Source)?;
     for t in &mut tables {
         // What `run` publishes of the table: its publication's columns and rows.
-        match catalog::published(&client, &args.publication, &t.name)
+        match catalog::published(&client, &args.publication.name, &t.name)
             .await
             .or_fail(FailureKind::Source)?
         {
             Some(p) => t
-                .restrict(&args.publication, p)
+                .restrict(&args.publication.name, p)
                 .or_fail(FailureKind::Source)?,
             None => {
-                tracing::warn!(table = %t.name, publication = %args.publication, "the publication does not publish this table (or does not exist): comparing every column and row of it; pass the --publication that `pgcdc run` uses")
+                tracing::warn!(table = %t.name, publication = %args.publication.name, "the publication does not publish this table (or does not exist): comparing every column and row of it; pass the --publication that `pgcdc run` uses")
             }
         }
     }
-    let exclude = crate::source::exclude::Exclusions::new(&args.exclude_columns);
+    let exclude = crate::source::exclude::Exclusions::new(&args.events.exclude_columns);
     exclude.check(&tables).or_fail(FailureKind::Usage)?;
     let tables: Vec<catalog::TableInfo> = tables.iter().map(|t| exclude.apply(t)).collect();
     let Some(table_info) = tables.into_iter().next() else {
@@ -229,7 +229,7 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
         .await
         .or_fail(FailureKind::Source)?
         .get(0);
-    let topic = topic_name(&args.conn.topic_prefix, &table_info.name);
+    let topic = topic_name(&args.conn.kafka.topic_prefix, &table_info.name);
     let (schema, encoder) = row_encoding(&args, &client, &database, &table_info).await?;
 
     // 1. The point: a temporary slot's consistent point, and its snapshot imported here.
@@ -347,7 +347,7 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
         report.missing.count == 0 && report.extra.count == 0 && report.differing.count == 0;
     report.seconds = started.elapsed().as_secs_f64();
 
-    if args.json {
+    if args.output.json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| Failure::new(FailureKind::Usage, anyhow!("cannot encode JSON: {e}")))?;
         println!("{text}");
@@ -358,24 +358,22 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
 }
 
 /// The table's schema and the encoder, built exactly as `run` builds them, so a row read
-/// here encodes to the bytes `run` published for it. (Any event option of `run` that changes
-/// a row's JSON must be applied here too.)
+/// here encodes to the bytes `run` published for it: from the same event flags (`EventArgs`),
+/// turned into options the same way (`EventArgs::event_options`). (An event option of `run`
+/// that changes a row's JSON belongs there.)
 async fn row_encoding(
     args: &VerifyArgs,
     client: &tokio_postgres::Client,
     database: &str,
     info: &catalog::TableInfo,
 ) -> Result<(Arc<TableSchema>, Encoder), Failure> {
-    let mut types = crate::event::TypeRegistry::new(args.decimal, args.binary);
+    let options = args.events.event_options();
+    let mut types = options.types();
     crate::source::schema::load_types(client, &mut types, info.columns.iter().map(|(_, oid)| *oid))
         .await
         .or_fail(FailureKind::Source)?;
-    let prefix = &args.conn.topic_prefix;
+    let prefix = &args.conn.kafka.topic_prefix;
     let schema = snapshot::table_schema(prefix, info, &types);
-    let options = crate::event::EventOptions {
-        format: crate::event::Format::Envelope,
-        transaction_metadata: false,
-    };
     Ok((
         schema,
         Encoder::with_options(prefix, database, options, types),
@@ -408,7 +406,7 @@ async fn wait_for_slot(
     table: &catalog::TableInfo,
     point: Lsn,
 ) -> Result<(), Failure> {
-    let slot = args.conn.slot.as_str();
+    let slot = args.conn.pg.slot.as_str();
     let wait = args.wait;
     let deadline = Instant::now() + wait;
     loop {
@@ -440,7 +438,7 @@ async fn wait_for_slot(
         }
         if !active {
             let confirmed = confirmed.unwrap_or_default();
-            match unpublished_change(info, slot, &args.publication, table, point).await? {
+            match unpublished_change(info, slot, &args.publication.name, table, point).await? {
                 Peeked::Busy => {} // a pgcdc took the slot meanwhile: wait for it
                 Peeked::Nothing => {
                     tracing::info!(

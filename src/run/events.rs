@@ -9,7 +9,7 @@ use super::failure::{Classify, Failure, FailureKind};
 use super::progress::ProgressStore;
 use crate::cli::RunArgs;
 use crate::config::conninfo::ConnInfo;
-use crate::event::{Encoder, EventOptions, TypeRegistry};
+use crate::event::Encoder;
 use crate::sink::kafka::TopicSpec;
 use crate::source::catalog::TableInfo;
 use crate::source::changes::ChangeOptions;
@@ -29,7 +29,7 @@ pub(super) fn extra_topics(args: &RunArgs) -> Vec<TopicSpec> {
     let mut out = Vec::new();
     if args.transaction_metadata {
         out.push(TopicSpec {
-            name: format!("{}.transaction", args.topic_prefix),
+            name: format!("{}.transaction", args.kafka.topic_prefix),
             partitions: 1,
             replication: args.topic_replication_factor,
             compacted: false,
@@ -46,11 +46,12 @@ pub(super) async fn setup(
     database: &str,
     tables: &[TableInfo],
 ) -> Result<Events, Failure> {
-    let exclude = Exclusions::new(&args.exclude_columns);
+    let exclude = Exclusions::new(&args.events.exclude_columns);
     exclude.check(tables).or_fail(FailureKind::Usage)?;
     let tables: Vec<TableInfo> = tables.iter().map(|t| exclude.apply(t)).collect();
 
-    let mut types = TypeRegistry::new(args.decimal, args.binary);
+    let options = args.event_options();
+    let mut types = options.types();
     schema::load_types(
         client,
         &mut types,
@@ -60,16 +61,12 @@ pub(super) async fn setup(
     )
     .await
     .or_fail(FailureKind::Source)?;
-    let options = EventOptions {
-        format: args.format,
-        transaction_metadata: args.transaction_metadata,
-    };
-    let encoder = Encoder::with_options(&args.topic_prefix, database, options, types);
+    let encoder = Encoder::with_options(&args.kafka.topic_prefix, database, options, types);
 
     let changes = ChangeOptions {
         truncate: args.truncate,
         messages: args.messages,
-        binary: args.binary,
+        binary: options.binary,
         follow_publication: args.tables.is_empty(),
         exclude: Arc::new(exclude),
         lookup: None,

@@ -98,7 +98,7 @@ pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failu
     // Once per process: a restarted pipeline keeps serving on the same address.
     observe::start_metrics(&args).await?;
     let mut process = Process {
-        lock: SlotLock::new(&args.slot, !args.snapshot_only),
+        lock: SlotLock::new(&args.pg.slot, !args.snapshot_only),
         stop_lsn: None,
     };
     let result = supervise(&args, &stop, &mut process).await;
@@ -160,21 +160,22 @@ async fn run_once(
     mut stop: watch::Receiver<bool>,
     process: &mut Process,
 ) -> Result<(), Failure> {
-    let conninfo = ConnInfo::parse(&args.source)
+    let conninfo = ConnInfo::parse(&args.pg.source)
         .context("invalid --source")
         .or_fail(Usage)?;
     // Both connections print values in one canonical form (see source::session).
     let conninfo = session::canonical(&conninfo);
-    if args.sink == SinkKind::Kafka && args.kafka.is_none() {
+    if args.sink == SinkKind::Kafka && args.kafka.bootstrap.is_none() {
         return Err(Failure::new(
             Usage,
             anyhow!("--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"),
         ));
     }
     let kafka_cfg = (args.sink == SinkKind::Kafka).then(|| kafka::KafkaConfig {
-        bootstrap: args.kafka.clone().unwrap_or_default(),
+        bootstrap: args.kafka.bootstrap.clone().unwrap_or_default(),
         properties: args
-            .kafka_properties
+            .kafka
+            .properties
             .iter()
             .map(|p| (p.key.clone(), p.value.clone()))
             .collect(),
@@ -212,17 +213,17 @@ async fn run_once(
         publication,
     } = source;
     let stop_lsn = process.stop_lsn;
-    let progress_key = Progress::key(&server.database, &args.slot);
+    let progress_key = Progress::key(&server.database, &args.pg.slot);
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.
     let mut markers = snapshot::Markers::One;
     let (sink, store) = match kafka_cfg {
         Some(cfg) => {
-            let progress_topic = format!("{}._progress", args.topic_prefix);
+            let progress_topic = format!("{}._progress", args.kafka.topic_prefix);
             let mut specs: Vec<kafka::TopicSpec> = tables
                 .iter()
                 .map(|t| kafka::TopicSpec {
-                    name: topic_name(&args.topic_prefix, &t.name),
+                    name: topic_name(&args.kafka.topic_prefix, &t.name),
                     partitions: args.topic_partitions,
                     replication: args.topic_replication_factor,
                     compacted: false,
@@ -254,8 +255,9 @@ async fn run_once(
         None => {
             let path = args
                 .progress_file
+                .path
                 .clone()
-                .unwrap_or_else(|| FileStore::default_path(&server.database, &args.slot));
+                .unwrap_or_else(|| FileStore::default_path(&server.database, &args.pg.slot));
             (
                 sink::Sink::Stdout(sink::stdout::StdoutSink::new(tokio::io::stdout())),
                 ProgressStore::File(FileStore { path }),
@@ -292,6 +294,7 @@ async fn run_once(
         markers: &markers,
         publication: &publication,
         system_id: String::new(),
+        timers: Timers::of(&args),
     };
     let outcome = until_stopped(
         capture(&mut capturing, &mut stop, &mut process.lock),
@@ -422,27 +425,27 @@ async fn prepare_source(
     // Named tables are checked before the publication is touched, so a missing table or
     // privilege is reported as such rather than as a failed CREATE PUBLICATION.
     if !args.tables.is_empty() {
-        topic::check_distinct(&args.topic_prefix, &args.tables).or_fail(Usage)?;
+        topic::check_distinct(&args.kafka.topic_prefix, &args.tables).or_fail(Usage)?;
         catalog::describe_tables(&client, &args.tables)
             .await
             .or_fail(SourceFail)?;
     }
     // Read before what it defines, so that a change in between shows at the snapshot's
     // consistent point (see `crate::source::snapshot`); again if pgcdc creates it.
-    let mut publication = catalog::publication_state(&client, &args.publication)
+    let mut publication = catalog::publication_state(&client, &args.publication.name)
         .await
         .or_fail(SourceFail)?;
-    let names = catalog::ensure_publication(&client, &args.publication, &args.tables)
+    let names = catalog::ensure_publication(&client, &args.publication.name, &args.tables)
         .await
         .or_fail(SourceFail)?;
     if !publication.exists() {
-        publication = catalog::publication_state(&client, &args.publication)
+        publication = catalog::publication_state(&client, &args.publication.name)
             .await
             .or_fail(SourceFail)?;
     }
     // One topic per table, each a name Kafka accepts (see `crate::source::topic`).
-    topic::check_distinct(&args.topic_prefix, &names).or_fail(Usage)?;
-    let tables = catalog::describe_published(&client, &args.publication, &names)
+    topic::check_distinct(&args.kafka.topic_prefix, &names).or_fail(Usage)?;
+    let tables = catalog::describe_published(&client, &args.publication.name, &names)
         .await
         .or_fail(SourceFail)?;
     let events = events::setup(args, &client, &server.database, &tables).await?;
@@ -499,6 +502,8 @@ struct Capture<'a> {
     publication: &'a catalog::PublicationSeen,
     /// IDENTIFY_SYSTEM's system identifier, recorded in progress.
     system_id: String,
+    /// The streaming loop's clocks (`--status-interval`, `--receive-timeout`).
+    timers: Timers,
 }
 
 /// How a snapshot's temporary slot becomes (or does not become) the run's slot.
@@ -569,7 +574,10 @@ async fn start(
     });
     tracing::debug!(?plan, ?slot, "start-up plan");
     match plan {
-        Plan::Refuse(r) => Err(Failure::new(SourceFail, anyhow!(r.message(&c.args.slot)))),
+        Plan::Refuse(r) => Err(Failure::new(
+            SourceFail,
+            anyhow!(r.message(&c.args.pg.slot)),
+        )),
         Plan::SnapshotOnly => snapshot(c, repl, c.tables, SlotHandOver::None, None, stop).await,
         Plan::NewSlot {
             snapshot: true,
@@ -590,7 +598,7 @@ async fn start(
 /// The slot (waiting a few seconds for an old walsender to let go of it after a crash) and
 /// the progress record of this slot on this server.
 async fn look(c: &Capture<'_>) -> Result<Found, Failure> {
-    let slot_name = c.args.slot.as_str();
+    let slot_name = c.args.pg.slot.as_str();
     let mut attempts = 0;
     let slot = loop {
         match catalog::inspect_slot(c.client, slot_name, &c.server.database).await {
@@ -629,13 +637,13 @@ async fn new_slot_with_snapshot(
 ) -> Started {
     if let Some(p) = &found.progress {
         tracing::warn!(
-            slot = c.args.slot,
+            slot = c.args.pg.slot,
             acked = %p.acked(),
             "the slot is gone; taking a new snapshot of every table (--snapshot always): changes made since the recorded position that the slot held are not published, and each table's snapshot marker tells consumers which rows remain"
         );
     }
     if drop_invalidated {
-        drop_slot(c.client, &c.args.slot).await?;
+        drop_slot(c.client, &c.args.pg.slot).await?;
     }
     let completed = Some(Vec::new());
     snapshot(c, repl, c.tables, SlotHandOver::Copy, completed, stop).await
@@ -651,7 +659,7 @@ async fn resnapshot(
     why: start::Why,
     stop: &mut watch::Receiver<bool>,
 ) -> Started {
-    let slot = c.args.slot.as_str();
+    let slot = c.args.pg.slot.as_str();
     match why {
         start::Why::Requested => tracing::info!(slot, "--snapshot always: publishing the slot's changes up to a new snapshot, then moving it to the snapshot's position"),
         start::Why::NoRecord => tracing::warn!(slot, "slot exists but no snapshot is recorded for it: publishing its changes up to a new snapshot, then moving it to the snapshot's position"),
@@ -702,11 +710,11 @@ async fn resume(
             .save(&c.record(state, Lsn(p.slot_lsn)), c.tx)
             .await?;
         tracing::info!(
-            slot = c.args.slot,
+            slot = c.args.pg.slot,
             "progress record updated to the captured tables"
         );
     }
-    tracing::info!(slot = c.args.slot, confirmed_flush = %slot.confirmed_flush, "resuming from the slot");
+    tracing::info!(slot = c.args.pg.slot, confirmed_flush = %slot.confirmed_flush, "resuming from the slot");
     Ok(Some((repl, slot.confirmed_flush)))
 }
 
@@ -717,7 +725,7 @@ impl Capture<'_> {
             version: Progress::VERSION,
             system_id: self.system_id.clone(),
             database: self.server.database.clone(),
-            slot: self.args.slot.clone(),
+            slot: self.args.pg.slot.clone(),
             // Once a snapshot is acknowledged, everything up to the slot's point is published.
             acked_lsn: match snapshot {
                 SnapshotState::InProgress { .. } => 0,
@@ -744,6 +752,17 @@ impl Capture<'_> {
             .context("cannot open a replication connection")
             .or_fail(SourceFail)
     }
+
+    /// What turns the stream's messages into events, as every streaming session needs it.
+    fn change_builder(&self) -> ChangeBuilder {
+        ChangeBuilder::new(
+            self.encoder.clone(),
+            &self.args.kafka.topic_prefix,
+            self.tables,
+            self.args.tombstones,
+        )
+        .with_options(self.changes.clone())
+    }
 }
 
 /// Takes a snapshot of `tables` through a temporary slot with an exported snapshot, whose
@@ -758,7 +777,7 @@ async fn snapshot(
     completed: Option<Vec<String>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Started {
-    let slot_name = c.args.slot.as_str();
+    let slot_name = c.args.pg.slot.as_str();
     let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
     let created = repl
         .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
@@ -778,19 +797,7 @@ async fn snapshot(
     match hand_over {
         SlotHandOver::None => {}
         SlotHandOver::CatchUp => {
-            let caught_up = catch_up(
-                c.args,
-                c.conninfo,
-                slot_name,
-                at,
-                c.tables,
-                c.encoder,
-                c.changes,
-                c.tx,
-                &c.acked_rx,
-                stop,
-            )
-            .await?;
+            let caught_up = catch_up(c, at, stop).await?;
             if !caught_up {
                 return Ok(None);
             }
@@ -826,7 +833,7 @@ async fn snapshot(
         &snapshot_name,
         at,
         tables,
-        &c.args.topic_prefix,
+        &c.args.kafka.topic_prefix,
         c.encoder,
         c.tx,
         stop,
@@ -873,7 +880,7 @@ async fn new_slot_without_snapshot(
     c: &Capture<'_>,
     mut repl: ReplicationClient,
 ) -> Result<(ReplicationClient, Lsn), Failure> {
-    let slot_name = c.args.slot.as_str();
+    let slot_name = c.args.pg.slot.as_str();
     let created = repl
         .create_logical_slot(slot_name, "pgoutput", SnapshotAction::NoExport, false)
         .await
@@ -906,7 +913,7 @@ async fn stream(
     lock: &mut SlotLock,
 ) -> CaptureResult {
     let args = c.args;
-    let slot_name = args.slot.as_str();
+    let slot_name = args.pg.slot.as_str();
     let mut repl = Some(repl);
     let mut start = start;
     let mut backoff = RECONNECT_FIRST_DELAY;
@@ -920,32 +927,25 @@ async fn stream(
                     .await
                     .map_err(Failure::source)?,
             };
-            let stream = start_stream(&args.publication, client, slot_name, start).await?;
+            let stream = start_stream(&args.publication.name, client, slot_name, start).await?;
             tracing::info!(slot = slot_name, from = %start, "streaming changes");
-            observe::register_tables(&args.topic_prefix, c.tables);
+            observe::register_tables(&args.kafka.topic_prefix, c.tables);
             Ok::<_, Failure>(stream)
         };
         let outcome = match attempt.await {
             Ok(stream) => {
                 // Streaming again: the outage is over, the next one starts with a short wait.
                 backoff = RECONNECT_FIRST_DELAY;
-                let builder = ChangeBuilder::new(
-                    c.encoder.clone(),
-                    &args.topic_prefix,
-                    c.tables,
-                    args.tombstones,
-                )
-                .with_options(c.changes.clone());
                 stream_changes(
                     stream,
-                    builder,
+                    c.change_builder(),
                     c.tx,
                     c.acked_rx.clone(),
                     stop,
                     Bounds {
                         start,
                         until: Until::StopLsn(c.stop_lsn),
-                        timers: Timers::of(args),
+                        timers: c.timers,
                     },
                 )
                 .await

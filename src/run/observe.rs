@@ -69,7 +69,7 @@ pub(super) async fn snapshot_display(
     client: &tokio_postgres::Client,
     tables: &[TableInfo],
 ) -> Display {
-    let counters = register_tables(&args.topic_prefix, tables);
+    let counters = register_tables(&args.kafka.topic_prefix, tables);
     for (info, c) in tables.iter().zip(&counters) {
         // reltuples is -1 for a table never vacuumed or analyzed (PostgreSQL 14+).
         let estimate = client

@@ -17,18 +17,15 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::watch;
 
-use super::failure::{sink_gone, Classify, Failure, FailureKind::Source as SourceFail};
+use super::failure::{sink_gone, Failure, FailureKind::Source as SourceFail};
 use super::progress::barrier;
-use super::EndedStream;
+use super::{Capture, EndedStream};
 use crate::cli::RunArgs;
-use crate::config::conninfo::ConnInfo;
-use crate::event::Encoder;
 use crate::sink::{SinkItem, SinkSender};
-use crate::source::catalog::{quote_ident, TableInfo};
-use crate::source::changes::{ChangeBuilder, ChangeOptions};
+use crate::source::catalog::quote_ident;
+use crate::source::changes::ChangeBuilder;
 use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
@@ -55,45 +52,33 @@ pub(super) async fn start_stream(
         .map_err(Failure::source)
 }
 
-/// Publishes what `slot` holds before `until` (the consistent point of a new snapshot).
-/// Returns false when stopped by a signal first.
-#[allow(clippy::too_many_arguments)]
+/// Publishes what the run's slot holds before `until` (the consistent point of a new
+/// snapshot). Returns false when stopped by a signal first.
 pub(super) async fn catch_up(
-    args: &RunArgs,
-    conninfo: &ConnInfo,
-    slot: &str,
+    c: &Capture<'_>,
     until: Lsn,
-    tables: &[TableInfo],
-    encoder: &Encoder,
-    changes: &ChangeOptions,
-    tx: &SinkSender,
-    acked_rx: &watch::Receiver<Lsn>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, Failure> {
-    let repl = ReplicationClient::connect(conninfo)
-        .await
-        .context("cannot open a replication connection")
-        .or_fail(SourceFail)?;
-    let stream = start_stream(&args.publication, repl, slot, Lsn::INVALID).await?;
-    let builder = ChangeBuilder::new(encoder.clone(), &args.topic_prefix, tables, args.tombstones)
-        .with_options(changes.clone());
+    let repl = c.replication().await?;
+    let slot = c.args.pg.slot.as_str();
+    let stream = start_stream(&c.args.publication.name, repl, slot, Lsn::INVALID).await?;
     let (mut stream, end) = stream_changes(
         stream,
-        builder,
-        tx,
-        acked_rx.clone(),
+        c.change_builder(),
+        c.tx,
+        c.acked_rx.clone(),
         stop,
         Bounds {
             start: Lsn::INVALID,
             until: Until::Before(until),
-            timers: Timers::of(args),
+            timers: c.timers,
         },
     )
     .await
     .map_err(|(_, f)| f)?;
     if end == End::CaughtUp {
-        barrier(tx).await?;
-        let confirm = confirmable(acked_rx, Lsn::INVALID);
+        barrier(c.tx).await?;
+        let confirm = confirmable(&c.acked_rx, Lsn::INVALID);
         if confirm.is_valid() {
             let _ = stream
                 .send_standby_status(confirm, confirm, confirm, false)

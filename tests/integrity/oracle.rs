@@ -157,6 +157,7 @@ pub async fn expected(
         EventOptions {
             format: Format::Envelope,
             transaction_metadata: false,
+            ..EventOptions::default()
         },
         types,
     );

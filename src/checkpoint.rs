@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::source::Lsn;
+use crate::model::Lsn;
 
 /// What is durably known about one slot's run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::event::{BinaryMode, DecimalMode, Format};
+use crate::model::Lsn;
 use crate::source::catalog::{ColumnRef, TableName};
-use crate::source::Lsn;
 
 /// Change data capture from PostgreSQL to Kafka: a consistent snapshot of your tables, then
 /// every committed change, in commit order, keyed by primary key.

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgcdc::config::conninfo::ConnInfo;
+use pgcdc::model::Lsn;
 use pgcdc::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream, SnapshotAction,
     TlsError,
 };
-use pgcdc::source::Lsn;
 
 use common::TestDb;
 

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pgcdc::model::Lsn;
 use pgcdc::sink::kafka::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
 use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
-use pgcdc::source::Lsn;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;

@@ -314,7 +314,7 @@ impl<T: Target> Indexer<T> {
             }
             tracing::info!(
                 index = %index,
-                snapshot = %crate::source::Lsn(point),
+                snapshot = %crate::model::Lsn(point),
                 "the snapshot is complete in every partition: {} document(s) it no longer \
                  holds deleted",
                 writes.len()

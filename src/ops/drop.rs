@@ -16,11 +16,11 @@ use tokio_postgres::error::SqlState;
 
 use super::ProgressLocation;
 use crate::cli::DropArgs;
+use crate::model::Lsn;
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::{self, kafka, Record, SinkItem};
 use crate::source::catalog::quote_ident;
 use crate::source::slot_lock;
-use crate::source::Lsn;
 
 /// Runs `pgcdc drop`; returns the exit code.
 pub async fn run(args: DropArgs) -> Result<u8, Failure> {

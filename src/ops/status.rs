@@ -70,7 +70,7 @@ impl From<&Progress> for ProgressView {
             snapshot,
             tables,
             snapshot_rows: rows,
-            slot_lsn: crate::source::Lsn(p.slot_lsn).to_string(),
+            slot_lsn: crate::model::Lsn(p.slot_lsn).to_string(),
             updated_ms: p.updated_ms,
         }
     }
@@ -301,7 +301,7 @@ pub fn render(s: &SlotStatus) -> String {
                     p.tables.join(", ")
                 }
             );
-            let age = (crate::event::now_ms() - p.updated_ms).max(0) / 1000;
+            let age = (crate::model::now_ms() - p.updated_ms).max(0) / 1000;
             let _ = writeln!(
                 o,
                 "progress written     {age}s ago, slot created at {} ({})",

@@ -34,6 +34,7 @@ use crate::checkpoint::{FileStore, Progress, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
+use crate::model::Lsn;
 use crate::signals;
 use crate::sink::{self, kafka, SinkSender};
 use crate::source::catalog::TableName;
@@ -42,7 +43,7 @@ use crate::source::changes::{ChangeBuilder, ChangeOptions};
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
 use crate::source::slot_lock::SlotLock;
 use crate::source::topic::{self, topic_name};
-use crate::source::{connect, session, snapshot, Lsn};
+use crate::source::{connect, session, snapshot};
 
 use failure::{
     Classify,
@@ -724,7 +725,7 @@ impl Capture<'_> {
             },
             snapshot,
             slot_lsn: slot_lsn.0,
-            updated_ms: crate::event::now_ms(),
+            updated_ms: crate::model::now_ms(),
             table_oids: self
                 .tables
                 .iter()
@@ -758,7 +759,7 @@ async fn snapshot(
     stop: &mut watch::Receiver<bool>,
 ) -> Started {
     let slot_name = c.args.slot.as_str();
-    let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
+    let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::model::now_ms());
     let created = repl
         .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
         .await

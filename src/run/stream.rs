@@ -26,6 +26,7 @@ use super::EndedStream;
 use crate::cli::RunArgs;
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
+use crate::model::Lsn;
 use crate::sink::{SinkItem, SinkSender};
 use crate::source::catalog::{quote_ident, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
@@ -33,7 +34,6 @@ use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
-use crate::source::Lsn;
 
 /// START_REPLICATION with pgcdc's plugin options.
 pub(super) async fn start_stream(
@@ -286,7 +286,7 @@ pub(super) async fn stream_changes(
                             }
                             // A transaction committed a while ago: a backlog, read in batches.
                             let committed = crate::source::pgoutput::pg_timestamp_to_unix_millis(b.commit_timestamp);
-                            backlog = crate::event::now_ms() - committed > BACKLOG_AGE_MS;
+                            backlog = crate::model::now_ms() - committed > BACKLOG_AGE_MS;
                         }
                         // Also after a batch that timed out (a no-op while batching).
                         stream.batch_reads(backlog);

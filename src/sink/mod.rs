@@ -20,7 +20,7 @@ use bytes::Bytes;
 use rdkafka::error::KafkaError;
 use tokio::sync::{oneshot, watch};
 
-use crate::source::Lsn;
+use crate::model::Lsn;
 
 pub mod channel;
 pub mod kafka;

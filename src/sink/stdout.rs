@@ -27,7 +27,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::watch;
 
 use super::{report, Record, SinkError, SinkItem, SinkReceiver, SinkSummary};
-use crate::source::Lsn;
+use crate::model::Lsn;
 
 /// Size of the output buffer. Each write of it is a hand-off to tokio's blocking pool (and
 /// back): at 64 KiB those hand-offs were most of pgcdc's system time on a large transaction

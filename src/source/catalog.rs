@@ -17,8 +17,8 @@ use std::str::FromStr;
 
 use tokio_postgres::Client;
 
+use crate::model::Lsn;
 use crate::source::connect::describe;
-use crate::source::Lsn;
 
 /// A definite problem found before streaming: retrying will not help, the message says what will.
 #[derive(Debug, thiserror::Error)]

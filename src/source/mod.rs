@@ -11,7 +11,6 @@ pub mod connect;
 pub mod copy_binary;
 pub mod copy_text;
 pub mod exclude;
-pub mod lsn;
 pub mod pg_tls;
 pub mod pgoutput;
 pub mod replication;
@@ -20,5 +19,3 @@ pub mod session;
 pub mod slot_lock;
 pub mod snapshot;
 pub mod topic;
-
-pub use lsn::Lsn;

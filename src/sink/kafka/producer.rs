@@ -57,8 +57,8 @@ use super::native::{PolledProducer, Topics};
 use super::{
     client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
 };
+use crate::model::Lsn;
 use crate::sink::{report, Charge, Record, SinkError, SinkItem, SinkReceiver, SinkSummary};
-use crate::source::Lsn;
 
 /// Warn when no delivery report has arrived for this long while records are in flight.
 pub const STALL_WARNING_AFTER: Duration = Duration::from_secs(10);
@@ -635,13 +635,13 @@ impl Loop {
                 now + STALL_CHECK_EVERY,
             ))),
             topics: Topics::default(),
-            now_ms: crate::event::now_ms(),
+            now_ms: crate::model::now_ms(),
             stamped: 0,
         }
     }
 
     fn read_clock(&mut self) {
-        self.now_ms = crate::event::now_ms();
+        self.now_ms = crate::model::now_ms();
         self.stamped = 0;
     }
 

@@ -83,6 +83,7 @@ use crate::event::{
     Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
 };
 use crate::metrics::TableMetrics;
+use crate::model::Lsn;
 use crate::sink::channel::RECORD_OVERHEAD;
 use crate::sink::{Budget, Charge, Record, SinkItem, SinkSender};
 use crate::source::catalog::{
@@ -92,7 +93,6 @@ use crate::source::connect::{describe, ConnectError};
 use crate::source::copy_binary::{self, Conv, CopyBinaryError, Text};
 use crate::source::copy_text::{self, CopyTextError};
 use crate::source::topic::topic_name;
-use crate::source::Lsn;
 
 /// Why the snapshot failed.
 #[derive(Debug, thiserror::Error)]
@@ -197,7 +197,7 @@ impl Markers {
         position: Position,
         rows: u64,
     ) -> Vec<Record> {
-        let now = crate::event::now_ms();
+        let now = crate::model::now_ms();
         let marker = |partition: Option<i32>, partitions: i32| Record {
             topic: table.topic.clone(),
             key: None,
@@ -526,7 +526,7 @@ pub async fn run(
     import(client, snapshot_name).await?;
     lock_tables(client, tables, options.conninfo, stop).await?;
     check_columns(client, tables, options.publication).await?;
-    let started_ms = crate::event::now_ms();
+    let started_ms = crate::model::now_ms();
     let position = read_position(consistent_point, started_ms);
     if options.workers > 1 {
         let stats = parallel::run(

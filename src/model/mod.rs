@@ -1,0 +1,14 @@
+//! The shared model: what the layers above pass to each other and all agree on.
+//!
+//! Nothing here knows PostgreSQL's wire, Kafka's client or the command line: a WAL position
+//! ([`Lsn`]), what happened to a row ([`Op`]), the clock every event is stamped with
+//! ([`now_ms`]). Being the bottom layer (see the module map in `src/lib.rs`), it imports
+//! nothing from the crate; every other module may use it.
+
+pub mod lsn;
+mod op;
+mod time;
+
+pub use lsn::Lsn;
+pub use op::Op;
+pub use time::now_ms;

@@ -17,8 +17,9 @@ use tokio_postgres::error::SqlState;
 use super::ProgressLocation;
 use crate::cli::DropArgs;
 use crate::model::Lsn;
+use crate::model::{Record, SinkItem};
 use crate::run::ops_api::{Classify, Failure, FailureKind};
-use crate::sink::{self, kafka, Record, SinkItem};
+use crate::sink::{self, kafka};
 use crate::source::catalog::quote_ident;
 use crate::source::slot_lock;
 
@@ -187,7 +188,7 @@ async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
                 .await
                 .or_fail(FailureKind::Sink)?;
             let producer = kafka::KafkaSink::new(cfg.clone()).or_fail(FailureKind::Sink)?;
-            let (tx, rx) = sink::channel(4, sink::channel::CHANNEL_BYTES);
+            let (tx, rx) = crate::model::channel(4, crate::model::channel::CHANNEL_BYTES);
             let (acked, _) = watch::channel(Lsn::INVALID);
             let task = tokio::spawn(sink::run(sink::Sink::Kafka(producer), rx, acked));
             let (done_tx, done_rx) = oneshot::channel();

@@ -35,8 +35,9 @@ use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::model::Lsn;
+use crate::model::SinkSender;
 use crate::signals;
-use crate::sink::{self, kafka, SinkSender};
+use crate::sink::{self, kafka};
 use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
@@ -272,7 +273,10 @@ async fn run_once(
         tables,
     } = events;
     // Bounded in items and in bytes: what waits here while the sink waits for Kafka.
-    let (tx, rx) = sink::channel(sink::channel::CHANNEL_ITEMS, sink::channel::CHANNEL_BYTES);
+    let (tx, rx) = crate::model::channel(
+        crate::model::channel::CHANNEL_ITEMS,
+        crate::model::channel::CHANNEL_BYTES,
+    );
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));

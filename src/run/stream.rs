@@ -5,7 +5,7 @@
 //! `wal_sender_timeout` never cuts a slow but healthy stream — (4) handing queued items to the
 //! sink, and only when nothing is queued, (5) the receive timeout and (6) reading more WAL. At
 //! most one message's items are queued here; everything else waits in the channel (bounded in
-//! items and bytes, see [`crate::sink::channel`]) or in PostgreSQL.
+//! items and bytes, see [`crate::model::channel`]) or in PostgreSQL.
 //!
 //! The receive timeout exists because a connection can die silently: a partition or a
 //! middlebox that forgets the connection delivers neither data nor a reset, and TCP would only
@@ -27,7 +27,7 @@ use crate::cli::RunArgs;
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::model::Lsn;
-use crate::sink::{SinkItem, SinkSender};
+use crate::model::{SinkItem, SinkSender};
 use crate::source::catalog::{quote_ident, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
 use crate::source::pgoutput::{Decoder, LogicalMessage};

@@ -1,7 +1,7 @@
 //! Sinks: where encoded events go (Kafka, stdout), and how their acknowledgements flow back.
 //!
 //! The pipeline hands the sink an ordered stream of [`SinkItem`]s through a channel bounded in
-//! items and in bytes ([`channel`]).
+//! items and in bytes ([`crate::model::channel`]).
 //! Records are published in that order; a [`SinkItem::Checkpoint`] is reported on the `acked`
 //! watch only once **every record sent before it** has been acknowledged (Kafka: delivery
 //! report with `acks=all`; stdout: written and flushed). The replication side confirms to
@@ -14,56 +14,19 @@
 //! error ends the run at once: whatever was not acknowledged is simply not confirmed, and the
 //! next start replays it from PostgreSQL (at-least-once, never at-most-once).
 
-use std::sync::Arc;
-
-use bytes::Bytes;
 use rdkafka::error::KafkaError;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::model::Lsn;
 
-pub mod channel;
 pub mod kafka;
 pub mod stdout;
 
-pub use channel::{channel, Budget, Charge, SinkReceiver, SinkSender};
+// The sink's input, defined in the model (the source fills the channel, the sink drains it).
+pub use crate::model::{channel, Budget, Charge, SinkReceiver, SinkSender};
+pub use crate::model::{Record, SinkItem};
 pub use kafka::KafkaSink;
 pub use stdout::StdoutSink;
-
-/// One message for a topic. `value: None` is a tombstone.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub topic: Arc<str>,
-    /// JSON bytes of the key object, or `None` for tables without a key.
-    pub key: Option<Bytes>,
-    /// JSON bytes of the event, or `None` for a tombstone.
-    pub value: Option<Bytes>,
-    /// The partition to write to; `None`: the partitioner's choice by key (every event but
-    /// the snapshot markers, which go to each partition of their topic). The stdout sink has
-    /// no partitions and ignores it.
-    pub partition: Option<i32>,
-}
-
-impl Record {
-    /// Bytes of payload this record carries (key plus value), as counted in [`SinkSummary`].
-    pub fn payload_len(&self) -> usize {
-        self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len)
-    }
-}
-
-/// What flows from the pipeline to a sink, in order.
-#[derive(Debug)]
-pub enum SinkItem {
-    Record(Record),
-    /// Several records in a row, handed over at once: one channel operation for the lot
-    /// (the snapshot sends its rows this way). The same as each of them sent as a `Record`.
-    Records(Vec<Record>),
-    /// Report `Lsn` on the `acked` watch once every earlier record is acknowledged.
-    /// Also the end of a transaction: the stdout sink flushes here.
-    Checkpoint(Lsn),
-    /// Resolved once every earlier record is acknowledged (used to wait for the snapshot).
-    Barrier(oneshot::Sender<()>),
-}
 
 /// The destination of a run.
 pub enum Sink {

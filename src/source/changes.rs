@@ -36,7 +36,7 @@ use crate::event::{
     TableSchema, TxnOrder, TypeRegistry,
 };
 use crate::model::Lsn;
-use crate::sink::{Record, SinkItem};
+use crate::model::{Record, SinkItem};
 use crate::source::catalog::{TableInfo, TableName};
 use crate::source::exclude::{ExcludeError, Exclusions};
 use crate::source::pgoutput::{

@@ -29,7 +29,7 @@
 //!   most `queue.buffering.max.kbytes` of them (16 MiB; enough for one record of
 //!   `message.max.bytes`). At either limit (`QueueFull`) the sink waits for acknowledgements
 //!   before taking more: backpressure, never a dropped record. Records wait for the sink in a
-//!   channel bounded in bytes ([`crate::sink::channel`]); the sink gives their bytes back once
+//!   channel bounded in bytes ([`crate::model::channel`]); the sink gives their bytes back once
 //!   librdkafka has them. Both bounds make up the memory bound of the README's Guarantees.
 //!
 //! Every `-X key=value` property given by the user overrides these defaults; an invalid one
@@ -189,7 +189,7 @@ pub(crate) fn client_config(cfg: &KafkaConfig, role: Role) -> ClientConfig {
             // The queue must hold the largest record librdkafka accepts, or one that size
             // would wait forever for room (QueueFull with nothing in flight). One, not two:
             // a record that large then passes alone, as it does through the sink's channel
-            // (see crate::sink::channel), and memory stays within the documented bound plus
+            // (see crate::model::channel), and memory stays within the documented bound plus
             // that one record.
             let user_set = |key: &str| cfg.properties.iter().any(|(k, _)| k == key);
             let max_bytes = c

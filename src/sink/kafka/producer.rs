@@ -29,7 +29,7 @@
 //! the batch is sent. When librdkafka's own queue is full
 //! (`QueueFull`), the record is kept and the loop waits for the watermark to move before
 //! retrying it — never a drop. An item's bytes stay charged to the channel's budget
-//! ([`crate::sink::channel`]) until all its records are with librdkafka, so the pipeline reads
+//! ([`crate::model::channel`]) until all its records are with librdkafka, so the pipeline reads
 //! no more meanwhile. When the channel is closed, the loop waits until every record is
 //! acknowledged and returns.
 //!
@@ -58,7 +58,8 @@ use super::{
     client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
 };
 use crate::model::Lsn;
-use crate::sink::{report, Charge, Record, SinkError, SinkItem, SinkReceiver, SinkSummary};
+use crate::model::{Charge, Record, SinkItem, SinkReceiver};
+use crate::sink::{report, SinkError, SinkSummary};
 
 /// Warn when no delivery report has arrived for this long while records are in flight.
 pub const STALL_WARNING_AFTER: Duration = Duration::from_secs(10);

@@ -83,9 +83,9 @@ use crate::event::{
     Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
 };
 use crate::metrics::TableMetrics;
+use crate::model::channel::RECORD_OVERHEAD;
 use crate::model::Lsn;
-use crate::sink::channel::RECORD_OVERHEAD;
-use crate::sink::{Budget, Charge, Record, SinkItem, SinkSender};
+use crate::model::{Budget, Charge, Record, SinkItem, SinkSender};
 use crate::source::catalog::{
     self, quote_ident, quote_literal, Attribute, CopyFormat, PublicationSeen, TableInfo,
 };

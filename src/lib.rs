@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod indexer;
+pub mod kafka;
 pub mod model;
 pub mod run;
 pub mod signals;

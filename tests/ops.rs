@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::TestDb;
-use pgcdc::sink::kafka::{read_last_value, read_topic, KafkaConfig, ReadStop};
+use pgcdc::kafka::{read_last_value, read_topic, KafkaConfig, ReadStop};
 use pgcdc::sink::{self, Record, SinkItem};
 use serde_json::{json, Value};
 

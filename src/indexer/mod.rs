@@ -96,7 +96,7 @@ pub enum IndexerError {
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error(transparent)]
-    Kafka(#[from] crate::sink::SinkError),
+    Kafka(#[from] crate::kafka::SinkError),
     #[error("the Kafka reader thread ended unexpectedly")]
     ReaderGone,
 }

@@ -16,10 +16,11 @@ use tokio_postgres::error::SqlState;
 
 use super::ProgressLocation;
 use crate::cli::DropArgs;
+use crate::kafka;
 use crate::model::Lsn;
 use crate::model::{Record, SinkItem};
 use crate::run::ops_api::{Classify, Failure, FailureKind};
-use crate::sink::{self, kafka};
+use crate::sink;
 use crate::source::catalog::quote_ident;
 use crate::source::slot_lock;
 
@@ -187,7 +188,7 @@ async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
             kafka::wait_for_cluster(cfg, Some(std::time::Duration::from_secs(30)))
                 .await
                 .or_fail(FailureKind::Sink)?;
-            let producer = kafka::KafkaSink::new(cfg.clone()).or_fail(FailureKind::Sink)?;
+            let producer = sink::KafkaSink::new(cfg.clone()).or_fail(FailureKind::Sink)?;
             let (tx, rx) = crate::model::channel(4, crate::model::channel::CHANNEL_BYTES);
             let (acked, _) = watch::channel(Lsn::INVALID);
             let task = tokio::spawn(sink::run(sink::Sink::Kafka(producer), rx, acked));

@@ -19,9 +19,9 @@ use anyhow::{anyhow, Context};
 use crate::checkpoint::{self, FileStore, Progress};
 use crate::cli::ConnArgs;
 use crate::config::conninfo::ConnInfo;
+use crate::kafka::{self, KafkaConfig};
 use crate::model::Lsn;
 use crate::run::ops_api::{Classify, Failure, FailureKind};
-use crate::sink::kafka::{self, KafkaConfig};
 use crate::source::connect;
 
 /// Exit code: `verify` found differences.

@@ -10,7 +10,7 @@ use super::progress::ProgressStore;
 use crate::cli::RunArgs;
 use crate::config::conninfo::ConnInfo;
 use crate::event::{Encoder, EventOptions, TypeRegistry};
-use crate::sink::kafka::TopicSpec;
+use crate::kafka::TopicSpec;
 use crate::source::catalog::TableInfo;
 use crate::source::changes::ChangeOptions;
 use crate::source::exclude::Exclusions;

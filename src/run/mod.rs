@@ -34,10 +34,11 @@ use crate::checkpoint::{FileStore, Progress, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
 use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
+use crate::kafka;
 use crate::model::Lsn;
 use crate::model::SinkSender;
 use crate::signals;
-use crate::sink::{self, kafka};
+use crate::sink;
 use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
@@ -244,7 +245,7 @@ async fn run_once(
                 }
             };
             markers = snapshot::Markers::PerPartition(std::sync::Arc::new(partitions));
-            let sink = sink::Sink::Kafka(kafka::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
+            let sink = sink::Sink::Kafka(sink::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
             let store = ProgressStore::Kafka {
                 cfg,
                 topic: progress_topic,

@@ -4,8 +4,8 @@ use tokio::sync::oneshot;
 
 use super::failure::{sink_gone, Classify, Failure, FailureKind::Sink as SinkFail};
 use crate::checkpoint::{self, FileStore, Progress};
+use crate::kafka;
 use crate::model::{Record, SinkItem, SinkSender};
-use crate::sink::kafka;
 
 /// Where the snapshot state is kept.
 pub(super) enum ProgressStore {

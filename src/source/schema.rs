@@ -19,7 +19,7 @@ use tokio_postgres::Client;
 
 use crate::config::conninfo::ConnInfo;
 use crate::event::{TypeDesc, TypeRegistry};
-use crate::sink::kafka::{self, KafkaConfig, TopicSpec};
+use crate::kafka::{self, KafkaConfig, TopicSpec};
 use crate::sink::SinkError;
 use crate::source::catalog::{self, PreflightError};
 use crate::source::connect::{self, describe, ConnectError};

@@ -54,7 +54,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::native::{PolledProducer, Topics};
-use super::{
+use crate::kafka::{
     client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
 };
 use crate::model::Lsn;
@@ -84,7 +84,7 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// Creates the producer. Fails with [`SinkError::Config`] naming an invalid property.
-    /// Connecting happens in the background; see [`super::wait_for_cluster`] to wait for it.
+    /// Connecting happens in the background; see [`crate::kafka::wait_for_cluster`] to wait for it.
     pub fn new(cfg: KafkaConfig) -> Result<Self, SinkError> {
         super::native::keep_c_heap();
         let acks = Arc::new(Acks::new(cfg.max_in_flight.max(1), cfg.oversized));

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgcdc::config::conninfo::ConnInfo;
 use pgcdc::model::Lsn;
+use pgcdc::source::conninfo::ConnInfo;
 use pgcdc::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream, SnapshotAction,
     TlsError,

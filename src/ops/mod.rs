@@ -18,11 +18,11 @@ use anyhow::{anyhow, Context};
 
 use crate::checkpoint::{self, FileStore, Progress};
 use crate::cli::ConnArgs;
-use crate::config::conninfo::ConnInfo;
 use crate::kafka::{self, KafkaConfig};
 use crate::model::Lsn;
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::source::connect;
+use crate::source::conninfo::ConnInfo;
 
 /// Exit code: `verify` found differences.
 pub const EXIT_DIFFERENT: u8 = 1;

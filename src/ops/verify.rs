@@ -68,13 +68,13 @@ use serde_json::value::RawValue;
 
 use super::{parse_lsn, EXIT_DIFFERENT};
 use crate::cli::VerifyArgs;
-use crate::config::conninfo::ConnInfo;
 use crate::event::order::Version;
 use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
 use crate::kafka::{self, ConsumedRecord, KafkaConfig, ReadStop, TopicReader};
 use crate::model::Lsn;
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::source::catalog::{self, quote_ident, quote_literal};
+use crate::source::conninfo::ConnInfo;
 use crate::source::replication::{ReplicationClient, SnapshotAction};
 use crate::source::topic::topic_name;
 use crate::source::{copy_text, snapshot};

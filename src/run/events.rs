@@ -8,11 +8,11 @@ use tokio_postgres::Client;
 use super::failure::{Classify, Failure, FailureKind};
 use super::progress::ProgressStore;
 use crate::cli::RunArgs;
-use crate::config::conninfo::ConnInfo;
 use crate::event::{Encoder, EventOptions, TypeRegistry};
 use crate::kafka::TopicSpec;
 use crate::source::catalog::TableInfo;
 use crate::source::changes::ChangeOptions;
+use crate::source::conninfo::ConnInfo;
 use crate::source::exclude::Exclusions;
 use crate::source::schema::{self, Lookup, Topics};
 

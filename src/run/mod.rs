@@ -32,7 +32,6 @@ use tokio::sync::watch;
 
 use crate::checkpoint::{FileStore, Progress, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
-use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::kafka;
 use crate::model::Lsn;
@@ -42,6 +41,7 @@ use crate::sink;
 use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
+use crate::source::conninfo::ConnInfo;
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
 use crate::source::slot_lock::SlotLock;
 use crate::source::topic::{self, topic_name};

@@ -24,12 +24,12 @@ use super::failure::{sink_gone, Classify, Failure, FailureKind::Source as Source
 use super::progress::barrier;
 use super::EndedStream;
 use crate::cli::RunArgs;
-use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
 use crate::model::Lsn;
 use crate::model::{SinkItem, SinkSender};
 use crate::source::catalog::{quote_ident, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
+use crate::source::conninfo::ConnInfo;
 use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,

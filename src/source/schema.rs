@@ -17,12 +17,12 @@
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use crate::config::conninfo::ConnInfo;
 use crate::event::{TypeDesc, TypeRegistry};
 use crate::kafka::{self, KafkaConfig, TopicSpec};
 use crate::sink::SinkError;
 use crate::source::catalog::{self, PreflightError};
 use crate::source::connect::{self, describe, ConnectError};
+use crate::source::conninfo::ConnInfo;
 
 /// A catalog lookup or topic creation failed while streaming.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pgcdc::config::conninfo::ConnInfo;
+use pgcdc::source::conninfo::ConnInfo;
 
 /// A user and password from the environment.
 #[derive(Debug, Clone)]

@@ -52,8 +52,8 @@ pub use error::{sqlstate, ReplicationError, ServerError};
 pub use tls::TlsError;
 pub use wire::{ReplicationMessage, StandbyStatus};
 
-use crate::config::conninfo::ConnInfo;
 use crate::model::Lsn;
+use crate::source::conninfo::ConnInfo;
 use codec::BackendMessage;
 use conn::Connection;
 use error::ServerError as ServerErr;

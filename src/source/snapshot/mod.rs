@@ -78,7 +78,6 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::conninfo::ConnInfo;
 use crate::event::{
     Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
 };
@@ -90,6 +89,7 @@ use crate::source::catalog::{
     self, quote_ident, quote_literal, Attribute, CopyFormat, PublicationSeen, TableInfo,
 };
 use crate::source::connect::{describe, ConnectError};
+use crate::source::conninfo::ConnInfo;
 use crate::source::copy_binary::{self, Conv, CopyBinaryError, Text};
 use crate::source::copy_text::{self, CopyTextError};
 use crate::source::topic::topic_name;

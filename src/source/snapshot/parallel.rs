@@ -44,10 +44,10 @@ use super::{
     import, send, table_schema, Out, Reader, SnapshotCopy, SnapshotError, SnapshotOptions,
 };
 use super::{SnapshotStats, TableInfo};
-use crate::config::conninfo::ConnInfo;
 use crate::event::{Encoder, Position, TableSchema};
 use crate::model::{Budget, Charge, Record, SinkSender};
 use crate::source::connect;
+use crate::source::conninfo::ConnInfo;
 
 /// The smallest page range worth a query of its own: 8 MB at the default page size.
 const MIN_RANGE_PAGES: u64 = 1024;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::event::{BinaryMode, DecimalMode, Format};
+pub use crate::logging::LogFormat;
 use crate::model::Lsn;
 use crate::source::catalog::{ColumnRef, TableName};
 
@@ -456,15 +457,6 @@ Examples:
 
 Without --yes, prints what would be removed and exits 2. Refuses while the slot is in use.
 Topics and their events are left alone. Exit codes: 0 removed, 2 usage, 3 PostgreSQL, 4 sink.";
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Human,
-    /// One JSON object per line, for log collectors.
-    Json,
-}
 
 /// Flags every command takes.
 #[derive(Debug, Clone, Args)]

@@ -19,8 +19,8 @@ use anyhow::{anyhow, Context};
 use crate::checkpoint::{self, FileStore, Progress};
 use crate::cli::ConnArgs;
 use crate::kafka::{self, KafkaConfig};
+use crate::model::failure::{Classify, Failure, FailureKind};
 use crate::model::Lsn;
-use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::source::connect;
 use crate::source::conninfo::ConnInfo;
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::{human_bytes, parse_lsn, ProgressLocation, EXIT_UNHEALTHY};
 use crate::checkpoint::{Progress, SnapshotState};
 use crate::cli::StatusArgs;
-use crate::run::ops_api::{Classify, Failure, FailureKind};
+use crate::model::failure::{Classify, Failure, FailureKind};
 
 /// Everything `status` reports; also its `--json` form.
 #[derive(Debug, Serialize)]

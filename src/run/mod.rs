@@ -15,7 +15,8 @@
 //!
 //! Modules: `start` decides what a run does first (resume, snapshot some or all tables, or
 //! refuse) from what it finds, `stream` holds the streaming loop and its priorities,
-//! `progress` the durable snapshot state, `failure` the exit codes, `events` what shapes the
+//! `progress` the durable snapshot state, `failure` how errors become failures and exit codes
+//! (the taxonomy is [`crate::model::failure`]), `events` what shapes the
 //! events.
 
 mod events;
@@ -47,11 +48,11 @@ use crate::source::slot_lock::SlotLock;
 use crate::source::topic::{self, topic_name};
 use crate::source::{connect, session, snapshot};
 
+pub use crate::model::{Failure, FailureKind};
 use failure::{
     Classify,
     FailureKind::{Sink as SinkFail, Source as SourceFail, Usage},
 };
-pub use failure::{Failure, FailureKind};
 use progress::{barrier, ProgressStore};
 use start::Plan;
 use stream::{catch_up, start_stream, stream_changes, Bounds, Timers, Until};
@@ -1008,9 +1009,4 @@ async fn advance_slot(client: &tokio_postgres::Client, slot: &str, to: Lsn) -> R
             }
         }
     }
-}
-
-/// What the operations commands (`crate::ops`) share with `run`: failures and exit codes.
-pub(crate) mod ops_api {
-    pub(crate) use super::failure::{Classify, Failure, FailureKind};
 }

@@ -14,7 +14,7 @@ use anyhow::anyhow;
 use tokio::sync::{oneshot, watch};
 use tokio_postgres::error::SqlState;
 
-use super::ProgressLocation;
+use crate::checkpoint::ProgressStore;
 use crate::cli::DropArgs;
 use crate::kafka;
 use crate::model::failure::{Classify, Failure, FailureKind};
@@ -74,7 +74,7 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
         .await
         .or_fail(FailureKind::Source)?
         .is_some();
-    let location = ProgressLocation::new(&args.conn, &database);
+    let location = super::progress_store(&args.conn, &database);
 
     let mut plan = Vec::new();
     if row.is_some() {
@@ -171,9 +171,9 @@ fn in_use(slot: &str, pid: Option<i32>) -> Failure {
 
 /// Deletes the progress file, or writes a tombstone for the record's key (compaction then
 /// forgets it; readers treat a tombstone as "no record" at once).
-async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
+async fn remove_progress(location: &ProgressStore) -> Result<(), Failure> {
     match location {
-        ProgressLocation::File(f) => match std::fs::remove_file(&f.path) {
+        ProgressStore::File(f) => match std::fs::remove_file(&f.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Failure::new(
@@ -181,7 +181,7 @@ async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
                 anyhow!("cannot remove progress file {}: {e}", f.path.display()),
             )),
         },
-        ProgressLocation::Kafka { cfg, topic, key } => {
+        ProgressStore::Kafka { cfg, topic, key } => {
             if location.load().await?.is_none() {
                 return Ok(());
             }

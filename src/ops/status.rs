@@ -10,7 +10,7 @@
 use anyhow::anyhow;
 use serde::Serialize;
 
-use super::{human_bytes, parse_lsn, ProgressLocation, EXIT_UNHEALTHY};
+use super::{human_bytes, parse_lsn, EXIT_UNHEALTHY};
 use crate::checkpoint::{Progress, SnapshotState};
 use crate::cli::StatusArgs;
 use crate::model::failure::{Classify, Failure, FailureKind};
@@ -169,7 +169,7 @@ pub async fn inspect(
     }
 
     let database = s.database.clone().unwrap_or(current_db);
-    let location = ProgressLocation::new(&args.conn, &database);
+    let location = super::progress_store(&args.conn, &database);
     s.progress_location = location.describe();
     let progress = location.load().await?;
     s.progress = progress.as_ref().map(ProgressView::from);

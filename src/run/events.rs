@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use super::failure::{Classify, Failure, FailureKind};
-use super::progress::ProgressStore;
+use crate::checkpoint::ProgressStore;
 use crate::cli::RunArgs;
 use crate::event::{Encoder, EventOptions, TypeRegistry};
 use crate::kafka::TopicSpec;

@@ -15,14 +15,13 @@
 //!
 //! Modules: `start` decides what a run does first (resume, snapshot some or all tables, or
 //! refuse) from what it finds, `stream` holds the streaming loop and its priorities,
-//! `progress` the durable snapshot state, `failure` how errors become failures and exit codes
+//! `failure` how errors become failures and exit codes
 //! (the taxonomy is [`crate::model::failure`]), `events` what shapes the
 //! events.
 
 mod events;
 mod failure;
 mod observe;
-mod progress;
 mod start;
 mod stream;
 
@@ -31,7 +30,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
-use crate::checkpoint::{FileStore, Progress, SnapshotState};
+use crate::checkpoint::{barrier, FileStore, Progress, ProgressStore, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
 use crate::event::Encoder;
 use crate::kafka;
@@ -53,7 +52,6 @@ use failure::{
     Classify,
     FailureKind::{Sink as SinkFail, Source as SourceFail, Usage},
 };
-use progress::{barrier, ProgressStore};
 use start::Plan;
 use stream::{catch_up, start_stream, stream_changes, Bounds, Timers, Until};
 
@@ -221,7 +219,7 @@ async fn run_once(
     let mut markers = snapshot::Markers::One;
     let (sink, store) = match kafka_cfg {
         Some(cfg) => {
-            let progress_topic = format!("{}._progress", args.topic_prefix);
+            let progress_topic = ProgressStore::topic(&args.topic_prefix);
             let mut specs: Vec<kafka::TopicSpec> = tables
                 .iter()
                 .map(|t| kafka::TopicSpec {

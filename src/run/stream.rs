@@ -21,8 +21,8 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use super::failure::{sink_gone, Classify, Failure, FailureKind::Source as SourceFail};
-use super::progress::barrier;
 use super::EndedStream;
+use crate::checkpoint::barrier;
 use crate::cli::RunArgs;
 use crate::event::Encoder;
 use crate::model::Lsn;

@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Lsn;
 
+mod store;
+
+pub use store::{barrier, ProgressStore};
+
 /// What is durably known about one slot's run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {

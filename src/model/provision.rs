@@ -1,0 +1,55 @@
+//! The capability to create topics, handed to the source.
+//!
+//! When a table joins the publication while pgcdc streams, its topic must exist before its
+//! first event is published. The source learns of the table (a Relation message) but knows
+//! nothing of Kafka: it receives a [`TopicProvisioner`] from `run`, which implements it with
+//! the Kafka admin client (and hands none to a stdout run, which has no topics to create).
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future, so that [`TopicProvisioner`] is object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Creates topics that do not exist yet.
+pub trait TopicProvisioner: Send + Sync {
+    /// Creates `topic` unless it exists.
+    fn ensure<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), ProvisionError>>;
+}
+
+/// A topic could not be created. Shows its cause's message as its own (the cause names the
+/// fix), and says whether trying again may help.
+#[derive(Debug)]
+pub struct ProvisionError {
+    error: Box<dyn Error + Send + Sync + 'static>,
+    transient: bool,
+}
+
+impl ProvisionError {
+    pub fn new(error: impl Into<Box<dyn Error + Send + Sync + 'static>>, transient: bool) -> Self {
+        ProvisionError {
+            error: error.into(),
+            transient,
+        }
+    }
+
+    /// Trying again (reconnecting, restarting the pipeline) may help: not a configuration,
+    /// permission or policy problem.
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+impl fmt::Display for ProvisionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl Error for ProvisionError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.error.source()
+    }
+}

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use pgcdc::event::json::{oid, write_datum};
 use pgcdc::event::{Change, Column, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
+use pgcdc::model::Lsn;
 use pgcdc::source::copy_text;
-use pgcdc::source::Lsn;
 
 /// splitmix64: deterministic pseudo-random numbers.
 struct Rng(u64);

@@ -8,10 +8,18 @@
 use std::io::{IsTerminal, Write};
 use std::sync::{Mutex, OnceLock};
 
+use clap::ValueEnum;
 use indicatif::MultiProgress;
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::cli::LogFormat;
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
 
 fn bars() -> &'static Mutex<Option<MultiProgress>> {
     static BARS: OnceLock<Mutex<Option<MultiProgress>>> = OnceLock::new();

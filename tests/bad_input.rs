@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::pipeline::is_marker_record;
 use common::TestDb;
-use pgcdc::sink::kafka::{KafkaConfig, ReadStop, TopicReader};
+use pgcdc::kafka::{KafkaConfig, ReadStop, TopicReader};
 
 fn kafka() -> String {
     std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::pipeline::{
     assert_fails, assert_success, is_marker_record, without_markers, Event, Pipeline,
 };
-use pgcdc::sink::kafka::ConsumedRecord;
+use pgcdc::kafka::ConsumedRecord;
 use serde_json::{json, Value};
 
 /// One column of the type matrix: name, SQL type, the SQL values of rows 1 and 3, and the

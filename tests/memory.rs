@@ -24,7 +24,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pgcdc::sink::kafka::{KafkaConfig, ReadStop, TopicReader};
+use pgcdc::kafka::{KafkaConfig, ReadStop, TopicReader};
 use servers::PrivateBroker;
 
 /// The documented bound on pgcdc's peak memory (README, Guarantees), in MB...

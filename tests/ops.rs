@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::TestDb;
-use pgcdc::sink::kafka::{read_last_value, read_topic, KafkaConfig, ReadStop};
+use pgcdc::kafka::{read_last_value, read_topic, KafkaConfig, ReadStop};
 use pgcdc::sink::{self, Record, SinkItem};
 use serde_json::{json, Value};
 
@@ -244,7 +244,7 @@ async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
 async fn produce(topic: &str, events: &[(Value, Value)]) {
     let producer = sink::KafkaSink::new(KafkaConfig::new(kafka())).expect("producer");
     let (tx, rx) = sink::channel(16, sink::channel::CHANNEL_BYTES);
-    let (acked, _) = tokio::sync::watch::channel(pgcdc::source::Lsn::INVALID);
+    let (acked, _) = tokio::sync::watch::channel(pgcdc::model::Lsn::INVALID);
     let task = tokio::spawn(sink::run(sink::Sink::Kafka(producer), rx, acked));
     for (key, value) in events {
         let record = Record {

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
+use pgcdc::model::Lsn;
 use pgcdc::source::pgoutput::{
     decode, pg_timestamp_to_unix_millis, ColumnValue, DecodeError, Decoder, LogicalMessage,
     OldTuple, Relation, ReplicaIdentity, TupleData,
 };
-use pgcdc::source::Lsn;
 use proptest::prelude::*;
 
 const TEXT: &str = include_str!("fixtures/pgoutput/text.txt");

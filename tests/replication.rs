@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgcdc::config::conninfo::ConnInfo;
-use pgcdc::run::failure::{Recoverable, Recovery};
+use pgcdc::model::failure::{Recoverable, Recovery};
+use pgcdc::model::Lsn;
+use pgcdc::source::conninfo::ConnInfo;
 use pgcdc::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream, SnapshotAction,
     TlsError,
 };
-use pgcdc::source::Lsn;
 
 use common::TestDb;
 

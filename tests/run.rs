@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::pipeline::{assert_fails, assert_success, kafka, Event, Pipeline};
 use pgcdc::event::order::Version;
-use pgcdc::sink::kafka::{KafkaConfig, ReadStop};
+use pgcdc::kafka::{KafkaConfig, ReadStop};
 use serde_json::{json, Value};
 
 /// Compares replayed topic state with the table, reporting a few differences, not dumps.
@@ -690,7 +690,7 @@ async fn without_table_flags_every_table_of_the_publication_is_captured() {
     let cfg = KafkaConfig::new(kafka());
     let topic_c = p.topic("c");
     let c_exists = tokio::task::spawn_blocking(move || {
-        pgcdc::sink::kafka::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
+        pgcdc::kafka::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
             .map(|r| r.is_some())
     })
     .await

@@ -887,10 +887,10 @@ async fn stop_lsn_now_is_the_process_start_also_after_a_restart() {
     let records = tokio::task::spawn_blocking({
         let topic = p.topic("t");
         move || {
-            pgcdc::sink::kafka::read_topic(
-                &pgcdc::sink::kafka::KafkaConfig::new(bootstrap),
+            pgcdc::kafka::read_topic(
+                &pgcdc::kafka::KafkaConfig::new(bootstrap),
                 &topic,
-                pgcdc::sink::kafka::ReadStop::Quiet {
+                pgcdc::kafka::ReadStop::Quiet {
                     expected: None,
                     quiet: Duration::from_secs(3),
                     max_wait: Duration::from_secs(60),

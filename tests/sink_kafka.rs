@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pgcdc::run::failure::{Recoverable, Recovery};
-use pgcdc::sink::kafka::{
+use pgcdc::kafka::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
+use pgcdc::model::failure::{Recoverable, Recovery};
+use pgcdc::model::Lsn;
 use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
-use pgcdc::source::Lsn;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
@@ -954,7 +954,7 @@ async fn ensure_topics_creates_missing_topics_and_is_idempotent() {
         let cfg2 = cfg.clone();
         let name = spec.name.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            pgcdc::sink::kafka::TopicReader::open(&cfg2, &name, ReadStop::HighWatermark)
+            pgcdc::kafka::TopicReader::open(&cfg2, &name, ReadStop::HighWatermark)
                 .map(|r| r.partitions().len())
         })
         .await

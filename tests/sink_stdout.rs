@@ -7,8 +7,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use pgcdc::model::Lsn;
 use pgcdc::sink::{self, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink};
-use pgcdc::source::Lsn;
 use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 

@@ -12,7 +12,7 @@ use pgcdc::indexer::http::HttpClient;
 use pgcdc::indexer::meili::MeiliTarget;
 use pgcdc::indexer::target::{StdoutTarget, Target};
 use pgcdc::indexer::{source, Indexer, IndexerError, DEFAULT_MAX_BATCH};
-use pgcdc::sink::kafka::KafkaConfig;
+use pgcdc::kafka::KafkaConfig;
 
 /// Keeps a search index equal to the tables pgcdc captures: reads pgcdc's topics from the
 /// beginning and applies every event idempotently, versioned by its LSN, so replays and

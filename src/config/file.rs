@@ -394,4 +394,31 @@ mod tests {
         let e = parse_cli(["pgcdc", "drop", "--config", p.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("unknown key `yes`"), "{e}");
     }
+
+    #[test]
+    fn a_property_value_is_taken_whole() {
+        let cli = parse_cli([
+            "pgcdc",
+            "run",
+            "-X",
+            "sasl.password=a;b=c",
+            "-X",
+            "client.id=x",
+        ])
+        .unwrap();
+        let Sub::Run(run) = cli.command else {
+            panic!("run expected")
+        };
+        let p = &run.kafka.properties;
+        assert_eq!(
+            (p[0].key.as_str(), p[0].value.as_str()),
+            ("sasl.password", "a;b=c")
+        );
+        assert_eq!(p.len(), 2);
+        let e = parse_cli(["pgcdc", "run", "-X", "secret-4417"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key=value") && !e.contains("secret-4417"), "{e}");
+        assert!(!format!("{:?}", p[0]).contains("a;b"));
+    }
 }

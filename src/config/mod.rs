@@ -1,4 +1,5 @@
-//! Configuration: how to reach PostgreSQL (a libpq-compatible conninfo) and Kafka.
+//! Configuration: the `--config` file, merged under the command line's flags ([`file`]).
+//! How to reach PostgreSQL (a libpq-compatible conninfo) is the source's:
+//! [`crate::source::conninfo`].
 
-pub mod conninfo;
 pub mod file;

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::source::Lsn;
+use crate::model::Lsn;
+pub use crate::model::Op;
 
 pub mod json;
 pub mod kind;
@@ -26,30 +27,6 @@ pub mod order;
 mod time;
 
 pub use kind::{BinaryMode, DecimalMode, Kind, TypeDesc, TypeRegistry};
-
-/// What happened to a row. Serialized as Debezium's one-letter codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// A row read by the snapshot.
-    Read,
-    Create,
-    Update,
-    Delete,
-    /// The table was truncated (no row: `before` and `after` are null).
-    Truncate,
-}
-
-impl Op {
-    pub fn code(self) -> &'static str {
-        match self {
-            Op::Read => "r",
-            Op::Create => "c",
-            Op::Update => "u",
-            Op::Delete => "d",
-            Op::Truncate => "t",
-        }
-    }
-}
 
 /// `--format`: the shape of an event value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -746,14 +723,6 @@ fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     // Writing to a Vec cannot fail.
     let _ = out.write_fmt(args);
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

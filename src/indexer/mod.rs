@@ -96,7 +96,7 @@ pub enum IndexerError {
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error(transparent)]
-    Kafka(#[from] crate::sink::SinkError),
+    Kafka(#[from] crate::kafka::SinkError),
     #[error("the Kafka reader thread ended unexpectedly")]
     ReaderGone,
 }
@@ -314,7 +314,7 @@ impl<T: Target> Indexer<T> {
             }
             tracing::info!(
                 index = %index,
-                snapshot = %crate::source::Lsn(point),
+                snapshot = %crate::model::Lsn(point),
                 "the snapshot is complete in every partition: {} document(s) it no longer \
                  holds deleted",
                 writes.len()

@@ -17,8 +17,8 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::sink::kafka::{client_config, config_error, KafkaConfig, PgcdcContext, Role};
-use crate::sink::SinkError;
+use crate::kafka::SinkError;
+use crate::kafka::{client_config, config_error, KafkaConfig, PgcdcContext, Role};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);

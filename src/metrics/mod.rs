@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use crate::event::Op;
-use crate::source::Lsn;
+use crate::model::Lsn;
+use crate::model::Op;
 
 /// Bound on the commits remembered for the lag in milliseconds.
 const MAX_TRACKED_COMMITS: usize = 65_536;
@@ -284,7 +284,7 @@ impl Metrics {
             self.last_confirmed_move.store(self.now(), Relaxed);
         }
         if let Ok(mut q) = self.unacked.lock() {
-            let now = crate::event::now_ms();
+            let now = crate::model::now_ms();
             while let Some(&(end, commit_ms)) = q.front() {
                 if end > lsn.0 {
                     break;
@@ -310,7 +310,7 @@ impl Metrics {
             .lock()
             .ok()
             .and_then(|q| q.front().map(|e| e.1));
-        oldest.map_or(0, |ts| (crate::event::now_ms() - ts).max(0))
+        oldest.map_or(0, |ts| (crate::model::now_ms() - ts).max(0))
     }
 
     /// `Ok` when healthy, else why not (see the module docs).
@@ -473,7 +473,7 @@ mod tests {
         t.snapshot_rows(1);
         m.server_message(Lsn(1000));
         m.confirmed(Lsn(400));
-        m.commit_received(Lsn(900), crate::event::now_ms() - 4000);
+        m.commit_received(Lsn(900), crate::model::now_ms() - 4000);
         let text = m.render(Duration::from_secs(60));
         assert!(
             text.contains("pgcdc_events_total{table=\"public.items\",op=\"c\"} 2"),

@@ -14,13 +14,15 @@ use anyhow::anyhow;
 use tokio::sync::{oneshot, watch};
 use tokio_postgres::error::SqlState;
 
-use super::ProgressLocation;
+use crate::checkpoint::ProgressStore;
 use crate::cli::DropArgs;
-use crate::run::ops_api::{Classify, Failure, FailureKind};
-use crate::sink::{self, kafka, Record, SinkItem};
+use crate::kafka;
+use crate::model::failure::{Classify, Failure, FailureKind};
+use crate::model::Lsn;
+use crate::model::{Record, SinkItem};
+use crate::sink;
 use crate::source::catalog::quote_ident;
 use crate::source::slot_lock;
-use crate::source::Lsn;
 
 /// Runs `pgcdc drop`; returns the exit code.
 pub async fn run(args: DropArgs) -> Result<u8, Failure> {
@@ -72,7 +74,7 @@ pub async fn run(args: DropArgs) -> Result<u8, Failure> {
         .await
         .or_fail(FailureKind::Source)?
         .is_some();
-    let location = ProgressLocation::new(&args.conn, &database);
+    let location = super::progress_store(&args.conn, &database);
 
     let mut plan = Vec::new();
     if row.is_some() {
@@ -169,9 +171,9 @@ fn in_use(slot: &str, pid: Option<i32>) -> Failure {
 
 /// Deletes the progress file, or writes a tombstone for the record's key (compaction then
 /// forgets it; readers treat a tombstone as "no record" at once).
-async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
+async fn remove_progress(location: &ProgressStore) -> Result<(), Failure> {
     match location {
-        ProgressLocation::File(f) => match std::fs::remove_file(&f.path) {
+        ProgressStore::File(f) => match std::fs::remove_file(&f.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Failure::new(
@@ -179,15 +181,15 @@ async fn remove_progress(location: &ProgressLocation) -> Result<(), Failure> {
                 anyhow!("cannot remove progress file {}: {e}", f.path.display()),
             )),
         },
-        ProgressLocation::Kafka { cfg, topic, key } => {
+        ProgressStore::Kafka { cfg, topic, key } => {
             if location.load().await?.is_none() {
                 return Ok(());
             }
             kafka::wait_for_cluster(cfg, Some(std::time::Duration::from_secs(30)))
                 .await
                 .or_fail(FailureKind::Sink)?;
-            let producer = kafka::KafkaSink::new(cfg.clone()).or_fail(FailureKind::Sink)?;
-            let (tx, rx) = sink::channel(4, sink::channel::CHANNEL_BYTES);
+            let producer = sink::KafkaSink::new(cfg.clone()).or_fail(FailureKind::Sink)?;
+            let (tx, rx) = crate::model::channel(4, crate::model::channel::CHANNEL_BYTES);
             let (acked, _) = watch::channel(Lsn::INVALID);
             let task = tokio::spawn(sink::run(sink::Sink::Kafka(producer), rx, acked));
             let (done_tx, done_rx) = oneshot::channel();

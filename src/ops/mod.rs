@@ -16,12 +16,13 @@ pub mod verify;
 
 use anyhow::{anyhow, Context};
 
-use crate::checkpoint::{self, FileStore, Progress};
+use crate::checkpoint::ProgressStore;
 use crate::cli::ConnArgs;
-use crate::config::conninfo::ConnInfo;
-use crate::run::ops_api::{Classify, Failure, FailureKind};
-use crate::sink::kafka::{self, KafkaConfig};
-use crate::source::{connect, Lsn};
+use crate::kafka::{self, KafkaConfig};
+use crate::model::failure::{Classify, Failure, FailureKind};
+use crate::model::Lsn;
+use crate::source::connect;
+use crate::source::conninfo::ConnInfo;
 
 /// Exit code: `verify` found differences.
 pub const EXIT_DIFFERENT: u8 = 1;
@@ -64,57 +65,14 @@ pub(crate) fn kafka_config(conn: &ConnArgs) -> Option<KafkaConfig> {
 
 /// Where `run` keeps the progress record of `database`/`slot`: the Kafka progress topic
 /// when `--kafka` is given, else the stdout sink's file.
-pub(crate) enum ProgressLocation {
-    Kafka {
-        cfg: KafkaConfig,
-        topic: String,
-        key: String,
-    },
-    File(FileStore),
-}
-
-impl ProgressLocation {
-    pub(crate) fn new(conn: &ConnArgs, database: &str) -> Self {
-        match kafka_config(conn) {
-            Some(cfg) => ProgressLocation::Kafka {
-                cfg,
-                topic: format!("{}._progress", conn.kafka.topic_prefix),
-                key: Progress::key(database, &conn.pg.slot),
-            },
-            None => ProgressLocation::File(FileStore {
-                path: conn
-                    .progress_file
-                    .path
-                    .clone()
-                    .unwrap_or_else(|| FileStore::default_path(database, &conn.pg.slot)),
-            }),
-        }
-    }
-
-    /// Where, for messages.
-    pub(crate) fn describe(&self) -> String {
-        match self {
-            ProgressLocation::Kafka { topic, key, .. } => {
-                format!("key `{key}` of Kafka topic `{topic}`")
-            }
-            ProgressLocation::File(f) => format!("file {}", f.path.display()),
-        }
-    }
-
-    pub(crate) async fn load(&self) -> Result<Option<Progress>, Failure> {
-        match self {
-            ProgressLocation::Kafka { cfg, topic, key } => {
-                let bytes = kafka::read_last_value(cfg, topic, key.as_bytes())
-                    .await
-                    .or_fail(FailureKind::Sink)?;
-                bytes
-                    .map(|b| checkpoint::decode(&format!("{key} in topic {topic}"), &b))
-                    .transpose()
-                    .or_fail(FailureKind::Sink)
-            }
-            ProgressLocation::File(f) => f.load().or_fail(FailureKind::Sink),
-        }
-    }
+pub(crate) fn progress_store(conn: &ConnArgs, database: &str) -> ProgressStore {
+    ProgressStore::new(
+        kafka_config(conn),
+        &conn.kafka.topic_prefix,
+        database,
+        &conn.pg.slot,
+        conn.progress_file.path.clone(),
+    )
 }
 
 /// `SELECT <lsn>::text` → [`Lsn`], with the query named in the error.

@@ -10,10 +10,10 @@
 use anyhow::anyhow;
 use serde::Serialize;
 
-use super::{human_bytes, parse_lsn, ProgressLocation, EXIT_UNHEALTHY};
+use super::{human_bytes, parse_lsn, EXIT_UNHEALTHY};
 use crate::checkpoint::{Progress, SnapshotState};
 use crate::cli::StatusArgs;
-use crate::run::ops_api::{Classify, Failure, FailureKind};
+use crate::model::failure::{Classify, Failure, FailureKind};
 
 /// Everything `status` reports; also its `--json` form.
 #[derive(Debug, Serialize)]
@@ -70,7 +70,7 @@ impl From<&Progress> for ProgressView {
             snapshot,
             tables,
             snapshot_rows: rows,
-            slot_lsn: crate::source::Lsn(p.slot_lsn).to_string(),
+            slot_lsn: crate::model::Lsn(p.slot_lsn).to_string(),
             updated_ms: p.updated_ms,
         }
     }
@@ -169,7 +169,7 @@ pub async fn inspect(
     }
 
     let database = s.database.clone().unwrap_or(current_db);
-    let location = ProgressLocation::new(&args.conn, &database);
+    let location = super::progress_store(&args.conn, &database);
     s.progress_location = location.describe();
     let progress = location.load().await?;
     s.progress = progress.as_ref().map(ProgressView::from);
@@ -301,7 +301,7 @@ pub fn render(s: &SlotStatus) -> String {
                     p.tables.join(", ")
                 }
             );
-            let age = (crate::event::now_ms() - p.updated_ms).max(0) / 1000;
+            let age = (crate::model::now_ms() - p.updated_ms).max(0) / 1000;
             let _ = writeln!(
                 o,
                 "progress written     {age}s ago, slot created at {} ({})",

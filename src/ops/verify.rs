@@ -68,15 +68,16 @@ use serde_json::value::RawValue;
 
 use super::{parse_lsn, EXIT_DIFFERENT};
 use crate::cli::VerifyArgs;
-use crate::config::conninfo::ConnInfo;
 use crate::event::order::Version;
 use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
-use crate::run::ops_api::{Classify, Failure, FailureKind};
-use crate::sink::kafka::{self, ConsumedRecord, KafkaConfig, ReadStop, TopicReader};
+use crate::kafka::{self, ConsumedRecord, KafkaConfig, ReadStop, TopicReader};
+use crate::model::failure::{Classify, Failure, FailureKind};
+use crate::model::Lsn;
 use crate::source::catalog::{self, quote_ident, quote_literal};
+use crate::source::conninfo::ConnInfo;
 use crate::source::replication::{ReplicationClient, SnapshotAction};
 use crate::source::topic::topic_name;
-use crate::source::{copy_text, snapshot, Lsn};
+use crate::source::{copy_text, snapshot};
 
 /// The result of a comparison; also the `--json` output.
 #[derive(Debug, Serialize)]
@@ -240,7 +241,7 @@ pub async fn run(args: VerifyArgs) -> Result<u8, Failure> {
     let slot_name = format!(
         "pgcdc_verify_{}_{}",
         std::process::id(),
-        crate::event::now_ms()
+        crate::model::now_ms()
     );
     let created = repl
         .create_logical_slot(&slot_name, "pgoutput", SnapshotAction::Export, true)

@@ -5,16 +5,17 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
-use super::failure::{Classify, Failure, FailureKind};
-use super::progress::ProgressStore;
+use crate::checkpoint::ProgressStore;
 use crate::cli::RunArgs;
-use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
-use crate::sink::kafka::TopicSpec;
+use crate::kafka::{self, KafkaConfig, TopicSpec};
+use crate::model::failure::{Classify, Failure, FailureKind, Recoverable};
+use crate::model::{BoxFuture, ProvisionError, TopicProvisioner};
 use crate::source::catalog::TableInfo;
 use crate::source::changes::ChangeOptions;
+use crate::source::conninfo::ConnInfo;
 use crate::source::exclude::Exclusions;
-use crate::source::schema::{self, Lookup, Topics};
+use crate::source::schema::{self, Lookup};
 
 /// The encoder, the stream's options, and the tables as the snapshot reads them.
 pub(super) struct Events {
@@ -86,14 +87,39 @@ impl Events {
         conninfo: &ConnInfo,
         store: &ProgressStore,
     ) {
-        let topics = match store {
-            ProgressStore::Kafka { cfg, .. } => Topics::Kafka {
+        let topics: Option<Arc<dyn TopicProvisioner>> = match store {
+            ProgressStore::Kafka { cfg, .. } => Some(Arc::new(KafkaTopics {
                 cfg: cfg.clone(),
                 partitions: args.topic_partitions,
                 replication: args.topic_replication_factor,
-            },
-            ProgressStore::File(_) => Topics::None,
+            })),
+            ProgressStore::File(_) => None,
         };
         self.changes.lookup = Some(Arc::new(Lookup::new(conninfo.clone(), topics)));
+    }
+}
+
+/// Creates the topics of tables that join the publication while streaming, as the topics of
+/// the captured tables are created at start.
+struct KafkaTopics {
+    cfg: KafkaConfig,
+    partitions: i32,
+    replication: i32,
+}
+
+impl TopicProvisioner for KafkaTopics {
+    fn ensure<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), ProvisionError>> {
+        Box::pin(async move {
+            let spec = TopicSpec {
+                name: topic.to_string(),
+                partitions: self.partitions,
+                replication: self.replication,
+                compacted: false,
+            };
+            match kafka::ensure_topics(&self.cfg, &[spec]).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(ProvisionError::new(e.recovery(), e)),
+            }
+        })
     }
 }

@@ -15,13 +15,11 @@
 //!
 //! Modules: `start` decides what a run does first (resume, snapshot some or all tables, or
 //! refuse) from what it finds, `stream` holds the streaming loop and its priorities,
-//! `progress` the durable snapshot state, `failure` the exit codes, `events` what shapes the
-//! events.
+//! `events` what shapes the events. Failures and what recovering from them takes are the
+//! model's ([`crate::model::failure`]); each error type classifies itself.
 
 mod events;
-pub mod failure;
 mod observe;
-mod progress;
 mod start;
 mod stream;
 
@@ -30,27 +28,29 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
-use crate::checkpoint::{FileStore, Progress, SnapshotState};
+use crate::checkpoint::{barrier, FileStore, Progress, ProgressStore, SnapshotState};
 use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
-use crate::config::conninfo::ConnInfo;
 use crate::event::Encoder;
+use crate::kafka;
+use crate::model::Lsn;
+use crate::model::SinkSender;
 use crate::signals;
-use crate::sink::{self, kafka, SinkSender};
+use crate::sink;
 use crate::source::catalog::TableName;
 use crate::source::catalog::{self, TableInfo};
 use crate::source::changes::{ChangeBuilder, ChangeOptions};
+use crate::source::conninfo::ConnInfo;
 use crate::source::replication::{ReplicationClient, ReplicationStream, SnapshotAction};
 use crate::source::slot_lock::SlotLock;
 use crate::source::topic::{self, topic_name};
-use crate::source::{connect, session, snapshot, Lsn};
+use crate::source::{connect, session, snapshot};
 
-use failure::{
+use crate::model::failure::{
     Classify,
     FailureKind::{Sink as SinkFail, Source as SourceFail, Usage},
     Recovery,
 };
-pub use failure::{Failure, FailureKind};
-use progress::{barrier, ProgressStore};
+pub use crate::model::{Failure, FailureKind};
 use start::Plan;
 use stream::{catch_up, start_stream, stream_changes, Bounds, Timers, Until};
 
@@ -219,7 +219,7 @@ async fn run_once(
     let mut markers = snapshot::Markers::One;
     let (sink, store) = match kafka_cfg {
         Some(cfg) => {
-            let progress_topic = format!("{}._progress", args.kafka.topic_prefix);
+            let progress_topic = ProgressStore::topic(&args.kafka.topic_prefix);
             let mut specs: Vec<kafka::TopicSpec> = tables
                 .iter()
                 .map(|t| kafka::TopicSpec {
@@ -244,7 +244,7 @@ async fn run_once(
                 }
             };
             markers = snapshot::Markers::PerPartition(std::sync::Arc::new(partitions));
-            let sink = sink::Sink::Kafka(kafka::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
+            let sink = sink::Sink::Kafka(sink::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
             let store = ProgressStore::Kafka {
                 cfg,
                 topic: progress_topic,
@@ -274,7 +274,10 @@ async fn run_once(
         tables,
     } = events;
     // Bounded in items and in bytes: what waits here while the sink waits for Kafka.
-    let (tx, rx) = sink::channel(sink::channel::CHANNEL_ITEMS, sink::channel::CHANNEL_BYTES);
+    let (tx, rx) = crate::model::channel(
+        crate::model::channel::CHANNEL_ITEMS,
+        crate::model::channel::CHANNEL_BYTES,
+    );
     let (acked_tx, acked_rx) = watch::channel(Lsn::INVALID);
     let final_acked = acked_rx.clone();
     let sink_task = tokio::spawn(sink::run(sink, rx, acked_tx));
@@ -733,7 +736,7 @@ impl Capture<'_> {
             },
             snapshot,
             slot_lsn: slot_lsn.0,
-            updated_ms: crate::event::now_ms(),
+            updated_ms: crate::model::now_ms(),
             table_oids: self
                 .tables
                 .iter()
@@ -778,7 +781,7 @@ async fn snapshot(
     stop: &mut watch::Receiver<bool>,
 ) -> Started {
     let slot_name = c.args.pg.slot.as_str();
-    let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::event::now_ms());
+    let temp_name = format!("pgcdc_{}_{}", std::process::id(), crate::model::now_ms());
     let created = repl
         .create_logical_slot(&temp_name, "pgoutput", SnapshotAction::Export, true)
         .await
@@ -849,7 +852,7 @@ async fn snapshot(
     display.finish().await;
     let stats = match stats {
         Ok(s) => s,
-        Err(snapshot::SnapshotError::SinkClosed) => return Err(failure::sink_gone()),
+        Err(snapshot::SnapshotError::SinkClosed) => return Err(crate::model::failure::sink_gone()),
         Err(snapshot::SnapshotError::Interrupted) => {
             tracing::info!("stopped during the snapshot; the next run takes it again");
             return Ok(None);
@@ -1003,9 +1006,4 @@ async fn advance_slot(client: &tokio_postgres::Client, slot: &str, to: Lsn) -> R
             }
         }
     }
-}
-
-/// What the operations commands (`crate::ops`) share with `run`: failures and exit codes.
-pub(crate) mod ops_api {
-    pub(crate) use super::failure::{Classify, Failure, FailureKind};
 }

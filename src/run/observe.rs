@@ -11,9 +11,10 @@ use anyhow::anyhow;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::oneshot;
 
-use super::failure::{Failure, FailureKind};
-use crate::cli::{LogFormat, ProgressDisplay, RunArgs};
+use crate::cli::{ProgressDisplay, RunArgs};
+use crate::logging::LogFormat;
 use crate::metrics::{self, TableMetrics};
+use crate::model::failure::{Failure, FailureKind};
 use crate::source::catalog::TableInfo;
 use crate::source::topic::topic_name;
 

@@ -34,8 +34,8 @@ use std::collections::BTreeMap;
 
 use crate::checkpoint::{Progress, SnapshotState};
 use crate::cli::SnapshotMode;
+use crate::model::Lsn;
 use crate::source::catalog::TableName;
-use crate::source::Lsn;
 
 /// What PostgreSQL says about the slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! `wal_sender_timeout` never cuts a slow but healthy stream — (4) handing queued items to the
 //! sink, and only when nothing is queued, (5) the receive timeout and (6) reading more WAL. At
 //! most one message's items are queued here; everything else waits in the channel (bounded in
-//! items and bytes, see [`crate::sink::channel`]) or in PostgreSQL.
+//! items and bytes, see [`crate::model::channel`]) or in PostgreSQL.
 //!
 //! The receive timeout exists because a connection can die silently: a partition or a
 //! middlebox that forgets the connection delivers neither data nor a reset, and TCP would only
@@ -19,18 +19,18 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::failure::{sink_gone, Failure, FailureKind::Source as SourceFail};
-use super::progress::barrier;
 use super::{Capture, EndedStream};
+use crate::checkpoint::barrier;
 use crate::cli::RunArgs;
-use crate::sink::{SinkItem, SinkSender};
+use crate::model::failure::{sink_gone, Failure, FailureKind::Source as SourceFail};
+use crate::model::Lsn;
+use crate::model::{SinkItem, SinkSender};
 use crate::source::catalog::quote_ident;
 use crate::source::changes::ChangeBuilder;
 use crate::source::pgoutput::{Decoder, LogicalMessage};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
-use crate::source::Lsn;
 
 /// START_REPLICATION with pgcdc's plugin options.
 pub(super) async fn start_stream(
@@ -299,7 +299,7 @@ pub(super) async fn stream_changes(
                             }
                             // A transaction committed a while ago: a backlog, read in batches.
                             let committed = crate::source::pgoutput::pg_timestamp_to_unix_millis(b.commit_timestamp);
-                            backlog = crate::event::now_ms() - committed > BACKLOG_AGE_MS;
+                            backlog = crate::model::now_ms() - committed > BACKLOG_AGE_MS;
                         }
                         // Also after a batch that timed out (a no-op while batching).
                         stream.batch_reads(backlog);

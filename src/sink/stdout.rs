@@ -26,8 +26,9 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::watch;
 
-use super::{report, Record, SinkError, SinkItem, SinkReceiver, SinkSummary};
-use crate::source::Lsn;
+use super::{report, SinkError, SinkSummary};
+use crate::model::Lsn;
+use crate::model::{Record, SinkItem, SinkReceiver};
 
 /// Size of the output buffer. Each write of it is a hand-off to tokio's blocking pool (and
 /// back): at 64 KiB those hand-offs were most of pgcdc's system time on a large transaction

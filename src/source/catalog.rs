@@ -17,9 +17,9 @@ use std::str::FromStr;
 
 use tokio_postgres::Client;
 
-use crate::run::failure::{Recoverable, Recovery};
+use crate::model::failure::{Recoverable, Recovery};
+use crate::model::Lsn;
 use crate::source::connect::describe;
-use crate::source::Lsn;
 
 /// A definite problem found before streaming: retrying will not help, the message says what will.
 #[derive(Debug, thiserror::Error)]

@@ -32,11 +32,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::event::{
-    self, BinaryMode, Change, Column, Datum, Encoder, MessageEvent, Op, Position, SnapshotMarker,
+    BinaryMode, Change, Column, Datum, Encoder, MessageEvent, Op, Position, SnapshotMarker,
     TableSchema, TxnOrder, TypeRegistry,
 };
-use crate::run::failure::{Recoverable, Recovery};
-use crate::sink::{Record, SinkItem};
+use crate::model::failure::{Recoverable, Recovery};
+use crate::model::Lsn;
+use crate::model::{Record, SinkItem};
 use crate::source::catalog::{TableInfo, TableName};
 use crate::source::exclude::{ExcludeError, Exclusions};
 use crate::source::pgoutput::{
@@ -45,7 +46,6 @@ use crate::source::pgoutput::{
 };
 use crate::source::schema::{Lookup, LookupError};
 use crate::source::topic::{topic_name, TopicError, Topics};
-use crate::source::Lsn;
 
 /// A change stream pgcdc cannot turn into events.
 #[derive(Debug, thiserror::Error)]
@@ -415,7 +415,7 @@ impl ChangeBuilder {
                 lsn,
                 commit_lsn: lsn,
                 xid: None,
-                commit_ts_ms: event::now_ms(),
+                commit_ts_ms: crate::model::now_ms(),
                 snapshot: SnapshotMarker::False,
             },
         };
@@ -425,9 +425,9 @@ impl ChangeBuilder {
             transactional: m.transactional,
             position,
         };
-        let (key, value) = self
-            .encoder
-            .message(&event, self.options.binary, event::now_ms());
+        let (key, value) =
+            self.encoder
+                .message(&event, self.options.binary, crate::model::now_ms());
         out.push(record(&self.message_topic, Some(key), Some(value)));
     }
 
@@ -580,7 +580,7 @@ impl ChangeBuilder {
             position,
             transaction,
         };
-        let value = self.encoder.value(table, &change, event::now_ms());
+        let value = self.encoder.value(table, &change, crate::model::now_ms());
         out.push(record(&table.topic, key.clone(), Some(value)));
         self.events += 1;
         self.count_metric(&table.topic, op);

@@ -11,7 +11,7 @@ use tokio_postgres::config::{SslMode as PgSslMode, TargetSessionAttrs};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, NoTls, Socket};
 
-use crate::config::conninfo::{ConnInfo, SslMode};
+use crate::source::conninfo::{ConnInfo, SslMode};
 use crate::source::replication::tls::{self, TlsError};
 
 /// Why an ordinary connection could not be opened.

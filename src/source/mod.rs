@@ -1,4 +1,5 @@
-//! Everything that reads from PostgreSQL: start-up checks ([`catalog`]), the replication
+//! Everything that reads from PostgreSQL: where the server is and how to reach it
+//! ([`conninfo`], libpq's conninfo), start-up checks ([`catalog`]), the replication
 //! connection ([`replication`]) and ordinary connections ([`connect`]), the I/O-free pgoutput
 //! decoder ([`pgoutput`]), the initial [`snapshot`], and the turning of decoded messages into
 //! events ([`changes`]), with what it learns from the catalog on the way ([`schema`]), and
@@ -8,10 +9,10 @@
 pub mod catalog;
 pub mod changes;
 pub mod connect;
+pub mod conninfo;
 pub mod copy_binary;
 pub mod copy_text;
 pub mod exclude;
-pub mod lsn;
 pub mod pg_tls;
 pub mod pgoutput;
 pub mod replication;
@@ -20,5 +21,3 @@ pub mod session;
 pub mod slot_lock;
 pub mod snapshot;
 pub mod topic;
-
-pub use lsn::Lsn;

@@ -26,7 +26,7 @@ use tokio_openssl::SslStream;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use super::replication::tls;
-use crate::config::conninfo::SslMode;
+use crate::source::conninfo::SslMode;
 
 /// Bytes read from the socket at once, at most: four maximum-size TLS records.
 const READ_BUFFER: usize = 64 * 1024;

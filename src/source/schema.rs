@@ -14,16 +14,17 @@
 //! key looked up for a table that is gone falls back to the replica identity flags of the
 //! Relation message.
 
+use std::sync::Arc;
+
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use crate::config::conninfo::ConnInfo;
 use crate::event::{TypeDesc, TypeRegistry};
-use crate::run::failure::{Recoverable, Recovery};
-use crate::sink::kafka::{self, KafkaConfig, TopicSpec};
-use crate::sink::SinkError;
+use crate::model::failure::{Recoverable, Recovery};
+use crate::model::{ProvisionError, TopicProvisioner};
 use crate::source::catalog::{self, PreflightError};
 use crate::source::connect::{self, describe, ConnectError};
+use crate::source::conninfo::ConnInfo;
 
 /// A catalog lookup or topic creation failed while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +38,7 @@ pub enum LookupError {
     #[error("catalog lookup for a new table failed: {0}")]
     Preflight(PreflightError),
     #[error(transparent)]
-    Topic(#[from] SinkError),
+    Topic(#[from] ProvisionError),
 }
 
 impl From<tokio_postgres::Error> for LookupError {
@@ -165,27 +166,16 @@ pub async fn load_types(
     Ok(())
 }
 
-/// Where topics of tables that join the publication are created.
-#[derive(Debug, Clone)]
-pub enum Topics {
-    /// Nothing to create (stdout).
-    None,
-    Kafka {
-        cfg: KafkaConfig,
-        partitions: i32,
-        replication: i32,
-    },
-}
-
 /// Catalog access for the stream, on a connection of its own opened when first needed.
 pub struct Lookup {
     conninfo: ConnInfo,
     client: Mutex<Option<Client>>,
-    topics: Topics,
+    /// Creates the topics of tables that join the publication; none for stdout.
+    topics: Option<Arc<dyn TopicProvisioner>>,
 }
 
 impl Lookup {
-    pub fn new(conninfo: ConnInfo, topics: Topics) -> Self {
+    pub fn new(conninfo: ConnInfo, topics: Option<Arc<dyn TopicProvisioner>>) -> Self {
         Lookup {
             conninfo,
             client: Mutex::new(None),
@@ -221,21 +211,10 @@ impl Lookup {
         Ok(catalog::table_key(client, oid).await?.columns)
     }
 
-    /// Creates `topic` unless it exists (Kafka sink only).
+    /// Creates `topic` unless it exists (when given a provisioner: Kafka sink only).
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), LookupError> {
-        if let Topics::Kafka {
-            cfg,
-            partitions,
-            replication,
-        } = &self.topics
-        {
-            let spec = TopicSpec {
-                name: topic.to_string(),
-                partitions: *partitions,
-                replication: *replication,
-                compacted: false,
-            };
-            kafka::ensure_topics(cfg, &[spec]).await?;
+        if let Some(topics) = &self.topics {
+            topics.ensure(topic).await?;
         }
         Ok(())
     }

@@ -23,7 +23,7 @@
 //! once the server's version is known ([`for_server`], and [`pin_idle`] for the connection
 //! that learned it).
 
-use crate::config::conninfo::ConnInfo;
+use crate::source::conninfo::ConnInfo;
 
 /// The settings pgcdc pins, as `-c name=value` startup options.
 pub const CANONICAL_OPTIONS: &str = "-c DateStyle=ISO,YMD -c IntervalStyle=iso_8601 \

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::config::conninfo::ConnInfo;
-use crate::run::failure::{Recoverable, Recovery};
+use crate::model::failure::{Recoverable, Recovery};
 use crate::source::connect::{self, describe, ConnectError};
+use crate::source::conninfo::ConnInfo;
 
 /// How long a check that the lock's connection still works may take.
 const ALIVE_TIMEOUT: Duration = Duration::from_secs(5);

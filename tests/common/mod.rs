@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pgcdc::config::conninfo::ConnInfo;
+use pgcdc::source::conninfo::ConnInfo;
 
 /// A user and password from the environment.
 #[derive(Debug, Clone)]
@@ -327,7 +327,7 @@ pub fn other_ca_pem() -> Vec<u8> {
 /// Records per topic named `<prefix>.…` on `kafka` (every topic a run with that
 /// `--topic-prefix` writes, its progress topic included), read until 2 s pass with nothing new.
 pub async fn published(kafka: &str, prefix: &str) -> std::collections::BTreeMap<String, usize> {
-    use pgcdc::sink::kafka::{KafkaConfig, ReadStop, TopicReader};
+    use pgcdc::kafka::{KafkaConfig, ReadStop, TopicReader};
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let kafka = kafka.to_string();
     let prefix = format!("{prefix}.");

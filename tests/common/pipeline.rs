@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use pgcdc::sink::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
+use pgcdc::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
 use serde_json::Value;
 
 use super::TestDb;

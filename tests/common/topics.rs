@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use pgcdc::sink::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
+use pgcdc::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 

@@ -491,7 +491,7 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
         .await
         .expect("current lsn");
     let s: String = row.get(0);
-    s.parse::<pgcdc::source::Lsn>().expect("an LSN").0
+    s.parse::<pgcdc::model::Lsn>().expect("an LSN").0
 }
 
 /// The slot's confirmed position.
@@ -504,7 +504,7 @@ pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Opt
         .await
         .ok()??;
     let s: Option<String> = row.get(0);
-    s?.parse::<pgcdc::source::Lsn>().ok().map(|l| l.0)
+    s?.parse::<pgcdc::model::Lsn>().ok().map(|l| l.0)
 }
 
 /// Waits until the slot confirmed `target`.

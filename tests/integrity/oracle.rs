@@ -28,7 +28,8 @@ use pgcdc::event::{
     BinaryMode, Change, Column, Datum, DecimalMode, Encoder, EventOptions, Format, Op, Position,
     SnapshotMarker, TableSchema, TypeRegistry,
 };
-use pgcdc::source::{copy_text, Lsn};
+use pgcdc::model::Lsn;
+use pgcdc::source::copy_text;
 use serde_json::{Map, Value};
 
 use crate::common::topics::{self, KeyOrder, Seen};

@@ -298,7 +298,7 @@ pub async fn run_case(
         .map_err(|e| e.to_string())?
         .get(0);
     let target: u64 = target
-        .parse::<pgcdc::source::Lsn>()
+        .parse::<pgcdc::model::Lsn>()
         .map_err(|e| e.to_string())?
         .0;
     p.wait_streaming(Duration::from_secs(120))
@@ -318,7 +318,7 @@ pub async fn run_case(
             .ok()
             .flatten()
             .and_then(|r| r.get(0));
-        let confirmed = confirmed.and_then(|c| c.parse::<pgcdc::source::Lsn>().ok());
+        let confirmed = confirmed.and_then(|c| c.parse::<pgcdc::model::Lsn>().ok());
         if confirmed.is_some_and(|c| c.0 >= target) {
             break;
         }

@@ -13,7 +13,7 @@
 //! for each topic's handle once and passes it with every record (`rd_kafka_produceva` with
 //! `RD_KAFKA_VTYPE_RKT`). Everything else is what `send` does: the key and value are copied
 //! (`RD_KAFKA_MSG_F_COPY`), the partition is the partitioner's choice (unless the record
-//! names one: the snapshot markers, see [`crate::sink::Record::partition`]), and the record's
+//! names one: the snapshot markers, see [`crate::model::Record::partition`]), and the record's
 //! sequence number travels as the delivery opaque, so delivery reports reach
 //! [`super::producer`]'s context exactly as before. The record's timestamp (Kafka's
 //! `CreateTime`) is given too, from a clock the sink reads once per batch of records: left

@@ -29,7 +29,7 @@
 //! the batch is sent. When librdkafka's own queue is full
 //! (`QueueFull`), the record is kept and the loop waits for the watermark to move before
 //! retrying it — never a drop. An item's bytes stay charged to the channel's budget
-//! ([`crate::sink::channel`]) until all its records are with librdkafka, so the pipeline reads
+//! ([`crate::model::channel`]) until all its records are with librdkafka, so the pipeline reads
 //! no more meanwhile. When the channel is closed, the loop waits until every record is
 //! acknowledged and returns.
 //!
@@ -54,11 +54,12 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::native::{PolledProducer, Topics};
-use super::{
+use crate::kafka::{
     client_config, config_error, KafkaConfig, OffThreadDrop, Oversized, PgcdcContext, Role,
 };
-use crate::sink::{report, Charge, Record, SinkError, SinkItem, SinkReceiver, SinkSummary};
-use crate::source::Lsn;
+use crate::model::Lsn;
+use crate::model::{Charge, Record, SinkItem, SinkReceiver};
+use crate::sink::{report, SinkError, SinkSummary};
 
 /// Warn when no delivery report has arrived for this long while records are in flight.
 pub const STALL_WARNING_AFTER: Duration = Duration::from_secs(10);
@@ -83,7 +84,7 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// Creates the producer. Fails with [`SinkError::Config`] naming an invalid property.
-    /// Connecting happens in the background; see [`super::wait_for_cluster`] to wait for it.
+    /// Connecting happens in the background; see [`crate::kafka::wait_for_cluster`] to wait for it.
     pub fn new(cfg: KafkaConfig) -> Result<Self, SinkError> {
         super::native::keep_c_heap();
         let acks = Arc::new(Acks::new(cfg.max_in_flight.max(1), cfg.oversized));
@@ -635,13 +636,13 @@ impl Loop {
                 now + STALL_CHECK_EVERY,
             ))),
             topics: Topics::default(),
-            now_ms: crate::event::now_ms(),
+            now_ms: crate::model::now_ms(),
             stamped: 0,
         }
     }
 
     fn read_clock(&mut self) {
-        self.now_ms = crate::event::now_ms();
+        self.now_ms = crate::model::now_ms();
         self.stamped = 0;
     }
 

@@ -34,7 +34,7 @@ use bytes::Bytes;
 pub use error::DecodeError;
 use reader::Reader;
 
-use crate::source::Lsn;
+use crate::model::Lsn;
 
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq)]

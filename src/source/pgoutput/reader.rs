@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::DecodeError;
-use crate::source::Lsn;
+use crate::model::Lsn;
 
 pub(super) struct Reader {
     buf: Bytes,

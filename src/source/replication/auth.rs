@@ -11,7 +11,7 @@ use postgres_protocol::message::frontend;
 use super::codec::{message_name, BackendMessage};
 use super::conn::Connection;
 use super::error::{ReplicationError, ServerError};
-use crate::config::conninfo::ConnInfo;
+use crate::source::conninfo::ConnInfo;
 
 const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";

@@ -3,8 +3,8 @@
 //! as SQL ([`quote_ident`], [`quote_literal`]): the replication command parser reads
 //! `"name"` and `'value'` as the SQL parser does.
 
+use crate::model::Lsn;
 use crate::source::catalog::{quote_ident, quote_literal};
-use crate::source::Lsn;
 
 /// What `CREATE_REPLICATION_SLOT` does with the snapshot of the slot's starting point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

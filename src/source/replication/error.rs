@@ -9,7 +9,7 @@ use postgres_protocol::message::backend::ErrorFields;
 
 use super::tls::TlsError;
 use super::wire::WireError;
-use crate::run::failure::{Recoverable, Recovery};
+use crate::model::failure::{Recoverable, Recovery};
 
 /// SQLSTATE codes pgcdc looks at. The full list is in PostgreSQL's `errcodes.txt`.
 pub mod sqlstate {

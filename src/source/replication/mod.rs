@@ -52,8 +52,8 @@ pub use error::{sqlstate, ReplicationError, ServerError};
 pub use tls::TlsError;
 pub use wire::{ReplicationMessage, StandbyStatus};
 
-use crate::config::conninfo::ConnInfo;
-use crate::source::Lsn;
+use crate::model::Lsn;
+use crate::source::conninfo::ConnInfo;
 use codec::BackendMessage;
 use conn::Connection;
 use error::ServerError as ServerErr;
@@ -616,7 +616,7 @@ fn single_row<'a>(command: &'static str, rows: &'a [Row]) -> Result<&'a Row, Rep
 
 fn parse_lsn(command: &'static str, s: &str) -> Result<Lsn, ReplicationError> {
     s.parse().map_err(
-        |e: crate::source::lsn::ParseLsnError| ReplicationError::UnexpectedResponse {
+        |e: crate::model::lsn::ParseLsnError| ReplicationError::UnexpectedResponse {
             command,
             detail: e.to_string(),
         },

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use openssl::error::ErrorStack;
 use openssl::ssl::{ConnectConfiguration, SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 
-use crate::config::conninfo::{ConnInfo, SslMode};
+use crate::source::conninfo::{ConnInfo, SslMode};
 
 /// Why TLS could not be set up or negotiated.
 #[derive(Debug, thiserror::Error)]

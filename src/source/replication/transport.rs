@@ -14,7 +14,7 @@ use tokio_openssl::SslStream;
 
 use super::error::ReplicationError;
 use super::tls::{self, TlsError};
-use crate::config::conninfo::{ConnInfo, SslMode};
+use crate::source::conninfo::{ConnInfo, SslMode};
 
 /// What TLS reads from: the socket behind a buffer. The walsender sends one small TLS record
 /// per replication message, and OpenSSL reads each record's header and body with separate

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes};
 
-use crate::source::Lsn;
+use crate::model::Lsn;
 
 /// Microseconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01 00:00:00 UTC.
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;

@@ -78,22 +78,22 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::conninfo::ConnInfo;
 use crate::event::{
     Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
 };
 use crate::metrics::TableMetrics;
-use crate::run::failure::{Recoverable, Recovery};
-use crate::sink::channel::RECORD_OVERHEAD;
-use crate::sink::{Budget, Charge, Record, SinkItem, SinkSender};
+use crate::model::channel::RECORD_OVERHEAD;
+use crate::model::failure::{Recoverable, Recovery};
+use crate::model::Lsn;
+use crate::model::{Budget, Charge, Record, SinkItem, SinkSender};
 use crate::source::catalog::{
     self, quote_ident, quote_literal, Attribute, CopyFormat, PublicationSeen, TableInfo,
 };
 use crate::source::connect::{describe, ConnectError};
+use crate::source::conninfo::ConnInfo;
 use crate::source::copy_binary::{self, Conv, CopyBinaryError, Text};
 use crate::source::copy_text::{self, CopyTextError};
 use crate::source::topic::topic_name;
-use crate::source::Lsn;
 
 /// Why the snapshot failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +206,7 @@ impl Markers {
         position: Position,
         rows: u64,
     ) -> Vec<Record> {
-        let now = crate::event::now_ms();
+        let now = crate::model::now_ms();
         let marker = |partition: Option<i32>, partitions: i32| Record {
             topic: table.topic.clone(),
             key: None,
@@ -535,7 +535,7 @@ pub async fn run(
     import(client, snapshot_name).await?;
     lock_tables(client, tables, options.conninfo, stop).await?;
     check_columns(client, tables, options.publication).await?;
-    let started_ms = crate::event::now_ms();
+    let started_ms = crate::model::now_ms();
     let position = read_position(consistent_point, started_ms);
     if options.workers > 1 {
         let stats = parallel::run(

@@ -22,7 +22,7 @@
 //! a worker whose ranges held fewer live rows takes over work instead of idling. Threads, not
 //! tasks: parsing and encoding are the CPU-heavy part, and the rest of the pipeline keeps its
 //! one thread. Workers charge their batches to the same byte budget as everything else sent
-//! to the sink ([`crate::sink::channel`]), so a slow sink stops all of them.
+//! to the sink ([`crate::model::channel`]), so a slow sink stops all of them.
 //!
 //! A worker sends every row of a unit before it counts the unit done; the worker that
 //! finishes a table's last unit then sends [`Piece::TableDone`] into the same channel. The
@@ -44,10 +44,10 @@ use super::{
     import, send, table_schema, Out, Reader, SnapshotCopy, SnapshotError, SnapshotOptions,
 };
 use super::{SnapshotStats, TableInfo};
-use crate::config::conninfo::ConnInfo;
 use crate::event::{Encoder, Position, TableSchema};
-use crate::sink::{Budget, Charge, Record, SinkSender};
+use crate::model::{Budget, Charge, Record, SinkSender};
 use crate::source::connect;
+use crate::source::conninfo::ConnInfo;
 
 /// The smallest page range worth a query of its own: 8 MB at the default page size.
 const MIN_RANGE_PAGES: u64 = 1024;
@@ -130,7 +130,7 @@ type Outcome = Result<(), SnapshotError>;
 /// What a worker sends to the coordinator, in order.
 pub(super) enum Piece {
     /// Read events, in the order read, with what they were charged to the sink channel's
-    /// byte budget (see [`crate::sink::channel`]).
+    /// byte budget (see [`crate::model::channel`]).
     Rows(Vec<Record>, Charge),
     /// Every row of the table with this index was sent (by whichever worker): its snapshot
     /// markers may follow. `rows`: how many the table has.

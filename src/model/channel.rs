@@ -260,7 +260,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::source::Lsn;
+    use crate::model::Lsn;
 
     fn record(bytes: usize) -> SinkItem {
         SinkItem::Record(Record {

@@ -1,4 +1,9 @@
-//! Why a run failed, what recovering from it takes, and the exit code that says so.
+//! Why a run (or an operations command) failed, what recovering from it takes, and the exit
+//! code that says so.
+//!
+//! The taxonomy is shared by `run` and `ops`. Each error type that reaches a module boundary
+//! classifies itself once, next to its definition ([`Recoverable`]): reconnect, restart the
+//! pipeline, or stop with the exit code of its [`FailureKind`].
 
 /// What kind of failure ended the run; decides the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +110,6 @@ impl<T, E: Into<anyhow::Error>> Classify<T> for Result<T, E> {
 }
 
 /// The sink task ended before it was asked to.
-pub(super) fn sink_gone() -> Failure {
+pub(crate) fn sink_gone() -> Failure {
     Failure::new(FailureKind::Sink, anyhow::anyhow!("the sink stopped"))
 }

@@ -18,8 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::{client_config, config_error, join_error, KafkaConfig, PgcdcContext, Role};
-use crate::sink::SinkError;
+use super::{client_config, config_error, join_error, KafkaConfig, PgcdcContext, Role, SinkError};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one poll may block.
@@ -414,7 +413,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        use crate::run::failure::{Recoverable, Recovery};
+        use crate::model::failure::{Recoverable, Recovery};
         assert_eq!(err.recovery(), Recovery::Stop);
     }
 }

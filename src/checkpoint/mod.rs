@@ -22,7 +22,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::source::Lsn;
+use crate::model::Lsn;
+
+mod store;
+
+pub use store::{barrier, ProgressStore};
 
 /// What is durably known about one slot's run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{BaseProducer, Producer};
 
-use super::{client_config, config_error, join_error, KafkaConfig, PgcdcContext, Role};
-use crate::sink::SinkError;
+use super::{client_config, config_error, join_error, KafkaConfig, PgcdcContext, Role, SinkError};
 
 /// First delay between attempts to reach the cluster; doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(2);

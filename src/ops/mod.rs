@@ -18,7 +18,8 @@ use anyhow::{anyhow, Context};
 
 use crate::checkpoint::ProgressStore;
 use crate::cli::ConnArgs;
-use crate::kafka::{self, KafkaConfig};
+use crate::config;
+use crate::kafka::KafkaConfig;
 use crate::model::failure::{Classify, Failure, FailureKind};
 use crate::model::Lsn;
 use crate::source::connect;
@@ -33,11 +34,7 @@ pub const EXIT_UNHEALTHY: u8 = 5;
 pub(crate) async fn connect_source(
     conn: &ConnArgs,
 ) -> Result<(ConnInfo, tokio_postgres::Client), Failure> {
-    let info = ConnInfo::parse(&conn.pg.source)
-        .context("invalid --source")
-        .or_fail(FailureKind::Usage)?;
-    // The session settings `run` pins, so values print (and encode) as in the events.
-    let info = crate::source::session::canonical(&info);
+    let info = config::postgres(&conn.pg)?;
     tracing::debug!(source = %info.redacted(), "connecting to PostgreSQL");
     let client = connect::connect(&info)
         .await
@@ -48,30 +45,19 @@ pub(crate) async fn connect_source(
 
 /// The Kafka settings of `conn`, if `--kafka` was given.
 pub(crate) fn kafka_config(conn: &ConnArgs) -> Option<KafkaConfig> {
-    conn.kafka.bootstrap.as_ref().map(|b| KafkaConfig {
-        bootstrap: b.clone(),
-        properties: conn
-            .kafka
-            .properties
-            .iter()
-            .map(|p| (p.key.clone(), p.value.clone()))
-            .collect(),
-        max_in_flight: kafka::DEFAULT_MAX_IN_FLIGHT,
-        // Only `run` produces events; the other commands read.
-        oversized: kafka::Oversized::default(),
-        bulk: false,
-    })
+    // Only `run` produces events; the other commands read.
+    config::kafka(&conn.kafka, None)
 }
 
 /// Where `run` keeps the progress record of `database`/`slot`: the Kafka progress topic
 /// when `--kafka` is given, else the stdout sink's file.
 pub(crate) fn progress_store(conn: &ConnArgs, database: &str) -> ProgressStore {
-    ProgressStore::new(
+    config::progress_store(
         kafka_config(conn),
-        &conn.kafka.topic_prefix,
+        &conn.kafka,
+        conn.progress_file.path.clone(),
         database,
         &conn.pg.slot,
-        conn.progress_file.path.clone(),
     )
 }
 

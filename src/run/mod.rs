@@ -28,8 +28,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
-use crate::checkpoint::{barrier, FileStore, Progress, ProgressStore, SnapshotState};
-use crate::cli::{Oversized, RunArgs, SinkKind, StopLsn};
+use crate::checkpoint::{barrier, Progress, ProgressStore, SnapshotState};
+use crate::cli::{RunArgs, SinkKind, StopLsn};
+use crate::config;
 use crate::event::Encoder;
 use crate::kafka;
 use crate::model::Lsn;
@@ -160,32 +161,22 @@ async fn run_once(
     mut stop: watch::Receiver<bool>,
     process: &mut Process,
 ) -> Result<(), Failure> {
-    let conninfo = ConnInfo::parse(&args.pg.source)
-        .context("invalid --source")
-        .or_fail(Usage)?;
-    // Both connections print values in one canonical form (see source::session).
-    let conninfo = session::canonical(&conninfo);
+    // Every connection prints values in one canonical form (see source::session).
+    let conninfo = config::postgres(&args.pg)?;
     if args.sink == SinkKind::Kafka && args.kafka.bootstrap.is_none() {
         return Err(Failure::new(
             Usage,
             anyhow!("--kafka <bootstrap> is required for the Kafka sink (or choose --sink stdout)"),
         ));
     }
-    let kafka_cfg = (args.sink == SinkKind::Kafka).then(|| kafka::KafkaConfig {
-        bootstrap: args.kafka.bootstrap.clone().unwrap_or_default(),
-        properties: args
-            .kafka
-            .properties
-            .iter()
-            .map(|p| (p.key.clone(), p.value.clone()))
-            .collect(),
-        max_in_flight: 100_000,
-        oversized: match args.oversized {
-            Oversized::Fail => kafka::Oversized::Fail,
-            Oversized::Skip => kafka::Oversized::Skip,
-        },
+    let producing = config::Producing {
+        oversized: args.oversized,
         bulk: args.snapshot_only,
-    });
+    };
+    let kafka_cfg = match args.sink {
+        SinkKind::Kafka => config::kafka(&args.kafka, Some(producing)),
+        SinkKind::Stdout => None,
+    };
     // Reaching Kafka needs nothing from PostgreSQL: both start at once (a few tens of
     // milliseconds off every start). A PostgreSQL failure is reported at once either way.
     let kafka_ready = async {
@@ -213,7 +204,10 @@ async fn run_once(
         publication,
     } = source;
     let stop_lsn = process.stop_lsn;
-    let progress_key = Progress::key(&server.database, &args.pg.slot);
+    let progress_store = |kafka| {
+        let file = args.progress_file.path.clone();
+        config::progress_store(kafka, &args.kafka, file, &server.database, &args.pg.slot)
+    };
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.
     let mut markers = snapshot::Markers::One;
@@ -245,24 +239,12 @@ async fn run_once(
             };
             markers = snapshot::Markers::PerPartition(std::sync::Arc::new(partitions));
             let sink = sink::Sink::Kafka(sink::KafkaSink::new(cfg.clone()).or_fail(Usage)?);
-            let store = ProgressStore::Kafka {
-                cfg,
-                topic: progress_topic,
-                key: progress_key,
-            };
-            (sink, store)
+            (sink, progress_store(Some(cfg)))
         }
-        None => {
-            let path = args
-                .progress_file
-                .path
-                .clone()
-                .unwrap_or_else(|| FileStore::default_path(&server.database, &args.pg.slot));
-            (
-                sink::Sink::Stdout(sink::stdout::StdoutSink::new(tokio::io::stdout())),
-                ProgressStore::File(FileStore { path }),
-            )
-        }
+        None => (
+            sink::Sink::Stdout(sink::stdout::StdoutSink::new(tokio::io::stdout())),
+            progress_store(None),
+        ),
     };
     if !args.snapshot_markers {
         markers = snapshot::Markers::Off;

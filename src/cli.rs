@@ -418,7 +418,7 @@ pub struct RunArgs {
     /// the values into the exact text the server would print, so events are the same —
     /// and text for the others. `text`: text for every table.
     #[arg(long, env = "PGCDC_SNAPSHOT_COPY", value_enum, default_value = "auto")]
-    pub snapshot_copy: crate::source::snapshot::SnapshotCopy,
+    pub snapshot_copy: SnapshotCopy,
 
     /// After the last row of each table's snapshot, publish a snapshot marker (op "s", null
     /// key) to every partition of the table's topic, so consumers know the snapshot of the
@@ -551,6 +551,18 @@ Examples:
 Without --yes, prints what would be removed and exits 2. Refuses while the slot is in use.
 The publication (--publication) goes too unless --keep-publication. Topics and their events
 are left alone. Exit codes: 0 removed, 2 usage, 3 PostgreSQL, 4 sink.";
+
+/// `--snapshot-copy`: the `COPY` format of the snapshot (the source's option of the same name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum SnapshotCopy {
+    /// Binary for tables whose columns are all of types pgcdc converts exactly (booleans,
+    /// integers, numeric, text types, json/jsonb, date, timestamp[tz], uuid, bytea), text for
+    /// the others.
+    #[default]
+    Auto,
+    /// Text for every table.
+    Text,
+}
 
 /// Flags every command takes, listed after the command's own.
 #[derive(Debug, Clone, Args)]

@@ -10,6 +10,8 @@
 //!   rows of its exported snapshot were all published. It is kept as a [`Progress`] record
 //!   next to the data — in a compacted Kafka topic keyed by database and slot, or in a file
 //!   for the stdout sink — and written *after* the sink acknowledged every snapshot row.
+//!   [`ProgressStore`] is the one place that finds, reads and writes it: for `run`, and for
+//!   the `status`, `verify` and `drop` commands.
 //!
 //! The record names the tables whose snapshot is complete, so start-up can tell a table that
 //! needs one (new to the capture, or unfinished) from those that do not, and a record whose

@@ -825,7 +825,10 @@ async fn snapshot(
         snapshot::SnapshotOptions {
             workers: usize::from(c.args.snapshot_workers),
             conninfo: c.conninfo,
-            copy: c.args.snapshot_copy,
+            copy: match c.args.snapshot_copy {
+                crate::cli::SnapshotCopy::Auto => snapshot::SnapshotCopy::Auto,
+                crate::cli::SnapshotCopy::Text => snapshot::SnapshotCopy::Text,
+            },
             markers: c.markers,
             publication: Some(c.publication),
         },

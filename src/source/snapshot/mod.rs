@@ -255,8 +255,8 @@ pub struct SnapshotOptions<'a> {
     pub publication: Option<&'a PublicationSeen>,
 }
 
-/// `--snapshot-copy`: the `COPY` format of the snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// The `COPY` format of the snapshot (`run` turns `--snapshot-copy` into it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SnapshotCopy {
     /// Binary for tables whose columns are all of types pgcdc converts exactly (booleans,
     /// integers, numeric, text types, json/jsonb, date, timestamp[tz], uuid, bytea), text for

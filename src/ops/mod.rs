@@ -14,14 +14,14 @@ pub mod drop;
 pub mod status;
 pub mod verify;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 
 use crate::checkpoint::{self, FileStore, Progress};
 use crate::cli::ConnArgs;
 use crate::config::conninfo::ConnInfo;
 use crate::run::ops_api::{Classify, Failure, FailureKind};
 use crate::sink::kafka::{self, KafkaConfig};
-use crate::source::{connect, Lsn};
+use crate::source::connect;
 
 /// Exit code: `verify` found differences.
 pub const EXIT_DIFFERENT: u8 = 1;
@@ -113,15 +113,6 @@ impl ProgressLocation {
             ProgressLocation::File(f) => f.load().or_fail(FailureKind::Sink),
         }
     }
-}
-
-/// `SELECT <lsn>::text` → [`Lsn`], with the query named in the error.
-pub(crate) fn parse_lsn(text: Option<String>, what: &str) -> Result<Option<Lsn>, Failure> {
-    text.map(|t| {
-        t.parse::<Lsn>()
-            .map_err(|e| Failure::new(FailureKind::Source, anyhow!("{what}: {e}")))
-    })
-    .transpose()
 }
 
 /// Bytes as `1.5 GiB`.

@@ -627,6 +627,8 @@ async fn meilisearch_over_https_trusts_the_given_ca() {
     let mut ix = Indexer::new(MeiliTarget::new(untrusted), &[ORDERS.into()]).expect("indexer");
     let err = ix.prepare().await.expect_err("unknown CA");
     assert!(err.to_string().contains("certificate"), "{err}");
+    // A refused certificate is configuration, not a server that might come back: no retries.
+    assert!(!err.is_transient(), "{err}");
     assert!(fake.lock().unwrap().log.is_empty());
 
     let http = HttpClient::with_ca_file(&url, Some(KEY.into()), Duration::from_secs(5), Some(&ca))

@@ -6,6 +6,9 @@
 //! decides trust, plus an optional CA file for a private CA. Redirects are not followed (an
 //! API that redirects is misconfigured, and a redirect must not carry the key elsewhere).
 //!
+//! A certificate OpenSSL refuses is a configuration error (not retried); a server that cannot
+//! be reached is transient.
+//!
 //! The API key is a sensitive header value and is never part of an error or `Debug` output.
 
 use std::path::Path;
@@ -34,6 +37,10 @@ pub enum HttpError {
     Setup(String),
     #[error("cannot connect to {addr}: {detail}")]
     Connect { addr: String, detail: String },
+    #[error(
+        "{addr} presented a certificate that is not trusted: {detail} (--meili-ca-file adds a CA)"
+    )]
+    Untrusted { addr: String, detail: String },
     #[error("{method} {path}: {detail}")]
     Io {
         method: &'static str,
@@ -195,7 +202,12 @@ impl HttpClient {
                 .body(body.to_vec());
         }
         let mut resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
+            if certificate_refused(&e) {
+                HttpError::Untrusted {
+                    addr: self.authority.clone(),
+                    detail: error_chain(&e),
+                }
+            } else if e.is_connect() {
                 HttpError::Connect {
                     addr: self.authority.clone(),
                     detail: error_chain(&e),
@@ -223,6 +235,25 @@ impl HttpClient {
         }
         Ok(Response { status, body: out })
     }
+}
+
+/// OpenSSL refused the server's certificate (unknown CA, wrong name, expired). Other TLS
+/// failures (a connection cut during the handshake) stay transient.
+fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(stack) = s.downcast_ref::<openssl::error::ErrorStack>() {
+            if stack
+                .errors()
+                .iter()
+                .any(|e| e.reason() == Some("certificate verify failed"))
+            {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// An error and its causes on one line (`reqwest` puts the useful part in the sources).

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use pgcdc::cli::{properties_from_env, Property, PropertyParser};
-use pgcdc::indexer::http::HttpClient;
+use pgcdc::indexer::http::{HttpClient, HttpError};
 use pgcdc::indexer::meili::MeiliTarget;
 use pgcdc::indexer::target::{StdoutTarget, Target};
 use pgcdc::indexer::{source, Indexer, IndexerError, DEFAULT_MAX_BATCH};
@@ -156,7 +156,14 @@ async fn run(args: Args) -> Result<(), IndexerError> {
                 Duration::from_secs(30),
                 args.meili_ca_file.as_deref(),
             )
-            .map_err(|e| IndexerError::Usage(format!("--meili-url: {e}")))?;
+            .map_err(|e| {
+                let flag = match e {
+                    HttpError::BadCa { .. } => "--meili-ca-file",
+                    HttpError::BadKey => "--meili-key",
+                    _ => "--meili-url",
+                };
+                IndexerError::Usage(format!("{flag}: {e}"))
+            })?;
             index(args, MeiliTarget::new(http)).await
         }
     }

@@ -1,19 +1,24 @@
 //! The Meilisearch target against a fake Meilisearch: a tiny HTTP server in this test that
 //! implements the endpoints the indexer uses, processes writes as asynchronous tasks (a write
 //! is invisible until its task has been polled), checks the API key, and records every request.
+//! It keeps connections alive and can serve HTTPS with the test environment's certificate.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod};
 use pgcdc::indexer::http::HttpClient;
 use pgcdc::indexer::meili::MeiliTarget;
 use pgcdc::indexer::source::SourceRecord;
 use pgcdc::indexer::target::TargetError;
 use pgcdc::indexer::Indexer;
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_openssl::SslStream;
 
 const KEY: &str = "test-master-key";
 
@@ -52,6 +57,8 @@ struct Fake {
     fail_next: Option<String>,
     /// Tasks writing a document with this field fail.
     poison_field: Option<String>,
+    /// Connections accepted.
+    connections: usize,
 }
 
 impl Fake {
@@ -330,6 +337,7 @@ async fn serve(fake: Arc<Mutex<Fake>>) -> String {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
+            fake.lock().expect("fake lock").connections += 1;
             let fake = fake.clone();
             tokio::spawn(async move {
                 let _ = answer(sock, fake).await;
@@ -339,59 +347,105 @@ async fn serve(fake: Arc<Mutex<Fake>>) -> String {
     format!("http://{addr}")
 }
 
-async fn answer(mut sock: TcpStream, fake: Arc<Mutex<Fake>>) -> std::io::Result<()> {
+/// The server certificate (for 127.0.0.1) and key of the test environment, signed by the CA
+/// in `PGCDC_TEST_SSLROOTCERT`; `None` (the HTTPS test is skipped) when they are not there.
+fn test_tls() -> Option<(PathBuf, SslAcceptor)> {
+    let ca = PathBuf::from(std::env::var("PGCDC_TEST_SSLROOTCERT").ok()?);
+    let dir = ca.parent()?;
+    let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).ok()?;
+    acceptor
+        .set_certificate_chain_file(dir.join("server.crt"))
+        .ok()?;
+    acceptor
+        .set_private_key_file(dir.join("server.key"), SslFiletype::PEM)
+        .ok()?;
+    Some((ca, acceptor.build()))
+}
+
+/// As [`serve`], over TLS; returns its `https://` URL.
+async fn serve_tls(fake: Arc<Mutex<Fake>>, acceptor: SslAcceptor) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            fake.lock().expect("fake lock").connections += 1;
+            let fake = fake.clone();
+            let Ok(ssl) = Ssl::new(acceptor.context()) else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut tls) = SslStream::new(ssl, sock) else {
+                    return;
+                };
+                if Pin::new(&mut tls).accept().await.is_ok() {
+                    let _ = answer(tls, fake).await;
+                }
+            });
+        }
+    });
+    format!("https://{addr}")
+}
+
+/// Answers requests on one connection until the client closes it (HTTP/1.1 keep-alive).
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    fake: Arc<Mutex<Fake>>,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let (head_end, length) = loop {
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
+    loop {
+        let (head_end, length) = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0usize);
+                break (i + 4, len);
+            }
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        while buf.len() < head_end + length {
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_string();
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0usize);
-            break (i + 4, len);
-        }
-    };
-    while buf.len() < head_end + length {
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let mut words = head.split_whitespace();
+        let method = words.next().unwrap_or_default().to_string();
+        let path = words.next().unwrap_or_default().to_string();
+        let auth = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("authorization")
+                .then(|| v.trim().to_string())
+        });
+        let body: Value =
+            serde_json::from_slice(&buf[head_end..head_end + length]).unwrap_or(Value::Null);
+        buf.drain(..head_end + length);
+        let (status, reply) =
+            fake.lock()
+                .expect("fake lock")
+                .handle(&method, &path, auth.as_deref(), body);
+        let reply = reply.to_string();
+        // Chunked, in two pieces, as Meilisearch may answer.
+        let (a, b) = reply.split_at(reply.len() / 2);
+        let resp = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
+        );
+        sock.write_all(resp.as_bytes()).await?;
     }
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut words = head.split_whitespace();
-    let method = words.next().unwrap_or_default().to_string();
-    let path = words.next().unwrap_or_default().to_string();
-    let auth = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("authorization")
-            .then(|| v.trim().to_string())
-    });
-    let body: Value = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
-    let (status, reply) =
-        fake.lock()
-            .expect("fake lock")
-            .handle(&method, &path, auth.as_deref(), body);
-    let reply = reply.to_string();
-    // Chunked, in two pieces, to exercise the client's decoder.
-    let (a, b) = reply.split_at(reply.len() / 2);
-    let resp = format!(
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
-        a.len(),
-        b.len()
-    );
-    sock.write_all(resp.as_bytes()).await?;
-    sock.shutdown().await
 }
 
 const ORDERS: &str = "t.public.orders";
@@ -548,6 +602,48 @@ async fn meilisearch_target_applies_snapshot_and_changes() {
     // Updates merge (PUT), inserts replace (POST).
     assert_eq!(f.requests("PUT", "/indexes/orders/documents"), 1);
     assert!(f.requests("POST", "/indexes/orders/documents") >= 2);
+    // Connections are kept alive: far fewer connections than requests.
+    assert!(
+        f.connections * 4 < f.log.len(),
+        "{} connections for {} requests",
+        f.connections,
+        f.log.len()
+    );
+}
+
+/// `https://` with a private CA given as a file: the same writes arrive; without the CA the
+/// server's certificate is refused and nothing is sent.
+#[tokio::test]
+async fn meilisearch_over_https_trusts_the_given_ca() {
+    let Some((ca, acceptor)) = test_tls() else {
+        eprintln!("skipped: PGCDC_TEST_SSLROOTCERT and its server.crt/server.key are needed");
+        return;
+    };
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve_tls(fake.clone(), acceptor).await;
+    assert!(url.starts_with("https://127.0.0.1:"));
+
+    let untrusted = HttpClient::new(&url, Some(KEY.into()), Duration::from_secs(5)).expect("url");
+    let mut ix = Indexer::new(MeiliTarget::new(untrusted), &[ORDERS.into()]).expect("indexer");
+    let err = ix.prepare().await.expect_err("unknown CA");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // A refused certificate is configuration, not a server that might come back: no retries.
+    assert!(!err.is_transient(), "{err}");
+    assert!(fake.lock().unwrap().log.is_empty());
+
+    let http = HttpClient::with_ca_file(&url, Some(KEY.into()), Duration::from_secs(5), Some(&ca))
+        .expect("url");
+    let mut ix =
+        Indexer::new(MeiliTarget::new(http), &[ORDERS.into(), CUSTOMERS.into()]).expect("indexer");
+    ix.prepare().await.expect("prepare");
+    ix.apply_batch(&history()).await.expect("history applied");
+    let f = fake.lock().unwrap();
+    check_final(&f);
+    assert!(
+        f.connections * 4 < f.log.len(),
+        "{} connections",
+        f.connections
+    );
 }
 
 #[tokio::test]

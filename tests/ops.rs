@@ -732,11 +732,11 @@ async fn verify_after_a_stopped_run_compares_at_once_or_names_the_unpublished_ch
     assert_eq!(json_of(&out)["same"], 50);
 }
 
-async fn slot_confirmed(o: &Ops) -> String {
+async fn slot_confirmed(o: &Ops) -> Option<pgcdc::model::Lsn> {
     o.db.client()
         .await
         .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
             &[&o.slot],
         )
         .await

@@ -385,12 +385,11 @@ async fn identify_system_reports_a_valid_position() {
         assert!(id.systemid.parse::<u64>().is_ok(), "{id:?}");
         assert_eq!(id.dbname.as_deref(), Some(db.name.as_str()));
         let client = db.client().await;
-        let current: String = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        let current: Lsn = client
+            .query_one("SELECT pg_current_wal_lsn()", &[])
             .await
             .unwrap()
             .get(0);
-        let current: Lsn = current.parse().unwrap();
         assert!(id.xlogpos <= current, "{} > {current}", id.xlogpos);
         repl.close().await.unwrap();
     })
@@ -768,12 +767,12 @@ async fn exported_snapshot_and_stream_are_consistent() {
 async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Option<Lsn> {
     let row = client
         .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .unwrap();
-    row.get::<_, Option<String>>(0).map(|s| s.parse().unwrap())
+    row.get(0)
 }
 
 async fn slot_active(client: &tokio_postgres::Client, slot: &str) -> bool {

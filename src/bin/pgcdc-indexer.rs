@@ -3,12 +3,13 @@
 //! Exit codes: 0 stopped by a signal, 1 the search engine refused a write or Kafka failed,
 //! 2 usage.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use pgcdc::cli::{properties_from_env, Property, PropertyParser};
-use pgcdc::indexer::http::HttpClient;
+use pgcdc::indexer::http::{HttpClient, HttpError};
 use pgcdc::indexer::meili::MeiliTarget;
 use pgcdc::indexer::target::{StdoutTarget, Target};
 use pgcdc::indexer::{source, Indexer, IndexerError, DEFAULT_MAX_BATCH};
@@ -43,7 +44,7 @@ struct Args {
     )]
     target: TargetKind,
 
-    /// Meilisearch's address (plain HTTP).
+    /// Meilisearch's address, `http://` or `https://` (connections are kept alive).
     #[arg(
         long,
         env = "PGCDC_INDEXER_MEILI_URL",
@@ -60,6 +61,11 @@ struct Args {
         hide_env_values = true
     )]
     meili_key: Option<String>,
+
+    /// A PEM file of CA certificates trusted for an `https://` Meilisearch, besides the
+    /// system's (for a private CA).
+    #[arg(long, env = "PGCDC_INDEXER_MEILI_CA_FILE", value_name = "PATH")]
+    meili_ca_file: Option<PathBuf>,
 
     /// A librdkafka property for the reader (repeatable; the value is taken whole). In the
     /// variable: semicolon-separated, `\;` for a semicolon inside a value.
@@ -144,12 +150,20 @@ async fn run(args: Args) -> Result<(), IndexerError> {
             index(args, target).await
         }
         TargetKind::Meilisearch => {
-            let http = HttpClient::new(
+            let http = HttpClient::with_ca_file(
                 &args.meili_url,
                 args.meili_key.clone(),
                 Duration::from_secs(30),
+                args.meili_ca_file.as_deref(),
             )
-            .map_err(|e| IndexerError::Usage(format!("--meili-url: {e}")))?;
+            .map_err(|e| {
+                let flag = match e {
+                    HttpError::BadCa { .. } => "--meili-ca-file",
+                    HttpError::BadKey => "--meili-key",
+                    _ => "--meili-url",
+                };
+                IndexerError::Usage(format!("{flag}: {e}"))
+            })?;
             index(args, MeiliTarget::new(http)).await
         }
     }

@@ -14,14 +14,13 @@ pub mod drop;
 pub mod status;
 pub mod verify;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 
 use crate::checkpoint::ProgressStore;
 use crate::cli::ConnArgs;
 use crate::config;
 use crate::kafka::KafkaConfig;
 use crate::model::failure::{Classify, Failure, FailureKind};
-use crate::model::Lsn;
 use crate::source::connect;
 use crate::source::conninfo::ConnInfo;
 
@@ -59,15 +58,6 @@ pub(crate) fn progress_store(conn: &ConnArgs, database: &str) -> ProgressStore {
         database,
         &conn.pg.slot,
     )
-}
-
-/// `SELECT <lsn>::text` → [`Lsn`], with the query named in the error.
-pub(crate) fn parse_lsn(text: Option<String>, what: &str) -> Result<Option<Lsn>, Failure> {
-    text.map(|t| {
-        t.parse::<Lsn>()
-            .map_err(|e| Failure::new(FailureKind::Source, anyhow!("{what}: {e}")))
-    })
-    .transpose()
 }
 
 /// Bytes as `1.5 GiB`.

@@ -10,10 +10,11 @@
 use anyhow::anyhow;
 use serde::Serialize;
 
-use super::{human_bytes, parse_lsn, EXIT_UNHEALTHY};
+use super::{human_bytes, EXIT_UNHEALTHY};
 use crate::checkpoint::{Progress, SnapshotState};
 use crate::cli::StatusArgs;
 use crate::model::failure::{Classify, Failure, FailureKind};
+use crate::model::Lsn;
 
 /// Everything `status` reports; also its `--json` form.
 #[derive(Debug, Serialize)]
@@ -70,7 +71,7 @@ impl From<&Progress> for ProgressView {
             snapshot,
             tables,
             snapshot_rows: rows,
-            slot_lsn: crate::model::Lsn(p.slot_lsn).to_string(),
+            slot_lsn: Lsn(p.slot_lsn).to_string(),
             updated_ms: p.updated_ms,
         }
     }
@@ -101,20 +102,20 @@ pub async fn inspect(
     let slot = args.conn.pg.slot.as_str();
     let row = client
         .query_one(
-            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                     ELSE pg_current_wal_lsn() END)::text, current_database()::text",
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                    ELSE pg_current_wal_lsn() END, current_database()::text",
             &[],
         )
         .await
         .or_fail(FailureKind::Source)?;
-    let current: Option<String> = row.get(0);
+    let current: Option<Lsn> = row.try_get(0).or_fail(FailureKind::Source)?;
     let current_db: String = row.get(1);
-    let current_lsn = parse_lsn(current, "current WAL position")?.unwrap_or_default();
+    let current_lsn = current.unwrap_or_default();
 
     let slot_row = client
         .query_opt(
             "SELECT coalesce(plugin::text, ''), database::text, active, active_pid, \
-                    restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size \
+                    restart_lsn, confirmed_flush_lsn, wal_status, safe_wal_size \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -143,8 +144,8 @@ pub async fn inspect(
         warnings: Vec::new(),
     };
     if let Some(r) = &slot_row {
-        let restart = parse_lsn(r.get(4), "restart_lsn")?;
-        let confirmed = parse_lsn(r.get(5), "confirmed_flush_lsn")?;
+        let restart: Option<Lsn> = r.try_get(4).or_fail(FailureKind::Source)?;
+        let confirmed: Option<Lsn> = r.try_get(5).or_fail(FailureKind::Source)?;
         s.plugin = Some(r.get(0));
         s.database = r.get(1);
         s.active = r.get(2);

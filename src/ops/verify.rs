@@ -66,7 +66,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{parse_lsn, EXIT_DIFFERENT};
+use super::EXIT_DIFFERENT;
 use crate::cli::VerifyArgs;
 use crate::event::order::Version;
 use crate::event::{Change, Datum, Encoder, Op, Position, SnapshotMarker, TableSchema};
@@ -415,7 +415,7 @@ async fn wait_for_slot(
         // it shows the live value even inside a REPEATABLE READ transaction.
         let row = client
             .query_opt(
-                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots \
+                "SELECT confirmed_flush_lsn, active FROM pg_replication_slots \
                  WHERE slot_name = $1",
                 &[&slot],
             )
@@ -431,7 +431,7 @@ async fn wait_for_slot(
                 ),
             ));
         };
-        let confirmed = parse_lsn(row.get(0), "confirmed_flush_lsn")?;
+        let confirmed: Option<Lsn> = row.try_get(0).or_fail(FailureKind::Source)?;
         let active: bool = row.get(1);
         if confirmed.is_some_and(|c| c >= point) {
             tracing::info!(slot, confirmed = %confirmed.unwrap_or_default(), "pgcdc is past the comparison point");
@@ -544,14 +544,13 @@ async fn unpublished_change(
     };
     // The options' value is a list of identifiers, so the name is quoted as one.
     let publications = quote_ident(publication);
-    let point_text = point.to_string();
     let rows = peek
         .query_raw(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2, $3, \
              'proto_version', '1', 'publication_names', $4)",
             [
                 &slot as &(dyn tokio_postgres::types::ToSql + Sync),
-                &point_text,
+                &point,
                 &PEEK_LIMIT,
                 &publications,
             ],

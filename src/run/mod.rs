@@ -440,11 +440,10 @@ async fn prepare_source(
             Some(StopLsn::At(l)) => Some(l),
             Some(StopLsn::Now) => {
                 let row = client
-                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .query_one("SELECT pg_current_wal_lsn()", &[])
                     .await
                     .or_fail(SourceFail)?;
-                let lsn: String = row.get(0);
-                Some(lsn.parse::<Lsn>().or_fail(SourceFail)?)
+                Some(row.try_get::<_, Lsn>(0).or_fail(SourceFail)?)
             }
         };
     }
@@ -970,10 +969,7 @@ async fn advance_slot(client: &tokio_postgres::Client, slot: &str, to: Lsn) -> R
     let mut attempts = 0;
     loop {
         match client
-            .execute(
-                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                &[&slot, &to.to_string()],
-            )
+            .execute("SELECT pg_replication_slot_advance($1, $2)", &[&slot, &to])
             .await
         {
             Ok(_) => return Ok(()),

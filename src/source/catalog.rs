@@ -824,7 +824,7 @@ pub async fn inspect_slot(
     let Some(row) = client
         .query_opt(
             "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
-                    coalesce(active_pid, 0), coalesce(confirmed_flush_lsn::text, '0/0'), \
+                    coalesce(active_pid, 0), confirmed_flush_lsn, \
                     coalesce(s.wal_status, ''), \
                     coalesce((to_jsonb(s) ->> 'conflicting')::bool, false), \
                     to_jsonb(s) ->> 'invalidation_reason' \
@@ -839,7 +839,7 @@ pub async fn inspect_slot(
     let db: String = row.get(1);
     let active: bool = row.get(2);
     let pid: i32 = row.get(3);
-    let confirmed: String = row.get(4);
+    let confirmed: Option<Lsn> = row.try_get(4)?;
     let wal_status: String = row.get(5);
     let conflicting: bool = row.get(6);
     let invalidation: Option<String> = row.get(7);
@@ -862,7 +862,7 @@ pub async fn inspect_slot(
         });
     }
     Ok(Some(SlotInfo {
-        confirmed_flush: confirmed.parse().unwrap_or(Lsn::INVALID),
+        confirmed_flush: confirmed.unwrap_or(Lsn::INVALID),
         invalidated: wal_status == "lost" || conflicting || invalidation.is_some(),
     }))
 }

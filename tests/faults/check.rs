@@ -487,24 +487,22 @@ pub async fn wait_retention_below(
 /// The server's current WAL position.
 pub async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
     let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_lsn()", &[])
         .await
         .expect("current lsn");
-    let s: String = row.get(0);
-    s.parse::<pgcdc::model::Lsn>().expect("an LSN").0
+    row.get::<_, pgcdc::model::Lsn>(0).0
 }
 
 /// The slot's confirmed position.
 pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Option<u64> {
     let row = client
         .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .ok()??;
-    let s: Option<String> = row.get(0);
-    s?.parse::<pgcdc::model::Lsn>().ok().map(|l| l.0)
+    row.get::<_, Option<pgcdc::model::Lsn>>(0).map(|l| l.0)
 }
 
 /// Waits until the slot confirmed `target`.

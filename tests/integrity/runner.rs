@@ -292,13 +292,11 @@ pub async fn run_case(
     if !p.running() {
         p.spawn();
     }
-    let target: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+    let target: u64 = client
+        .query_one("SELECT pg_current_wal_lsn()", &[])
         .await
         .map_err(|e| e.to_string())?
-        .get(0);
-    let target: u64 = target
-        .parse::<pgcdc::model::Lsn>()
+        .try_get::<_, pgcdc::model::Lsn>(0)
         .map_err(|e| e.to_string())?
         .0;
     p.wait_streaming(Duration::from_secs(120))
@@ -309,16 +307,15 @@ pub async fn run_case(
         if let Some(status) = p.exited() {
             return Err(format!("while catching up: {}", p.died(status)));
         }
-        let confirmed: Option<String> = client
+        let confirmed: Option<pgcdc::model::Lsn> = client
             .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
             .await
             .ok()
             .flatten()
             .and_then(|r| r.get(0));
-        let confirmed = confirmed.and_then(|c| c.parse::<pgcdc::model::Lsn>().ok());
         if confirmed.is_some_and(|c| c.0 >= target) {
             break;
         }

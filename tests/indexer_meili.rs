@@ -15,6 +15,7 @@ use pgcdc::indexer::meili::MeiliTarget;
 use pgcdc::indexer::source::SourceRecord;
 use pgcdc::indexer::target::TargetError;
 use pgcdc::indexer::Indexer;
+use pgcdc::model::failure::{Recoverable, Recovery};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -628,7 +629,7 @@ async fn meilisearch_over_https_trusts_the_given_ca() {
     let err = ix.prepare().await.expect_err("unknown CA");
     assert!(err.to_string().contains("certificate"), "{err}");
     // A refused certificate is configuration, not a server that might come back: no retries.
-    assert!(!err.is_transient(), "{err}");
+    assert!((err.recovery() == Recovery::Stop), "{err}");
     assert!(fake.lock().unwrap().log.is_empty());
 
     let http = HttpClient::with_ca_file(&url, Some(KEY.into()), Duration::from_secs(5), Some(&ca))
@@ -699,7 +700,7 @@ async fn meilisearch_interrupted_delete_is_finished_by_a_retry() {
     fake.lock().unwrap().fail_next = Some("/orders/documents/delete-batch".into());
     let delete = &h[5..7];
     let err = ix.apply_batch(delete).await.expect_err("503 on the delete");
-    assert!(err.is_transient(), "{err}");
+    assert!((err.recovery() == Recovery::Reconnect), "{err}");
     {
         let f = fake.lock().unwrap();
         assert!(
@@ -735,7 +736,7 @@ async fn meilisearch_failures_are_reported() {
         .await
         .expect_err("task fails");
     assert!(matches!(err, TargetError::TaskFailed { .. }), "{err}");
-    assert!(!err.is_transient());
+    assert!((err.recovery() == Recovery::Stop));
     assert!(err.to_string().contains("invalid_document_fields"), "{err}");
 
     // A wrong key is a 401 with Meilisearch's message, and not retried.
@@ -747,7 +748,7 @@ async fn meilisearch_failures_are_reported() {
         "{err}"
     );
     assert!(
-        !err.is_transient() && err.to_string().contains("invalid_api_key"),
+        (err.recovery() == Recovery::Stop) && err.to_string().contains("invalid_api_key"),
         "{err}"
     );
 
@@ -755,7 +756,7 @@ async fn meilisearch_failures_are_reported() {
     let http = HttpClient::new("http://127.0.0.1:1", None, Duration::from_secs(5)).expect("url");
     let mut down = Indexer::new(MeiliTarget::new(http), &[ORDERS.into()]).expect("indexer");
     let err = down.prepare().await.expect_err("refused");
-    assert!(err.is_transient(), "{err}");
+    assert!((err.recovery() == Recovery::Reconnect), "{err}");
 }
 
 /// A new snapshot after a lost slot: the rows it no longer holds are deleted from the index

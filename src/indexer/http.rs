@@ -14,6 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::model::failure::{Recoverable, Recovery};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, Url};
 
@@ -61,13 +62,15 @@ pub enum HttpError {
     },
 }
 
-impl HttpError {
-    /// The server may answer if asked again (down, restarting, slow).
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            HttpError::Connect { .. } | HttpError::Io { .. } | HttpError::Timeout { .. }
-        )
+impl Recoverable for HttpError {
+    /// The server may answer if asked again (down, restarting, slow); the rest stops.
+    fn recovery(&self) -> Recovery {
+        match self {
+            HttpError::Connect { .. } | HttpError::Io { .. } | HttpError::Timeout { .. } => {
+                Recovery::Reconnect
+            }
+            _ => Recovery::Stop,
+        }
     }
 }
 

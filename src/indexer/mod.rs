@@ -81,6 +81,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::model::failure::{Recoverable, Recovery};
 use event::{DocId, IndexEvent, Parsed, SnapshotDone};
 use source::SourceRecord;
 use target::{Target, TargetError};
@@ -339,7 +340,7 @@ impl<T: Target> Indexer<T> {
         loop {
             match self.prepare().await {
                 Ok(()) => break,
-                Err(e) if e.is_transient() => {
+                Err(e) if e.recovery() == Recovery::Reconnect => {
                     if !backoff.wait(&mut stop, "preparing the indexes", &e).await {
                         return Ok(());
                     }
@@ -371,7 +372,7 @@ impl<T: Target> Indexer<T> {
             loop {
                 match self.apply_batch(&batch).await {
                     Ok(_) => break,
-                    Err(e) if e.is_transient() => {
+                    Err(e) if e.recovery() == Recovery::Reconnect => {
                         if !backoff.wait(&mut stop, "indexing", &e).await {
                             break 'records;
                         }

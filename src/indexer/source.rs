@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::kafka::SinkError;
 use crate::kafka::{client_config, config_error, KafkaConfig, PgcdcContext, Role};
+use crate::model::failure::{Recoverable, Recovery};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -75,7 +76,7 @@ fn read(
             let md = match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
                 Ok(md) => md,
                 // The broker is not up yet: librdkafka retries; so do we.
-                Err(e) if is_transient(&e) => {
+                Err(e) if e.recovery() == Recovery::Reconnect => {
                     tracing::debug!("metadata of `{topic}`: {e}");
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
@@ -150,11 +151,4 @@ fn read(
             return Ok(());
         }
     }
-}
-
-fn is_transient(e: &KafkaError) -> bool {
-    !matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::Fatal)
-    )
 }

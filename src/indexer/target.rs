@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use super::event::{DocId, Version, VERSION_FIELD};
 use super::http::HttpError;
 use super::plan::{Planned, Write};
+use crate::model::failure::{Recoverable, Recovery};
 
 /// A search engine, or anything else that keeps documents by id.
 ///
@@ -68,17 +69,22 @@ pub enum TargetError {
     Output(#[from] std::io::Error),
 }
 
-impl TargetError {
-    /// Worth retrying the same batch: the server was unreachable, busy or slow. Safe because
-    /// every write is versioned (see [`super::plan`]).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            TargetError::Http(e) => e.is_transient(),
+impl Recoverable for TargetError {
+    /// Retry the same batch (`Reconnect`) when the server was unreachable, busy or slow. Safe
+    /// because every write is versioned (see [`super::plan`]). The rest stops.
+    fn recovery(&self) -> Recovery {
+        let retry = match self {
+            TargetError::Http(e) => e.recovery() == Recovery::Reconnect,
             TargetError::Status { status, .. } => *status >= 500 || *status == 429,
             TargetError::TaskTimeout { .. } => true,
             TargetError::TaskFailed { .. }
             | TargetError::BadResponse { .. }
             | TargetError::Output(_) => false,
+        };
+        if retry {
+            Recovery::Reconnect
+        } else {
+            Recovery::Stop
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The error of the Kafka clients and of the sinks: every message says what to do about it.
 
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::model::failure::{Recoverable, Recovery};
 
@@ -151,6 +152,20 @@ impl SinkError {
     /// The caller exits 0 without confirming what was not written.
     pub fn is_output_closed(&self) -> bool {
         matches!(self, SinkError::OutputClosed)
+    }
+}
+
+/// A reader's failure (metadata, fetch): librdkafka retries what a broker that is not up yet
+/// or restarting causes, and so do its callers; a refused authorization or a fatal client
+/// state stops.
+impl Recoverable for KafkaError {
+    fn recovery(&self) -> Recovery {
+        match self.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::Fatal) => {
+                Recovery::Stop
+            }
+            _ => Recovery::Reconnect,
+        }
     }
 }
 

@@ -17,31 +17,25 @@
 
 mod common;
 
-#[path = "faults/check.rs"]
-mod check;
-#[path = "faults/process.rs"]
-mod process;
-#[path = "faults/proxy.rs"]
-mod proxy;
-#[path = "faults/servers.rs"]
-mod servers;
-#[path = "faults/workload.rs"]
-mod workload;
+/// The parts in `tests/faults/`.
+mod faults {
+    pub mod check;
+    pub mod workload;
+}
+use faults::{check, workload};
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use check::{Summary, WORKLOAD_TABLES};
-use process::Pgcdc;
-use servers::{PrivateBroker, PrivatePg, Shutdown};
+use common::cmd::PgcdcCmd;
+use common::process::Pgcdc;
+use common::servers::{self, PrivateBroker, PrivatePg, Shutdown};
+use common::{kafka as shared_kafka, proxy};
 use workload::{Pace, Rng, Workload};
 
 fn soak() -> bool {
     std::env::var("PGCDC_SOAK").is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
-fn shared_kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
 fn now_ms() -> i64 {
@@ -95,28 +89,19 @@ impl Scenario {
         let prefix = common::unique_name("f");
         let direct = Self::direct_conninfo(&db);
         let source = source.unwrap_or_else(|| direct.clone());
-        let mut args: Vec<String> = [
-            "--source",
-            &source,
-            "--kafka",
-            kafka,
-            "--slot",
-            &slot,
-            "--publication",
-            &slot,
-            "--topic-prefix",
-            &prefix,
-            "--status-interval",
-            "0.5",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for t in workload::TABLES {
-            args.push("--table".into());
-            args.push(format!("public.{t}"));
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let cmd = PgcdcCmd::new("run")
+            .set("--source", &source)
+            .set("--kafka", kafka)
+            .set("--slot", &slot)
+            .set("--publication", &slot)
+            .set("--topic-prefix", &prefix)
+            .set("--status-interval", "0.5")
+            .args(
+                workload::TABLES
+                    .iter()
+                    .flat_map(|t| ["--table".to_string(), format!("public.{t}")]),
+            )
+            .args(extra);
         let dir = std::env::temp_dir().join(&prefix);
         let s = Scenario {
             name,
@@ -126,7 +111,7 @@ impl Scenario {
             prefix,
             orders,
             docs,
-            pgcdc: Pgcdc::new(args, dir),
+            pgcdc: Pgcdc::new(cmd, dir),
             rng: Rng::new(seed),
             seed,
             started: Instant::now(),

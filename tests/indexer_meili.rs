@@ -2,15 +2,17 @@
 //! implements the endpoints the indexer uses, processes writes as asynchronous tasks (a write
 //! is invisible until its task has been polled), checks the API key, and records every request.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgcdc::indexer::http::HttpClient;
-use pgcdc::indexer::meili::MeiliTarget;
-use pgcdc::indexer::source::SourceRecord;
-use pgcdc::indexer::target::TargetError;
-use pgcdc::indexer::Indexer;
+use common::api::indexer::HttpClient;
+use common::api::indexer::Indexer;
+use common::api::indexer::MeiliTarget;
+use common::api::indexer::SourceRecord;
+use common::api::indexer::TargetError;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -27,26 +27,19 @@
 
 mod common;
 
-#[path = "integrity/gen.rs"]
-mod gen;
-#[path = "integrity/oracle.rs"]
-mod oracle;
-#[path = "faults/process.rs"]
-mod process;
-#[path = "integrity/runner.rs"]
-mod runner;
-#[path = "faults/servers.rs"]
-mod servers;
+/// The parts in `tests/integrity/`.
+mod integrity {
+    pub mod gen;
+    pub mod oracle;
+    pub mod runner;
+}
+use integrity::{gen, oracle, runner};
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{kafka, TestEnv};
 use gen::{Bug, Config};
-
-fn kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {

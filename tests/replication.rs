@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgcdc::config::conninfo::ConnInfo;
-use pgcdc::source::replication::{
+use common::api::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream, SnapshotAction,
     TlsError,
 };
-use pgcdc::source::Lsn;
+use common::api::ConnInfo;
+use common::api::Lsn;
 
 use common::TestDb;
 
@@ -207,7 +207,7 @@ async fn wrong_password_fails_clearly_without_leaking_it() {
             assert!(!err.is_transient());
 
             // The ordinary connection's error does not show it either.
-            let err = pgcdc::source::connect::connect(&info).await.unwrap_err();
+            let err = crate::common::api::connect(&info).await.unwrap_err();
             let shown = format!("{err} {err:?}");
             assert!(!shown.contains(wrong), "{shown}");
             assert_eq!(err.sqlstate(), Some("28P01"), "{shown}");
@@ -316,9 +316,7 @@ async fn tls_require_and_verify() {
             "{err}"
         );
         assert!(!err.is_transient());
-        let err = pgcdc::source::connect::connect(&wrong_host)
-            .await
-            .unwrap_err();
+        let err = crate::common::api::connect(&wrong_host).await.unwrap_err();
         assert!(!err.is_transient(), "{err}");
 
         // verify-ca does not check the name.
@@ -1103,6 +1101,6 @@ async fn connection_refused_is_transient() {
     let err = ReplicationClient::connect(&info).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
-    let err = pgcdc::source::connect::connect(&info).await.unwrap_err();
+    let err = crate::common::api::connect(&info).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
 }

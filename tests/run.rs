@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::api::Version;
+use common::api::{KafkaConfig, ReadStop};
 use common::pipeline::{assert_fails, assert_success, kafka, Event, Pipeline};
-use pgcdc::event::order::Version;
-use pgcdc::sink::kafka::{KafkaConfig, ReadStop};
 use serde_json::{json, Value};
 
 /// Compares replayed topic state with the table, reporting a few differences, not dumps.
@@ -524,7 +524,7 @@ async fn errors_name_the_fix() {
     // The slot in use by another pgcdc (which holds the slot's lock: see tests/sessions.rs).
     let mut first = p.spawn(&["--table", "items"], "first.log");
     p.wait_for_log("first.log", "streaming changes").await;
-    let before = common::published(&kafka(), &p.prefix).await;
+    let before = common::topics::published(&kafka(), &p.prefix).await;
     // Two rows and the snapshot marker.
     assert_eq!(before.get(&p.topic("items")), Some(&3), "{before:?}");
     assert_fails(
@@ -532,7 +532,7 @@ async fn errors_name_the_fix() {
         3,
         &["another pgcdc is running for slot", "--slot"],
     );
-    assert_eq!(common::published(&kafka(), &p.prefix).await, before);
+    assert_eq!(common::topics::published(&kafka(), &p.prefix).await, before);
     let _ = first.kill();
     let _ = first.wait();
 }
@@ -580,7 +580,7 @@ async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
         .await
         .unwrap();
     let after_update = p.current_lsn().await;
-    let before = common::published(&kafka(), &p.prefix).await;
+    let before = common::topics::published(&kafka(), &p.prefix).await;
     let out = p.run(&[
         "--table",
         "items",
@@ -596,7 +596,7 @@ async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
         "the failed transaction must not be confirmed"
     );
     assert_eq!(
-        common::published(&kafka(), &p.prefix).await,
+        common::topics::published(&kafka(), &p.prefix).await,
         before,
         "nothing of the refused transaction is published"
     );
@@ -645,9 +645,7 @@ async fn lost_replication_connection_reconnects_and_loses_nothing() {
     );
     assert!(log.contains("reconnecting"), "{log}");
     assert!(child.try_wait().unwrap().is_none(), "pgcdc exited:\n{log}");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    common::process::sigterm(&child);
     let _ = child.wait();
 
     let events = p.events("hot", None).await;
@@ -690,7 +688,7 @@ async fn without_table_flags_every_table_of_the_publication_is_captured() {
     let cfg = KafkaConfig::new(kafka());
     let topic_c = p.topic("c");
     let c_exists = tokio::task::spawn_blocking(move || {
-        pgcdc::sink::kafka::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
+        crate::common::api::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
             .map(|r| r.is_some())
     })
     .await
@@ -1070,9 +1068,7 @@ async fn stream_in_background_until_caught_up(
         "pgcdc exited:\n{}",
         p.log(log)
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    common::process::sigterm(&child);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}\n{}", p.log(log));
     let stdout = std::fs::read(out).unwrap();

@@ -4,38 +4,15 @@
 
 mod common;
 
-#[path = "faults/proxy.rs"]
-mod proxy;
-#[path = "faults/servers.rs"]
-mod servers;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pipeline::{assert_success, Pipeline};
+use common::process::{sigterm, wait_exit};
+use common::{proxy, servers};
 use serde_json::Value;
-
-/// Waits at most `timeout` for `child` to exit; kills it otherwise (None).
-async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn sigterm(child: &Child) {
-    servers::signal(child.id(), "-TERM");
-}
 
 /// Starts `cmd` with stderr to `log` in the pipeline's directory and stdout to `out` there
 /// (or nowhere).
@@ -546,17 +523,11 @@ async fn database_timeouts_shorter_than_the_snapshot_do_not_end_it() {
 
 /// `pgcdc drop` for this pipeline.
 fn drop_command(p: &Pipeline, progress_file: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-    c.arg("drop")
-        .args(["--source", &p.source()])
-        .args(["--progress-file", progress_file])
-        .args(["--slot", &p.slot, "--publication", &p.slot])
-        .args(["--topic-prefix", &p.prefix])
-        .arg("--yes")
-        .env_remove("PGCDC_LOG")
-        .env("PGPASSFILE", "/nonexistent")
-        .stdin(Stdio::null());
-    c
+    p.pgcdc("drop")
+        .unset("--kafka")
+        .set("--progress-file", progress_file)
+        .args(["--yes"])
+        .command()
 }
 
 /// Runs `cmd` for at most 60 s.
@@ -887,10 +858,10 @@ async fn stop_lsn_now_is_the_process_start_also_after_a_restart() {
     let records = tokio::task::spawn_blocking({
         let topic = p.topic("t");
         move || {
-            pgcdc::sink::kafka::read_topic(
-                &pgcdc::sink::kafka::KafkaConfig::new(bootstrap),
+            crate::common::api::read_topic(
+                &crate::common::api::KafkaConfig::new(bootstrap),
                 &topic,
-                pgcdc::sink::kafka::ReadStop::Quiet {
+                crate::common::api::ReadStop::Quiet {
                     expected: None,
                     quiet: Duration::from_secs(3),
                     max_wait: Duration::from_secs(60),
@@ -1116,7 +1087,7 @@ async fn a_transaction_committed_at_the_stop_lsn_is_published_once() {
 /// signal handlers are installed before pgcdc logs or connects.
 ///
 /// Between `exec` and `main` (the dynamic loader) no program can handle a signal, so a SIGTERM
-/// sent the instant `spawn` returns is started with SIGTERM blocked ([`common::block_sigterm_until_handled`]):
+/// sent the instant `spawn` returns is started with SIGTERM blocked ([`common::cmd::block_sigterm_until_handled`]):
 /// pgcdc unblocks it once its handlers are installed. Then, unblocked, a SIGTERM the moment
 /// the first log line appears, and a little after.
 #[tokio::test(flavor = "multi_thread")]
@@ -1129,8 +1100,11 @@ async fn sigterm_right_after_start_exits_0() {
     };
     for i in 0..5 {
         let log = format!("blocked{i}.log");
-        let mut cmd = p.command(&["--table", "public.t"]);
-        common::block_sigterm_until_handled(&mut cmd);
+        let cmd = p
+            .pgcdc("run")
+            .args(["--table", "public.t"])
+            .block_sigterm()
+            .command();
         let mut child = spawn_logged(&p, cmd, &log, None);
         term(&child);
         let status = wait_exit(&mut child, Duration::from_secs(20)).await;

@@ -6,16 +6,18 @@
 //! not set. Failure injection (outages, refused writes) uses librdkafka's mock cluster.
 //! Every test uses its own topics.
 
+mod common;
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pgcdc::sink::kafka::{
+use common::api::Lsn;
+use common::api::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
-use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
-use pgcdc::source::Lsn;
+use common::api::{sink, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
@@ -953,7 +955,7 @@ async fn ensure_topics_creates_missing_topics_and_is_idempotent() {
         let cfg2 = cfg.clone();
         let name = spec.name.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            pgcdc::sink::kafka::TopicReader::open(&cfg2, &name, ReadStop::HighWatermark)
+            crate::common::api::TopicReader::open(&cfg2, &name, ReadStop::HighWatermark)
                 .map(|r| r.partitions().len())
         })
         .await

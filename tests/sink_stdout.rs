@@ -1,5 +1,7 @@
 //! The stdout sink, driven through `sink::run` with injected writers.
 
+mod common;
+
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -7,8 +9,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgcdc::sink::{self, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink};
-use pgcdc::source::Lsn;
+use common::api::Lsn;
+use common::api::{sink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink};
 use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 

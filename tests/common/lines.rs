@@ -6,7 +6,8 @@ use std::process::Output;
 
 use serde_json::{Map, Value};
 
-use super::pipeline::{assert_success, Pipeline};
+use super::assert::assert_success;
+use super::pipeline::Pipeline;
 
 /// One stdout run's events and its log.
 pub struct Run {

@@ -139,9 +139,9 @@ async fn read_topics(
     let mut handles = Vec::new();
     for t in tables {
         let kafka = kafka.to_string();
-        let topic = pgcdc::source::topic::topic_name(
+        let topic = crate::common::api::topic_name(
             prefix,
-            &pgcdc::source::catalog::TableName::new("public", t.name.to_string()),
+            &crate::common::api::TableName::new("public", t.name.to_string()),
         );
         handles.push((
             t.name,
@@ -491,7 +491,7 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
         .await
         .expect("current lsn");
     let s: String = row.get(0);
-    s.parse::<pgcdc::source::Lsn>().expect("an LSN").0
+    s.parse::<crate::common::api::Lsn>().expect("an LSN").0
 }
 
 /// The slot's confirmed position.
@@ -504,7 +504,7 @@ pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Opt
         .await
         .ok()??;
     let s: Option<String> = row.get(0);
-    s?.parse::<pgcdc::source::Lsn>().ok().map(|l| l.0)
+    s?.parse::<crate::common::api::Lsn>().ok().map(|l| l.0)
 }
 
 /// Waits until the slot confirmed `target`.

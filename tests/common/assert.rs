@@ -1,0 +1,48 @@
+//! The checks many tests make on a finished `pgcdc` process.
+
+use std::process::Output;
+
+use super::api::ConnInfo;
+
+/// The process succeeded; else fails with its stderr.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed with {:?}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The process failed with exit code `code`, and stderr names the fix (says every needle).
+pub fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+/// A run that failed published nothing: no topic of its prefix holds a record (topics it
+/// created may exist, empty).
+pub async fn assert_nothing_published(kafka: &str, prefix: &str) {
+    let records = super::topics::published(kafka, prefix).await;
+    assert!(
+        records.values().all(|n| *n == 0),
+        "a failed run published records: {records:?}"
+    );
+}
+
+/// A run that failed at start left no replication slot `slot` behind.
+pub async fn assert_no_slot(info: &ConnInfo, slot: &str) {
+    let n: i64 = super::client(info)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("query slots")
+        .get(0);
+    assert_eq!(n, 0, "a failed run left slot {slot} behind");
+}

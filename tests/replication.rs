@@ -15,7 +15,7 @@ use common::api::replication::{
 use common::api::ConnInfo;
 use common::api::Lsn;
 
-use common::TestDb;
+use common::{Login, TestDb, TestEnv};
 
 /// Every test is bounded: a hang is a failure, not a stuck CI run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -74,48 +74,38 @@ async fn connects_with_trust() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn connects_with_scram() {
+/// A replication connection as a password role: the session is who and where it should be.
+/// `login` picks the role of one method from the environment; without it the test is
+/// skipped (`var` names its variables).
+async fn connects_with(test: &str, login: fn(TestEnv) -> Option<Login>, var: &str) {
     bounded(async {
-        let Some(login) = common::env().scram else {
-            return common::skip(
-                "connects_with_scram",
-                "PGCDC_TEST_SCRAM_USER/_PASSWORD not set",
-            );
+        let Some(login) = login(common::env()) else {
+            return common::skip(test, &format!("{var}_USER/_PASSWORD not set"));
         };
         let db = TestDb::create().await;
         let repl = check_login(&db, &login.user, Some(&login.password), "").await;
         repl.close().await.unwrap();
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connects_with_scram() {
+    connects_with("connects_with_scram", |e| e.scram, "PGCDC_TEST_SCRAM").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connects_with_md5() {
-    bounded(async {
-        let Some(login) = common::env().md5 else {
-            return common::skip("connects_with_md5", "PGCDC_TEST_MD5_USER/_PASSWORD not set");
-        };
-        let db = TestDb::create().await;
-        let repl = check_login(&db, &login.user, Some(&login.password), "").await;
-        repl.close().await.unwrap();
-    })
-    .await
+    connects_with("connects_with_md5", |e| e.md5, "PGCDC_TEST_MD5").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connects_with_cleartext() {
-    bounded(async {
-        let Some(login) = common::env().cleartext else {
-            return common::skip(
-                "connects_with_cleartext",
-                "PGCDC_TEST_CLEARTEXT_USER/_PASSWORD not set",
-            );
-        };
-        let db = TestDb::create().await;
-        let repl = check_login(&db, &login.user, Some(&login.password), "").await;
-        repl.close().await.unwrap();
-    })
+    connects_with(
+        "connects_with_cleartext",
+        |e| e.cleartext,
+        "PGCDC_TEST_CLEARTEXT",
+    )
     .await
 }
 
@@ -155,7 +145,7 @@ async fn ordinary_connection_with_password_methods() {
         let env = common::env();
         let db = TestDb::create().await;
         let mut tried = 0;
-        for login in [&env.scram, &env.md5, &env.cleartext].into_iter().flatten() {
+        for login in env.password_logins() {
             let info = env.conninfo(&login.user, Some(&login.password), &db.name, "");
             let client = common::client(&info).await;
             let user: String = client
@@ -183,10 +173,7 @@ async fn ordinary_connection_with_password_methods() {
 async fn wrong_password_fails_clearly_without_leaking_it() {
     bounded(async {
         let env = common::env();
-        let logins: Vec<_> = [&env.scram, &env.md5, &env.cleartext]
-            .into_iter()
-            .flatten()
-            .collect();
+        let logins = env.password_logins();
         if logins.is_empty() {
             return common::skip("wrong_password_fails...", "no password roles set");
         }
@@ -207,7 +194,7 @@ async fn wrong_password_fails_clearly_without_leaking_it() {
             assert!(!err.is_transient());
 
             // The ordinary connection's error does not show it either.
-            let err = crate::common::api::connect(&info).await.unwrap_err();
+            let err = common::api::connect(&info).await.unwrap_err();
             let shown = format!("{err} {err:?}");
             assert!(!shown.contains(wrong), "{shown}");
             assert_eq!(err.sqlstate(), Some("28P01"), "{shown}");
@@ -316,7 +303,7 @@ async fn tls_require_and_verify() {
             "{err}"
         );
         assert!(!err.is_transient());
-        let err = crate::common::api::connect(&wrong_host).await.unwrap_err();
+        let err = common::api::connect(&wrong_host).await.unwrap_err();
         assert!(!err.is_transient(), "{err}");
 
         // verify-ca does not check the name.
@@ -1101,6 +1088,6 @@ async fn connection_refused_is_transient() {
     let err = ReplicationClient::connect(&info).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
-    let err = crate::common::api::connect(&info).await.unwrap_err();
+    let err = common::api::connect(&info).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
 }

@@ -304,22 +304,15 @@ async fn snapshot_connection_lost_starts_again_and_publishes_everything() {
     .await;
     let mut child = p.spawn(&["--table", "public.big", "--snapshot-only"], "snap.log");
     let admin = p.db.client().await;
-    let terminated = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+    let terminated = common::wait_for_count(
+        &admin,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                  WHERE datname = current_database() AND pid <> pg_backend_pid()
                    AND state = 'active' AND query ILIKE 'COPY%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    )
     .await;
     assert!(
-        terminated.is_some(),
+        terminated,
         "no snapshot COPY was seen running:\n{}",
         p.log("snap.log")
     );

@@ -6,13 +6,20 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pipeline::{assert_success, Pipeline};
-use common::process::{sigterm, wait_exit};
+use common::process::{sigterm, sigterm_timed, wait_exit};
 use common::{proxy, servers};
 use serde_json::Value;
+
+/// The run logging to `run.log` exited 0 within 3 s of its SIGTERM.
+fn assert_exited_0_at_once(p: &Pipeline, status: Option<ExitStatus>, took: Duration) {
+    let log = p.log("run.log");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+}
 
 /// Starts `cmd` with stderr to `log` in the pipeline's directory and stdout to `out` there
 /// (or nowhere).
@@ -321,22 +328,15 @@ async fn the_catalog_changed_before_the_consistent_point_starts_the_snapshot_aga
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = read_all(stdout);
-        let waiting = common::poll_until(Duration::from_secs(30), || async {
-            let n: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
+        let waiting = common::wait_for_count(
+            &admin,
+            "SELECT count(*) FROM pg_stat_activity
                      WHERE datname = current_database() AND query LIKE 'CREATE_REPLICATION_SLOT%'
                        AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n > 0).then_some(())
-        })
+        )
         .await;
         assert!(
-            waiting.is_some(),
+            waiting,
             "{ddl}: slot creation never waited:\n{}",
             p.log("run.log")
         );
@@ -417,24 +417,9 @@ async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
             .await
             .map_err(|e| e.to_string())
     });
-    let waiting = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_locks
-                 WHERE relation = 'public.c'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
-    .await;
-    assert!(
-        waiting.is_some(),
-        "the ALTER never waited:\n{}",
-        p.log("run.log")
-    );
+    let waiting = common::wait_for_count(&admin, "SELECT count(*) FROM pg_locks
+                 WHERE relation = 'public.c'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted").await;
+    assert!(waiting, "the ALTER never waited:\n{}", p.log("run.log"));
     let reader = read_all(stdout);
     let status = wait_exit(&mut child, Duration::from_secs(60)).await;
     // Ends the ALTER's wait in any case (if pgcdc was killed above).
@@ -735,22 +720,15 @@ async fn the_slot_lock_is_taken_again_after_its_connection_was_lost() {
 /// Terminates the backend running the snapshot's COPY, once one runs.
 async fn terminate_snapshot_copy(p: &Pipeline, log: &str) {
     let admin = p.db.client().await;
-    let terminated = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+    let terminated = common::wait_for_count(
+        &admin,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                  WHERE datname = current_database() AND pid <> pg_backend_pid()
                    AND state = 'active' AND query ILIKE 'COPY%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    )
     .await;
     assert!(
-        terminated.is_some(),
+        terminated,
         "no snapshot COPY was seen running:\n{}",
         p.log(log)
     );
@@ -895,13 +873,8 @@ async fn sigterm_while_kafka_is_unreachable_at_start_exits_0() {
     let cmd = p.command_with(&p.source(), &closed, &["--table", "public.t"]);
     let mut child = spawn_logged(&p, cmd, "run.log", None);
     p.wait_for_log("run.log", "is unreachable").await;
-    let sent = Instant::now();
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
-    let took = sent.elapsed();
-    let log = p.log("run.log");
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
-    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+    let (status, took) = sigterm_timed(&mut child, Duration::from_secs(20)).await;
+    assert_exited_0_at_once(&p, status, took);
 }
 
 /// Issue 17, item 13: SIGTERM while the snapshot waits for a table that another session holds
@@ -919,32 +892,16 @@ async fn sigterm_while_the_snapshot_waits_for_a_lock_exits_0() {
         .await
         .unwrap();
     let _reader = read_all(stdout);
-    let waiting = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE relation = 'public.a'::regclass AND NOT granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    let waiting = common::wait_for_count(
+        &admin,
+        "SELECT count(*) FROM pg_locks WHERE relation = 'public.a'::regclass AND NOT granted",
+    )
     .await;
-    assert!(
-        waiting.is_some(),
-        "pgcdc never waited for a:\n{}",
-        p.log("run.log")
-    );
-    let sent = Instant::now();
-    sigterm(&child);
+    assert!(waiting, "pgcdc never waited for a:\n{}", p.log("run.log"));
     // Its transaction has an id, which every slot creation in the cluster waits for.
-    let status = wait_exit(&mut child, Duration::from_secs(5)).await;
-    let took = sent.elapsed();
+    let (status, took) = sigterm_timed(&mut child, Duration::from_secs(5)).await;
     locker.batch_execute("COMMIT").await.unwrap();
-    let log = p.log("run.log");
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
-    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+    assert_exited_0_at_once(&p, status, took);
 }
 
 /// Issue 17, item 13: SIGTERM while creating the slot waits for a transaction that was running
@@ -958,34 +915,18 @@ async fn sigterm_while_slot_creation_waits_for_a_transaction_exits_0() {
         .await
         .unwrap();
     let mut child = spawn_logged(&p, p.command(&["--table", "public.t"]), "run.log", None);
-    let waiting = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
+    let waiting = common::wait_for_count(
+        &admin,
+        "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND query LIKE 'CREATE_REPLICATION_SLOT%'
                    AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    )
     .await;
-    assert!(
-        waiting.is_some(),
-        "slot creation never waited:\n{}",
-        p.log("run.log")
-    );
-    let sent = Instant::now();
-    sigterm(&child);
+    assert!(waiting, "slot creation never waited:\n{}", p.log("run.log"));
     // Every slot creation in the cluster waits for this transaction: not long.
-    let status = wait_exit(&mut child, Duration::from_secs(5)).await;
-    let took = sent.elapsed();
+    let (status, took) = sigterm_timed(&mut child, Duration::from_secs(5)).await;
     open.batch_execute("COMMIT").await.unwrap();
-    let log = p.log("run.log");
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
-    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+    assert_exited_0_at_once(&p, status, took);
 }
 
 /// Formats a WAL position as PostgreSQL does.

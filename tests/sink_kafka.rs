@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::sinks::{self, record, Running};
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use common::api::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
-use common::api::{sink, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
+use common::api::{KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
@@ -54,23 +56,9 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
-fn rec(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
-    SinkItem::Record(Record {
-        topic: topic.into(),
-        key: key.map(|k| Bytes::from(k.to_string())),
-        value: value.map(|v| Bytes::from(v.to_string())),
-        partition: None,
-    })
-}
-
-type Running = tokio::task::JoinHandle<Result<SinkSummary, SinkError>>;
-
 fn start(cfg: KafkaConfig, capacity: usize) -> (SinkSender, watch::Receiver<Lsn>, Running) {
     let sink = KafkaSink::new(cfg).expect("producer created");
-    let (tx, rx) = sink::channel(capacity, sink::channel::CHANNEL_BYTES);
-    let (acked_tx, acked_rx) = watch::channel(Lsn(0));
-    let handle = tokio::spawn(sink::run(Sink::Kafka(sink), rx, acked_tx));
-    (tx, acked_rx, handle)
+    sinks::start(Sink::Kafka(sink), capacity)
 }
 
 async fn wait_acked(acked: &mut watch::Receiver<Lsn>, lsn: Lsn, within: Duration) {
@@ -312,7 +300,7 @@ async fn an_outage_stalls_with_warnings_and_resumes_without_loss() {
         .property("linger.ms", "0");
 
     let (tx, mut acked, handle) = start(cfg, 16);
-    tx.send(rec(&topic, Some("1"), Some("\"before\"")))
+    tx.send(record(&topic, Some("1"), Some("\"before\"")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
@@ -320,7 +308,7 @@ async fn an_outage_stalls_with_warnings_and_resumes_without_loss() {
 
     mock.broker_down(1).expect("broker down");
     for i in 0..50 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("\"during\"")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("\"during\"")))
             .await
             .expect("alive");
     }
@@ -366,15 +354,13 @@ async fn a_refused_write_fails_with_the_authorization_error() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 10],
     );
-    tx.send(rec(&topic, Some("1"), Some("1")))
+    tx.send(record(&topic, Some("1"), Some("1")))
         .await
         .expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(9))).await;
     drop(tx);
-    let err = tokio::time::timeout(Duration::from_secs(30), handle)
+    let err = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("fails in time")
-        .expect("join")
         .expect_err("write refused");
     assert!(
         matches!(err, SinkError::TopicAuthorization { .. }),
@@ -402,7 +388,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
     mock.broker_down(1).expect("broker down");
     let (tx, _, old) = start(cfg.clone(), 16);
     for i in 0..5 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("\"old\"")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("\"old\"")))
             .await
             .expect("alive");
     }
@@ -411,7 +397,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
     tx.send(SinkItem::Barrier(barrier)).await.expect("alive");
     // Then a record librdkafka refuses outright: the sink fails.
     let huge = format!("\"{}\"", "x".repeat(20_000));
-    let _ = tx.send(rec(&topic, Some("5"), Some(&huge))).await;
+    let _ = tx.send(record(&topic, Some("5"), Some(&huge))).await;
     let err = tokio::time::timeout(Duration::from_secs(30), old)
         .await
         .expect("fails in time")
@@ -423,7 +409,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
     mock.broker_up(1).expect("broker up");
     let (tx, mut acked, new) = start(cfg.clone(), 16);
     for i in 0..5 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("\"new\"")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("\"new\"")))
             .await
             .expect("alive");
     }
@@ -469,7 +455,7 @@ async fn queue_full_is_backpressure_not_loss() {
     let topic2 = topic.clone();
     let feeder = tokio::spawn(async move {
         for i in 1..=n {
-            tx.send(rec(&topic2, Some(&i.to_string()), Some("{}")))
+            tx.send(record(&topic2, Some(&i.to_string()), Some("{}")))
                 .await
                 .expect("alive");
             if i % 100 == 0 {
@@ -493,7 +479,7 @@ async fn the_sink_returns_as_soon_as_the_channel_closes_after_the_last_ack() {
     let cfg = KafkaConfig::new(mock.bootstrap_servers()).property("linger.ms", "0");
     for round in 1..=30u64 {
         let (tx, mut acked, handle) = start(cfg.clone(), 16);
-        tx.send(rec(&topic, Some("k"), Some("1")))
+        tx.send(record(&topic, Some("k"), Some("1")))
             .await
             .expect("alive");
         tx.send(SinkItem::Checkpoint(Lsn(round)))
@@ -521,27 +507,25 @@ async fn a_small_in_flight_window_stops_reading_the_channel() {
     let (tx, acked, handle) = start(cfg, 1);
     // 3 in flight + 1 in the channel; the 5th send must wait.
     for i in 0..4 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("{}")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("{}")))
             .await
             .expect("alive");
     }
     // Give the sink time to take what it may.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let fifth = tx.try_send(rec(&topic, Some("4"), Some("{}")));
+    let fifth = tx.try_send(record(&topic, Some("4"), Some("{}")));
     assert!(
         matches!(fifth, Err(mpsc::error::TrySendError::Full(_))),
         "the sink kept reading beyond its in-flight window"
     );
     mock.broker_up(1).expect("broker up");
-    tx.send(rec(&topic, Some("4"), Some("{}")))
+    tx.send(record(&topic, Some("4"), Some("{}")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(5))).await.expect("alive");
     drop(tx);
-    let summary = tokio::time::timeout(Duration::from_secs(30), handle)
+    let summary = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("drained in time")
-        .expect("join")
         .expect("run ok");
     assert_eq!(summary.records, 5);
     assert_eq!(*acked.borrow(), Lsn(5));
@@ -567,25 +551,23 @@ async fn a_batch_larger_than_the_window_is_sent_within_it() {
     tx.send(SinkItem::Records(batch)).await.expect("alive");
     // The sink holds the batch (3 of it in flight) and must not read on: this one waits in
     // the channel, and the next finds it full.
-    tx.send(rec(&topic, Some("10"), Some("{}")))
+    tx.send(record(&topic, Some("10"), Some("{}")))
         .await
         .expect("alive");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let next = tx.try_send(rec(&topic, Some("11"), Some("{}")));
+    let next = tx.try_send(record(&topic, Some("11"), Some("{}")));
     assert!(
         matches!(next, Err(mpsc::error::TrySendError::Full(_))),
         "the sink read the channel before its batch was sent"
     );
     mock.broker_up(1).expect("broker up");
-    tx.send(rec(&topic, Some("11"), Some("{}")))
+    tx.send(record(&topic, Some("11"), Some("{}")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(12))).await.expect("alive");
     drop(tx);
-    let summary = tokio::time::timeout(Duration::from_secs(30), handle)
+    let summary = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("drained in time")
-        .expect("join")
         .expect("run ok");
     assert_eq!(summary.records, 12);
     assert_eq!(*acked.borrow(), Lsn(12));
@@ -615,8 +597,8 @@ async fn records_are_stamped_when_they_are_sent_not_before() {
     // second and third records a second early.
     let mut sent_at = Vec::new();
     for (i, item) in [
-        rec(&topic, Some("a"), Some("{}")),
-        rec(&topic, Some("b"), Some("{}")),
+        record(&topic, Some("a"), Some("{}")),
+        record(&topic, Some("b"), Some("{}")),
         SinkItem::Records(vec![Record {
             topic: topic.as_str().into(),
             key: Some(Bytes::from_static(b"c")),
@@ -667,7 +649,7 @@ async fn records_arrive_in_order_and_checkpoints_follow_acknowledgements() {
     for i in 0..1_200u64 {
         let key = format!("{{\"id\":{}}}", i % 12);
         let value = (i % 7 != 3).then(|| format!("{{\"seq\":{i}}}"));
-        tx.send(rec(&topic, Some(&key), value.as_deref()))
+        tx.send(record(&topic, Some(&key), value.as_deref()))
             .await
             .expect("alive");
         sent.push((key, value));
@@ -760,7 +742,7 @@ async fn keys_land_on_the_java_clients_partition() {
     let (tx, mut acked, handle) = start(cfg.clone(), 16);
     for round in 0..3 {
         for k in keys {
-            tx.send(rec(&topic, Some(k), Some(&format!("{round}"))))
+            tx.send(record(&topic, Some(k), Some(&format!("{round}"))))
                 .await
                 .expect("alive");
         }
@@ -796,7 +778,7 @@ async fn a_record_with_an_explicit_partition_goes_there() {
     let (tx, mut acked, handle) = start(cfg.clone(), 16);
     let keys = [r#"{"id":1}"#, r#"{"id":2}"#, r#"{"id":3}"#, r#"{"id":42}"#];
     for k in keys {
-        tx.send(rec(&topic, Some(k), Some("{}")))
+        tx.send(record(&topic, Some(k), Some("{}")))
             .await
             .expect("alive");
     }
@@ -854,12 +836,14 @@ async fn read_last_value_returns_the_latest_value_of_a_key() {
         ("slot-a", "3"),
         ("slot-b", "11"),
     ] {
-        tx.send(rec(&topic, Some(k), Some(v))).await.expect("alive");
+        tx.send(record(&topic, Some(k), Some(v)))
+            .await
+            .expect("alive");
     }
-    tx.send(rec(&topic, Some("slot-c"), Some("5")))
+    tx.send(record(&topic, Some("slot-c"), Some("5")))
         .await
         .expect("alive");
-    tx.send(rec(&topic, Some("slot-c"), None))
+    tx.send(record(&topic, Some("slot-c"), None))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
@@ -1014,7 +998,7 @@ async fn a_record_above_message_max_bytes_is_message_too_large() {
     let topic = unique("too-large");
     create(&cfg, &topic, 1, false).await;
     let (tx, mut acked, handle) = start(cfg, 16);
-    tx.send(rec(&topic, Some("1"), Some("\"small\"")))
+    tx.send(record(&topic, Some("1"), Some("\"small\"")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
@@ -1022,7 +1006,7 @@ async fn a_record_above_message_max_bytes_is_message_too_large() {
 
     let big = format!("\"{}\"", "x".repeat(4998));
     assert_eq!(big.len(), 5000);
-    tx.send(rec(&topic, Some("2"), Some(&big)))
+    tx.send(record(&topic, Some("2"), Some(&big)))
         .await
         .expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(2))).await;
@@ -1052,7 +1036,7 @@ async fn quiet_stop_reads_everything_written() {
     create(&cfg, &topic, 2, false).await;
     let (tx, mut acked, handle) = start(cfg.clone(), 64);
     for i in 0..500u64 {
-        tx.send(rec(
+        tx.send(record(
             &topic,
             Some(&format!("{}", i % 5)),
             Some(&i.to_string()),
@@ -1093,15 +1077,13 @@ async fn producing_to_a_missing_topic_is_unknown_topic() {
     let cfg = KafkaConfig::new(bootstrap).property("topic.metadata.propagation.max.ms", "1000");
     let topic = unique("missing");
     let (tx, acked, handle) = start(cfg, 4);
-    tx.send(rec(&topic, Some("1"), Some("1")))
+    tx.send(record(&topic, Some("1"), Some("1")))
         .await
         .expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(1))).await;
     drop(tx);
-    let err = tokio::time::timeout(Duration::from_secs(30), handle)
+    let err = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("fails in time")
-        .expect("join")
         .expect_err("no such topic");
     match &err {
         SinkError::UnknownTopic { topic: t } => assert_eq!(t, &topic),

@@ -2,15 +2,16 @@
 
 mod common;
 
+use common::sinks::{self, record, Running};
+
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::api::Lsn;
-use common::api::{sink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink};
+use common::api::{Sink, SinkError, SinkItem, SinkSender, StdoutSink};
 use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 
@@ -86,26 +87,8 @@ impl AsyncWrite for Probe {
     }
 }
 
-fn record(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
-    SinkItem::Record(Record {
-        topic: topic.into(),
-        key: key.map(|k| Bytes::from(k.to_string())),
-        value: value.map(|v| Bytes::from(v.to_string())),
-        partition: None,
-    })
-}
-
-type Running = tokio::task::JoinHandle<Result<SinkSummary, SinkError>>;
-
 fn start(probe: &Probe) -> (SinkSender, watch::Receiver<Lsn>, Running) {
-    let (tx, rx) = sink::channel(16, sink::channel::CHANNEL_BYTES);
-    let (acked_tx, acked_rx) = watch::channel(Lsn(0));
-    let handle = tokio::spawn(sink::run(
-        Sink::Stdout(StdoutSink::new(probe.clone())),
-        rx,
-        acked_tx,
-    ));
-    (tx, acked_rx, handle)
+    sinks::start(Sink::Stdout(StdoutSink::new(probe.clone())), 16)
 }
 
 async fn wait_acked(acked: &mut watch::Receiver<Lsn>, lsn: Lsn) {
@@ -289,13 +272,7 @@ async fn other_write_errors_are_io_errors() {
             Poll::Ready(Ok(()))
         }
     }
-    let (tx, rx) = sink::channel(4, sink::channel::CHANNEL_BYTES);
-    let (acked_tx, acked) = watch::channel(Lsn(0));
-    let handle = tokio::spawn(sink::run(
-        Sink::Stdout(StdoutSink::new(Failing)),
-        rx,
-        acked_tx,
-    ));
+    let (tx, acked, handle) = sinks::start(Sink::Stdout(StdoutSink::new(Failing)), 4);
     tx.send(record("t", None, Some("1"))).await.expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(1))).await;
     drop(tx);

@@ -118,6 +118,14 @@ impl TestEnv {
         parse(&s)
     }
 
+    /// The roles of the password methods that are set (SCRAM, MD5, cleartext).
+    pub fn password_logins(&self) -> Vec<&Login> {
+        [&self.scram, &self.md5, &self.cleartext]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// The superuser on `dbname` over TCP.
     pub fn admin(&self, dbname: &str) -> ConnInfo {
         self.conninfo(&self.superuser, None, dbname, "")
@@ -142,6 +150,20 @@ pub async fn client(info: &ConnInfo) -> tokio_postgres::Client {
     connect(info)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the test cluster ({info}): {e}"))
+}
+
+/// Polls (at most 30 s) until the count that `sql` selects is above 0; whether it was.
+pub async fn wait_for_count(client: &tokio_postgres::Client, sql: &str) -> bool {
+    super::poll_until(Duration::from_secs(30), || async {
+        let n: i64 = client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await
+    .is_some()
 }
 
 /// A database created for one test, dropped (with its replication slots) when the

@@ -11,6 +11,7 @@
 //! - [`topics`]: reading topics back, and the per-key order rules a consumer relies on;
 //! - [`lines`]: `--sink stdout` runs, and replaying their lines into per-key state;
 //! - [`servers`], [`proxy`]: a PostgreSQL or broker of a test's own, a network cut;
+//! - [`sinks`]: a sink driven in-process;
 //! - [`assert`]: the checks many tests make on a finished run;
 //! - [`rng`]: a seeded PRNG.
 //!
@@ -28,13 +29,15 @@ pub mod process;
 pub mod proxy;
 pub mod rng;
 pub mod servers;
+pub mod sinks;
 pub mod topics;
 
 use std::time::Duration;
 
 pub use assert::{assert_fails, assert_no_slot, assert_nothing_published, assert_success};
 pub use db::{
-    client, env, env_for_major, kv_quote, other_ca_pem, parse, unique_name, Login, TestDb, TestEnv,
+    client, env, env_for_major, kv_quote, other_ca_pem, parse, unique_name, wait_for_count, Login,
+    TestDb, TestEnv,
 };
 
 /// The shared durable broker (`PGCDC_TEST_KAFKA`).

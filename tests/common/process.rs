@@ -202,6 +202,15 @@ pub async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatu
     }
 }
 
+/// SIGTERM, then waits at most `timeout` for the exit: the status (None: killed after the
+/// timeout) and how long the exit took.
+pub async fn sigterm_timed(child: &mut Child, timeout: Duration) -> (Option<ExitStatus>, Duration) {
+    let sent = Instant::now();
+    sigterm(child);
+    let status = wait_exit(child, timeout).await;
+    (status, sent.elapsed())
+}
+
 /// SIGTERM, then waits up to 10 s for the exit before SIGKILL (for a test's cleanup, when the
 /// exit status does not matter).
 pub fn stop(mut child: Child) {

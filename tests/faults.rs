@@ -24,7 +24,6 @@ mod faults {
 }
 use faults::{check, workload};
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use check::{Summary, WORKLOAD_TABLES};
@@ -285,14 +284,7 @@ impl Scenario {
 /// Prints a summary line and appends it to `fault-summary.txt`.
 fn record(line: &str) {
     eprintln!("SUMMARY {line}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-summary.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
+    common::append_summary("fault-summary.txt", line);
 }
 
 fn ms(n: u64) -> Duration {

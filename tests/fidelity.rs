@@ -345,13 +345,9 @@ async fn schema_changes_while_streaming_reflect_the_new_shape() {
         )
         .await
         .unwrap();
-    let target = p.current_lsn().await;
-    let caught_up = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let caught_up = p.wait_caught_up(Duration::from_secs(30)).await;
     let log = p.log("schema.log");
-    assert!(caught_up.is_some(), "did not catch up:\n{log}");
+    assert!(caught_up, "did not catch up:\n{log}");
     assert!(child.try_wait().unwrap().is_none(), "pgcdc exited:\n{log}");
     common::process::sigterm(&child);
     let _ = child.wait();
@@ -932,13 +928,9 @@ async fn a_column_added_later_under_an_excluded_name_is_excluded_too() {
     ] {
         client.batch_execute(sql).await.unwrap();
     }
-    let target = p.current_lsn().await;
-    let caught_up = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let caught_up = p.wait_caught_up(Duration::from_secs(30)).await;
     let log = p.log("exclude.log");
-    assert!(caught_up.is_some(), "did not catch up:\n{log}");
+    assert!(caught_up, "did not catch up:\n{log}");
     common::process::sigterm(&child);
     let _ = child.wait();
 

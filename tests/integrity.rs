@@ -35,7 +35,6 @@ mod integrity {
 }
 use integrity::{gen, oracle, runner};
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::{kafka, TestEnv};
@@ -96,14 +95,7 @@ fn config(major: u32) -> Config {
 /// Prints a line and appends it to `integrity-summary.txt` in Cargo's target tmp directory.
 fn record(line: &str) {
     eprintln!("{line}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("integrity-summary.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
+    common::append_summary("integrity-summary.txt", line);
 }
 
 /// Runs one seed; `Err` is the full failure report.

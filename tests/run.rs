@@ -14,22 +14,7 @@ use serde_json::{json, Value};
 
 /// Compares replayed topic state with the table, reporting a few differences, not dumps.
 fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>) {
-    let missing: Vec<&i64> = table.keys().filter(|k| !topic.contains_key(k)).collect();
-    let extra: Vec<&i64> = topic.keys().filter(|k| !table.contains_key(k)).collect();
-    let differing: Vec<(&i64, &Value, &Value)> = table
-        .iter()
-        .filter_map(|(k, v)| topic.get(k).filter(|t| *t != v).map(|t| (k, t, v)))
-        .take(3)
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && differing.is_empty(),
-        "topic != table: {} missing (first {:?}), {} extra (first {:?}), differing (topic, table): {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)],
-        extra.len(),
-        &extra[..extra.len().min(5)],
-        differing
-    );
+    common::assert::assert_same(topic, table, "topic != table");
 }
 
 /// The state each key ends in, replaying the topic like a consumer would; also checks that
@@ -354,12 +339,9 @@ async fn idle_tables_do_not_pin_wal_and_sigterm_stops_cleanly() {
         .await
         .unwrap();
     let target = p.current_lsn().await;
-    let advanced = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let advanced = p.wait_caught_up(Duration::from_secs(30)).await;
     assert!(
-        advanced.is_some(),
+        advanced,
         "confirmed_flush_lsn stayed at {:?} < {target}\n{}",
         p.confirmed_flush().await,
         p.log("idle.log")
@@ -626,16 +608,9 @@ async fn lost_replication_connection_reconnects_and_loses_nothing() {
                 .unwrap();
         }
     }
-    let target = p.current_lsn().await;
-    let advanced = common::poll_until(Duration::from_secs(60), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let advanced = p.wait_caught_up(Duration::from_secs(60)).await;
     let log = p.log("reconnect.log");
-    assert!(
-        advanced.is_some(),
-        "did not catch up after reconnecting:\n{log}"
-    );
+    assert!(advanced, "did not catch up after reconnecting:\n{log}");
     assert!(log.contains("reconnecting"), "{log}");
     assert!(child.try_wait().unwrap().is_none(), "pgcdc exited:\n{log}");
     common::process::sigterm(&child);
@@ -1050,12 +1025,8 @@ async fn stream_in_background_until_caught_up(
     log: &str,
     out: &std::path::Path,
 ) -> common::lines::Run {
-    let target = p.current_lsn().await;
-    let caught_up = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
-    assert!(caught_up.is_some(), "did not catch up:\n{}", p.log(log));
+    let caught_up = p.wait_caught_up(Duration::from_secs(30)).await;
+    assert!(caught_up, "did not catch up:\n{}", p.log(log));
     assert!(
         child.try_wait().unwrap().is_none(),
         "pgcdc exited:\n{}",

@@ -1,5 +1,7 @@
 //! The checks many tests make on a finished `pgcdc` process.
 
+use std::collections::BTreeMap;
+use std::fmt::Debug;
 use std::process::Output;
 
 use super::api::ConnInfo;
@@ -45,4 +47,30 @@ pub async fn assert_no_slot(info: &ConnInfo, slot: &str) {
         .expect("query slots")
         .get(0);
     assert_eq!(n, 0, "a failed run left slot {slot} behind");
+}
+
+/// Fails with a short account of how `got` differs from `want` (keys missing, extra, and the
+/// first few differing values), not with dumps of both.
+pub fn assert_same<K: Ord + Debug, V: PartialEq + Debug>(
+    got: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    what: &str,
+) {
+    let missing: Vec<&K> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&K> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    let differing: Vec<(&K, &V, &V)> = want
+        .iter()
+        .filter_map(|(k, v)| got.get(k).filter(|g| *g != v).map(|g| (k, g, v)))
+        .take(3)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && differing.is_empty(),
+        "{what}: {} of {} keys missing (first {:?}), {} extra (first {:?}), differing (got, want): {:?}",
+        missing.len(),
+        want.len(),
+        &missing[..missing.len().min(5)],
+        extra.len(),
+        &extra[..extra.len().min(5)],
+        differing
+    );
 }

@@ -209,6 +209,17 @@ impl Pipeline {
         row.get::<_, Option<i64>>(0).map(|v| v as u64)
     }
 
+    /// Waits (at most `timeout`) until the slot confirmed everything written so far:
+    /// whether it did.
+    pub async fn wait_caught_up(&self, timeout: Duration) -> bool {
+        let target = self.current_lsn().await;
+        super::poll_until(timeout, || async {
+            self.confirmed_flush().await.filter(|c| *c >= target)
+        })
+        .await
+        .is_some()
+    }
+
     pub async fn current_lsn(&self) -> u64 {
         let client = self.db.client().await;
         let row = client

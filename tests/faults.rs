@@ -146,6 +146,21 @@ impl Scenario {
         common::client(&common::parse(&Self::direct_conninfo(&self.db))).await
     }
 
+    /// Starts pgcdc, then (once its slot exists) the workload at `pace`.
+    async fn start(&mut self, pace: Pace) -> Workload {
+        self.pgcdc.spawn();
+        self.wait_for_slot().await;
+        self.start_workload(pace)
+    }
+
+    /// [`Scenario::start`], then waits (at most 60 s) until pgcdc streams.
+    async fn start_streaming(&mut self, pace: Pace) -> Workload {
+        let w = self.start(pace).await;
+        self.expect_log("streaming changes", Duration::from_secs(60))
+            .await;
+        w
+    }
+
     fn start_workload(&self, pace: Pace) -> Workload {
         Workload::start(
             Self::direct_conninfo(&self.db),
@@ -297,9 +312,7 @@ async fn kill_9_during_snapshot_and_streaming() {
     let kafka = shared_kafka();
     let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("kill -9", db, None, &kafka, &kafka, (30_000, 400), &[]).await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
+    let mut w = s.start(Pace::default()).await;
 
     // During the snapshot: each restart finds a slot without a completed snapshot, publishes
     // what the slot holds, and takes the snapshot again.
@@ -379,11 +392,7 @@ async fn postgres_restarts_while_streaming() {
         &[],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
-    s.expect_log("streaming changes", Duration::from_secs(60))
-        .await;
+    let mut w = s.start_streaming(Pace::default()).await;
     let mut slowest = Duration::ZERO;
     for i in 0..restarts {
         w.wait_for(w.committed() + 50).await;
@@ -441,13 +450,11 @@ async fn reconnect_backoff_starts_over_after_each_recovered_outage() {
         &[],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let w = s.start_workload(Pace {
-        pause: ms(20),
-        ..Pace::default()
-    });
-    s.expect_log("streaming changes", Duration::from_secs(60))
+    let w = s
+        .start_streaming(Pace {
+            pause: ms(20),
+            ..Pace::default()
+        })
         .await;
     let client = s.client().await;
     for i in 0..6 {
@@ -505,11 +512,7 @@ async fn broker_paused_and_restarted() {
         extra,
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
-    s.expect_log("streaming changes", Duration::from_secs(60))
-        .await;
+    let mut w = s.start_streaming(Pace::default()).await;
     let mut exits = 0;
     for _ in 0..rounds {
         w.wait_for(w.committed() + 100).await;
@@ -570,11 +573,7 @@ async fn network_cut_to_postgres_and_broker() {
         &["--receive-timeout", "3"],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
-    s.expect_log("streaming changes", Duration::from_secs(60))
-        .await;
+    let mut w = s.start_streaming(Pace::default()).await;
     let mut streams = 1;
     let mut slowest = Duration::ZERO;
     for _ in 0..rounds {
@@ -666,13 +665,11 @@ async fn silent_replication_connection_is_detected_and_replaced() {
         &["--receive-timeout", "2"],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace {
-        pause: ms(20),
-        ..Pace::default()
-    });
-    s.expect_log("streaming changes", Duration::from_secs(60))
+    let mut w = s
+        .start_streaming(Pace {
+            pause: ms(20),
+            ..Pace::default()
+        })
         .await;
     w.wait_for(w.committed() + 20).await;
     s.fault();
@@ -756,12 +753,12 @@ async fn sigterm_during_a_large_transaction() {
     let kafka = shared_kafka();
     let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("SIGTERM", db, None, &kafka, &kafka, (1_000, 20), &[]).await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let w = s.start_workload(Pace {
-        pause: ms(20),
-        ..Pace::default()
-    });
+    let w = s
+        .start(Pace {
+            pause: ms(20),
+            ..Pace::default()
+        })
+        .await;
     let client = s.client().await;
     let topic = format!("{}.public.orders", s.prefix);
     let mut mid_transaction = 0;

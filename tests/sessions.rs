@@ -87,12 +87,7 @@ async fn held_before_the_snapshot(
     cmd.args(stdout_sink)
         .args(["--snapshot", "always", "--stop-lsn", "now"])
         .args(extra);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (child, stdout) = common::process::spawn_piped(cmd, &p.dir.join("run.log"));
     p.wait_for_log("run.log", "snapshot exported").await;
     (child, stdout)
 }
@@ -383,8 +378,8 @@ async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
     )
     .await;
     let admin = p.db.client().await;
-    let mut child = p
-        .command(&[
+    let (mut child, stdout) = common::process::spawn_piped(
+        p.command(&[
             "--table",
             "public.big1",
             "--table",
@@ -396,12 +391,9 @@ async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
             "--snapshot-only",
             "--snapshot-workers",
             "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+        ]),
+        &p.dir.join("run.log"),
+    );
     // Both workers read a big table, and wait for their output to be read.
     for t in ["big1", "big2"] {
         p.wait_for_log(
@@ -463,8 +455,8 @@ async fn database_timeouts_shorter_than_the_snapshot_do_not_end_it() {
         .await
         .unwrap();
     for workers in ["1", "2"] {
-        let mut child = p
-            .command(&[
+        let (mut child, mut stdout) = common::process::spawn_piped(
+            p.command(&[
                 "--table",
                 "public.big",
                 "--sink",
@@ -472,12 +464,9 @@ async fn database_timeouts_shorter_than_the_snapshot_do_not_end_it() {
                 "--snapshot-only",
                 "--snapshot-workers",
                 workers,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
+            ]),
+            &p.dir.join("run.log"),
+        );
         // Not reading: the snapshot stalls on a full pipe for longer than the timeouts.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let reader = std::thread::spawn(move || {
@@ -571,13 +560,8 @@ async fn a_second_process_on_the_same_slot_is_refused() {
         "--progress-file",
         progress,
     ];
-    let mut first = p
-        .command(&args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(p.dir.join("first.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = first.stdout.take().unwrap();
+    let (mut first, stdout) =
+        common::process::spawn_piped(p.command(&args), &p.dir.join("first.log"));
     p.wait_for_log("first.log", "snapshot: reading table").await;
 
     let second = output_within(p.command(&args), "the second pgcdc").await;

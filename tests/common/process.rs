@@ -1,8 +1,10 @@
 //! The `pgcdc run` process under test: started, killed, stopped and restarted like a
 //! supervisor would, each run logging to its own file.
 
+use std::borrow::BorrowMut;
+use std::path::Path;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::cmd::PgcdcCmd;
@@ -223,4 +225,17 @@ pub fn stop(mut child: Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Starts `cmd` with stderr to the file `log` and stdout to a pipe the test reads (or leaves
+/// unread, to hold a stdout sink).
+pub fn spawn_piped(mut cmd: impl BorrowMut<Command>, log: &Path) -> (Child, ChildStdout) {
+    let mut child = cmd
+        .borrow_mut()
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("pgcdc starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    (child, stdout)
 }

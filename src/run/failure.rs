@@ -157,4 +157,51 @@ mod tests {
         assert!(!Failure::sink(SinkError::Config("x".into())).restart);
         assert!(!Failure::sink(SinkError::OutputClosed).restart);
     }
+
+    fn server(code: &str) -> ReplicationError {
+        ReplicationError::Server(Box::new(crate::source::replication::ServerError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: "m".into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn each_kind_has_its_documented_exit_code() {
+        assert_eq!(FailureKind::Usage.exit_code(), 2);
+        assert_eq!(FailureKind::Source.exit_code(), 3);
+        assert_eq!(FailureKind::Sink.exit_code(), 4);
+        for kind in [FailureKind::Usage, FailureKind::Source, FailureKind::Sink] {
+            assert!(!kind.describe().is_empty());
+        }
+    }
+
+    #[test]
+    fn replication_failures_are_transient_as_the_error_says_and_a_busy_slot_too() {
+        let lost = Failure::replication(ReplicationError::ConnectionClosed);
+        assert_eq!(lost.kind, FailureKind::Source);
+        assert!(lost.transient && !lost.restart);
+        // 55006 object_in_use: the old walsender still holds the slot after a cut.
+        assert!(Failure::replication(server("55006")).transient);
+        // 57P01 admin_shutdown: the server restarts.
+        assert!(Failure::replication(server("57P01")).transient);
+        // 28P01 invalid_password, 42501 insufficient_privilege: retrying cannot help.
+        assert!(!Failure::replication(server("28P01")).transient);
+        assert!(!Failure::replication(server("42501")).transient);
+        let auth = Failure::replication(ReplicationError::PasswordRequired { user: "u".into() });
+        assert!(!auth.transient && !auth.restart);
+    }
+
+    #[test]
+    fn a_classified_error_is_definite_and_keeps_its_message() {
+        let r: Result<(), std::io::Error> = Err(std::io::Error::other("disk on fire"));
+        let f = r.or_fail(FailureKind::Usage).unwrap_err();
+        assert_eq!(f.kind, FailureKind::Usage);
+        assert!(!f.transient && !f.restart);
+        assert!(f.error.to_string().contains("disk on fire"));
+        let gone = sink_gone();
+        assert_eq!(gone.kind, FailureKind::Sink);
+        assert!(!gone.transient && !gone.restart);
+    }
 }

@@ -350,19 +350,7 @@ async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() 
 
 /// GET `path` on `addr`: (status code, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("response");
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
-    (code, body)
+    common::http_get(addr, path).expect("the metrics endpoint answers")
 }
 
 fn metric(body: &str, line_start: &str) -> Option<f64> {

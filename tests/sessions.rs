@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -718,16 +718,6 @@ async fn terminate_snapshot_copy(p: &Pipeline, log: &str) {
     );
 }
 
-/// A GET of `path` on `port`; the status line and body.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
 /// Issue 17, item 11: an in-process restart of the pipeline (here: the snapshot's backend is
 /// terminated) must not bind `--metrics-addr` again — which failed with exit 2 — and the
 /// endpoint keeps serving.
@@ -758,10 +748,10 @@ async fn metrics_endpoint_survives_an_in_process_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let log = p.log("run.log");
-    let metrics = http_get(port, "/metrics").unwrap_or_default();
+    let (code, metrics) = common::http_get(&addr, "/metrics").unwrap_or_default();
     assert!(
-        metrics.starts_with("HTTP/1.1 200") && metrics.contains("pgcdc_snapshot_rows"),
-        "{metrics}\n{log}"
+        code == 200 && metrics.contains("pgcdc_snapshot_rows"),
+        "{code} {metrics}\n{log}"
     );
     sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(30)).await;

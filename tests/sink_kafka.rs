@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::sinks::{self, record, Running};
+use common::sinks::{self, record, wait_acked, Running};
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -59,13 +59,6 @@ fn unique(prefix: &str) -> String {
 fn start(cfg: KafkaConfig, capacity: usize) -> (SinkSender, watch::Receiver<Lsn>, Running) {
     let sink = KafkaSink::new(cfg).expect("producer created");
     sinks::start(Sink::Kafka(sink), capacity)
-}
-
-async fn wait_acked(acked: &mut watch::Receiver<Lsn>, lsn: Lsn, within: Duration) {
-    tokio::time::timeout(within, acked.wait_for(|l| *l >= lsn))
-        .await
-        .unwrap_or_else(|_| panic!("checkpoint {lsn} not reported within {within:?}"))
-        .expect("sink alive");
 }
 
 async fn create(cfg: &KafkaConfig, name: &str, partitions: i32, compacted: bool) {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::sinks::{self, record, Running};
+use common::sinks::{self, record, wait_acked, Running};
 
 use std::io;
 use std::pin::Pin;
@@ -91,13 +91,6 @@ fn start(probe: &Probe) -> (SinkSender, watch::Receiver<Lsn>, Running) {
     sinks::start(Sink::Stdout(StdoutSink::new(probe.clone())), 16)
 }
 
-async fn wait_acked(acked: &mut watch::Receiver<Lsn>, lsn: Lsn) {
-    tokio::time::timeout(Duration::from_secs(5), acked.wait_for(|l| *l >= lsn))
-        .await
-        .expect("checkpoint reported in time")
-        .expect("sink alive");
-}
-
 #[tokio::test]
 async fn writes_one_json_object_per_line_with_raw_key_and_value() {
     let probe = Probe::default();
@@ -117,7 +110,7 @@ async fn writes_one_json_object_per_line_with_raw_key_and_value() {
     for item in items {
         tx.send(item).await.expect("sink alive");
     }
-    wait_acked(&mut acked, Lsn(0x10)).await;
+    wait_acked(&mut acked, Lsn(0x10), Duration::from_secs(5)).await;
     drop(tx);
     let summary = handle.await.expect("join").expect("run ok");
 
@@ -170,7 +163,7 @@ async fn checkpoint_is_reported_only_after_the_flush() {
     assert_eq!(probe.state().flushes, 0);
 
     probe.hold_flushes(false);
-    wait_acked(&mut acked, Lsn(100)).await;
+    wait_acked(&mut acked, Lsn(100), Duration::from_secs(5)).await;
     assert_eq!(
         probe.flushed_text(),
         "{\"topic\":\"t\",\"key\":1,\"value\":\"a\"}\n"
@@ -210,7 +203,7 @@ async fn broken_pipe_ends_cleanly_without_confirming_unwritten_records() {
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
-    wait_acked(&mut acked, Lsn(1)).await;
+    wait_acked(&mut acked, Lsn(1), Duration::from_secs(5)).await;
 
     probe.break_pipe();
     tx.send(record("t", Some("2"), Some("2")))
@@ -294,7 +287,7 @@ async fn many_small_transactions_all_arrive_and_the_last_checkpoint_is_reported(
             tx.send(SinkItem::Checkpoint(Lsn(i))).await.expect("alive");
         }
     });
-    wait_acked(&mut acked, Lsn(5_000)).await;
+    wait_acked(&mut acked, Lsn(5_000), Duration::from_secs(5)).await;
     producer.await.expect("producer");
     let summary = handle.await.expect("join").expect("run ok");
     assert_eq!(summary.records, 5_000);

@@ -81,3 +81,21 @@ pub fn append_summary(file: &str, line: &str) {
         let _ = writeln!(f, "{line}");
     }
 }
+
+/// A GET of `path` on `addr` (`host:port`, e.g. pgcdc's `--metrics-addr`): the status code and
+/// the body; `None` if nothing answered.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    Some((code, body))
+}

@@ -37,3 +37,11 @@ pub async fn finished(handle: Running, timeout: Duration) -> Result<SinkSummary,
         .expect("the sink ended in time")
         .expect("join")
 }
+
+/// Waits (at most `within`) until the sink acknowledged `lsn`.
+pub async fn wait_acked(acked: &mut watch::Receiver<Lsn>, lsn: Lsn, within: Duration) {
+    tokio::time::timeout(within, acked.wait_for(|l| *l >= lsn))
+        .await
+        .unwrap_or_else(|_| panic!("checkpoint {lsn} not reported within {within:?}"))
+        .expect("sink alive");
+}

@@ -364,26 +364,24 @@ fn metric(body: &str, line_start: &str) -> Option<f64> {
 async fn metrics_endpoint_counts_events_and_health_turns_503_when_stuck() {
     let o = Pipeline::new(ITEMS).await;
     let file = o.dir.join("progress.json");
-    let log = std::fs::File::create(o.dir.join("run.log")).unwrap();
     // The stdout sink into a pipe nobody reads yet: a sink that stops acknowledging.
-    let mut child = cmd(
-        &o,
-        "run",
-        &[
-            "--sink",
-            "stdout",
-            "--progress-file",
-            file.to_str().unwrap(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--unhealthy-after",
-            "2",
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(log)
-    .spawn()
-    .expect("pgcdc starts");
+    let (child, stdout) = common::process::spawn_piped(
+        cmd(
+            &o,
+            "run",
+            &[
+                "--sink",
+                "stdout",
+                "--progress-file",
+                file.to_str().unwrap(),
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--unhealthy-after",
+                "2",
+            ],
+        ),
+        &o.dir.join("run.log"),
+    );
     o.wait_for_log("run.log", "streaming changes").await;
     let logged = o.log("run.log");
     let addr = logged
@@ -436,7 +434,7 @@ async fn metrics_endpoint_counts_events_and_health_turns_503_when_stuck() {
     assert_eq!(metric(&body, "pgcdc_healthy "), Some(0.0), "{body}");
 
     // Reading the output unblocks it.
-    let mut out = child.stdout.take().expect("stdout");
+    let mut out = stdout;
     let reader = std::thread::spawn(move || {
         let mut sink = Vec::new();
         let _ = out.read_to_end(&mut sink);
@@ -737,25 +735,23 @@ const BIG_ITEMS: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text, 
 async fn progress_log_lines_show_rows_rate_and_eta_during_the_snapshot() {
     let o = Pipeline::new(BIG_ITEMS).await;
     let file = o.dir.join("progress.json");
-    let log = std::fs::File::create(o.dir.join("run.log")).unwrap();
-    let mut child = cmd(
-        &o,
-        "run",
-        &[
-            "--sink",
-            "stdout",
-            "--progress-file",
-            file.to_str().unwrap(),
-            "--progress",
-            "log",
-            "--log-format",
-            "json",
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(log)
-    .spawn()
-    .expect("pgcdc starts");
+    let (child, stdout) = common::process::spawn_piped(
+        cmd(
+            &o,
+            "run",
+            &[
+                "--sink",
+                "stdout",
+                "--progress-file",
+                file.to_str().unwrap(),
+                "--progress",
+                "log",
+                "--log-format",
+                "json",
+            ],
+        ),
+        &o.dir.join("run.log"),
+    );
     let line = common::poll_until(Duration::from_secs(60), || async {
         o.log("run.log")
             .lines()
@@ -764,7 +760,7 @@ async fn progress_log_lines_show_rows_rate_and_eta_during_the_snapshot() {
     })
     .await
     .unwrap_or_else(|| panic!("no progress line:\n{}", o.log("run.log")));
-    drop(child.stdout.take()); // ends the run (a closed pipe)
+    drop(stdout); // ends the run (a closed pipe)
     stop(child);
     assert_eq!(line["table"], "public.items", "{line}");
     let rows = line["rows"].as_u64().expect("rows");

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pipeline::{assert_success, Pipeline};
@@ -101,6 +101,19 @@ fn read_all(mut stdout: impl Read + Send + 'static) -> std::thread::JoinHandle<S
     })
 }
 
+/// Reads the held run's output until it ends (at most 90 s): its exit status (None: killed
+/// after the wait), its stdout and its log.
+async fn run_to_the_end(
+    p: &Pipeline,
+    child: &mut Child,
+    stdout: ChildStdout,
+) -> (Option<ExitStatus>, String, String) {
+    let reader = read_all(stdout);
+    let status = wait_exit(child, Duration::from_secs(90)).await;
+    let out = reader.join().unwrap();
+    (status, out, p.log("run.log"))
+}
+
 /// Issue 17, item 8: a table rewritten (here `ALTER COLUMN … TYPE`) after the snapshot's
 /// consistent point looks empty to the exported snapshot, and the rewrite is not decoded as
 /// row changes. `b` is rewritten while pgcdc still publishes a backlog, after its consistent
@@ -117,10 +130,7 @@ async fn a_table_rewritten_after_the_consistent_point_is_snapshotted_again() {
             .batch_execute("ALTER TABLE b ALTER COLUMN x TYPE bigint")
             .await
             .unwrap();
-        let reader = read_all(stdout);
-        let status = wait_exit(&mut child, Duration::from_secs(90)).await;
-        let out = reader.join().unwrap();
-        let log = p.log("run.log");
+        let (status, out, log) = run_to_the_end(&p, &mut child, stdout).await;
         let status = status.unwrap_or_else(|| panic!("pgcdc did not finish:\n{log}"));
         assert!(status.success(), "exit {status:?}\n{log}");
         let ids = read_ids(&out);
@@ -192,10 +202,7 @@ async fn columns_renamed_or_dropped_before_the_snapshot_lock_start_it_again() {
             .batch_execute("ALTER TABLE b RENAME COLUMN x TO y; ALTER TABLE a DROP COLUMN x")
             .await
             .unwrap();
-        let reader = read_all(stdout);
-        let status = wait_exit(&mut child, Duration::from_secs(90)).await;
-        let out = reader.join().unwrap();
-        let log = p.log("run.log");
+        let (status, out, log) = run_to_the_end(&p, &mut child, stdout).await;
         let status = status.unwrap_or_else(|| panic!("pgcdc did not finish:\n{log}"));
         assert!(
             status.success(),
@@ -234,10 +241,7 @@ async fn a_column_added_after_the_consistent_point_is_not_read_and_streamed_afte
         .batch_execute("ALTER TABLE a ADD COLUMN w int DEFAULT 7")
         .await
         .unwrap();
-    let reader = read_all(stdout);
-    let status = wait_exit(&mut child, Duration::from_secs(90)).await;
-    let out = reader.join().unwrap();
-    let log = p.log("run.log");
+    let (status, out, log) = run_to_the_end(&p, &mut child, stdout).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
     assert!(!log.contains("starting again"), "{log}");
     let a = reads(&out).remove(&p.topic("a")).unwrap_or_default();

@@ -61,6 +61,22 @@ fn start(cfg: KafkaConfig, capacity: usize) -> (SinkSender, watch::Receiver<Lsn>
     sinks::start(Sink::Kafka(sink), capacity)
 }
 
+/// librdkafka's mock cluster (one broker, in this process) with a topic named after `prefix`
+/// of `partitions` partitions.
+fn mock_topic(
+    prefix: &str,
+    partitions: i32,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+) {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique(prefix);
+    mock.create_topic(&topic, partitions, 1)
+        .expect("mock topic");
+    (mock, topic)
+}
+
 async fn create(cfg: &KafkaConfig, name: &str, partitions: i32, compacted: bool) {
     ensure_topics(
         cfg,
@@ -285,9 +301,7 @@ async fn ensure_topics_rejects_impossible_specs_before_asking_the_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_stalls_with_warnings_and_resumes_without_loss() {
     let logs = captured_logs();
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("outage");
-    mock.create_topic(&topic, 2, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("outage", 2);
     let cfg = KafkaConfig::new(mock.bootstrap_servers())
         .property("reconnect.backoff.max.ms", "200")
         .property("linger.ms", "0");
@@ -337,9 +351,7 @@ async fn an_outage_stalls_with_warnings_and_resumes_without_loss() {
 
 #[tokio::test]
 async fn a_refused_write_fails_with_the_authorization_error() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("denied");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("denied", 1);
     let cfg = KafkaConfig::new(mock.bootstrap_servers());
     let (tx, acked, handle) = start(cfg, 16);
     // Make the broker refuse produce requests from now on (enough errors for every retry).
@@ -370,9 +382,7 @@ async fn a_refused_write_fails_with_the_authorization_error() {
 /// event after its newer one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("restart");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("restart", 1);
     let cfg = KafkaConfig::new(mock.bootstrap_servers())
         .property("message.max.bytes", "10000")
         .property("reconnect.backoff.max.ms", "200");
@@ -435,9 +445,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
 
 #[tokio::test]
 async fn queue_full_is_backpressure_not_loss() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("queuefull");
-    mock.create_topic(&topic, 3, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("queuefull", 3);
     // librdkafka's queue holds 5 messages; the sink's own window is larger, so QueueFull
     // happens constantly.
     let mut cfg =
@@ -466,9 +474,7 @@ async fn queue_full_is_backpressure_not_loss() {
 async fn the_sink_returns_as_soon_as_the_channel_closes_after_the_last_ack() {
     // Regression: the sink saw the channel close in its non-blocking read, after its check
     // for "drained", and then waited for an acknowledgement that would never come.
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("close");
-    mock.create_topic(&topic, 2, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("close", 2);
     let cfg = KafkaConfig::new(mock.bootstrap_servers()).property("linger.ms", "0");
     for round in 1..=30u64 {
         let (tx, mut acked, handle) = start(cfg.clone(), 16);
@@ -491,9 +497,7 @@ async fn the_sink_returns_as_soon_as_the_channel_closes_after_the_last_ack() {
 
 #[tokio::test]
 async fn a_small_in_flight_window_stops_reading_the_channel() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("window");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("window", 1);
     let mut cfg = KafkaConfig::new(mock.bootstrap_servers());
     cfg.max_in_flight = 3;
     mock.broker_down(1).expect("broker down");
@@ -526,9 +530,7 @@ async fn a_small_in_flight_window_stops_reading_the_channel() {
 
 #[tokio::test]
 async fn a_batch_larger_than_the_window_is_sent_within_it() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("batch-window");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("batch-window", 1);
     let mut cfg = KafkaConfig::new(mock.bootstrap_servers());
     cfg.max_in_flight = 3;
     mock.broker_down(1).expect("broker down");

@@ -10,7 +10,7 @@
 //! | `network_cut_to_postgres_and_broker` | shared PostgreSQL, private broker, proxies | links cut and restored, a silent partition |
 //! | `sigterm_during_a_large_transaction` | shared | SIGTERM in the middle of a large transaction |
 //!
-//! Scenarios that restart or pause a server use their own (`faults/servers.rs`), so parallel
+//! Scenarios that restart or pause a server use their own (`common::servers`), so parallel
 //! tests are not disturbed. Each prints one summary line (also appended to
 //! `fault-summary.txt` in Cargo's target tmp dir). `PGCDC_SOAK=1` runs longer, with more
 //! faults and the producer's default timeouts; `PGCDC_FAULT_SEED` replays a run's choices.

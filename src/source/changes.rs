@@ -1240,18 +1240,28 @@ mod tests {
 
     #[test]
     fn truncate_and_messages_can_be_left_out_and_a_table_not_captured_is_skipped() {
-        // Only tags captured, no TRUNCATE events, no messages.
-        let b = builder(&[table("tags", &["code"])]).with_options(ChangeOptions {
-            truncate: false,
-            messages: false,
-            ..ChangeOptions::default()
-        });
+        // Only tags and docs captured, no TRUNCATE events, no messages.
+        let b = builder(&[table("tags", &["code"]), table("docs", &["id"])]).with_options(
+            ChangeOptions {
+                truncate: false,
+                messages: false,
+                ..ChangeOptions::default()
+            },
+        );
         let got = items(&run_captured(b));
         assert!(
-            got.iter().all(|(t, _, _)| t == "tags" || t == "checkpoint"),
+            got.iter()
+                .all(|(t, _, _)| t == "tags" || t == "docs" || t == "checkpoint"),
             "{got:?}"
         );
         assert_eq!(got.iter().filter(|(t, _, _)| t == "tags").count(), 8);
+        // docs: its insert and update; the TRUNCATE of docs is left out.
+        let docs: Vec<&Value> = got
+            .iter()
+            .filter(|(t, _, _)| t == "docs")
+            .map(|(_, _, v)| &v["op"])
+            .collect();
+        assert_eq!(docs, [&json!("c"), &json!("u")]);
         // Every transaction still ends in its checkpoint, also those with nothing published.
         let checkpoints: Vec<&Value> = got
             .iter()

@@ -10,177 +10,112 @@
 
 mod common;
 
-#[path = "faults/servers.rs"]
-mod servers;
-
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
-use common::pipeline::is_marker_record;
-use common::TestDb;
-use pgcdc::kafka::{KafkaConfig, ReadStop, TopicReader};
-
-fn kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
+use common::cmd::PgcdcCmd;
+use common::pipeline::Pipeline;
+use common::servers;
+use common::{assert_fails, kafka};
 
 const TABLE: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text);
     INSERT INTO public.items SELECT g, 'row ' || g FROM generate_series(1, 20) g;";
 
-/// A test database with `items`, and names for pgcdc's slot and topics.
-struct Case {
-    db: TestDb,
-    slot: String,
-    prefix: String,
+/// A conninfo for this test's database as `user`; `extra` is appended.
+fn source(c: &Pipeline, user: &str, extra: &str) -> String {
+    c.db.source_as(user, &format!("connect_timeout=5 {extra}"))
 }
 
-impl Case {
-    async fn new(setup: &str) -> Case {
-        let db = TestDb::create().await;
-        db.client().await.batch_execute(setup).await.expect("setup");
-        Case {
-            db,
-            slot: common::unique_name("bslot"),
-            prefix: common::unique_name("b"),
-        }
-    }
-
-    fn source(&self, user: &str, extra: &str) -> String {
-        format!(
-            "host={} port={} user={user} dbname={} sslmode=disable connect_timeout=5 {extra}",
-            self.db.env.host, self.db.env.port, self.db.name
-        )
-    }
-
-    fn superuser_source(&self) -> String {
-        self.source(&self.db.env.superuser, "")
-    }
-
-    /// `pgcdc run` for `items` with `source`, to completion.
-    fn run(&self, source: &str, extra: &[&str]) -> Output {
-        self.command(source, extra).output().expect("pgcdc runs")
-    }
-
-    fn command(&self, source: &str, extra: &[&str]) -> Command {
-        self.command_with(source, &kafka(), extra)
-    }
-
-    fn command_with(&self, source: &str, kafka: &str, extra: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-        c.arg("run")
-            .args(["--source", source, "--kafka", kafka])
-            .args(["--slot", &self.slot, "--publication", &self.slot])
-            .args(["--topic-prefix", &self.prefix, "--table", "public.items"])
-            .args(["--stop-lsn", "now", "--status-interval", "0.5"])
-            .args(extra)
-            .env_remove("PGCDC_LOG")
-            .env_remove("PGPASSWORD")
-            .env("PGPASSFILE", "/nonexistent")
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Records published on `<prefix>.public.items`, snapshot markers aside (0 when the
-    /// topic does not exist).
-    async fn published(&self) -> usize {
-        self.count(false).await
-    }
-
-    /// A run that failed at start published nothing and left no slot.
-    async fn assert_left_nothing(&self) {
-        common::assert_nothing_published(&kafka(), &self.prefix).await;
-        common::assert_no_slot(&self.db.admin(), &self.slot).await;
-    }
-
-    /// Records on the table's topic, snapshot markers included or not.
-    async fn count(&self, markers: bool) -> usize {
-        let cfg = KafkaConfig::new(kafka());
-        let topic = format!("{}.public.items", self.prefix);
-        tokio::task::spawn_blocking(move || {
-            match TopicReader::open_if_exists(
-                &cfg,
-                &topic,
-                ReadStop::Quiet {
-                    expected: None,
-                    quiet: Duration::from_secs(2),
-                    max_wait: Duration::from_secs(30),
-                },
-            )
-            .expect("the topic is readable")
-            {
-                None => 0,
-                Some(r) => r
-                    .filter(|r| markers || !r.as_ref().is_ok_and(is_marker_record))
-                    .count(),
-            }
-        })
-        .await
-        .expect("reader thread")
-    }
+fn superuser_source(c: &Pipeline) -> String {
+    source(c, &c.db.env.superuser, "")
 }
 
-/// Checks the exit code and that stderr names the fix.
-fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
-    }
+/// `pgcdc run` of `items` up to now, from `source`.
+fn items(c: &Pipeline, source: &str) -> PgcdcCmd {
+    c.pgcdc("run")
+        .set("--source", source)
+        .args(["--table", "public.items", "--stop-lsn", "now"])
+}
+
+/// [`items`] plus `extra`, to completion.
+fn run(c: &Pipeline, source: &str, extra: &[&str]) -> Output {
+    items(c, source).args(extra).output()
+}
+
+/// The source of a test that expects pgcdc to fail at start: `None` skips the test.
+type BadSource = fn(&Pipeline) -> Result<String, &'static str>;
+
+/// `pgcdc run` from a bad `source` ends with exit 3, stderr says every needle, and the run
+/// left nothing behind.
+async fn fails_at_start(test: &str, source: BadSource, needles: &[&str]) {
+    let c = Pipeline::new(TABLE).await;
+    let source = match source(&c) {
+        Ok(s) => s,
+        Err(why) => return common::skip(test, why),
+    };
+    let out = run(&c, &source, &[]);
+    assert_fails(&out, 3, needles);
+    c.assert_left_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_password_names_the_fix() {
-    let c = Case::new(TABLE).await;
-    let Some(scram) = c.db.env.scram.clone() else {
-        return common::skip("wrong_password", "PGCDC_TEST_SCRAM_USER is not set");
-    };
-    let out = c.run(&c.source(&scram.user, "password=not-the-password"), &[]);
-    assert_fails(
-        &out,
-        3,
+    fails_at_start(
+        "wrong_password",
+        |c| match &c.db.env.scram {
+            Some(scram) => Ok(source(c, &scram.user, "password=not-the-password")),
+            None => Err("PGCDC_TEST_SCRAM_USER is not set"),
+        },
         &["password authentication failed", "Fix:", "PGPASSWORD"],
-    );
-    c.assert_left_nothing().await;
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_host_names_the_fix() {
-    let c = Case::new(TABLE).await;
     // The `!` makes the resolver reject the name without asking a DNS server, so no test
     // traffic leaves this machine.
-    let source = format!(
-        "host=pgcdc-unknown-host! port=5432 user=postgres dbname={}",
-        c.db.name
-    );
-    let out = c.run(&source, &[]);
-    assert_fails(
-        &out,
-        3,
+    fails_at_start(
+        "unknown_host",
+        |c| {
+            Ok(format!(
+                "host=pgcdc-unknown-host! port=5432 user=postgres dbname={}",
+                c.db.name
+            ))
+        },
         &["pgcdc-unknown-host!", "does not resolve", "host="],
-    );
-    c.assert_left_nothing().await;
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_database_names_the_fix() {
-    let c = Case::new(TABLE).await;
-    let source = format!(
-        "host={} port={} user={} dbname=pgcdc_no_such_db sslmode=disable",
-        c.db.env.host, c.db.env.port, c.db.env.superuser
-    );
-    let out = c.run(&source, &[]);
-    assert_fails(&out, 3, &["\"pgcdc_no_such_db\" does not exist", "dbname="]);
-    c.assert_left_nothing().await;
+    fails_at_start(
+        "missing_database",
+        |c| {
+            Ok(format!(
+                "host={} port={} user={} dbname=pgcdc_no_such_db sslmode=disable",
+                c.db.env.host, c.db.env.port, c.db.env.superuser
+            ))
+        },
+        &["\"pgcdc_no_such_db\" does not exist", "dbname="],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nothing_listening_names_the_fix() {
-    let c = Case::new(TABLE).await;
-    let port = servers::free_port();
-    let source = format!("host=127.0.0.1 port={port} user=postgres dbname=x sslmode=disable");
-    let out = c.run(&source, &[]);
-    assert_fails(&out, 3, &["Connection refused", "listens"]);
-    c.assert_left_nothing().await;
+    fails_at_start(
+        "nothing_listening",
+        |_| {
+            let port = servers::free_port();
+            Ok(format!(
+                "host=127.0.0.1 port={port} user=postgres dbname=x sslmode=disable"
+            ))
+        },
+        &["Connection refused", "listens"],
+    )
+    .await
 }
 
 /// PostgreSQL and Kafka are reached at the same time at start-up: a PostgreSQL mistake is
@@ -188,13 +123,13 @@ async fn nothing_listening_names_the_fix() {
 /// without --kafka-timeout).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_postgres_mistake_is_reported_while_kafka_is_unreachable() {
-    let c = Case::new(TABLE).await;
+    let c = Pipeline::new(TABLE).await;
     let nowhere = format!("127.0.0.1:{}", servers::free_port());
     let started = std::time::Instant::now();
-    let out = c
-        .command_with(&c.superuser_source(), &nowhere, &["--table", "public.nope"])
-        .output()
-        .expect("pgcdc runs");
+    let out = items(&c, &superuser_source(&c))
+        .set("--kafka", &nowhere)
+        .args(["--table", "public.nope"])
+        .output();
     assert_fails(&out, 3, &[r#""public"."nope""#]);
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -213,13 +148,12 @@ async fn wal_level_not_logical_names_the_fix() {
     let client = common::client(&common::parse(&pg.conninfo(&name))).await;
     client.batch_execute(TABLE).await.expect("setup");
     let prefix = common::unique_name("b");
-    let out = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-        .arg("run")
-        .args(["--source", &pg.conninfo(&name), "--kafka", &kafka()])
-        .args(["--topic-prefix", &prefix, "--table", "public.items"])
-        .env_remove("PGCDC_LOG")
-        .output()
-        .expect("pgcdc runs");
+    let out = PgcdcCmd::new("run")
+        .set("--source", &pg.conninfo(&name))
+        .set("--kafka", &kafka())
+        .set("--topic-prefix", &prefix)
+        .args(["--table", "public.items"])
+        .output();
     assert_fails(
         &out,
         3,
@@ -234,7 +168,7 @@ async fn wal_level_not_logical_names_the_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slot_of_another_plugin_names_the_fix() {
-    let c = Case::new(TABLE).await;
+    let c = Pipeline::new(TABLE).await;
     c.db.client()
         .await
         .query_one(
@@ -243,7 +177,7 @@ async fn slot_of_another_plugin_names_the_fix() {
         )
         .await
         .expect("create a test_decoding slot");
-    let out = c.run(&c.superuser_source(), &[]);
+    let out = run(&c, &superuser_source(&c), &[]);
     assert_fails(
         &out,
         3,
@@ -266,7 +200,7 @@ async fn slot_of_another_plugin_names_the_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn publication_with_other_tables_names_the_fix() {
-    let c = Case::new(TABLE).await;
+    let c = Pipeline::new(TABLE).await;
     c.db.client()
         .await
         .batch_execute(&format!(
@@ -275,7 +209,7 @@ async fn publication_with_other_tables_names_the_fix() {
         ))
         .await
         .expect("a publication of another table");
-    let out = c.run(&c.superuser_source(), &[]);
+    let out = run(&c, &superuser_source(&c), &[]);
     assert_fails(
         &out,
         3,
@@ -290,13 +224,15 @@ async fn publication_with_other_tables_names_the_fix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn topic_creation_refused_names_the_fix() {
     use rdkafka::mocking::MockCluster;
-    let c = Case::new(TABLE).await;
+    let c = Pipeline::new(TABLE).await;
     let mock = MockCluster::new(1).expect("a mock cluster");
     let bootstrap = mock.bootstrap_servers();
-    let source = c.superuser_source();
+    let source = superuser_source(&c);
     let out = tokio::task::spawn_blocking({
-        let mut cmd = c.command_with(&source, &bootstrap, &["--kafka-timeout", "10"]);
-        move || cmd.output().expect("pgcdc runs")
+        let cmd = items(&c, &source)
+            .set("--kafka", &bootstrap)
+            .args(["--kafka-timeout", "10"]);
+        move || cmd.output()
     })
     .await
     .expect("runner");
@@ -327,9 +263,9 @@ async fn topic_creation_refused_names_the_fix() {
 /// published and confirmed. (The default, fail, is tested in `tests/run.rs`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_row_is_skipped_loudly_when_asked() {
-    let c = Case::new(TABLE).await;
-    let source = c.superuser_source();
-    let out = c.run(&source, &[]);
+    let c = Pipeline::new(TABLE).await;
+    let source = superuser_source(&c);
+    let out = run(&c, &source, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -343,7 +279,8 @@ async fn oversized_row_is_skipped_loudly_when_asked() {
         )
         .await
         .expect("updates");
-    let out = c.run(
+    let out = run(
+        &c,
         &source,
         &["-X", "message.max.bytes=2000", "--oversized", "skip"],
     );
@@ -355,13 +292,13 @@ async fn oversized_row_is_skipped_loudly_when_asked() {
     );
     assert!(err.contains("oversized_skipped: 1"), "{err}");
     // 20 snapshot rows and the small update; the large one is not there.
-    assert_eq!(c.published().await, 21);
+    assert_eq!(c.count("items", false).await, 21);
 }
 
 /// The password never appears: not in logs at any level, not in errors, not in `--help`.
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_never_appear_in_output() {
-    let c = Case::new(TABLE).await;
+    let c = Pipeline::new(TABLE).await;
     let Some(scram) = c.db.env.scram.clone() else {
         return common::skip("passwords", "PGCDC_TEST_SCRAM_USER is not set");
     };
@@ -377,7 +314,7 @@ async fn passwords_never_appear_in_output() {
         "postgres://{}:{}@{}:{}/{}?sslmode=disable",
         scram.user, scram.password, c.db.env.host, c.db.env.port, c.db.name
     );
-    let kv = c.source(&scram.user, &format!("password={}", scram.password));
+    let kv = source(&c, &scram.user, &format!("password={}", scram.password));
     let kafka_secret = "kafka-secret-9f3a";
     let sasl = format!("sasl.password={kafka_secret}");
     let typo = format!("sasl.password.typo={kafka_secret}");
@@ -387,7 +324,7 @@ async fn passwords_never_appear_in_output() {
         (url.clone(), vec!["-X", &sasl], None),
         (kv.clone(), vec![], None),
         (
-            c.source(&scram.user, ""),
+            source(&c, &scram.user, ""),
             vec![],
             Some(scram.password.as_str()),
         ),
@@ -403,12 +340,14 @@ async fn passwords_never_appear_in_output() {
         } else {
             kafka()
         };
-        let mut cmd = c.command_with(source, &kafka, extra);
-        cmd.env("PGCDC_LOG", "trace");
+        let mut cmd = items(&c, source)
+            .set("--kafka", &kafka)
+            .args(extra)
+            .env("PGCDC_LOG", "trace");
         if let Some(p) = pgpassword {
-            cmd.env("PGPASSWORD", p);
+            cmd = cmd.env("PGPASSWORD", p);
         }
-        outputs.push(cmd.output().expect("pgcdc runs"));
+        outputs.push(cmd.output());
     }
     assert!(
         outputs[0].status.success(),
@@ -418,15 +357,14 @@ async fn passwords_never_appear_in_output() {
     assert!(outputs[2].status.success(), "PGPASSWORD is used");
     // --help with the source in the environment.
     outputs.push(
-        Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-            .args(["run", "--help"])
+        PgcdcCmd::new("run")
+            .args(["--help"])
             .env("PGCDC_SOURCE", &url)
             .env(
                 "PGCDC_KAFKA_PROPERTIES",
-                format!("sasl.password={kafka_secret}"),
+                &format!("sasl.password={kafka_secret}"),
             )
-            .output()
-            .expect("help"),
+            .output(),
     );
     for (i, out) in outputs.iter().enumerate() {
         for stream in [&out.stdout, &out.stderr] {
@@ -444,23 +382,21 @@ async fn passwords_never_appear_in_output() {
 /// with a message naming the property — not its value — and nothing published.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kafka_tls_setting_librdkafka_rejects_names_the_property() {
-    let c = Case::new(TABLE).await;
+    let c = Pipeline::new(TABLE).await;
     let secret_dir = common::unique_name("no_such_ca_dir");
     let ca = std::env::temp_dir().join(&secret_dir).join("ca.pem");
     let ca = format!("ssl.ca.location={}", ca.display());
-    let mut cmd = c.command(
-        &c.superuser_source(),
-        &[
+    let out = items(&c, &superuser_source(&c))
+        .args([
             "-X",
             "security.protocol=SSL",
             "-X",
             &ca,
             "--kafka-timeout",
             "5",
-        ],
-    );
-    cmd.env("PGCDC_LOG", "trace");
-    let out = cmd.output().expect("pgcdc runs");
+        ])
+        .env("PGCDC_LOG", "trace")
+        .output();
     assert_fails(&out, 4, &["-X ssl.ca.location", "exist"]);
     for stream in [&out.stdout, &out.stderr] {
         let text = String::from_utf8_lossy(stream);
@@ -472,7 +408,7 @@ async fn a_kafka_tls_setting_librdkafka_rejects_names_the_property() {
 /// A whole run over TLS, with the TLS-only role, for `require` and `verify-full`.
 #[tokio::test(flavor = "multi_thread")]
 async fn run_over_tls_require_and_verify_full() {
-    let c = Case::new(TABLE).await;
+    let c = Pipeline::new(TABLE).await;
     let (Some(tls), Some(ca)) = (c.db.env.tls.clone(), c.db.env.sslrootcert.clone()) else {
         return common::skip(
             "tls",
@@ -492,24 +428,24 @@ async fn run_over_tls_require_and_verify_full() {
         c.db.env.port, tls.user, tls.password, c.db.name
     );
     // The role may not log in without TLS at all.
-    let out = c.run(&format!("{base} sslmode=disable"), &[]);
+    let out = run(&c, &format!("{base} sslmode=disable"), &[]);
     assert_fails(&out, 3, &["pg_hba.conf"]);
-    let out = c.run(&format!("{base} sslmode=require"), &[]);
+    let out = run(&c, &format!("{base} sslmode=require"), &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(c.published().await, 20);
+    assert_eq!(c.count("items", false).await, 20);
     c.db.client()
         .await
         .batch_execute("UPDATE items SET v = 'over TLS' WHERE id = 3")
         .await
         .expect("update");
     let verify = format!("{base} sslmode=verify-full sslrootcert={}", ca.display());
-    let out = c.run(&verify, &[]);
+    let out = run(&c, &verify, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("resuming from the slot"), "{err}");
-    assert_eq!(c.published().await, 21);
+    assert_eq!(c.count("items", false).await, 21);
 }

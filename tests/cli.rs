@@ -1,8 +1,10 @@
 //! The command line as documented: every flag of every subcommand appears in README.md's
 //! configuration reference, and `--help` lists the exit codes.
 
+mod common;
+
 use clap::CommandFactory;
-use pgcdc::cli::Cli;
+use common::api::Cli;
 
 #[test]
 fn every_flag_of_every_subcommand_is_in_the_readme() {

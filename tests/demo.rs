@@ -188,7 +188,7 @@ impl Drop for DropDatabase {
         };
         rt.block_on(async {
             let env = common::env();
-            if let Ok(c) = pgcdc::source::connect::connect(&env.admin("postgres")).await {
+            if let Ok(c) = crate::common::api::connect(&env.admin("postgres")).await {
                 if let Err(e) = c.batch_execute(&sql).await {
                     eprintln!("note: {sql}: {e}");
                 }

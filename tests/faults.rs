@@ -10,38 +10,31 @@
 //! | `network_cut_to_postgres_and_broker` | shared PostgreSQL, private broker, proxies | links cut and restored, a silent partition |
 //! | `sigterm_during_a_large_transaction` | shared | SIGTERM in the middle of a large transaction |
 //!
-//! Scenarios that restart or pause a server use their own (`faults/servers.rs`), so parallel
+//! Scenarios that restart or pause a server use their own (`common::servers`), so parallel
 //! tests are not disturbed. Each prints one summary line (also appended to
 //! `fault-summary.txt` in Cargo's target tmp dir). `PGCDC_SOAK=1` runs longer, with more
 //! faults and the producer's default timeouts; `PGCDC_FAULT_SEED` replays a run's choices.
 
 mod common;
 
-#[path = "faults/check.rs"]
-mod check;
-#[path = "faults/process.rs"]
-mod process;
-#[path = "faults/proxy.rs"]
-mod proxy;
-#[path = "faults/servers.rs"]
-mod servers;
-#[path = "faults/workload.rs"]
-mod workload;
+/// The parts in `tests/faults/`.
+mod faults {
+    pub mod check;
+    pub mod workload;
+}
+use faults::{check, workload};
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use check::{Summary, WORKLOAD_TABLES};
-use process::Pgcdc;
-use servers::{PrivateBroker, PrivatePg, Shutdown};
+use common::cmd::PgcdcCmd;
+use common::process::Pgcdc;
+use common::servers::{self, PrivateBroker, PrivatePg, Shutdown};
+use common::{kafka as shared_kafka, proxy};
 use workload::{Pace, Rng, Workload};
 
 fn soak() -> bool {
     std::env::var("PGCDC_SOAK").is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
-fn shared_kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
 fn now_ms() -> i64 {
@@ -95,28 +88,19 @@ impl Scenario {
         let prefix = common::unique_name("f");
         let direct = Self::direct_conninfo(&db);
         let source = source.unwrap_or_else(|| direct.clone());
-        let mut args: Vec<String> = [
-            "--source",
-            &source,
-            "--kafka",
-            kafka,
-            "--slot",
-            &slot,
-            "--publication",
-            &slot,
-            "--topic-prefix",
-            &prefix,
-            "--status-interval",
-            "0.5",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for t in workload::TABLES {
-            args.push("--table".into());
-            args.push(format!("public.{t}"));
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let cmd = PgcdcCmd::new("run")
+            .set("--source", &source)
+            .set("--kafka", kafka)
+            .set("--slot", &slot)
+            .set("--publication", &slot)
+            .set("--topic-prefix", &prefix)
+            .set("--status-interval", "0.5")
+            .args(
+                workload::TABLES
+                    .iter()
+                    .flat_map(|t| ["--table".to_string(), format!("public.{t}")]),
+            )
+            .args(extra);
         let dir = std::env::temp_dir().join(&prefix);
         let s = Scenario {
             name,
@@ -126,7 +110,7 @@ impl Scenario {
             prefix,
             orders,
             docs,
-            pgcdc: Pgcdc::new(args, dir),
+            pgcdc: Pgcdc::new(cmd, dir),
             rng: Rng::new(seed),
             seed,
             started: Instant::now(),
@@ -160,6 +144,21 @@ impl Scenario {
     /// A connection that bypasses any proxy.
     async fn client(&self) -> tokio_postgres::Client {
         common::client(&common::parse(&Self::direct_conninfo(&self.db))).await
+    }
+
+    /// Starts pgcdc, then (once its slot exists) the workload at `pace`.
+    async fn start(&mut self, pace: Pace) -> Workload {
+        self.pgcdc.spawn();
+        self.wait_for_slot().await;
+        self.start_workload(pace)
+    }
+
+    /// [`Scenario::start`], then waits (at most 60 s) until pgcdc streams.
+    async fn start_streaming(&mut self, pace: Pace) -> Workload {
+        let w = self.start(pace).await;
+        self.expect_log("streaming changes", Duration::from_secs(60))
+            .await;
+        w
     }
 
     fn start_workload(&self, pace: Pace) -> Workload {
@@ -300,14 +299,7 @@ impl Scenario {
 /// Prints a summary line and appends it to `fault-summary.txt`.
 fn record(line: &str) {
     eprintln!("SUMMARY {line}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-summary.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
+    common::append_summary("fault-summary.txt", line);
 }
 
 fn ms(n: u64) -> Duration {
@@ -320,9 +312,7 @@ async fn kill_9_during_snapshot_and_streaming() {
     let kafka = shared_kafka();
     let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("kill -9", db, None, &kafka, &kafka, (30_000, 400), &[]).await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
+    let mut w = s.start(Pace::default()).await;
 
     // During the snapshot: each restart finds a slot without a completed snapshot, publishes
     // what the slot holds, and takes the snapshot again.
@@ -402,11 +392,7 @@ async fn postgres_restarts_while_streaming() {
         &[],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
-    s.expect_log("streaming changes", Duration::from_secs(60))
-        .await;
+    let mut w = s.start_streaming(Pace::default()).await;
     let mut slowest = Duration::ZERO;
     for i in 0..restarts {
         w.wait_for(w.committed() + 50).await;
@@ -464,13 +450,11 @@ async fn reconnect_backoff_starts_over_after_each_recovered_outage() {
         &[],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let w = s.start_workload(Pace {
-        pause: ms(20),
-        ..Pace::default()
-    });
-    s.expect_log("streaming changes", Duration::from_secs(60))
+    let w = s
+        .start_streaming(Pace {
+            pause: ms(20),
+            ..Pace::default()
+        })
         .await;
     let client = s.client().await;
     for i in 0..6 {
@@ -528,11 +512,7 @@ async fn broker_paused_and_restarted() {
         extra,
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
-    s.expect_log("streaming changes", Duration::from_secs(60))
-        .await;
+    let mut w = s.start_streaming(Pace::default()).await;
     let mut exits = 0;
     for _ in 0..rounds {
         w.wait_for(w.committed() + 100).await;
@@ -593,11 +573,7 @@ async fn network_cut_to_postgres_and_broker() {
         &["--receive-timeout", "3"],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace::default());
-    s.expect_log("streaming changes", Duration::from_secs(60))
-        .await;
+    let mut w = s.start_streaming(Pace::default()).await;
     let mut streams = 1;
     let mut slowest = Duration::ZERO;
     for _ in 0..rounds {
@@ -689,13 +665,11 @@ async fn silent_replication_connection_is_detected_and_replaced() {
         &["--receive-timeout", "2"],
     )
     .await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let mut w = s.start_workload(Pace {
-        pause: ms(20),
-        ..Pace::default()
-    });
-    s.expect_log("streaming changes", Duration::from_secs(60))
+    let mut w = s
+        .start_streaming(Pace {
+            pause: ms(20),
+            ..Pace::default()
+        })
         .await;
     w.wait_for(w.committed() + 20).await;
     s.fault();
@@ -779,12 +753,12 @@ async fn sigterm_during_a_large_transaction() {
     let kafka = shared_kafka();
     let db = Db::Shared(Box::new(common::TestDb::create().await));
     let mut s = Scenario::new("SIGTERM", db, None, &kafka, &kafka, (1_000, 20), &[]).await;
-    s.pgcdc.spawn();
-    s.wait_for_slot().await;
-    let w = s.start_workload(Pace {
-        pause: ms(20),
-        ..Pace::default()
-    });
+    let w = s
+        .start(Pace {
+            pause: ms(20),
+            ..Pace::default()
+        })
+        .await;
     let client = s.client().await;
     let topic = format!("{}.public.orders", s.prefix);
     let mut mid_transaction = 0;

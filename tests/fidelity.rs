@@ -7,10 +7,10 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use common::api::ConsumedRecord;
 use common::pipeline::{
     assert_fails, assert_success, is_marker_record, without_markers, Event, Pipeline,
 };
-use pgcdc::kafka::ConsumedRecord;
 use serde_json::{json, Value};
 
 /// One column of the type matrix: name, SQL type, the SQL values of rows 1 and 3, and the
@@ -345,17 +345,11 @@ async fn schema_changes_while_streaming_reflect_the_new_shape() {
         )
         .await
         .unwrap();
-    let target = p.current_lsn().await;
-    let caught_up = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let caught_up = p.wait_caught_up(Duration::from_secs(30)).await;
     let log = p.log("schema.log");
-    assert!(caught_up.is_some(), "did not catch up:\n{log}");
+    assert!(caught_up, "did not catch up:\n{log}");
     assert!(child.try_wait().unwrap().is_none(), "pgcdc exited:\n{log}");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    common::process::sigterm(&child);
     let _ = child.wait();
 
     let events = without_markers(p.events("a", Some(11)).await);
@@ -896,7 +890,7 @@ async fn tombstones_and_messages_can_be_turned_off() {
         ],
         "{events:?}"
     );
-    let topics = common::published(&common::pipeline::kafka(), &p.prefix).await;
+    let topics = common::topics::published(&common::pipeline::kafka(), &p.prefix).await;
     let messages = format!("{}.message", p.prefix);
     assert_eq!(
         topics.get(&messages).copied().unwrap_or(0),
@@ -934,16 +928,10 @@ async fn a_column_added_later_under_an_excluded_name_is_excluded_too() {
     ] {
         client.batch_execute(sql).await.unwrap();
     }
-    let target = p.current_lsn().await;
-    let caught_up = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let caught_up = p.wait_caught_up(Duration::from_secs(30)).await;
     let log = p.log("exclude.log");
-    assert!(caught_up.is_some(), "did not catch up:\n{log}");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    assert!(caught_up, "did not catch up:\n{log}");
+    common::process::sigterm(&child);
     let _ = child.wait();
 
     let records: Vec<_> = p
@@ -1163,7 +1151,7 @@ async fn every_table_gets_a_topic_of_its_own_that_kafka_accepts() {
             assert_eq!(value["after"]["v"], v, "{table} in {topic}: {e:?}");
         }
     }
-    let published = common::published(&common::pipeline::kafka(), &p.prefix).await;
+    let published = common::topics::published(&common::pipeline::kafka(), &p.prefix).await;
     for topic in published.keys() {
         assert!(
             topic.len() <= 249

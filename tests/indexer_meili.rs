@@ -3,19 +3,21 @@
 //! is invisible until its task has been polled), checks the API key, and records every request.
 //! It keeps connections alive and can serve HTTPS with the test environment's certificate.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::api::indexer::HttpClient;
+use common::api::indexer::Indexer;
+use common::api::indexer::MeiliTarget;
+use common::api::indexer::SourceRecord;
+use common::api::indexer::TargetError;
+use common::api::{Recoverable, Recovery};
 use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod};
-use pgcdc::indexer::http::HttpClient;
-use pgcdc::indexer::meili::MeiliTarget;
-use pgcdc::indexer::source::SourceRecord;
-use pgcdc::indexer::target::TargetError;
-use pgcdc::indexer::Indexer;
-use pgcdc::model::failure::{Recoverable, Recovery};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -27,26 +27,18 @@
 
 mod common;
 
-#[path = "integrity/gen.rs"]
-mod gen;
-#[path = "integrity/oracle.rs"]
-mod oracle;
-#[path = "faults/process.rs"]
-mod process;
-#[path = "integrity/runner.rs"]
-mod runner;
-#[path = "faults/servers.rs"]
-mod servers;
+/// The parts in `tests/integrity/`.
+mod integrity {
+    pub mod gen;
+    pub mod oracle;
+    pub mod runner;
+}
+use integrity::{gen, oracle, runner};
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{kafka, TestEnv};
 use gen::{Bug, Config};
-
-fn kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {
@@ -103,14 +95,7 @@ fn config(major: u32) -> Config {
 /// Prints a line and appends it to `integrity-summary.txt` in Cargo's target tmp directory.
 fn record(line: &str) {
     eprintln!("{line}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("integrity-summary.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
+    common::append_summary("integrity-summary.txt", line);
 }
 
 /// Runs one seed; `Err` is the full failure report.

@@ -1,7 +1,7 @@
 //! Peak memory of `pgcdc run` with rows of ~1 MB and a stopped broker (README, Guarantees:
 //! bounded memory).
 //!
-//! The broker is a tansu of the test's own (`faults/servers.rs`; memory storage, which takes
+//! The broker is a tansu of the test's own (`common::servers`; memory storage, which takes
 //! 400 MB quickly once it answers again), paused with SIGSTOP while pgcdc publishes: from then
 //! on everything pgcdc reads can only pile up in its buffers, until they are full and pgcdc
 //! stops reading. Then the broker resumes, pgcdc delivers everything as fast as it can, and
@@ -16,16 +16,14 @@
 
 mod common;
 
-#[path = "faults/servers.rs"]
-mod servers;
-
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use pgcdc::kafka::{KafkaConfig, ReadStop, TopicReader};
-use servers::PrivateBroker;
+use common::api::{KafkaConfig, ReadStop, TopicReader};
+use common::cmd::PgcdcCmd;
+use common::servers::{self, PrivateBroker};
 
 /// The documented bound on pgcdc's peak memory (README, Guarantees), in MB...
 const DOCUMENTED_PEAK_MB: u64 = 64;
@@ -218,30 +216,23 @@ async fn large_rows_and_a_paused_broker_stay_within_the_memory_bound() {
     eprintln!("table filled in {:?}", started.elapsed());
     let mut broker = PrivateBroker::start_in_memory();
     let bootstrap = broker.bootstrap();
-    let source = format!(
-        "host={} port={} user={} dbname={} sslmode=disable",
-        db.env.host, db.env.port, db.env.superuser, db.name
-    );
+    let source = db.source();
     let dir = servers::temp_dir("pgcdc_memory");
     let limit_kb = DOCUMENTED_PEAK_MB * 1024 + ROWS_ALLOWED * ROW_BYTES as u64 / 1024;
     let mb = |kb: u64| kb as f64 / 1024.0;
     let pgcdc = |slot: &str, prefix: &str, extra: &[&str], log: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-            .arg("run")
-            .args(["--source", &source, "--kafka", &bootstrap])
-            .args(["--slot", slot, "--publication", slot])
-            .args(["--topic-prefix", prefix, "--table", "public.big"])
-            .args(["--status-interval", "0.5"])
+        PgcdcCmd::new("run")
+            .set("--source", &source)
+            .set("--kafka", &bootstrap)
+            .set("--slot", slot)
+            .set("--publication", slot)
+            .set("--topic-prefix", prefix)
+            .set("--status-interval", "0.5")
+            .args(["--table", "public.big"])
             // Room for a row's event, which the broker must accept too.
             .args(["-X", "message.max.bytes=2000000"])
             .args(extra)
-            .env_remove("PGCDC_LOG")
-            .env("PGPASSFILE", "/nonexistent")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
-            .spawn()
-            .expect("pgcdc starts")
+            .spawn_logging(log)
     };
 
     // Phase 1: the snapshot. The broker stops answering once the first row is read.

@@ -5,156 +5,45 @@
 mod common;
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::TestDb;
-use pgcdc::kafka::{read_last_value, read_topic, KafkaConfig, ReadStop};
-use pgcdc::sink::{self, Record, SinkItem};
+use common::api::{read_last_value, read_topic, sink, KafkaConfig, ReadStop, Record, SinkItem};
+use common::cmd::PgcdcCmd;
+use common::kafka;
+use common::pipeline::Pipeline;
+use common::process::stop;
 use serde_json::{json, Value};
-
-fn kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 const ITEMS: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int);
      INSERT INTO public.items SELECT g, 'row ' || g, g FROM generate_series(1, 50) g;";
 
-/// One test's setup: database, slot (also the publication's name), topic prefix, temp dir.
-struct Ops {
-    db: TestDb,
-    slot: String,
-    prefix: String,
-    dir: PathBuf,
+/// `pgcdc <sub>` of this test plus `extra` (whose `--publication` replaces the test's);
+/// `run` captures `items`.
+fn cmd(o: &Pipeline, sub: &str, extra: &[&str]) -> Command {
+    let mut c = o.pgcdc(sub);
+    if extra.contains(&"--publication") {
+        c = c.unset("--publication");
+    }
+    c = c.args(extra);
+    if sub == "run" {
+        c = c.args(["--table", "public.items"]);
+    }
+    c.command()
 }
 
-impl Ops {
-    async fn new(setup_sql: &str) -> Ops {
-        let db = TestDb::create().await;
-        db.client()
-            .await
-            .batch_execute(setup_sql)
-            .await
-            .expect("test setup SQL");
-        let slot = common::unique_name("slot");
-        let prefix = common::unique_name("o");
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Ops {
-            db,
-            slot,
-            prefix,
-            dir,
-        }
-    }
-
-    fn source(&self) -> String {
-        format!(
-            "host={} port={} user={} dbname={} sslmode=disable",
-            self.db.env.host, self.db.env.port, self.db.env.superuser, self.db.name
-        )
-    }
-
-    /// The binary with a clean environment for pgcdc's own variables.
-    fn bin(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("PGCDC_") && !k.starts_with("PGCDC_TEST_") {
-                c.env_remove(k);
-            }
-        }
-        c.env("PGPASSFILE", "/nonexistent").stdin(Stdio::null());
-        c
-    }
-
-    /// `pgcdc <sub>` with this test's connection, slot and prefix, plus `extra`.
-    fn cmd(&self, sub: &str, extra: &[&str]) -> Command {
-        let mut c = self.bin();
-        c.arg(sub)
-            .args(["--source", &self.source()])
-            .args(["--kafka", &kafka()])
-            .args(["--slot", &self.slot])
-            .args(["--topic-prefix", &self.prefix])
-            .args(extra);
-        if (sub == "run" || sub == "drop" || sub == "verify") && !extra.contains(&"--publication") {
-            c.args(["--publication", &self.slot]);
-        }
-        if sub == "run" {
-            c.args(["--table", "public.items", "--status-interval", "0.5"]);
-        }
-        c
-    }
-
-    fn output(&self, sub: &str, extra: &[&str]) -> Output {
-        self.cmd(sub, extra).output().expect("pgcdc runs")
-    }
-
-    /// `pgcdc run` in the background, logging to `<dir>/<log>`.
-    fn spawn_run(&self, extra: &[&str], log: &str) -> Child {
-        let file = std::fs::File::create(self.dir.join(log)).expect("log file");
-        self.cmd("run", extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("pgcdc starts")
-    }
-
-    fn log(&self, log: &str) -> String {
-        std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
-    }
-
-    async fn wait_for_log(&self, log: &str, needle: &str) {
-        let found = common::poll_until(Duration::from_secs(30), || async {
-            self.log(log).contains(needle).then_some(())
-        })
-        .await;
-        assert!(
-            found.is_some(),
-            "no {needle:?} in {log}:\n{}",
-            self.log(log)
-        );
-    }
-
-    fn topic(&self) -> String {
-        format!("{}.public.items", self.prefix)
-    }
-
-    async fn sql(&self, sql: &str) {
-        self.db.client().await.batch_execute(sql).await.expect(sql);
-    }
-
-    async fn slot_exists(&self) -> bool {
-        let client = self.db.client().await;
-        client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.slot],
-            )
-            .await
-            .expect("query slots")
-            .is_some()
-    }
+fn output(o: &Pipeline, sub: &str, extra: &[&str]) -> Output {
+    cmd(o, sub, extra).output().expect("pgcdc runs")
 }
 
-impl Drop for Ops {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..200 {
-        if child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+/// `pgcdc run` in the background, logging to `<dir>/<log>`.
+fn spawn_run(o: &Pipeline, extra: &[&str], log: &str) -> Child {
+    let file = std::fs::File::create(o.dir.join(log)).expect("log file");
+    cmd(o, "run", extra)
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("pgcdc starts")
 }
 
 fn stderr(out: &Output) -> String {
@@ -183,8 +72,8 @@ fn assert_code(out: &Output, code: i32, what: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
-    let o = Ops::new(ITEMS).await;
-    let child = o.spawn_run(&["--log-format", "json"], "run.log");
+    let o = Pipeline::new(ITEMS).await;
+    let child = spawn_run(&o, &["--log-format", "json"], "run.log");
     o.wait_for_log("run.log", "streaming changes").await;
     // Machine-readable logs: every line is JSON; lines about a table name it.
     let log = o.log("run.log");
@@ -199,7 +88,7 @@ async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
     assert_eq!(snapshot_line["table"], r#""public"."items""#);
     assert_eq!(snapshot_line["level"], "INFO");
 
-    let out = o.output("status", &["--json"]);
+    let out = output(&o, "status", &["--json"]);
     assert_code(&out, 0, "a streaming slot is healthy");
     let s = json_of(&out);
     assert_eq!(s["exists"], true);
@@ -214,7 +103,7 @@ async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
     stop(child);
     o.sql("INSERT INTO items SELECT g, repeat('w', 200), g FROM generate_series(100, 3000) g")
         .await;
-    let out = o.output("status", &["--json", "--max-retained-wal", "64kB"]);
+    let out = output(&o, "status", &["--json", "--max-retained-wal", "64kB"]);
     assert_code(&out, 5, "more WAL retained than the threshold");
     let s = json_of(&out);
     assert_eq!(s["active"], false);
@@ -229,7 +118,7 @@ async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
         "{s}"
     );
 
-    let out = o.output("status", &["--max-retained-wal", "64kB"]);
+    let out = output(&o, "status", &["--max-retained-wal", "64kB"]);
     assert_code(&out, 5, "human form");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -237,14 +126,14 @@ async fn status_shows_the_active_slot_then_warns_about_retained_wal() {
         "{text}"
     );
     // Under the default threshold (1 GB) the same slot is fine.
-    assert_code(&o.output("status", &[]), 0, "default threshold");
+    assert_code(&output(&o, "status", &[]), 0, "default threshold");
 }
 
 /// Publishes pgcdc-shaped events straight to the topic, to make the topic lie.
 async fn produce(topic: &str, events: &[(Value, Value)]) {
     let producer = sink::KafkaSink::new(KafkaConfig::new(kafka())).expect("producer");
     let (tx, rx) = sink::channel(16, sink::channel::CHANNEL_BYTES);
-    let (acked, _) = tokio::sync::watch::channel(pgcdc::model::Lsn::INVALID);
+    let (acked, _) = tokio::sync::watch::channel(crate::common::api::Lsn::INVALID);
     let task = tokio::spawn(sink::run(sink::Sink::Kafka(producer), rx, acked));
     for (key, value) in events {
         let record = Record {
@@ -268,13 +157,13 @@ fn event(op: &str, after: Value, commit_lsn: u64, lsn: u64) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_finds_equal_missing_extra_and_differing_keys() {
-    let o = Ops::new(ITEMS).await;
-    let child = o.spawn_run(&[], "run.log");
+    let o = Pipeline::new(ITEMS).await;
+    let child = spawn_run(&o, &[], "run.log");
     o.wait_for_log("run.log", "streaming changes").await;
     o.sql("UPDATE items SET v = 'changed' WHERE id = 1; DELETE FROM items WHERE id = 2;")
         .await;
 
-    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    let out = output(&o, "verify", &["--table", "public.items", "--json"]);
     assert_code(&out, 0, "pgcdc is running: the topic matches the table");
     let r = json_of(&out);
     assert_eq!(r["equal"], true);
@@ -284,7 +173,7 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
     // The topic lies about three keys, at positions before any later comparison point:
     // after the snapshot's reads (same commit_lsn, later lsn).
     let cfg = KafkaConfig::new(kafka());
-    let topic = o.topic();
+    let topic = o.topic("items");
     let first = tokio::task::spawn_blocking(move || {
         read_topic(
             &cfg,
@@ -303,7 +192,7 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
         serde_json::from_slice(first[0].value.as_deref().expect("a read event")).expect("JSON");
     let c0 = read["source"]["commit_lsn"].as_u64().expect("commit_lsn");
     produce(
-        &o.topic(),
+        &o.topic("items"),
         &[
             // missing: a delete the table never saw
             (json!({"id": 3}), event("d", Value::Null, c0, c0 + 1)),
@@ -326,7 +215,7 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
     )
     .await;
 
-    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    let out = output(&o, "verify", &["--table", "public.items", "--json"]);
     assert_code(&out, 1, "differences exit 1");
     let r = json_of(&out);
     assert_eq!(r["equal"], false);
@@ -341,7 +230,7 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
         columns.contains("tampered") && columns.contains("row 4"),
         "{r}"
     );
-    let text = String::from_utf8_lossy(&o.output("verify", &["--table", "public.items"]).stdout)
+    let text = String::from_utf8_lossy(&output(&o, "verify", &["--table", "public.items"]).stdout)
         .into_owned();
     assert!(
         text.contains("DIFFERENT") && text.contains("{\"id\":999}"),
@@ -353,14 +242,15 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
     // difference.
     stop(child);
     o.sql("UPDATE items SET n = -10 WHERE id = 10").await;
-    let out = o.output("verify", &["--table", "public.items"]);
+    let out = output(&o, "verify", &["--table", "public.items"]);
     assert_code(&out, 3, "pgcdc is not running");
     assert!(
         stderr(&out).contains("start `pgcdc run` for this slot"),
         "{}",
         stderr(&out)
     );
-    let out = o.output(
+    let out = output(
+        &o,
         "verify",
         &["--table", "public.items", "--json", "--no-wait"],
     );
@@ -371,8 +261,8 @@ async fn verify_finds_equal_missing_extra_and_differing_keys() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() {
-    let o = Ops::new(ITEMS).await;
-    let child = o.spawn_run(&[], "run.log");
+    let o = Pipeline::new(ITEMS).await;
+    let child = spawn_run(&o, &[], "run.log");
     o.wait_for_log("run.log", "streaming changes").await;
     let progress_key = format!("{}/{}", o.db.name, o.slot);
     let progress_topic = format!("{}._progress", o.prefix);
@@ -384,7 +274,7 @@ async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() 
             .is_some()
     );
 
-    let out = o.output("drop", &["--yes"]);
+    let out = output(&o, "drop", &["--yes"]);
     assert_code(&out, 3, "the slot is in use");
     let err = stderr(&out);
     assert!(
@@ -394,12 +284,12 @@ async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() 
     assert!(o.slot_exists().await);
 
     stop(child);
-    let out = o.output("drop", &[]);
+    let out = output(&o, "drop", &[]);
     assert_code(&out, 2, "no --yes");
     assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
     assert!(o.slot_exists().await, "nothing removed without --yes");
 
-    let out = o.output("drop", &["--yes"]);
+    let out = output(&o, "drop", &["--yes"]);
     assert_code(&out, 0, "drop");
     assert!(!o.slot_exists().await);
     let publications: i64 =
@@ -420,12 +310,13 @@ async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() 
         None,
         "progress record tombstoned"
     );
-    assert_code(&o.output("status", &[]), 5, "status after drop");
+    assert_code(&output(&o, "status", &[]), 5, "status after drop");
 
     // The stdout sink's progress file; --keep-publication keeps the publication.
     let file = o.dir.join("progress.json");
     let file = file.to_str().unwrap();
-    let mut run = o.cmd(
+    let mut run = cmd(
+        &o,
         "run",
         &[
             "--sink",
@@ -439,9 +330,8 @@ async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() 
     let out = run.output().unwrap();
     assert_code(&out, 0, "stdout run");
     assert!(std::path::Path::new(file).exists());
-    let mut drop_cmd = o.bin();
+    let mut drop_cmd = PgcdcCmd::new("drop").command();
     drop_cmd.args([
-        "drop",
         "--source",
         &o.source(),
         "--slot",
@@ -460,19 +350,7 @@ async fn drop_refuses_while_active_then_removes_slot_publication_and_progress() 
 
 /// GET `path` on `addr`: (status code, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("response");
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
-    (code, body)
+    common::http_get(addr, path).expect("the metrics endpoint answers")
 }
 
 fn metric(body: &str, line_start: &str) -> Option<f64> {
@@ -484,12 +362,12 @@ fn metric(body: &str, line_start: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_endpoint_counts_events_and_health_turns_503_when_stuck() {
-    let o = Ops::new(ITEMS).await;
+    let o = Pipeline::new(ITEMS).await;
     let file = o.dir.join("progress.json");
-    let log = std::fs::File::create(o.dir.join("run.log")).unwrap();
     // The stdout sink into a pipe nobody reads yet: a sink that stops acknowledging.
-    let mut child = o
-        .cmd(
+    let (child, stdout) = common::process::spawn_piped(
+        cmd(
+            &o,
             "run",
             &[
                 "--sink",
@@ -501,11 +379,9 @@ async fn metrics_endpoint_counts_events_and_health_turns_503_when_stuck() {
                 "--unhealthy-after",
                 "2",
             ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("pgcdc starts");
+        ),
+        &o.dir.join("run.log"),
+    );
     o.wait_for_log("run.log", "streaming changes").await;
     let logged = o.log("run.log");
     let addr = logged
@@ -558,7 +434,7 @@ async fn metrics_endpoint_counts_events_and_health_turns_503_when_stuck() {
     assert_eq!(metric(&body, "pgcdc_healthy "), Some(0.0), "{body}");
 
     // Reading the output unblocks it.
-    let mut out = child.stdout.take().expect("stdout");
+    let mut out = stdout;
     let reader = std::thread::spawn(move || {
         let mut sink = Vec::new();
         let _ = out.read_to_end(&mut sink);
@@ -585,7 +461,7 @@ async fn metrics_endpoint_counts_events_and_health_turns_503_when_stuck() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn config_file_is_overridden_by_env_then_flags() {
-    let o = Ops::new("SELECT 1").await;
+    let o = Pipeline::new("SELECT 1").await;
     let config = o.dir.join("pgcdc.toml");
     std::fs::write(
         &config,
@@ -598,8 +474,8 @@ async fn config_file_is_overridden_by_env_then_flags() {
     .unwrap();
     let config = config.to_str().unwrap();
     let status = |env: Option<&str>, flag: Option<&str>| {
-        let mut c = o.bin();
-        c.args(["status", "--json", "--config", config]);
+        let mut c = PgcdcCmd::new("status").command();
+        c.args(["--json", "--config", config]);
         if let Some(e) = env {
             c.env("PGCDC_SLOT", e);
         }
@@ -623,9 +499,8 @@ async fn config_file_is_overridden_by_env_then_flags() {
     // PGCDC_CONFIG names the file too; an unknown key is an error naming it (exit 2).
     let bad = o.dir.join("bad.toml");
     std::fs::write(&bad, "slot = \"x\"\nkafka-bootstrap = \"k:9092\"\n").unwrap();
-    let out = o
-        .bin()
-        .args(["status"])
+    let out = PgcdcCmd::new("status")
+        .command()
         .env("PGCDC_CONFIG", &bad)
         .output()
         .unwrap();
@@ -639,7 +514,7 @@ async fn config_file_is_overridden_by_env_then_flags() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_encodes_rows_with_runs_event_options() {
-    let o = Ops::new(
+    let o = Pipeline::new(
         "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int, amount numeric,
                                     at timestamptz, secret text);
          INSERT INTO public.items
@@ -653,18 +528,18 @@ async fn verify_encodes_rows_with_runs_event_options() {
         "--exclude-column",
         "public.items.secret",
     ];
-    let child = o.spawn_run(&options, "run.log");
+    let child = spawn_run(&o, &options, "run.log");
     o.wait_for_log("run.log", "streaming changes").await;
     o.sql("UPDATE items SET amount = 9.99 WHERE id = 1").await;
 
     let mut args = vec!["--table", "public.items", "--json"];
     args.extend(options);
-    let out = o.output("verify", &args);
+    let out = output(&o, "verify", &args);
     assert_code(&out, 0, "same options: equal");
     assert_eq!(json_of(&out)["same"], 20);
 
     // Without them, every row encodes differently from what was published.
-    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    let out = output(&o, "verify", &["--table", "public.items", "--json"]);
     assert_code(&out, 1, "other options: different");
     assert_eq!(json_of(&out)["differing"]["count"], 20);
     stop(child);
@@ -675,16 +550,16 @@ async fn verify_encodes_rows_with_runs_event_options() {
 /// verify compares at once; with one, it fails at once and names the ways out.
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_after_a_stopped_run_compares_at_once_or_names_the_unpublished_change() {
-    let o = Ops::new(ITEMS).await;
+    let o = Pipeline::new(ITEMS).await;
     // Another table of the publication changes after the run: not a change of `items`.
     o.sql("CREATE TABLE public.other (id int PRIMARY KEY, v text)")
         .await;
-    let out = o.output("run", &["--table", "public.other", "--stop-lsn", "now"]);
+    let out = output(&o, "run", &["--table", "public.other", "--stop-lsn", "now"]);
     assert_code(&out, 0, "run --stop-lsn now");
     o.sql("INSERT INTO other VALUES (1, 'not items')").await;
 
     let started = std::time::Instant::now();
-    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    let out = output(&o, "verify", &["--table", "public.items", "--json"]);
     assert_code(
         &out,
         0,
@@ -703,7 +578,7 @@ async fn verify_after_a_stopped_run_compares_at_once_or_names_the_unpublished_ch
         .await;
     let confirmed_before = slot_confirmed(&o).await;
     let started = std::time::Instant::now();
-    let out = o.output("verify", &["--table", "public.items"]);
+    let out = output(&o, "verify", &["--table", "public.items"]);
     assert_code(&out, 3, "an unpublished change of the table");
     let err = stderr(&out);
     assert!(
@@ -725,14 +600,14 @@ async fn verify_after_a_stopped_run_compares_at_once_or_names_the_unpublished_ch
     );
 
     // pgcdc publishes it; then verify is content again.
-    let out = o.output("run", &["--table", "public.other", "--stop-lsn", "now"]);
+    let out = output(&o, "run", &["--table", "public.other", "--stop-lsn", "now"]);
     assert_code(&out, 0, "run --stop-lsn now again");
-    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    let out = output(&o, "verify", &["--table", "public.items", "--json"]);
     assert_code(&out, 0, "published now");
     assert_eq!(json_of(&out)["same"], 50);
 }
 
-async fn slot_confirmed(o: &Ops) -> Option<pgcdc::model::Lsn> {
+async fn slot_confirmed(o: &Pipeline) -> String {
     o.db.client()
         .await
         .query_one(
@@ -749,7 +624,7 @@ async fn slot_confirmed(o: &Ops) -> Option<pgcdc::model::Lsn> {
 /// variable is a list, where `\;` is a literal semicolon. No error repeats a value.
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_properties_keep_semicolons_except_as_the_variables_separator() {
-    let o = Ops::new("SELECT 1").await;
+    let o = Pipeline::new("SELECT 1").await;
     // `status` of a slot that does not exist (exit 5) still reads the progress record, so it
     // creates a Kafka client with the properties. librdkafka writes its configuration dump
     // from its own thread, which a short-lived `status` may end before: a run whose output
@@ -757,7 +632,7 @@ async fn kafka_properties_keep_semicolons_except_as_the_variables_separator() {
     // and as an error naming the tail as a property).
     let status = |flags: &[&str], env: Option<&str>, config: Option<&std::path::Path>| {
         let run = || {
-            let mut c = o.cmd("status", flags);
+            let mut c = cmd(&o, "status", flags);
             c.env("PGCDC_LOG", "librdkafka=debug");
             if let Some(e) = env {
                 c.env("PGCDC_KAFKA_PROPERTIES", e);
@@ -858,11 +733,11 @@ const BIG_ITEMS: &str = "CREATE TABLE public.items (id int PRIMARY KEY, v text, 
 /// nobody reads holds the snapshot in the middle for as long as the test needs.
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_log_lines_show_rows_rate_and_eta_during_the_snapshot() {
-    let o = Ops::new(BIG_ITEMS).await;
+    let o = Pipeline::new(BIG_ITEMS).await;
     let file = o.dir.join("progress.json");
-    let log = std::fs::File::create(o.dir.join("run.log")).unwrap();
-    let mut child = o
-        .cmd(
+    let (child, stdout) = common::process::spawn_piped(
+        cmd(
+            &o,
             "run",
             &[
                 "--sink",
@@ -874,11 +749,9 @@ async fn progress_log_lines_show_rows_rate_and_eta_during_the_snapshot() {
                 "--log-format",
                 "json",
             ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("pgcdc starts");
+        ),
+        &o.dir.join("run.log"),
+    );
     let line = common::poll_until(Duration::from_secs(60), || async {
         o.log("run.log")
             .lines()
@@ -887,7 +760,7 @@ async fn progress_log_lines_show_rows_rate_and_eta_during_the_snapshot() {
     })
     .await
     .unwrap_or_else(|| panic!("no progress line:\n{}", o.log("run.log")));
-    drop(child.stdout.take()); // ends the run (a closed pipe)
+    drop(stdout); // ends the run (a closed pipe)
     stop(child);
     assert_eq!(line["table"], "public.items", "{line}");
     let rows = line["rows"].as_u64().expect("rows");
@@ -912,9 +785,10 @@ async fn progress_bar_on_a_terminal_shows_rows_rate_and_eta() {
     if Command::new("script").arg("--version").output().is_err() {
         return common::skip("progress bar", "`script` (util-linux) is not installed");
     }
-    let o = Ops::new(BIG_ITEMS).await;
+    let o = Pipeline::new(BIG_ITEMS).await;
     let file = o.dir.join("progress.json");
-    let run = o.cmd(
+    let run = cmd(
+        &o,
         "run",
         &[
             "--sink",
@@ -995,7 +869,7 @@ async fn progress_bar_on_a_terminal_shows_rows_rate_and_eta() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_compares_what_the_publication_publishes() {
-    let o = Ops::new(
+    let o = Pipeline::new(
         "CREATE TABLE public.items (id int PRIMARY KEY, v text, n int, secret text);
          INSERT INTO public.items SELECT g, 'row ' || g, g, 's' || g FROM generate_series(1, 50) g;",
     )
@@ -1006,7 +880,7 @@ async fn verify_compares_what_the_publication_publishes() {
         o.slot
     ))
     .await;
-    let child = o.spawn_run(&[], "run.log");
+    let child = spawn_run(&o, &[], "run.log");
     o.wait_for_log("run.log", "streaming changes").await;
     // Changes inside the filter, and rows leaving and entering it.
     o.sql(
@@ -1017,7 +891,7 @@ async fn verify_compares_what_the_publication_publishes() {
          INSERT INTO items VALUES (200, 'new', 1, 's'), (201, 'odd', 1, 's');",
     )
     .await;
-    let out = o.output("verify", &["--table", "public.items", "--json"]);
+    let out = output(&o, "verify", &["--table", "public.items", "--json"]);
     assert_code(&out, 0, "the topic holds what the publication publishes");
     let r = json_of(&out);
     assert_eq!(r["equal"], true, "{r}");
@@ -1025,7 +899,8 @@ async fn verify_compares_what_the_publication_publishes() {
     assert_eq!(r["same"], 25, "{r}");
 
     // Another publication (here: none of that name) compares the whole table, and says so.
-    let out = o.output(
+    let out = output(
+        &o,
         "verify",
         &[
             "--table",

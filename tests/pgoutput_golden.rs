@@ -4,15 +4,17 @@
 //! Assertions find messages by content, not by position or OID, so they survive a
 //! recapture; see the fixtures' README for the workload they come from.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use pgcdc::model::Lsn;
-use pgcdc::source::pgoutput::{
+use common::api::pgoutput::{
     decode, pg_timestamp_to_unix_millis, ColumnValue, DecodeError, Decoder, LogicalMessage,
     OldTuple, Relation, ReplicaIdentity, TupleData,
 };
+use common::api::Lsn;
 use proptest::prelude::*;
 
 const TEXT: &str = include_str!("fixtures/pgoutput/text.txt");

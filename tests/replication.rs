@@ -8,15 +8,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgcdc::model::failure::{Recoverable, Recovery};
-use pgcdc::model::Lsn;
-use pgcdc::source::conninfo::ConnInfo;
-use pgcdc::source::replication::{
+use common::api::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream, SnapshotAction,
     TlsError,
 };
+use common::api::ConnInfo;
+use common::api::Lsn;
+use common::api::{Recoverable, Recovery};
 
-use common::TestDb;
+use common::{Login, TestDb, TestEnv};
 
 /// Every test is bounded: a hang is a failure, not a stuck CI run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -75,48 +75,38 @@ async fn connects_with_trust() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn connects_with_scram() {
+/// A replication connection as a password role: the session is who and where it should be.
+/// `login` picks the role of one method from the environment; without it the test is
+/// skipped (`var` names its variables).
+async fn connects_with(test: &str, login: fn(TestEnv) -> Option<Login>, var: &str) {
     bounded(async {
-        let Some(login) = common::env().scram else {
-            return common::skip(
-                "connects_with_scram",
-                "PGCDC_TEST_SCRAM_USER/_PASSWORD not set",
-            );
+        let Some(login) = login(common::env()) else {
+            return common::skip(test, &format!("{var}_USER/_PASSWORD not set"));
         };
         let db = TestDb::create().await;
         let repl = check_login(&db, &login.user, Some(&login.password), "").await;
         repl.close().await.unwrap();
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connects_with_scram() {
+    connects_with("connects_with_scram", |e| e.scram, "PGCDC_TEST_SCRAM").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connects_with_md5() {
-    bounded(async {
-        let Some(login) = common::env().md5 else {
-            return common::skip("connects_with_md5", "PGCDC_TEST_MD5_USER/_PASSWORD not set");
-        };
-        let db = TestDb::create().await;
-        let repl = check_login(&db, &login.user, Some(&login.password), "").await;
-        repl.close().await.unwrap();
-    })
-    .await
+    connects_with("connects_with_md5", |e| e.md5, "PGCDC_TEST_MD5").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connects_with_cleartext() {
-    bounded(async {
-        let Some(login) = common::env().cleartext else {
-            return common::skip(
-                "connects_with_cleartext",
-                "PGCDC_TEST_CLEARTEXT_USER/_PASSWORD not set",
-            );
-        };
-        let db = TestDb::create().await;
-        let repl = check_login(&db, &login.user, Some(&login.password), "").await;
-        repl.close().await.unwrap();
-    })
+    connects_with(
+        "connects_with_cleartext",
+        |e| e.cleartext,
+        "PGCDC_TEST_CLEARTEXT",
+    )
     .await
 }
 
@@ -156,7 +146,7 @@ async fn ordinary_connection_with_password_methods() {
         let env = common::env();
         let db = TestDb::create().await;
         let mut tried = 0;
-        for login in [&env.scram, &env.md5, &env.cleartext].into_iter().flatten() {
+        for login in env.password_logins() {
             let info = env.conninfo(&login.user, Some(&login.password), &db.name, "");
             let client = common::client(&info).await;
             let user: String = client
@@ -184,10 +174,7 @@ async fn ordinary_connection_with_password_methods() {
 async fn wrong_password_fails_clearly_without_leaking_it() {
     bounded(async {
         let env = common::env();
-        let logins: Vec<_> = [&env.scram, &env.md5, &env.cleartext]
-            .into_iter()
-            .flatten()
-            .collect();
+        let logins = env.password_logins();
         if logins.is_empty() {
             return common::skip("wrong_password_fails...", "no password roles set");
         }
@@ -208,7 +195,7 @@ async fn wrong_password_fails_clearly_without_leaking_it() {
             assert_eq!(err.recovery(), Recovery::Stop);
 
             // The ordinary connection's error does not show it either.
-            let err = pgcdc::source::connect::connect(&info).await.unwrap_err();
+            let err = common::api::connect(&info).await.unwrap_err();
             let shown = format!("{err} {err:?}");
             assert!(!shown.contains(wrong), "{shown}");
             assert_eq!(err.sqlstate(), Some("28P01"), "{shown}");
@@ -317,9 +304,7 @@ async fn tls_require_and_verify() {
             "{err}"
         );
         assert_eq!(err.recovery(), Recovery::Stop);
-        let err = pgcdc::source::connect::connect(&wrong_host)
-            .await
-            .unwrap_err();
+        let err = common::api::connect(&wrong_host).await.unwrap_err();
         assert!(!err.is_transient(), "{err}");
 
         // verify-ca does not check the name.
@@ -1106,6 +1091,6 @@ async fn connection_refused_is_transient() {
     let err = ReplicationClient::connect(&info).await.unwrap_err();
     assert_eq!(err.recovery(), Recovery::Reconnect, "{err:?}");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
-    let err = pgcdc::source::connect::connect(&info).await.unwrap_err();
+    let err = common::api::connect(&info).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
 }

@@ -7,29 +7,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::api::Version;
+use common::api::{KafkaConfig, ReadStop};
 use common::pipeline::{assert_fails, assert_success, kafka, Event, Pipeline};
-use pgcdc::event::order::Version;
-use pgcdc::kafka::{KafkaConfig, ReadStop};
 use serde_json::{json, Value};
 
 /// Compares replayed topic state with the table, reporting a few differences, not dumps.
 fn assert_same_state(topic: &BTreeMap<i64, Value>, table: &BTreeMap<i64, Value>) {
-    let missing: Vec<&i64> = table.keys().filter(|k| !topic.contains_key(k)).collect();
-    let extra: Vec<&i64> = topic.keys().filter(|k| !table.contains_key(k)).collect();
-    let differing: Vec<(&i64, &Value, &Value)> = table
-        .iter()
-        .filter_map(|(k, v)| topic.get(k).filter(|t| *t != v).map(|t| (k, t, v)))
-        .take(3)
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && differing.is_empty(),
-        "topic != table: {} missing (first {:?}), {} extra (first {:?}), differing (topic, table): {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)],
-        extra.len(),
-        &extra[..extra.len().min(5)],
-        differing
-    );
+    common::assert::assert_same(topic, table, "topic != table");
 }
 
 /// The state each key ends in, replaying the topic like a consumer would; also checks that
@@ -304,22 +289,15 @@ async fn snapshot_connection_lost_starts_again_and_publishes_everything() {
     .await;
     let mut child = p.spawn(&["--table", "public.big", "--snapshot-only"], "snap.log");
     let admin = p.db.client().await;
-    let terminated = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+    let terminated = common::wait_for_count(
+        &admin,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                  WHERE datname = current_database() AND pid <> pg_backend_pid()
                    AND state = 'active' AND query ILIKE 'COPY%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    )
     .await;
     assert!(
-        terminated.is_some(),
+        terminated,
         "no snapshot COPY was seen running:\n{}",
         p.log("snap.log")
     );
@@ -361,12 +339,9 @@ async fn idle_tables_do_not_pin_wal_and_sigterm_stops_cleanly() {
         .await
         .unwrap();
     let target = p.current_lsn().await;
-    let advanced = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let advanced = p.wait_caught_up(Duration::from_secs(30)).await;
     assert!(
-        advanced.is_some(),
+        advanced,
         "confirmed_flush_lsn stayed at {:?} < {target}\n{}",
         p.confirmed_flush().await,
         p.log("idle.log")
@@ -524,7 +499,7 @@ async fn errors_name_the_fix() {
     // The slot in use by another pgcdc (which holds the slot's lock: see tests/sessions.rs).
     let mut first = p.spawn(&["--table", "items"], "first.log");
     p.wait_for_log("first.log", "streaming changes").await;
-    let before = common::published(&kafka(), &p.prefix).await;
+    let before = common::topics::published(&kafka(), &p.prefix).await;
     // Two rows and the snapshot marker.
     assert_eq!(before.get(&p.topic("items")), Some(&3), "{before:?}");
     assert_fails(
@@ -532,7 +507,7 @@ async fn errors_name_the_fix() {
         3,
         &["another pgcdc is running for slot", "--slot"],
     );
-    assert_eq!(common::published(&kafka(), &p.prefix).await, before);
+    assert_eq!(common::topics::published(&kafka(), &p.prefix).await, before);
     let _ = first.kill();
     let _ = first.wait();
 }
@@ -580,7 +555,7 @@ async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
         .await
         .unwrap();
     let after_update = p.current_lsn().await;
-    let before = common::published(&kafka(), &p.prefix).await;
+    let before = common::topics::published(&kafka(), &p.prefix).await;
     let out = p.run(&[
         "--table",
         "items",
@@ -596,7 +571,7 @@ async fn a_row_larger_than_the_message_limit_fails_without_confirming() {
         "the failed transaction must not be confirmed"
     );
     assert_eq!(
-        common::published(&kafka(), &p.prefix).await,
+        common::topics::published(&kafka(), &p.prefix).await,
         before,
         "nothing of the refused transaction is published"
     );
@@ -633,21 +608,12 @@ async fn lost_replication_connection_reconnects_and_loses_nothing() {
                 .unwrap();
         }
     }
-    let target = p.current_lsn().await;
-    let advanced = common::poll_until(Duration::from_secs(60), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
+    let advanced = p.wait_caught_up(Duration::from_secs(60)).await;
     let log = p.log("reconnect.log");
-    assert!(
-        advanced.is_some(),
-        "did not catch up after reconnecting:\n{log}"
-    );
+    assert!(advanced, "did not catch up after reconnecting:\n{log}");
     assert!(log.contains("reconnecting"), "{log}");
     assert!(child.try_wait().unwrap().is_none(), "pgcdc exited:\n{log}");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    common::process::sigterm(&child);
     let _ = child.wait();
 
     let events = p.events("hot", None).await;
@@ -690,7 +656,7 @@ async fn without_table_flags_every_table_of_the_publication_is_captured() {
     let cfg = KafkaConfig::new(kafka());
     let topic_c = p.topic("c");
     let c_exists = tokio::task::spawn_blocking(move || {
-        pgcdc::kafka::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
+        crate::common::api::TopicReader::open_if_exists(&cfg, &topic_c, ReadStop::HighWatermark)
             .map(|r| r.is_some())
     })
     .await
@@ -1059,20 +1025,14 @@ async fn stream_in_background_until_caught_up(
     log: &str,
     out: &std::path::Path,
 ) -> common::lines::Run {
-    let target = p.current_lsn().await;
-    let caught_up = common::poll_until(Duration::from_secs(30), || async {
-        p.confirmed_flush().await.filter(|c| *c >= target)
-    })
-    .await;
-    assert!(caught_up.is_some(), "did not catch up:\n{}", p.log(log));
+    let caught_up = p.wait_caught_up(Duration::from_secs(30)).await;
+    assert!(caught_up, "did not catch up:\n{}", p.log(log));
     assert!(
         child.try_wait().unwrap().is_none(),
         "pgcdc exited:\n{}",
         p.log(log)
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    common::process::sigterm(&child);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}\n{}", p.log(log));
     let stdout = std::fs::read(out).unwrap();

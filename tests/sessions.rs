@@ -4,37 +4,21 @@
 
 mod common;
 
-#[path = "faults/proxy.rs"]
-mod proxy;
-#[path = "faults/servers.rs"]
-mod servers;
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::io::Read;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pipeline::{assert_success, Pipeline};
+use common::process::{sigterm, sigterm_timed, wait_exit};
+use common::{proxy, servers};
 use serde_json::Value;
 
-/// Waits at most `timeout` for `child` to exit; kills it otherwise (None).
-async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn sigterm(child: &Child) {
-    servers::signal(child.id(), "-TERM");
+/// The run logging to `run.log` exited 0 within 3 s of its SIGTERM.
+fn assert_exited_0_at_once(p: &Pipeline, status: Option<ExitStatus>, took: Duration) {
+    let log = p.log("run.log");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
 }
 
 /// Starts `cmd` with stderr to `log` in the pipeline's directory and stdout to `out` there
@@ -103,12 +87,7 @@ async fn held_before_the_snapshot(
     cmd.args(stdout_sink)
         .args(["--snapshot", "always", "--stop-lsn", "now"])
         .args(extra);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (child, stdout) = common::process::spawn_piped(cmd, &p.dir.join("run.log"));
     p.wait_for_log("run.log", "snapshot exported").await;
     (child, stdout)
 }
@@ -120,6 +99,19 @@ fn read_all(mut stdout: impl Read + Send + 'static) -> std::thread::JoinHandle<S
         let _ = stdout.read_to_string(&mut s);
         s
     })
+}
+
+/// Reads the held run's output until it ends (at most 90 s): its exit status (None: killed
+/// after the wait), its stdout and its log.
+async fn run_to_the_end(
+    p: &Pipeline,
+    child: &mut Child,
+    stdout: ChildStdout,
+) -> (Option<ExitStatus>, String, String) {
+    let reader = read_all(stdout);
+    let status = wait_exit(child, Duration::from_secs(90)).await;
+    let out = reader.join().unwrap();
+    (status, out, p.log("run.log"))
 }
 
 /// Issue 17, item 8: a table rewritten (here `ALTER COLUMN … TYPE`) after the snapshot's
@@ -138,10 +130,7 @@ async fn a_table_rewritten_after_the_consistent_point_is_snapshotted_again() {
             .batch_execute("ALTER TABLE b ALTER COLUMN x TYPE bigint")
             .await
             .unwrap();
-        let reader = read_all(stdout);
-        let status = wait_exit(&mut child, Duration::from_secs(90)).await;
-        let out = reader.join().unwrap();
-        let log = p.log("run.log");
+        let (status, out, log) = run_to_the_end(&p, &mut child, stdout).await;
         let status = status.unwrap_or_else(|| panic!("pgcdc did not finish:\n{log}"));
         assert!(status.success(), "exit {status:?}\n{log}");
         let ids = read_ids(&out);
@@ -213,10 +202,7 @@ async fn columns_renamed_or_dropped_before_the_snapshot_lock_start_it_again() {
             .batch_execute("ALTER TABLE b RENAME COLUMN x TO y; ALTER TABLE a DROP COLUMN x")
             .await
             .unwrap();
-        let reader = read_all(stdout);
-        let status = wait_exit(&mut child, Duration::from_secs(90)).await;
-        let out = reader.join().unwrap();
-        let log = p.log("run.log");
+        let (status, out, log) = run_to_the_end(&p, &mut child, stdout).await;
         let status = status.unwrap_or_else(|| panic!("pgcdc did not finish:\n{log}"));
         assert!(
             status.success(),
@@ -255,10 +241,7 @@ async fn a_column_added_after_the_consistent_point_is_not_read_and_streamed_afte
         .batch_execute("ALTER TABLE a ADD COLUMN w int DEFAULT 7")
         .await
         .unwrap();
-    let reader = read_all(stdout);
-    let status = wait_exit(&mut child, Duration::from_secs(90)).await;
-    let out = reader.join().unwrap();
-    let log = p.log("run.log");
+    let (status, out, log) = run_to_the_end(&p, &mut child, stdout).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
     assert!(!log.contains("starting again"), "{log}");
     let a = reads(&out).remove(&p.topic("a")).unwrap_or_default();
@@ -344,22 +327,15 @@ async fn the_catalog_changed_before_the_consistent_point_starts_the_snapshot_aga
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = read_all(stdout);
-        let waiting = common::poll_until(Duration::from_secs(30), || async {
-            let n: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
+        let waiting = common::wait_for_count(
+            &admin,
+            "SELECT count(*) FROM pg_stat_activity
                      WHERE datname = current_database() AND query LIKE 'CREATE_REPLICATION_SLOT%'
                        AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n > 0).then_some(())
-        })
+        )
         .await;
         assert!(
-            waiting.is_some(),
+            waiting,
             "{ddl}: slot creation never waited:\n{}",
             p.log("run.log")
         );
@@ -406,8 +382,8 @@ async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
     )
     .await;
     let admin = p.db.client().await;
-    let mut child = p
-        .command(&[
+    let (mut child, stdout) = common::process::spawn_piped(
+        p.command(&[
             "--table",
             "public.big1",
             "--table",
@@ -419,12 +395,9 @@ async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
             "--snapshot-only",
             "--snapshot-workers",
             "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+        ]),
+        &p.dir.join("run.log"),
+    );
     // Both workers read a big table, and wait for their output to be read.
     for t in ["big1", "big2"] {
         p.wait_for_log(
@@ -440,24 +413,9 @@ async fn a_lock_request_during_a_parallel_snapshot_does_not_deadlock_it() {
             .await
             .map_err(|e| e.to_string())
     });
-    let waiting = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_locks
-                 WHERE relation = 'public.c'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
-    .await;
-    assert!(
-        waiting.is_some(),
-        "the ALTER never waited:\n{}",
-        p.log("run.log")
-    );
+    let waiting = common::wait_for_count(&admin, "SELECT count(*) FROM pg_locks
+                 WHERE relation = 'public.c'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted").await;
+    assert!(waiting, "the ALTER never waited:\n{}", p.log("run.log"));
     let reader = read_all(stdout);
     let status = wait_exit(&mut child, Duration::from_secs(60)).await;
     // Ends the ALTER's wait in any case (if pgcdc was killed above).
@@ -501,8 +459,8 @@ async fn database_timeouts_shorter_than_the_snapshot_do_not_end_it() {
         .await
         .unwrap();
     for workers in ["1", "2"] {
-        let mut child = p
-            .command(&[
+        let (mut child, mut stdout) = common::process::spawn_piped(
+            p.command(&[
                 "--table",
                 "public.big",
                 "--sink",
@@ -510,12 +468,9 @@ async fn database_timeouts_shorter_than_the_snapshot_do_not_end_it() {
                 "--snapshot-only",
                 "--snapshot-workers",
                 workers,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(p.dir.join("run.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
+            ]),
+            &p.dir.join("run.log"),
+        );
         // Not reading: the snapshot stalls on a full pipe for longer than the timeouts.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let reader = std::thread::spawn(move || {
@@ -546,17 +501,11 @@ async fn database_timeouts_shorter_than_the_snapshot_do_not_end_it() {
 
 /// `pgcdc drop` for this pipeline.
 fn drop_command(p: &Pipeline, progress_file: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-    c.arg("drop")
-        .args(["--source", &p.source()])
-        .args(["--progress-file", progress_file])
-        .args(["--slot", &p.slot, "--publication", &p.slot])
-        .args(["--topic-prefix", &p.prefix])
-        .arg("--yes")
-        .env_remove("PGCDC_LOG")
-        .env("PGPASSFILE", "/nonexistent")
-        .stdin(Stdio::null());
-    c
+    p.pgcdc("drop")
+        .unset("--kafka")
+        .set("--progress-file", progress_file)
+        .args(["--yes"])
+        .command()
 }
 
 /// Runs `cmd` for at most 60 s.
@@ -615,13 +564,8 @@ async fn a_second_process_on_the_same_slot_is_refused() {
         "--progress-file",
         progress,
     ];
-    let mut first = p
-        .command(&args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(p.dir.join("first.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = first.stdout.take().unwrap();
+    let (mut first, stdout) =
+        common::process::spawn_piped(p.command(&args), &p.dir.join("first.log"));
     p.wait_for_log("first.log", "snapshot: reading table").await;
 
     let second = output_within(p.command(&args), "the second pgcdc").await;
@@ -764,35 +708,18 @@ async fn the_slot_lock_is_taken_again_after_its_connection_was_lost() {
 /// Terminates the backend running the snapshot's COPY, once one runs.
 async fn terminate_snapshot_copy(p: &Pipeline, log: &str) {
     let admin = p.db.client().await;
-    let terminated = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+    let terminated = common::wait_for_count(
+        &admin,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                  WHERE datname = current_database() AND pid <> pg_backend_pid()
                    AND state = 'active' AND query ILIKE 'COPY%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    )
     .await;
     assert!(
-        terminated.is_some(),
+        terminated,
         "no snapshot COPY was seen running:\n{}",
         p.log(log)
     );
-}
-
-/// A GET of `path` on `port`; the status line and body.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
 }
 
 /// Issue 17, item 11: an in-process restart of the pipeline (here: the snapshot's backend is
@@ -825,10 +752,10 @@ async fn metrics_endpoint_survives_an_in_process_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let log = p.log("run.log");
-    let metrics = http_get(port, "/metrics").unwrap_or_default();
+    let (code, metrics) = common::http_get(&addr, "/metrics").unwrap_or_default();
     assert!(
-        metrics.starts_with("HTTP/1.1 200") && metrics.contains("pgcdc_snapshot_rows"),
-        "{metrics}\n{log}"
+        code == 200 && metrics.contains("pgcdc_snapshot_rows"),
+        "{code} {metrics}\n{log}"
     );
     sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(30)).await;
@@ -887,10 +814,10 @@ async fn stop_lsn_now_is_the_process_start_also_after_a_restart() {
     let records = tokio::task::spawn_blocking({
         let topic = p.topic("t");
         move || {
-            pgcdc::kafka::read_topic(
-                &pgcdc::kafka::KafkaConfig::new(bootstrap),
+            crate::common::api::read_topic(
+                &crate::common::api::KafkaConfig::new(bootstrap),
                 &topic,
-                pgcdc::kafka::ReadStop::Quiet {
+                crate::common::api::ReadStop::Quiet {
                     expected: None,
                     quiet: Duration::from_secs(3),
                     max_wait: Duration::from_secs(60),
@@ -924,13 +851,8 @@ async fn sigterm_while_kafka_is_unreachable_at_start_exits_0() {
     let cmd = p.command_with(&p.source(), &closed, &["--table", "public.t"]);
     let mut child = spawn_logged(&p, cmd, "run.log", None);
     p.wait_for_log("run.log", "is unreachable").await;
-    let sent = Instant::now();
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
-    let took = sent.elapsed();
-    let log = p.log("run.log");
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
-    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+    let (status, took) = sigterm_timed(&mut child, Duration::from_secs(20)).await;
+    assert_exited_0_at_once(&p, status, took);
 }
 
 /// Issue 17, item 13: SIGTERM while the snapshot waits for a table that another session holds
@@ -948,32 +870,16 @@ async fn sigterm_while_the_snapshot_waits_for_a_lock_exits_0() {
         .await
         .unwrap();
     let _reader = read_all(stdout);
-    let waiting = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE relation = 'public.a'::regclass AND NOT granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    let waiting = common::wait_for_count(
+        &admin,
+        "SELECT count(*) FROM pg_locks WHERE relation = 'public.a'::regclass AND NOT granted",
+    )
     .await;
-    assert!(
-        waiting.is_some(),
-        "pgcdc never waited for a:\n{}",
-        p.log("run.log")
-    );
-    let sent = Instant::now();
-    sigterm(&child);
+    assert!(waiting, "pgcdc never waited for a:\n{}", p.log("run.log"));
     // Its transaction has an id, which every slot creation in the cluster waits for.
-    let status = wait_exit(&mut child, Duration::from_secs(5)).await;
-    let took = sent.elapsed();
+    let (status, took) = sigterm_timed(&mut child, Duration::from_secs(5)).await;
     locker.batch_execute("COMMIT").await.unwrap();
-    let log = p.log("run.log");
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
-    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+    assert_exited_0_at_once(&p, status, took);
 }
 
 /// Issue 17, item 13: SIGTERM while creating the slot waits for a transaction that was running
@@ -987,34 +893,18 @@ async fn sigterm_while_slot_creation_waits_for_a_transaction_exits_0() {
         .await
         .unwrap();
     let mut child = spawn_logged(&p, p.command(&["--table", "public.t"]), "run.log", None);
-    let waiting = common::poll_until(Duration::from_secs(30), || async {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
+    let waiting = common::wait_for_count(
+        &admin,
+        "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND query LIKE 'CREATE_REPLICATION_SLOT%'
                    AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    )
     .await;
-    assert!(
-        waiting.is_some(),
-        "slot creation never waited:\n{}",
-        p.log("run.log")
-    );
-    let sent = Instant::now();
-    sigterm(&child);
+    assert!(waiting, "slot creation never waited:\n{}", p.log("run.log"));
     // Every slot creation in the cluster waits for this transaction: not long.
-    let status = wait_exit(&mut child, Duration::from_secs(5)).await;
-    let took = sent.elapsed();
+    let (status, took) = sigterm_timed(&mut child, Duration::from_secs(5)).await;
     open.batch_execute("COMMIT").await.unwrap();
-    let log = p.log("run.log");
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
-    assert!(took < Duration::from_secs(3), "took {took:?}\n{log}");
+    assert_exited_0_at_once(&p, status, took);
 }
 
 /// Formats a WAL position as PostgreSQL does.
@@ -1116,7 +1006,7 @@ async fn a_transaction_committed_at_the_stop_lsn_is_published_once() {
 /// signal handlers are installed before pgcdc logs or connects.
 ///
 /// Between `exec` and `main` (the dynamic loader) no program can handle a signal, so a SIGTERM
-/// sent the instant `spawn` returns is started with SIGTERM blocked ([`common::block_sigterm_until_handled`]):
+/// sent the instant `spawn` returns is started with SIGTERM blocked ([`common::cmd::block_sigterm_until_handled`]):
 /// pgcdc unblocks it once its handlers are installed. Then, unblocked, a SIGTERM the moment
 /// the first log line appears, and a little after.
 #[tokio::test(flavor = "multi_thread")]
@@ -1129,8 +1019,11 @@ async fn sigterm_right_after_start_exits_0() {
     };
     for i in 0..5 {
         let log = format!("blocked{i}.log");
-        let mut cmd = p.command(&["--table", "public.t"]);
-        common::block_sigterm_until_handled(&mut cmd);
+        let cmd = p
+            .pgcdc("run")
+            .args(["--table", "public.t"])
+            .block_sigterm()
+            .command();
         let mut child = spawn_logged(&p, cmd, &log, None);
         term(&child);
         let status = wait_exit(&mut child, Duration::from_secs(20)).await;

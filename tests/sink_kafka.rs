@@ -6,17 +6,21 @@
 //! not set. Failure injection (outages, refused writes) uses librdkafka's mock cluster.
 //! Every test uses its own topics.
 
+mod common;
+
+use common::sinks::{self, record, wait_acked, Running};
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pgcdc::kafka::{
+use common::api::Lsn;
+use common::api::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
-use pgcdc::model::failure::{Recoverable, Recovery};
-use pgcdc::model::Lsn;
-use pgcdc::sink::{self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary};
+use common::api::{KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender};
+use common::api::{Recoverable, Recovery};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
@@ -53,30 +57,25 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
-fn rec(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
-    SinkItem::Record(Record {
-        topic: topic.into(),
-        key: key.map(|k| Bytes::from(k.to_string())),
-        value: value.map(|v| Bytes::from(v.to_string())),
-        partition: None,
-    })
-}
-
-type Running = tokio::task::JoinHandle<Result<SinkSummary, SinkError>>;
-
 fn start(cfg: KafkaConfig, capacity: usize) -> (SinkSender, watch::Receiver<Lsn>, Running) {
     let sink = KafkaSink::new(cfg).expect("producer created");
-    let (tx, rx) = sink::channel(capacity, sink::channel::CHANNEL_BYTES);
-    let (acked_tx, acked_rx) = watch::channel(Lsn(0));
-    let handle = tokio::spawn(sink::run(Sink::Kafka(sink), rx, acked_tx));
-    (tx, acked_rx, handle)
+    sinks::start(Sink::Kafka(sink), capacity)
 }
 
-async fn wait_acked(acked: &mut watch::Receiver<Lsn>, lsn: Lsn, within: Duration) {
-    tokio::time::timeout(within, acked.wait_for(|l| *l >= lsn))
-        .await
-        .unwrap_or_else(|_| panic!("checkpoint {lsn} not reported within {within:?}"))
-        .expect("sink alive");
+/// librdkafka's mock cluster (one broker, in this process) with a topic named after `prefix`
+/// of `partitions` partitions.
+fn mock_topic(
+    prefix: &str,
+    partitions: i32,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+) {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique(prefix);
+    mock.create_topic(&topic, partitions, 1)
+        .expect("mock topic");
+    (mock, topic)
 }
 
 async fn create(cfg: &KafkaConfig, name: &str, partitions: i32, compacted: bool) {
@@ -303,15 +302,13 @@ async fn ensure_topics_rejects_impossible_specs_before_asking_the_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_stalls_with_warnings_and_resumes_without_loss() {
     let logs = captured_logs();
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("outage");
-    mock.create_topic(&topic, 2, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("outage", 2);
     let cfg = KafkaConfig::new(mock.bootstrap_servers())
         .property("reconnect.backoff.max.ms", "200")
         .property("linger.ms", "0");
 
     let (tx, mut acked, handle) = start(cfg, 16);
-    tx.send(rec(&topic, Some("1"), Some("\"before\"")))
+    tx.send(record(&topic, Some("1"), Some("\"before\"")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
@@ -319,7 +316,7 @@ async fn an_outage_stalls_with_warnings_and_resumes_without_loss() {
 
     mock.broker_down(1).expect("broker down");
     for i in 0..50 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("\"during\"")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("\"during\"")))
             .await
             .expect("alive");
     }
@@ -355,9 +352,7 @@ async fn an_outage_stalls_with_warnings_and_resumes_without_loss() {
 
 #[tokio::test]
 async fn a_refused_write_fails_with_the_authorization_error() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("denied");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("denied", 1);
     let cfg = KafkaConfig::new(mock.bootstrap_servers());
     let (tx, acked, handle) = start(cfg, 16);
     // Make the broker refuse produce requests from now on (enough errors for every retry).
@@ -365,15 +360,13 @@ async fn a_refused_write_fails_with_the_authorization_error() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 10],
     );
-    tx.send(rec(&topic, Some("1"), Some("1")))
+    tx.send(record(&topic, Some("1"), Some("1")))
         .await
         .expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(9))).await;
     drop(tx);
-    let err = tokio::time::timeout(Duration::from_secs(30), handle)
+    let err = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("fails in time")
-        .expect("join")
         .expect_err("write refused");
     assert!(
         matches!(err, SinkError::TopicAuthorization { .. }),
@@ -390,9 +383,7 @@ async fn a_refused_write_fails_with_the_authorization_error() {
 /// event after its newer one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("restart");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("restart", 1);
     let cfg = KafkaConfig::new(mock.bootstrap_servers())
         .property("message.max.bytes", "10000")
         .property("reconnect.backoff.max.ms", "200");
@@ -401,7 +392,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
     mock.broker_down(1).expect("broker down");
     let (tx, _, old) = start(cfg.clone(), 16);
     for i in 0..5 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("\"old\"")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("\"old\"")))
             .await
             .expect("alive");
     }
@@ -410,7 +401,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
     tx.send(SinkItem::Barrier(barrier)).await.expect("alive");
     // Then a record librdkafka refuses outright: the sink fails.
     let huge = format!("\"{}\"", "x".repeat(20_000));
-    let _ = tx.send(rec(&topic, Some("5"), Some(&huge))).await;
+    let _ = tx.send(record(&topic, Some("5"), Some(&huge))).await;
     let err = tokio::time::timeout(Duration::from_secs(30), old)
         .await
         .expect("fails in time")
@@ -422,7 +413,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
     mock.broker_up(1).expect("broker up");
     let (tx, mut acked, new) = start(cfg.clone(), 16);
     for i in 0..5 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("\"new\"")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("\"new\"")))
             .await
             .expect("alive");
     }
@@ -455,9 +446,7 @@ async fn a_failed_sink_leaves_nothing_of_its_producer_behind() {
 
 #[tokio::test]
 async fn queue_full_is_backpressure_not_loss() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("queuefull");
-    mock.create_topic(&topic, 3, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("queuefull", 3);
     // librdkafka's queue holds 5 messages; the sink's own window is larger, so QueueFull
     // happens constantly.
     let mut cfg =
@@ -468,7 +457,7 @@ async fn queue_full_is_backpressure_not_loss() {
     let topic2 = topic.clone();
     let feeder = tokio::spawn(async move {
         for i in 1..=n {
-            tx.send(rec(&topic2, Some(&i.to_string()), Some("{}")))
+            tx.send(record(&topic2, Some(&i.to_string()), Some("{}")))
                 .await
                 .expect("alive");
             if i % 100 == 0 {
@@ -486,13 +475,11 @@ async fn queue_full_is_backpressure_not_loss() {
 async fn the_sink_returns_as_soon_as_the_channel_closes_after_the_last_ack() {
     // Regression: the sink saw the channel close in its non-blocking read, after its check
     // for "drained", and then waited for an acknowledgement that would never come.
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("close");
-    mock.create_topic(&topic, 2, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("close", 2);
     let cfg = KafkaConfig::new(mock.bootstrap_servers()).property("linger.ms", "0");
     for round in 1..=30u64 {
         let (tx, mut acked, handle) = start(cfg.clone(), 16);
-        tx.send(rec(&topic, Some("k"), Some("1")))
+        tx.send(record(&topic, Some("k"), Some("1")))
             .await
             .expect("alive");
         tx.send(SinkItem::Checkpoint(Lsn(round)))
@@ -511,36 +498,32 @@ async fn the_sink_returns_as_soon_as_the_channel_closes_after_the_last_ack() {
 
 #[tokio::test]
 async fn a_small_in_flight_window_stops_reading_the_channel() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("window");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("window", 1);
     let mut cfg = KafkaConfig::new(mock.bootstrap_servers());
     cfg.max_in_flight = 3;
     mock.broker_down(1).expect("broker down");
     let (tx, acked, handle) = start(cfg, 1);
     // 3 in flight + 1 in the channel; the 5th send must wait.
     for i in 0..4 {
-        tx.send(rec(&topic, Some(&i.to_string()), Some("{}")))
+        tx.send(record(&topic, Some(&i.to_string()), Some("{}")))
             .await
             .expect("alive");
     }
     // Give the sink time to take what it may.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let fifth = tx.try_send(rec(&topic, Some("4"), Some("{}")));
+    let fifth = tx.try_send(record(&topic, Some("4"), Some("{}")));
     assert!(
         matches!(fifth, Err(mpsc::error::TrySendError::Full(_))),
         "the sink kept reading beyond its in-flight window"
     );
     mock.broker_up(1).expect("broker up");
-    tx.send(rec(&topic, Some("4"), Some("{}")))
+    tx.send(record(&topic, Some("4"), Some("{}")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(5))).await.expect("alive");
     drop(tx);
-    let summary = tokio::time::timeout(Duration::from_secs(30), handle)
+    let summary = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("drained in time")
-        .expect("join")
         .expect("run ok");
     assert_eq!(summary.records, 5);
     assert_eq!(*acked.borrow(), Lsn(5));
@@ -548,9 +531,7 @@ async fn a_small_in_flight_window_stops_reading_the_channel() {
 
 #[tokio::test]
 async fn a_batch_larger_than_the_window_is_sent_within_it() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let topic = unique("batch-window");
-    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let (mock, topic) = mock_topic("batch-window", 1);
     let mut cfg = KafkaConfig::new(mock.bootstrap_servers());
     cfg.max_in_flight = 3;
     mock.broker_down(1).expect("broker down");
@@ -566,25 +547,23 @@ async fn a_batch_larger_than_the_window_is_sent_within_it() {
     tx.send(SinkItem::Records(batch)).await.expect("alive");
     // The sink holds the batch (3 of it in flight) and must not read on: this one waits in
     // the channel, and the next finds it full.
-    tx.send(rec(&topic, Some("10"), Some("{}")))
+    tx.send(record(&topic, Some("10"), Some("{}")))
         .await
         .expect("alive");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let next = tx.try_send(rec(&topic, Some("11"), Some("{}")));
+    let next = tx.try_send(record(&topic, Some("11"), Some("{}")));
     assert!(
         matches!(next, Err(mpsc::error::TrySendError::Full(_))),
         "the sink read the channel before its batch was sent"
     );
     mock.broker_up(1).expect("broker up");
-    tx.send(rec(&topic, Some("11"), Some("{}")))
+    tx.send(record(&topic, Some("11"), Some("{}")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(12))).await.expect("alive");
     drop(tx);
-    let summary = tokio::time::timeout(Duration::from_secs(30), handle)
+    let summary = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("drained in time")
-        .expect("join")
         .expect("run ok");
     assert_eq!(summary.records, 12);
     assert_eq!(*acked.borrow(), Lsn(12));
@@ -614,8 +593,8 @@ async fn records_are_stamped_when_they_are_sent_not_before() {
     // second and third records a second early.
     let mut sent_at = Vec::new();
     for (i, item) in [
-        rec(&topic, Some("a"), Some("{}")),
-        rec(&topic, Some("b"), Some("{}")),
+        record(&topic, Some("a"), Some("{}")),
+        record(&topic, Some("b"), Some("{}")),
         SinkItem::Records(vec![Record {
             topic: topic.as_str().into(),
             key: Some(Bytes::from_static(b"c")),
@@ -666,7 +645,7 @@ async fn records_arrive_in_order_and_checkpoints_follow_acknowledgements() {
     for i in 0..1_200u64 {
         let key = format!("{{\"id\":{}}}", i % 12);
         let value = (i % 7 != 3).then(|| format!("{{\"seq\":{i}}}"));
-        tx.send(rec(&topic, Some(&key), value.as_deref()))
+        tx.send(record(&topic, Some(&key), value.as_deref()))
             .await
             .expect("alive");
         sent.push((key, value));
@@ -759,7 +738,7 @@ async fn keys_land_on_the_java_clients_partition() {
     let (tx, mut acked, handle) = start(cfg.clone(), 16);
     for round in 0..3 {
         for k in keys {
-            tx.send(rec(&topic, Some(k), Some(&format!("{round}"))))
+            tx.send(record(&topic, Some(k), Some(&format!("{round}"))))
                 .await
                 .expect("alive");
         }
@@ -795,7 +774,7 @@ async fn a_record_with_an_explicit_partition_goes_there() {
     let (tx, mut acked, handle) = start(cfg.clone(), 16);
     let keys = [r#"{"id":1}"#, r#"{"id":2}"#, r#"{"id":3}"#, r#"{"id":42}"#];
     for k in keys {
-        tx.send(rec(&topic, Some(k), Some("{}")))
+        tx.send(record(&topic, Some(k), Some("{}")))
             .await
             .expect("alive");
     }
@@ -853,12 +832,14 @@ async fn read_last_value_returns_the_latest_value_of_a_key() {
         ("slot-a", "3"),
         ("slot-b", "11"),
     ] {
-        tx.send(rec(&topic, Some(k), Some(v))).await.expect("alive");
+        tx.send(record(&topic, Some(k), Some(v)))
+            .await
+            .expect("alive");
     }
-    tx.send(rec(&topic, Some("slot-c"), Some("5")))
+    tx.send(record(&topic, Some("slot-c"), Some("5")))
         .await
         .expect("alive");
-    tx.send(rec(&topic, Some("slot-c"), None))
+    tx.send(record(&topic, Some("slot-c"), None))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
@@ -954,7 +935,7 @@ async fn ensure_topics_creates_missing_topics_and_is_idempotent() {
         let cfg2 = cfg.clone();
         let name = spec.name.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            pgcdc::kafka::TopicReader::open(&cfg2, &name, ReadStop::HighWatermark)
+            crate::common::api::TopicReader::open(&cfg2, &name, ReadStop::HighWatermark)
                 .map(|r| r.partitions().len())
         })
         .await
@@ -1013,7 +994,7 @@ async fn a_record_above_message_max_bytes_is_message_too_large() {
     let topic = unique("too-large");
     create(&cfg, &topic, 1, false).await;
     let (tx, mut acked, handle) = start(cfg, 16);
-    tx.send(rec(&topic, Some("1"), Some("\"small\"")))
+    tx.send(record(&topic, Some("1"), Some("\"small\"")))
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
@@ -1021,7 +1002,7 @@ async fn a_record_above_message_max_bytes_is_message_too_large() {
 
     let big = format!("\"{}\"", "x".repeat(4998));
     assert_eq!(big.len(), 5000);
-    tx.send(rec(&topic, Some("2"), Some(&big)))
+    tx.send(record(&topic, Some("2"), Some(&big)))
         .await
         .expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(2))).await;
@@ -1051,7 +1032,7 @@ async fn quiet_stop_reads_everything_written() {
     create(&cfg, &topic, 2, false).await;
     let (tx, mut acked, handle) = start(cfg.clone(), 64);
     for i in 0..500u64 {
-        tx.send(rec(
+        tx.send(record(
             &topic,
             Some(&format!("{}", i % 5)),
             Some(&i.to_string()),
@@ -1092,15 +1073,13 @@ async fn producing_to_a_missing_topic_is_unknown_topic() {
     let cfg = KafkaConfig::new(bootstrap).property("topic.metadata.propagation.max.ms", "1000");
     let topic = unique("missing");
     let (tx, acked, handle) = start(cfg, 4);
-    tx.send(rec(&topic, Some("1"), Some("1")))
+    tx.send(record(&topic, Some("1"), Some("1")))
         .await
         .expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(1))).await;
     drop(tx);
-    let err = tokio::time::timeout(Duration::from_secs(30), handle)
+    let err = sinks::finished(handle, Duration::from_secs(30))
         .await
-        .expect("fails in time")
-        .expect("join")
         .expect_err("no such topic");
     match &err {
         SinkError::UnknownTopic { topic: t } => assert_eq!(t, &topic),

@@ -1,14 +1,17 @@
 //! The stdout sink, driven through `sink::run` with injected writers.
 
+mod common;
+
+use common::sinks::{self, record, wait_acked, Running};
+
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use pgcdc::model::Lsn;
-use pgcdc::sink::{self, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink};
+use common::api::Lsn;
+use common::api::{Sink, SinkError, SinkItem, SinkSender, StdoutSink};
 use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 
@@ -84,33 +87,8 @@ impl AsyncWrite for Probe {
     }
 }
 
-fn record(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
-    SinkItem::Record(Record {
-        topic: topic.into(),
-        key: key.map(|k| Bytes::from(k.to_string())),
-        value: value.map(|v| Bytes::from(v.to_string())),
-        partition: None,
-    })
-}
-
-type Running = tokio::task::JoinHandle<Result<SinkSummary, SinkError>>;
-
 fn start(probe: &Probe) -> (SinkSender, watch::Receiver<Lsn>, Running) {
-    let (tx, rx) = sink::channel(16, sink::channel::CHANNEL_BYTES);
-    let (acked_tx, acked_rx) = watch::channel(Lsn(0));
-    let handle = tokio::spawn(sink::run(
-        Sink::Stdout(StdoutSink::new(probe.clone())),
-        rx,
-        acked_tx,
-    ));
-    (tx, acked_rx, handle)
-}
-
-async fn wait_acked(acked: &mut watch::Receiver<Lsn>, lsn: Lsn) {
-    tokio::time::timeout(Duration::from_secs(5), acked.wait_for(|l| *l >= lsn))
-        .await
-        .expect("checkpoint reported in time")
-        .expect("sink alive");
+    sinks::start(Sink::Stdout(StdoutSink::new(probe.clone())), 16)
 }
 
 #[tokio::test]
@@ -132,7 +110,7 @@ async fn writes_one_json_object_per_line_with_raw_key_and_value() {
     for item in items {
         tx.send(item).await.expect("sink alive");
     }
-    wait_acked(&mut acked, Lsn(0x10)).await;
+    wait_acked(&mut acked, Lsn(0x10), Duration::from_secs(5)).await;
     drop(tx);
     let summary = handle.await.expect("join").expect("run ok");
 
@@ -185,7 +163,7 @@ async fn checkpoint_is_reported_only_after_the_flush() {
     assert_eq!(probe.state().flushes, 0);
 
     probe.hold_flushes(false);
-    wait_acked(&mut acked, Lsn(100)).await;
+    wait_acked(&mut acked, Lsn(100), Duration::from_secs(5)).await;
     assert_eq!(
         probe.flushed_text(),
         "{\"topic\":\"t\",\"key\":1,\"value\":\"a\"}\n"
@@ -225,7 +203,7 @@ async fn broken_pipe_ends_cleanly_without_confirming_unwritten_records() {
         .await
         .expect("alive");
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
-    wait_acked(&mut acked, Lsn(1)).await;
+    wait_acked(&mut acked, Lsn(1), Duration::from_secs(5)).await;
 
     probe.break_pipe();
     tx.send(record("t", Some("2"), Some("2")))
@@ -287,13 +265,7 @@ async fn other_write_errors_are_io_errors() {
             Poll::Ready(Ok(()))
         }
     }
-    let (tx, rx) = sink::channel(4, sink::channel::CHANNEL_BYTES);
-    let (acked_tx, acked) = watch::channel(Lsn(0));
-    let handle = tokio::spawn(sink::run(
-        Sink::Stdout(StdoutSink::new(Failing)),
-        rx,
-        acked_tx,
-    ));
+    let (tx, acked, handle) = sinks::start(Sink::Stdout(StdoutSink::new(Failing)), 4);
     tx.send(record("t", None, Some("1"))).await.expect("alive");
     let _ = tx.send(SinkItem::Checkpoint(Lsn(1))).await;
     drop(tx);
@@ -315,7 +287,7 @@ async fn many_small_transactions_all_arrive_and_the_last_checkpoint_is_reported(
             tx.send(SinkItem::Checkpoint(Lsn(i))).await.expect("alive");
         }
     });
-    wait_acked(&mut acked, Lsn(5_000)).await;
+    wait_acked(&mut acked, Lsn(5_000), Duration::from_secs(5)).await;
     producer.await.expect("producer");
     let summary = handle.await.expect("join").expect("run ok");
     assert_eq!(summary.records, 5_000);

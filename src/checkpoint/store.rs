@@ -103,3 +103,29 @@ pub async fn barrier(tx: &SinkSender) -> Result<(), Failure> {
         .map_err(|_| sink_gone())?;
     done_rx.await.map_err(|_| sink_gone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::channel::CHANNEL_BYTES;
+    use crate::model::FailureKind;
+
+    #[tokio::test]
+    async fn a_barrier_returns_once_the_sink_passed_it_and_fails_when_the_sink_is_gone() {
+        let (tx, mut rx) = crate::model::channel(4, CHANNEL_BYTES);
+        let sink = tokio::spawn(async move {
+            match rx.recv().await {
+                Some((SinkItem::Barrier(done), _charge)) => {
+                    let _ = done.send(());
+                }
+                _ => panic!("expected a barrier"),
+            }
+            // Then the sink ends: the next barrier is never answered.
+            drop(rx);
+        });
+        barrier(&tx).await.expect("answered");
+        sink.await.unwrap();
+        let err = barrier(&tx).await.unwrap_err();
+        assert_eq!(err.kind, FailureKind::Sink);
+    }
+}

@@ -113,3 +113,30 @@ impl<T, E: Into<anyhow::Error>> Classify<T> for Result<T, E> {
 pub(crate) fn sink_gone() -> Failure {
     Failure::new(FailureKind::Sink, anyhow::anyhow!("the sink stopped"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_has_its_documented_exit_code() {
+        assert_eq!(FailureKind::Usage.exit_code(), 2);
+        assert_eq!(FailureKind::Source.exit_code(), 3);
+        assert_eq!(FailureKind::Sink.exit_code(), 4);
+        for kind in [FailureKind::Usage, FailureKind::Source, FailureKind::Sink] {
+            assert!(!kind.describe().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_classified_error_stops_and_keeps_its_message() {
+        let r: Result<(), std::io::Error> = Err(std::io::Error::other("disk on fire"));
+        let f = r.or_fail(FailureKind::Usage).unwrap_err();
+        assert_eq!(f.kind, FailureKind::Usage);
+        assert_eq!(f.recovery, Recovery::Stop);
+        assert!(f.error.to_string().contains("disk on fire"));
+        let gone = sink_gone();
+        assert_eq!(gone.kind, FailureKind::Sink);
+        assert_eq!(gone.recovery, Recovery::Stop);
+    }
+}

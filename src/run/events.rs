@@ -123,3 +123,37 @@ impl TopicProvisioner for KafkaTopics {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        use clap::Parser;
+        let argv = [
+            "pgcdc",
+            "run",
+            "--source",
+            "host=x",
+            "--topic-prefix",
+            "shop",
+        ];
+        let cli = crate::cli::Cli::try_parse_from(argv.iter().chain(extra)).expect("parses");
+        match cli.command {
+            crate::cli::Command::Run(args) => *args,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn the_transaction_topic_is_created_only_with_transaction_metadata() {
+        assert!(extra_topics(&run_args(&[])).is_empty());
+        let topics = extra_topics(&run_args(&["--transaction-metadata"]));
+        assert_eq!(topics.len(), 1);
+        let t = &topics[0];
+        assert_eq!(t.name, "shop.transaction");
+        // One partition: BEGIN and END of every transaction in one order.
+        assert_eq!(t.partitions, 1);
+        assert!(!t.compacted, "transaction events have no key to compact by");
+    }
+}

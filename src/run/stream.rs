@@ -350,3 +350,42 @@ pub(super) async fn stream_changes(
     tracing::info!(events = builder.events, ?end, "stream ended");
     Ok((stream, end))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reported_position_follows_acknowledgements_but_never_goes_below_the_start() {
+        let (tx, rx) = watch::channel(Lsn(0));
+        // Before any acknowledgement: where the stream started (already confirmed).
+        assert_eq!(confirmable(&rx, Lsn(500)), Lsn(500));
+        // An acknowledgement below the start (a barrier of an older item): still the start.
+        tx.send(Lsn(400)).unwrap();
+        assert_eq!(confirmable(&rx, Lsn(500)), Lsn(500));
+        tx.send(Lsn(900)).unwrap();
+        assert_eq!(confirmable(&rx, Lsn(500)), Lsn(900));
+    }
+
+    #[test]
+    fn the_clocks_come_from_the_flags() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "pgcdc",
+            "run",
+            "--source",
+            "host=x",
+            "--status-interval",
+            "0.5",
+            "--receive-timeout",
+            "3",
+        ])
+        .expect("parses");
+        let crate::cli::Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        let t = Timers::of(&args);
+        assert_eq!(t.status_interval, Duration::from_millis(500));
+        assert_eq!(t.receive_timeout, Duration::from_secs(3));
+    }
+}

@@ -1007,4 +1007,474 @@ mod tests {
         assert!(key_fits(&names(&["id"]), &r));
         assert!(!key_fits(&names(&["ident"]), &r), "renamed");
     }
+
+    /// The four tables of the captured workload, keyed as pgcdc keys them.
+    fn workload_tables() -> Vec<TableInfo> {
+        vec![
+            table("accounts", &["id"]),
+            table("audit", &["id"]),
+            table("docs", &["id"]),
+            table("tags", &["code"]),
+        ]
+    }
+
+    /// Every captured message through `b`: the items, in order.
+    fn run_captured(mut b: ChangeBuilder) -> Vec<SinkItem> {
+        let mut out = Vec::new();
+        for (lsn, msg) in captured() {
+            b.handle(msg, lsn, &mut out).expect("handled");
+        }
+        out
+    }
+
+    /// `(table or topic, key, value)` of each record and `("checkpoint", lsn, null)` of each
+    /// checkpoint, in order.
+    fn items(out: &[SinkItem]) -> Vec<(String, Value, Value)> {
+        let json = |b: &Option<Bytes>| {
+            b.as_ref()
+                .map_or(Value::Null, |b| serde_json::from_slice(b).expect("JSON"))
+        };
+        out.iter()
+            .map(|item| match item {
+                SinkItem::Record(r) => (
+                    r.topic.trim_start_matches("p.public.").to_string(),
+                    json(&r.key),
+                    json(&r.value),
+                ),
+                SinkItem::Checkpoint(lsn) => ("checkpoint".to_string(), json!(lsn.0), Value::Null),
+                other => panic!("unexpected item {other:?}"),
+            })
+            .collect()
+    }
+
+    /// The captured transactions: (xid, Begin's final LSN, Commit's end LSN).
+    fn captured_transactions() -> Vec<(u32, u64, u64)> {
+        let mut txns = Vec::new();
+        let mut open = None;
+        for (_, msg) in captured() {
+            match msg {
+                LogicalMessage::Begin(b) => open = Some((b.xid, b.final_lsn.0)),
+                LogicalMessage::Commit(c) => {
+                    let (xid, final_lsn) = open.take().expect("a Begin before each Commit");
+                    assert_eq!(final_lsn, c.commit_lsn.0);
+                    txns.push((xid, final_lsn, c.end_lsn.0));
+                }
+                _ => {}
+            }
+        }
+        txns
+    }
+
+    #[test]
+    fn every_captured_change_is_one_event_in_commit_order_and_each_commit_a_checkpoint() {
+        let got = items(&run_captured(builder(&workload_tables())));
+        let summary: Vec<(String, Value, Value)> = got
+            .iter()
+            .map(|(t, k, v)| match t.as_str() {
+                "checkpoint" => (t.clone(), Value::Null, Value::Null),
+                _ => (t.clone(), k.clone(), v["op"].clone()),
+            })
+            .collect();
+        let ev = |t: &str, k: Value, op: &str| (t.to_string(), k, json!(op));
+        let tomb = |t: &str, k: Value| (t.to_string(), k, Value::Null);
+        let cp = || ("checkpoint".to_string(), Value::Null, Value::Null);
+        let message = |prefix: &str| {
+            (
+                "p.message".to_string(),
+                json!({"prefix": prefix}),
+                json!("m"),
+            )
+        };
+        assert_eq!(
+            summary,
+            [
+                // One transaction inserting into all four tables.
+                ev("accounts", json!({"id": 1}), "c"),
+                ev("accounts", json!({"id": 2}), "c"),
+                ev("accounts", json!({"id": 3}), "c"),
+                ev("audit", json!({"id": 1}), "c"),
+                ev("audit", json!({"id": 2}), "c"),
+                ev("docs", json!({"id": 1}), "c"),
+                ev("tags", json!({"code": "A"}), "c"),
+                ev("tags", json!({"code": "B"}), "c"),
+                cp(),
+                // A non-key column.
+                ev("accounts", json!({"id": 1}), "u"),
+                cp(),
+                // The primary key: a delete (and tombstone) of the old key, a create.
+                ev("accounts", json!({"id": 2}), "d"),
+                tomb("accounts", json!({"id": 2})),
+                ev("accounts", json!({"id": 20}), "c"),
+                cp(),
+                ev("audit", json!({"id": 1}), "u"),
+                cp(),
+                ev("docs", json!({"id": 1}), "u"),
+                cp(),
+                ev("tags", json!({"code": "B"}), "d"),
+                tomb("tags", json!({"code": "B"})),
+                ev("tags", json!({"code": "C"}), "c"),
+                cp(),
+                ev("accounts", json!({"id": 3}), "d"),
+                tomb("accounts", json!({"id": 3})),
+                cp(),
+                ev("audit", json!({"id": 2}), "d"),
+                tomb("audit", json!({"id": 2})),
+                cp(),
+                ev("tags", json!({"code": "A"}), "d"),
+                tomb("tags", json!({"code": "A"})),
+                cp(),
+                message("p"),
+                ev("accounts", json!({"id": 4}), "c"),
+                cp(),
+                // A message outside a transaction: no checkpoint of its own.
+                message("p2"),
+                ev("accounts", json!({"id": 5}), "c"),
+                cp(),
+                ev("tags", json!({"code": "from origin"}), "c"),
+                cp(),
+                // TRUNCATE docs, audit: one event per table, without a key.
+                ev("docs", Value::Null, "t"),
+                ev("audit", Value::Null, "t"),
+                cp(),
+            ]
+        );
+
+        // Each transaction's events carry its xid and commit LSN, at positions that do not go
+        // backwards; its checkpoint is its commit's end LSN.
+        let txns = captured_transactions();
+        let mut txn = txns.iter();
+        let mut current = txn.next();
+        let mut last_lsn = 0;
+        for (t, k, v) in &got {
+            if t == "checkpoint" {
+                let (_, _, end) = current.expect("a transaction per checkpoint");
+                assert_eq!(k, &json!(end));
+                current = txn.next();
+                last_lsn = 0;
+                continue;
+            }
+            if v.is_null() || v["message"]["transactional"] == false {
+                continue;
+            }
+            let (xid, commit_lsn, _) = current.expect("an event inside a transaction");
+            let source = &v["source"];
+            assert_eq!(source["txId"], json!(xid), "{v}");
+            assert_eq!(source["commit_lsn"], json!(commit_lsn), "{v}");
+            let lsn = source["lsn"].as_u64().expect("lsn");
+            assert!(lsn >= last_lsn && lsn <= *commit_lsn, "{v}");
+            last_lsn = lsn;
+        }
+        assert!(current.is_none(), "a checkpoint per transaction");
+    }
+
+    #[test]
+    fn rows_and_updates_carry_what_the_replica_identity_sends() {
+        let got = items(&run_captured(builder(&workload_tables())));
+        let values = |t: &str, op: &str| -> Vec<Value> {
+            got.iter()
+                .filter(|(tt, _, v)| tt == t && v["op"] == op)
+                .map(|(_, _, v)| v.clone())
+                .collect()
+        };
+        // Text values as the encoder writes them: numbers, NULL, non-ASCII text, an enum.
+        let created = values("accounts", "c");
+        assert_eq!(
+            created[1]["after"],
+            json!({"id": 2, "name": "bob", "balance": "-3.25", "note": "héllo ✓", "feeling": "ok"})
+        );
+        assert_eq!(created[2]["after"]["feeling"], Value::Null);
+        // DEFAULT identity, a non-key column changed: the new row, no `before`.
+        let updated = values("accounts", "u");
+        assert_eq!(updated[0]["before"], Value::Null);
+        assert_eq!(updated[0]["after"]["balance"], "20.00");
+        // The key changed: the delete's `before` is the old key, the create is the new row.
+        let deleted = values("accounts", "d");
+        assert_eq!(deleted[0]["before"], json!({"id": 2}));
+        assert_eq!(deleted[0]["after"], Value::Null);
+        assert_eq!(created[3]["after"]["id"], 20);
+        assert_eq!(created[3]["after"]["note"], "héllo ✓");
+        // FULL: `before` is the old row, of updates and deletes alike.
+        let audit = values("audit", "u");
+        assert_eq!(
+            audit[0]["before"],
+            json!({"id": 1, "event": "created", "at": "2024-01-02T03:04:05.123456Z"})
+        );
+        assert_eq!(audit[0]["after"]["event"], "changed");
+        let audit = values("audit", "d");
+        assert_eq!(audit[0]["before"]["event"], "to be deleted");
+        // An unchanged TOASTed column: left out of `after`, named in `unchanged`.
+        let docs = values("docs", "u");
+        assert_eq!(docs[0]["after"], json!({"id": 1, "title": "second title"}));
+        assert_eq!(docs[0]["unchanged"], json!(["body"]));
+        let docs = values("docs", "c");
+        assert_eq!(docs[0]["after"]["body"].as_str().map(str::len), Some(2500));
+        // A transaction replayed from a replication origin: its own commit time.
+        let tags = values("tags", "c");
+        assert_eq!(tags[3]["source"]["ts_ms"], 1_704_164_645_000_i64);
+    }
+
+    #[test]
+    fn a_relation_message_after_alter_table_gives_later_events_the_new_shape() {
+        let got = items(&run_captured(builder(&workload_tables())));
+        let accounts: Vec<&Value> = got
+            .iter()
+            .filter(|(t, _, v)| t == "accounts" && v["op"] == "c")
+            .map(|(_, _, v)| v)
+            .collect();
+        let (before, after) = (
+            accounts[0],
+            accounts.last().expect("the insert after ALTER"),
+        );
+        assert!(before["after"].get("extra").is_none(), "{before}");
+        assert_eq!(after["after"]["extra"], 42);
+        assert_ne!(
+            before["source"]["schema_id"], after["source"]["schema_id"],
+            "a new shape, a new schema_id"
+        );
+        // A Relation message that changes nothing (sent again before the TRUNCATE) keeps it.
+        let docs: Vec<&Value> = got
+            .iter()
+            .filter(|(t, _, _)| t == "docs")
+            .map(|(_, _, v)| v)
+            .collect();
+        assert_eq!(
+            docs.first().expect("docs")["source"]["schema_id"],
+            docs.last().expect("docs")["source"]["schema_id"]
+        );
+    }
+
+    #[test]
+    fn truncate_and_messages_can_be_left_out_and_a_table_not_captured_is_skipped() {
+        // Only tags and docs captured, no TRUNCATE events, no messages.
+        let b = builder(&[table("tags", &["code"]), table("docs", &["id"])]).with_options(
+            ChangeOptions {
+                truncate: false,
+                messages: false,
+                ..ChangeOptions::default()
+            },
+        );
+        let got = items(&run_captured(b));
+        assert!(
+            got.iter()
+                .all(|(t, _, _)| t == "tags" || t == "docs" || t == "checkpoint"),
+            "{got:?}"
+        );
+        assert_eq!(got.iter().filter(|(t, _, _)| t == "tags").count(), 8);
+        // docs: its insert and update; the TRUNCATE of docs is left out.
+        let docs: Vec<&Value> = got
+            .iter()
+            .filter(|(t, _, _)| t == "docs")
+            .map(|(_, _, v)| &v["op"])
+            .collect();
+        assert_eq!(docs, [&json!("c"), &json!("u")]);
+        // Every transaction still ends in its checkpoint, also those with nothing published.
+        let checkpoints: Vec<&Value> = got
+            .iter()
+            .filter(|(t, _, _)| t == "checkpoint")
+            .map(|(_, k, _)| k)
+            .collect();
+        let ends: Vec<Value> = captured_transactions()
+            .into_iter()
+            .map(|(_, _, end)| json!(end))
+            .collect();
+        assert_eq!(checkpoints, ends.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn messages_keep_their_transaction_or_their_own_position() {
+        let got = items(&run_captured(builder(&[])));
+        let messages: Vec<&Value> = got
+            .iter()
+            .filter(|(t, _, _)| t == "p.message")
+            .map(|(_, _, v)| v)
+            .collect();
+        assert_eq!(messages.len(), 2);
+        let (inside, outside) = (messages[0], messages[1]);
+        assert_eq!(
+            inside["message"],
+            json!({"prefix": "p", "content": "aGVsbG8=", "transactional": true})
+        );
+        let (xid, commit_lsn, _) = captured_transactions()
+            .into_iter()
+            .find(|(_, c, _)| json!(c) == inside["source"]["commit_lsn"])
+            .expect("the message's transaction");
+        assert_eq!(inside["source"]["txId"], json!(xid));
+        assert!(inside["source"]["lsn"].as_u64() < Some(commit_lsn));
+        // Not transactional: sent when written, at its own position, without a transaction.
+        assert_eq!(outside["message"]["transactional"], false);
+        assert_eq!(outside["source"]["txId"], Value::Null);
+        assert_eq!(outside["source"]["commit_lsn"], outside["source"]["lsn"]);
+    }
+
+    #[test]
+    fn transaction_metadata_frames_each_transaction_that_published_something() {
+        let options = crate::event::EventOptions {
+            transaction_metadata: true,
+            ..Default::default()
+        };
+        let encoder = Encoder::with_options("p", "db", options, TypeRegistry::default());
+        let b = ChangeBuilder::new(encoder, "p", &[table("accounts", &["id"])], true);
+        let got = items(&run_captured(b));
+        let txns = captured_transactions();
+        let id = |xid: u32| {
+            let (_, commit_lsn, _) = txns.iter().find(|(x, _, _)| *x == xid).expect("xid");
+            format!("{xid}:{commit_lsn}")
+        };
+        let frames: Vec<(String, Value)> = got
+            .iter()
+            .filter(|(t, _, _)| t == "p.transaction")
+            .map(|(_, k, v)| (v["status"].as_str().unwrap().to_string(), k["id"].clone()))
+            .collect();
+        // The transactions that changed accounts: the first (3 inserts), the update, the key
+        // change, the delete, the insert with a message, the insert after ALTER.
+        let with_accounts = [0, 1, 2, 6, 9, 10].map(|i| txns[i].0);
+        let want: Vec<(String, Value)> = with_accounts
+            .iter()
+            .flat_map(|x| {
+                [
+                    ("BEGIN".into(), json!(id(*x))),
+                    ("END".into(), json!(id(*x))),
+                ]
+            })
+            .collect();
+        assert_eq!(frames, want);
+        // BEGIN before the transaction's first event, END (with the counts) after its last,
+        // before its checkpoint; events numbered in the transaction and in their table.
+        let first = &got[..5];
+        assert_eq!(first[0].0, "p.transaction");
+        assert_eq!(first[0].2["status"], "BEGIN");
+        for (n, (t, _, v)) in first[1..4].iter().enumerate() {
+            assert_eq!(t, "accounts");
+            let n = n as u64 + 1;
+            assert_eq!(
+                v["transaction"],
+                json!({"id": id(txns[0].0), "total_order": n, "data_collection_order": n})
+            );
+        }
+        assert_eq!(
+            first[4].2,
+            json!({"status": "END", "id": id(txns[0].0), "ts_ms": first[0].2["ts_ms"],
+                   "event_count": 3,
+                   "data_collections": [{"data_collection": "public.accounts", "event_count": 3}]})
+        );
+        assert_eq!(got[5].0, "checkpoint");
+        // A key change is two events of the transaction.
+        let end = got
+            .iter()
+            .find(|(t, _, v)| {
+                t == "p.transaction" && v["id"] == json!(id(txns[2].0)) && v["status"] == "END"
+            })
+            .expect("END of the key change");
+        assert_eq!(end.2["event_count"], 2);
+    }
+
+    #[test]
+    fn excluded_columns_are_in_no_event() {
+        use crate::source::catalog::ColumnRef;
+        let exclude = Exclusions::new(&[
+            ColumnRef {
+                table: TableName::new("public", "accounts"),
+                column: "note".into(),
+            },
+            ColumnRef {
+                table: TableName::new("public", "docs"),
+                column: "body".into(),
+            },
+        ]);
+        let b = builder(&workload_tables()).with_options(ChangeOptions {
+            exclude: Arc::new(exclude),
+            ..ChangeOptions::default()
+        });
+        let got = items(&run_captured(b));
+        let mut seen = 0;
+        for (t, _, v) in &got {
+            for row in [&v["before"], &v["after"]] {
+                if let Some(row) = row.as_object() {
+                    match t.as_str() {
+                        "accounts" => {
+                            assert!(!row.contains_key("note") && row.contains_key("id"), "{v}")
+                        }
+                        "docs" => {
+                            assert!(!row.contains_key("body") && row.contains_key("id"), "{v}")
+                        }
+                        _ => {}
+                    }
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen > 10, "{got:?}");
+        // An excluded column that was unchanged is not named as unchanged either.
+        let docs = got
+            .iter()
+            .find(|(t, _, v)| t == "docs" && v["op"] == "u")
+            .expect("the docs update");
+        assert!(docs.2.get("unchanged").is_none(), "{}", docs.2);
+        // The other tables keep every column.
+        let audit = got.iter().find(|(t, _, _)| t == "audit").expect("audit");
+        assert_eq!(audit.2["after"].as_object().map(|o| o.len()), Some(3));
+    }
+
+    #[test]
+    fn a_stream_that_breaks_the_protocol_is_refused() {
+        // A change outside a transaction.
+        let mut b = builder(&[table("t", &["k"])]);
+        let mut out = Vec::new();
+        let rel = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        b.handle(LogicalMessage::Relation(rel), Lsn(1), &mut out)
+            .unwrap();
+        let insert = LogicalMessage::Insert(crate::source::pgoutput::Insert {
+            xid: None,
+            relation_oid: 1,
+            new: TupleData(vec![text("1"), text("2")]),
+        });
+        let err = b.handle(insert, Lsn(2), &mut out).unwrap_err();
+        assert!(
+            matches!(err, ChangeError::OutsideTransaction { what: "insert" }),
+            "{err}"
+        );
+        // A change of a relation never described.
+        let delete = LogicalMessage::Delete(crate::source::pgoutput::Delete {
+            xid: None,
+            relation_oid: 99,
+            old: OldTuple::Key(TupleData(vec![text("1")])),
+        });
+        let err = b.handle(delete, Lsn(3), &mut out).unwrap_err();
+        assert!(matches!(err, ChangeError::UnknownRelation(99)), "{err}");
+        // A streamed transaction, which pgcdc does not ask for.
+        let start = LogicalMessage::StreamStart(crate::source::pgoutput::StreamStart {
+            xid: 5,
+            first_segment: true,
+        });
+        let err = b.handle(start, Lsn(4), &mut out).unwrap_err();
+        assert!(matches!(err, ChangeError::Streamed), "{err}");
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(err.recovery(), Recovery::Stop);
+    }
+
+    #[test]
+    fn binary_tuples_are_refused() {
+        const BINARY: &str = include_str!("../../tests/fixtures/pgoutput/binary.txt");
+        let mut decoder = Decoder::new();
+        let mut b = builder(&workload_tables());
+        let mut out = Vec::new();
+        let err = BINARY
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .find_map(|l| {
+                let (lsn, hex) = l.split_once(' ').expect("`<lsn> <hex>`");
+                let bytes: Vec<u8> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                    .collect();
+                let msg = decoder.decode(Bytes::from(bytes)).expect("decodes");
+                b.handle(msg, lsn.parse().expect("lsn"), &mut out).err()
+            })
+            .expect("refused");
+        assert!(
+            matches!(&err, ChangeError::BinaryValue(t) if t.contains("accounts")),
+            "{err}"
+        );
+        assert!(records(&out).is_empty());
+    }
 }

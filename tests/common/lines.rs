@@ -6,7 +6,8 @@ use std::process::Output;
 
 use serde_json::{Map, Value};
 
-use super::pipeline::{assert_success, Pipeline};
+use super::assert::assert_success;
+use super::pipeline::Pipeline;
 
 /// One stdout run's events and its log.
 pub struct Run {
@@ -119,23 +120,4 @@ pub async fn table_state(
         .collect()
 }
 
-/// Fails with a short account of how `got` differs from `want`.
-pub fn assert_same(got: &BTreeMap<String, Value>, want: &BTreeMap<String, Value>, what: &str) {
-    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
-    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    let differing: Vec<(&String, &Value, &Value)> = want
-        .iter()
-        .filter_map(|(k, v)| got.get(k).filter(|g| *g != v).map(|g| (k, g, v)))
-        .take(3)
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && differing.is_empty(),
-        "{what}: {} of {} keys missing (first {:?}), {} extra (first {:?}), differing (got, want): {:?}",
-        missing.len(),
-        want.len(),
-        &missing[..missing.len().min(3)],
-        extra.len(),
-        &extra[..extra.len().min(3)],
-        differing
-    );
-}
+pub use super::assert::assert_same;

@@ -1,73 +1,28 @@
-//! One test's pgcdc pipeline: its own database, slot, publication and topic prefix; runs the
-//! real binary and reads back the real topics.
+//! One test's pgcdc setup: its own database, slot, publication, topic prefix and directory;
+//! `pgcdc` commands against them ([`Pipeline::pgcdc`]), and the real topics read back.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use pgcdc::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
+use super::api::{topic_name, ConsumedRecord, TableName};
+use super::cmd::PgcdcCmd;
+use super::TestDb;
 use serde_json::Value;
 
-use super::TestDb;
-
-pub fn kafka() -> String {
-    std::env::var("PGCDC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
+pub use super::assert::{assert_fails, assert_success};
+pub use super::kafka;
+pub use super::topics::{is_marker_record, without_markers, Event};
 
 /// One test's pgcdc setup: its own database, slot, publication and topic prefix.
 pub struct Pipeline {
     pub db: TestDb,
     pub slot: String,
+    /// The publication (the slot's name unless [`Pipeline::with_publication`]).
+    pub publication: String,
     pub prefix: String,
     pub dir: PathBuf,
-}
-
-/// A record read back from a topic, JSON-decoded.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub key: Option<Value>,
-    pub value: Option<Value>,
-}
-
-impl Event {
-    pub fn op(&self) -> Option<&str> {
-        self.value.as_ref().and_then(|v| v["op"].as_str())
-    }
-    pub fn lsn_pair(&self) -> (u64, u64) {
-        let s = &self.value.as_ref().expect("not a tombstone")["source"];
-        (
-            s["commit_lsn"].as_u64().expect("commit_lsn"),
-            s["lsn"].as_u64().expect("lsn"),
-        )
-    }
-    /// Where the event ranks among its key's events (pgcdc's one ordering rule).
-    pub fn version(&self) -> pgcdc::event::order::Version {
-        let (commit_lsn, lsn) = self.lsn_pair();
-        pgcdc::event::order::Version::of_event(self.op().unwrap_or_default(), commit_lsn, lsn)
-    }
-    /// A snapshot marker (`op` `s`): the end of a table's snapshot, no row.
-    pub fn is_marker(&self) -> bool {
-        self.op() == Some("s")
-    }
-    /// `snapshot.rows` of a marker.
-    pub fn marker_rows(&self) -> Option<u64> {
-        self.value.as_ref()?["snapshot"]["rows"].as_u64()
-    }
-}
-
-/// Whether a raw record is a snapshot marker (no key; `op` or, flat, `__op` `s`).
-pub fn is_marker_record(r: &ConsumedRecord) -> bool {
-    r.key.is_none()
-        && r.value
-            .as_deref()
-            .and_then(|v| serde_json::from_slice::<Value>(v).ok())
-            .is_some_and(|v| v["op"] == "s" || v["__op"] == "s")
-}
-
-/// The events without the snapshot markers.
-pub fn without_markers(events: Vec<Event>) -> Vec<Event> {
-    events.into_iter().filter(|e| !e.is_marker()).collect()
 }
 
 impl Pipeline {
@@ -84,59 +39,78 @@ impl Pipeline {
             .batch_execute(setup_sql)
             .await
             .expect("test setup SQL");
+        Pipeline::on(db)
+    }
+
+    /// A pipeline on an existing test database.
+    pub fn on(db: TestDb) -> Pipeline {
         let slot = super::unique_name("slot");
         let prefix = super::unique_name("t");
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir).expect("temp dir");
         Pipeline {
             db,
+            publication: slot.clone(),
             slot,
             prefix,
             dir,
         }
     }
 
+    /// Uses publication `name` rather than one named like the slot.
+    pub fn with_publication(mut self, name: &str) -> Pipeline {
+        self.publication = name.to_string();
+        self
+    }
+
+    /// The superuser's conninfo for `--source`.
     pub fn source(&self) -> String {
-        format!(
-            "host={} port={} user={} dbname={} sslmode=disable",
-            self.db.env.host, self.db.env.port, self.db.env.superuser, self.db.name
-        )
+        self.db.source()
+    }
+
+    /// `pgcdc <command>` against this test: `--source` (the superuser), `--kafka` (the
+    /// shared durable broker), `--slot`, `--topic-prefix`; `--publication` for the commands
+    /// that take one (`run`, `drop`, `verify`); `--status-interval 0.5` for `run`. Each can
+    /// be overridden ([`PgcdcCmd::set`]) or removed ([`PgcdcCmd::unset`]).
+    pub fn pgcdc(&self, command: &str) -> PgcdcCmd {
+        let mut c = PgcdcCmd::new(command)
+            .set("--source", &self.source())
+            .set("--kafka", &kafka())
+            .set("--slot", &self.slot);
+        if matches!(command, "run" | "drop" | "verify") {
+            c = c.set("--publication", &self.publication);
+        }
+        c = c.set("--topic-prefix", &self.prefix);
+        if command == "run" {
+            c = c.set("--status-interval", "0.5");
+        }
+        c
     }
 
     /// `pgcdc run` with this pipeline's settings plus `extra`.
     pub fn command(&self, extra: &[&str]) -> Command {
-        self.command_with(&self.source(), &kafka(), extra)
+        self.pgcdc("run").args(extra).command()
     }
 
     /// `pgcdc run` with another source or broker.
     pub fn command_with(&self, source: &str, kafka: &str, extra: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-        c.arg("run")
-            .args(["--source", source])
-            .args(["--kafka", kafka])
-            .args(["--slot", &self.slot, "--publication", &self.slot])
-            .args(["--topic-prefix", &self.prefix])
-            .args(["--status-interval", "0.5"])
+        self.pgcdc("run")
+            .set("--source", source)
+            .set("--kafka", kafka)
             .args(extra)
-            .env_remove("PGCDC_LOG")
-            .env("PGPASSFILE", "/nonexistent")
-            .stdin(Stdio::null());
-        c
+            .command()
     }
 
     /// Runs to completion; returns the output.
     pub fn run(&self, extra: &[&str]) -> Output {
-        self.command(extra).output().expect("pgcdc runs")
+        self.pgcdc("run").args(extra).output()
     }
 
     /// Runs in the background, logging to a file in this test's directory.
     pub fn spawn(&self, extra: &[&str], log: &str) -> Child {
-        let file = std::fs::File::create(self.dir.join(log)).expect("log file");
-        self.command(extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("pgcdc starts")
+        self.pgcdc("run")
+            .args(extra)
+            .spawn_logging(&self.dir.join(log))
     }
 
     /// Waits (at most 30 s) until the background run's log says `needle`.
@@ -156,12 +130,19 @@ impl Pipeline {
         std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
     }
 
+    /// Runs `sql` on this test's database as the superuser.
+    pub async fn sql(&self, sql: &str) {
+        self.db.sql(sql).await
+    }
+
+    /// Whether this test's slot exists.
+    pub async fn slot_exists(&self) -> bool {
+        self.db.slot_exists(&self.slot).await
+    }
+
     /// The topic of `public.<table>` (see `pgcdc::source::topic`).
     pub fn topic(&self, table: &str) -> String {
-        pgcdc::source::topic::topic_name(
-            &self.prefix,
-            &pgcdc::source::catalog::TableName::new("public", table),
-        )
+        topic_name(&self.prefix, &TableName::new("public", table))
     }
 
     /// Everything in a table's topic, in offset order (one partition by default), snapshot
@@ -175,48 +156,18 @@ impl Pipeline {
         self.records(topic, expected)
             .await
             .into_iter()
-            .map(|r| Event {
-                key: r
-                    .key
-                    .map(|k| serde_json::from_slice(&k).expect("key is JSON")),
-                value: r
-                    .value
-                    .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
-            })
+            .map(Event::of)
             .collect()
     }
 
-    /// The raw records of `topic`: until `expected` arrived (at most 60 s), or without an
-    /// expectation, until nothing new arrives for 3 s. Under load the first fetch can take
-    /// longer than that, so an empty read is tried again before it counts.
+    /// The raw records of `topic` (see [`super::topics::records`]).
     pub async fn records(&self, topic: &str, expected: Option<usize>) -> Vec<ConsumedRecord> {
-        let quiet = match expected {
-            Some(_) => Duration::from_secs(60),
-            None => Duration::from_secs(3),
-        };
-        let mut records = Vec::new();
-        for _ in 0..3 {
-            let cfg = KafkaConfig::new(kafka());
-            let topic = topic.to_string();
-            records = tokio::task::spawn_blocking(move || {
-                read_topic(
-                    &cfg,
-                    &topic,
-                    ReadStop::Quiet {
-                        expected,
-                        quiet,
-                        max_wait: Duration::from_secs(60),
-                    },
-                )
-            })
-            .await
-            .expect("reader thread")
-            .expect("topic is readable");
-            if !records.is_empty() || expected.is_some() {
-                break;
-            }
-        }
-        records
+        super::topics::records(&kafka(), topic, expected).await
+    }
+
+    /// Records on a table's topic, snapshot markers counted or not (0 without the topic).
+    pub async fn count(&self, table: &str, markers: bool) -> usize {
+        super::topics::count(&kafka(), &self.topic(table), markers).await
     }
 
     /// The table as JSON objects by id, in the encoder's terms (id and n are numbers).
@@ -258,6 +209,17 @@ impl Pipeline {
         row.get::<_, Option<i64>>(0).map(|v| v as u64)
     }
 
+    /// Waits (at most `timeout`) until the slot confirmed everything written so far:
+    /// whether it did.
+    pub async fn wait_caught_up(&self, timeout: Duration) -> bool {
+        let target = self.current_lsn().await;
+        super::poll_until(timeout, || async {
+            self.confirmed_flush().await.filter(|c| *c >= target)
+        })
+        .await
+        .is_some()
+    }
+
     pub async fn current_lsn(&self) -> u64 {
         let client = self.db.client().await;
         let row = client
@@ -271,23 +233,5 @@ impl Pipeline {
 impl Drop for Pipeline {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-pub fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed with {:?}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs pgcdc expecting a failure: checks the exit code and that stderr names the fix.
-pub fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
     }
 }

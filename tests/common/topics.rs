@@ -1,6 +1,6 @@
-//! Reading a whole topic back, and the per-key order rules a consumer relies on: shared by
-//! the fault suite's checker (`tests/faults/check.rs`) and the integrity oracle
-//! (`tests/integrity/oracle.rs`).
+//! Reading topics back (whole, until a count, or until quiet; decoded as [`Event`]s), and
+//! the per-key order rules a consumer relies on, shared by the fault suite's checker
+//! (`tests/faults/check.rs`) and the integrity oracle (`tests/integrity/oracle.rs`).
 //!
 //! **Order.** A key's events are ordered by `(commit_lsn, lsn)`, with one refinement: a
 //! snapshot read at consistent point `C` holds what committed *before* `C`, so a change whose
@@ -9,12 +9,159 @@
 //! except for an exact replay: the same event (position, op and content, the encoding time
 //! aside) published again after a restart.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use pgcdc::kafka::{read_topic, ConsumedRecord, KafkaConfig, ReadStop};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
+
+use super::api::{read_topic, ConsumedRecord, KafkaConfig, ReadStop, TopicReader, Version};
+
+/// A record read back from a topic, JSON-decoded.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub key: Option<Value>,
+    pub value: Option<Value>,
+}
+
+impl Event {
+    /// Decodes a record (its key and value must be JSON).
+    pub fn of(r: ConsumedRecord) -> Event {
+        Event {
+            key: r
+                .key
+                .map(|k| serde_json::from_slice(&k).expect("key is JSON")),
+            value: r
+                .value
+                .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
+        }
+    }
+    pub fn op(&self) -> Option<&str> {
+        self.value.as_ref().and_then(|v| v["op"].as_str())
+    }
+    pub fn lsn_pair(&self) -> (u64, u64) {
+        let s = &self.value.as_ref().expect("not a tombstone")["source"];
+        (
+            s["commit_lsn"].as_u64().expect("commit_lsn"),
+            s["lsn"].as_u64().expect("lsn"),
+        )
+    }
+    /// Where the event ranks among its key's events (pgcdc's one ordering rule).
+    pub fn version(&self) -> Version {
+        let (commit_lsn, lsn) = self.lsn_pair();
+        Version::of_event(self.op().unwrap_or_default(), commit_lsn, lsn)
+    }
+    /// A snapshot marker (`op` `s`): the end of a table's snapshot, no row.
+    pub fn is_marker(&self) -> bool {
+        self.op() == Some("s")
+    }
+    /// `snapshot.rows` of a marker.
+    pub fn marker_rows(&self) -> Option<u64> {
+        self.value.as_ref()?["snapshot"]["rows"].as_u64()
+    }
+}
+
+/// Whether a raw record is a snapshot marker (no key; `op` or, flat, `__op` `s`).
+pub fn is_marker_record(r: &ConsumedRecord) -> bool {
+    r.key.is_none()
+        && r.value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+            .is_some_and(|v| v["op"] == "s" || v["__op"] == "s")
+}
+
+/// The events without the snapshot markers.
+pub fn without_markers(events: Vec<Event>) -> Vec<Event> {
+    events.into_iter().filter(|e| !e.is_marker()).collect()
+}
+
+/// `read_topic` on a blocking thread; panics if the topic cannot be read.
+pub async fn read(kafka: &str, topic: &str, stop: ReadStop) -> Vec<ConsumedRecord> {
+    let cfg = KafkaConfig::new(kafka);
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || read_topic(&cfg, &topic, stop))
+        .await
+        .expect("reader thread")
+        .unwrap_or_else(|e| panic!("the topic is not readable: {e}"))
+}
+
+/// The records of `topic`: until `expected` arrived (at most 60 s), or without an
+/// expectation, until nothing new arrives for 3 s. Under load the first fetch can take
+/// longer than that, so an empty read is tried again before it counts.
+pub async fn records(kafka: &str, topic: &str, expected: Option<usize>) -> Vec<ConsumedRecord> {
+    let quiet = match expected {
+        Some(_) => Duration::from_secs(60),
+        None => Duration::from_secs(3),
+    };
+    let mut records = Vec::new();
+    for _ in 0..3 {
+        let stop = ReadStop::Quiet {
+            expected,
+            quiet,
+            max_wait: Duration::from_secs(60),
+        };
+        records = read(kafka, topic, stop).await;
+        if !records.is_empty() || expected.is_some() {
+            break;
+        }
+    }
+    records
+}
+
+/// How many records `topic` holds, snapshot markers counted or not, read until 2 s pass
+/// with nothing new (0 when the topic does not exist).
+pub async fn count(kafka: &str, topic: &str, markers: bool) -> usize {
+    let cfg = KafkaConfig::new(kafka);
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let stop = ReadStop::Quiet {
+            expected: None,
+            quiet: Duration::from_secs(2),
+            max_wait: Duration::from_secs(30),
+        };
+        match TopicReader::open_if_exists(&cfg, &topic, stop).expect("the topic is readable") {
+            None => 0,
+            Some(r) => r
+                .filter(|r| markers || !r.as_ref().is_ok_and(is_marker_record))
+                .count(),
+        }
+    })
+    .await
+    .expect("reader thread")
+}
+
+/// Records per topic named `<prefix>.…` on `kafka` (every topic a run with that
+/// `--topic-prefix` writes, its progress topic included), read until 2 s pass with nothing new.
+pub async fn published(kafka: &str, prefix: &str) -> BTreeMap<String, usize> {
+    let kafka = kafka.to_string();
+    let prefix = format!("{prefix}.");
+    let topics: Vec<String> = tokio::task::spawn_blocking({
+        let kafka = kafka.clone();
+        move || {
+            let lister: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &kafka)
+                .create()
+                .expect("a metadata client");
+            let metadata = lister
+                .fetch_metadata(None, Duration::from_secs(20))
+                .expect("the broker lists its topics");
+            metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_string())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        }
+    })
+    .await
+    .expect("metadata thread");
+    let mut out = BTreeMap::new();
+    for topic in topics {
+        let n = count(&kafka, &topic, true).await;
+        out.insert(topic, n);
+    }
+    out
+}
 
 /// Records the broker announces for `topic` (sum of high minus low watermarks); `None` if
 /// the topic does not exist.
@@ -77,8 +224,8 @@ pub fn read_all_if_exists(kafka: &str, topic: &str) -> Option<Vec<ConsumedRecord
 /// An event's place in its key's history: `(commit_lsn, is a change, lsn)`; see the module
 /// docs.
 /// Where an event ranks among its key's events: pgcdc's one ordering rule
-/// ([`pgcdc::event::order::Version`]: a snapshot read below a change of its `commit_lsn`).
-pub type Position = pgcdc::event::order::Version;
+/// ([`Version`]: a snapshot read below a change of its `commit_lsn`).
+pub type Position = Version;
 
 /// The position of an envelope event (`None` without `source.commit_lsn`/`lsn`).
 pub fn position(value: &Value) -> Option<Position> {

@@ -139,9 +139,9 @@ async fn read_topics(
     let mut handles = Vec::new();
     for t in tables {
         let kafka = kafka.to_string();
-        let topic = pgcdc::source::topic::topic_name(
+        let topic = crate::common::api::topic_name(
             prefix,
-            &pgcdc::source::catalog::TableName::new("public", t.name.to_string()),
+            &crate::common::api::TableName::new("public", t.name.to_string()),
         );
         handles.push((
             t.name,
@@ -490,7 +490,7 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
         .query_one("SELECT pg_current_wal_lsn()", &[])
         .await
         .expect("current lsn");
-    row.get::<_, pgcdc::model::Lsn>(0).0
+    row.get::<_, crate::common::api::Lsn>(0).0
 }
 
 /// The slot's confirmed position.
@@ -502,7 +502,8 @@ pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Opt
         )
         .await
         .ok()??;
-    row.get::<_, Option<pgcdc::model::Lsn>>(0).map(|l| l.0)
+    row.get::<_, Option<crate::common::api::Lsn>>(0)
+        .map(|l| l.0)
 }
 
 /// Waits until the slot confirmed `target`.

@@ -193,7 +193,7 @@ impl Workload {
 
 async fn connect(conninfo: &str) -> Option<tokio_postgres::Client> {
     let info = crate::common::parse(conninfo);
-    pgcdc::source::connect::connect(&info).await.ok()
+    crate::common::api::connect(&info).await.ok()
 }
 
 async fn write(

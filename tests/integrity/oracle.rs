@@ -23,13 +23,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures_util::StreamExt;
-use pgcdc::event::{
+use crate::common::api::event::{
     BinaryMode, Change, Column, Datum, DecimalMode, Encoder, EventOptions, Format, Op, Position,
     SnapshotMarker, TableSchema, TypeRegistry,
 };
-use pgcdc::model::Lsn;
-use pgcdc::source::copy_text;
+use crate::common::api::{event::copy_text, Lsn};
+use futures_util::StreamExt;
 use serde_json::{Map, Value};
 
 use crate::common::topics::{self, KeyOrder, Seen};
@@ -145,7 +144,7 @@ pub async fn expected(
         .collect();
 
     let mut types = TypeRegistry::new(DecimalMode::default(), BinaryMode::default());
-    pgcdc::source::schema::load_types(client, &mut types, published.iter().map(|(_, t)| *t))
+    crate::common::api::event::load_types(client, &mut types, published.iter().map(|(_, t)| *t))
         .await
         .map_err(|e| err("types", e))?;
     let columns: Vec<Column> = published

@@ -5,14 +5,16 @@
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use pgcdc::source::catalog::TableName;
-use pgcdc::source::topic::topic_name;
+use crate::common::api::topic_name;
+use crate::common::api::TableName;
 use serde_json::Value;
 
+use crate::common::cmd::PgcdcCmd;
+use crate::common::process::Pgcdc;
+use crate::common::topics::Event;
 use crate::common::{self, TestDb, TestEnv};
 use crate::gen::{Bug, Case, Config, PubMode, Sink, Step, StopKind};
 use crate::oracle::{self, Record};
-use crate::process::Pgcdc;
 
 /// The `pgcdc run` process of a case, run after run (the fault suite's supervisor), with
 /// counts of how it was stopped.
@@ -160,44 +162,30 @@ pub async fn run_case(
     };
     let dir = std::env::temp_dir().join(&prefix);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let source = format!(
-        "host={} port={} user={} dbname={} sslmode=disable",
-        env.host, env.port, env.superuser, db.name
+    let mut cmd = PgcdcCmd::new("run")
+        .set("--source", &db.source())
+        .set("--slot", &slot)
+        .set("--publication", &publication)
+        .set("--topic-prefix", &prefix)
+        .set("--status-interval", "0.5")
+        .set("--progress", "log");
+    cmd = match case.sink {
+        Sink::Kafka => cmd.set("--kafka", kafka),
+        Sink::Stdout => cmd.set("--sink", "stdout").set(
+            "--progress-file",
+            &dir.join("progress.json").display().to_string(),
+        ),
+    };
+    cmd = cmd.args(
+        case.table_flags()
+            .into_iter()
+            .flat_map(|t| ["--table".to_string(), t]),
     );
-    let mut args: Vec<String> = vec![
-        "--source".into(),
-        source,
-        "--slot".into(),
-        slot.clone(),
-        "--publication".into(),
-        publication.clone(),
-        "--topic-prefix".into(),
-        prefix.clone(),
-        "--status-interval".into(),
-        "0.5".into(),
-        "--progress".into(),
-        "log".into(),
-    ];
-    match case.sink {
-        Sink::Kafka => args.extend(["--kafka".into(), kafka.to_string()]),
-        Sink::Stdout => args.extend([
-            "--sink".into(),
-            "stdout".into(),
-            "--progress-file".into(),
-            dir.join("progress.json").display().to_string(),
-        ]),
-    }
-    for t in case.table_flags() {
-        args.extend(["--table".into(), t]);
-    }
     if case.snapshot_workers > 1 {
-        args.extend([
-            "--snapshot-workers".into(),
-            case.snapshot_workers.to_string(),
-        ]);
+        cmd = cmd.set("--snapshot-workers", &case.snapshot_workers.to_string());
     }
     let mut p = Proc {
-        p: Pgcdc::new(args, dir),
+        p: Pgcdc::new(cmd, dir),
         kills: 0,
         terms: 0,
     };
@@ -296,7 +284,7 @@ pub async fn run_case(
         .query_one("SELECT pg_current_wal_lsn()", &[])
         .await
         .map_err(|e| e.to_string())?
-        .try_get::<_, pgcdc::model::Lsn>(0)
+        .try_get::<_, crate::common::api::Lsn>(0)
         .map_err(|e| e.to_string())?
         .0;
     p.wait_streaming(Duration::from_secs(120))
@@ -307,7 +295,7 @@ pub async fn run_case(
         if let Some(status) = p.exited() {
             return Err(format!("while catching up: {}", p.died(status)));
         }
-        let confirmed: Option<pgcdc::model::Lsn> = client
+        let confirmed: Option<crate::common::api::Lsn> = client
             .query_opt(
                 "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
@@ -358,13 +346,12 @@ pub async fn run_case(
                 per_topic.push(
                     records
                         .into_iter()
-                        .map(|r| Record {
-                            key: r
-                                .key
-                                .map(|k| serde_json::from_slice(&k).expect("key is JSON")),
-                            value: r
-                                .value
-                                .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
+                        .map(|r| {
+                            let e = Event::of(r);
+                            Record {
+                                key: e.key,
+                                value: e.value,
+                            }
                         })
                         .collect(),
                 );

@@ -4,12 +4,12 @@
 //!
 //! Both are stopped when the value is dropped, also when the test panics (a paused broker is
 //! killed as well), and their directories removed.
-#![allow(dead_code)]
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use super::cmd::signal;
 
 /// A loopback port nobody listens on right now (another process may take it before we do;
 /// callers that bind it retry with a new one).
@@ -42,17 +42,9 @@ fn is_root() -> bool {
 
 /// A fresh directory under the system's temporary directory.
 pub fn temp_dir(prefix: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(crate::common::unique_name(prefix));
+    let dir = std::env::temp_dir().join(super::unique_name(prefix));
     std::fs::create_dir_all(&dir).expect("create a temporary directory");
     dir
-}
-
-/// Sends `signal` (e.g. "-STOP") to `pid`.
-pub fn signal(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// How PostgreSQL is shut down.
@@ -206,7 +198,7 @@ impl PrivatePg {
 
     /// Creates a database.
     pub async fn create_database(&self, name: &str) {
-        let admin = crate::common::client(&crate::common::parse(&self.conninfo("postgres"))).await;
+        let admin = super::client(&super::parse(&self.conninfo("postgres"))).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
@@ -230,7 +222,7 @@ impl Drop for PrivatePg {
 /// it keeps its topics across restarts (or, from [`PrivateBroker::start_in_memory`], memory
 /// storage: faster, gone at a restart, and with an unreliable high watermark). It can
 /// advertise another port than it listens on, so that clients reach it through a
-/// [`crate::proxy::Proxy`].
+/// [`super::proxy::Proxy`].
 pub struct PrivateBroker {
     pub port: u16,
     advertised: u16,

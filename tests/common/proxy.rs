@@ -12,8 +12,6 @@
 //!
 //! The proxy runs on its own thread and runtime, so a test that blocks its own runtime does
 //! not stall the network; it stops when dropped.
-#![allow(dead_code)]
-
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -38,7 +36,7 @@ pub struct Proxy {
 impl Proxy {
     /// Starts forwarding a free port to `upstream`.
     pub fn start(upstream: u16) -> Proxy {
-        Self::start_on(crate::servers::free_port(), upstream)
+        Self::start_on(super::servers::free_port(), upstream)
     }
 
     /// Starts forwarding `port` to `upstream`.

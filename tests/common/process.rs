@@ -1,15 +1,17 @@
 //! The `pgcdc run` process under test: started, killed, stopped and restarted like a
 //! supervisor would, each run logging to its own file.
-#![allow(dead_code)]
 
+use std::borrow::BorrowMut;
+use std::path::Path;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use super::cmd::PgcdcCmd;
 
 /// Repeated runs of one pgcdc configuration.
 pub struct Pgcdc {
-    args: Vec<String>,
-    env: Vec<(String, String)>,
+    cmd: PgcdcCmd,
     pub dir: PathBuf,
     child: Option<Child>,
     /// Number of runs started so far; run `n` logs to `run<n>.log`.
@@ -19,12 +21,11 @@ pub struct Pgcdc {
 }
 
 impl Pgcdc {
-    /// `args` follow `pgcdc run`; logs go to files in `dir`.
-    pub fn new(args: Vec<String>, dir: PathBuf) -> Pgcdc {
+    /// Runs of `cmd` (a `pgcdc run`); logs go to files in `dir`.
+    pub fn new(cmd: PgcdcCmd, dir: PathBuf) -> Pgcdc {
         std::fs::create_dir_all(&dir).expect("log directory");
         Pgcdc {
-            args,
-            env: Vec::new(),
+            cmd: cmd.block_sigterm(),
             dir,
             child: None,
             runs: 0,
@@ -39,25 +40,14 @@ impl Pgcdc {
 
     /// Sets an environment variable for the following runs.
     pub fn env(&mut self, key: &str, value: &str) {
-        self.env.push((key.into(), value.into()));
+        self.cmd = self.cmd.clone().env(key, value);
     }
 
     /// `pgcdc run` with SIGTERM blocked until pgcdc handles it (see
-    /// [`crate::common::block_sigterm_until_handled`]): a SIGTERM at any moment after the
+    /// [`super::cmd::block_sigterm_until_handled`]): a SIGTERM at any moment after the
     /// spawn is a graceful stop.
     pub fn command(&self, extra: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pgcdc"));
-        c.arg("run")
-            .args(&self.args)
-            .args(extra)
-            .env_remove("PGCDC_LOG")
-            .env("PGPASSFILE", "/nonexistent")
-            .stdin(Stdio::null());
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        crate::common::block_sigterm_until_handled(&mut c);
-        c
+        self.cmd.clone().args(extra).command()
     }
 
     fn log_path(&self, run: usize) -> PathBuf {
@@ -111,7 +101,7 @@ impl Pgcdc {
     /// SIGTERM; waits at most `timeout` for the exit.
     pub fn sigterm(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        crate::servers::signal(c.id(), "-TERM");
+        super::cmd::signal(c.id(), "-TERM");
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = c.try_wait() {
@@ -191,4 +181,61 @@ impl Drop for Pgcdc {
             eprintln!("pgcdc logs kept in {}", self.dir.display());
         }
     }
+}
+
+/// SIGTERM to a child process (a graceful stop for pgcdc).
+pub fn sigterm(child: &Child) {
+    super::cmd::signal(child.id(), "-TERM");
+}
+
+/// Waits at most `timeout` for `child` to exit; kills it otherwise (None).
+pub async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM, then waits at most `timeout` for the exit: the status (None: killed after the
+/// timeout) and how long the exit took.
+pub async fn sigterm_timed(child: &mut Child, timeout: Duration) -> (Option<ExitStatus>, Duration) {
+    let sent = Instant::now();
+    sigterm(child);
+    let status = wait_exit(child, timeout).await;
+    (status, sent.elapsed())
+}
+
+/// SIGTERM, then waits up to 10 s for the exit before SIGKILL (for a test's cleanup, when the
+/// exit status does not matter).
+pub fn stop(mut child: Child) {
+    sigterm(&child);
+    for _ in 0..200 {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Starts `cmd` with stderr to the file `log` and stdout to a pipe the test reads (or leaves
+/// unread, to hold a stdout sink).
+pub fn spawn_piped(mut cmd: impl BorrowMut<Command>, log: &Path) -> (Child, ChildStdout) {
+    let mut child = cmd
+        .borrow_mut()
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("pgcdc starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    (child, stdout)
 }

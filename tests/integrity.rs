@@ -590,9 +590,11 @@ async fn bug_ddl_during_parallel_snapshot_deadlocks() {
         .await;
     let client = p.db.client().await;
     let altered = client
-        .batch_execute("SET lock_timeout = '15s'; ALTER TABLE public.small ADD COLUMN w int")
+        // Until the worker reaches `small` (after `big`, tens of seconds on a loaded machine)
+        // the ALTER waits, as it would behind pg_dump; a deadlock would wait for ever.
+        .batch_execute("SET lock_timeout = '90s'; ALTER TABLE public.small ADD COLUMN w int")
         .await;
-    let streamed = common::poll_until(Duration::from_secs(30), || async {
+    let streamed = common::poll_until(Duration::from_secs(90), || async {
         p.log("run.log").contains("streaming changes").then_some(())
     })
     .await;

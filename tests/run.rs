@@ -1180,24 +1180,11 @@ async fn acknowledged_changes_are_confirmed_without_waiting_for_the_status_inter
         ))
         .await
         .unwrap();
-    let log = std::fs::File::create(p.dir.join("prompt.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-        .arg("run")
-        .args([
-            "--source",
-            &p.source(),
-            "--kafka",
-            &common::pipeline::kafka(),
-        ])
-        .args(["--slot", &p.slot, "--publication", &p.slot])
-        .args(["--topic-prefix", &p.prefix, "--table", "public.items"])
-        .args(["--status-interval", "120"])
-        .env_remove("PGCDC_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = p
+        .pgcdc("run")
+        .set("--status-interval", "120")
+        .args(["--table", "public.items"])
+        .spawn_logging(&p.dir.join("prompt.log"));
     p.wait_for_log("prompt.log", "streaming changes").await;
     p.db.client()
         .await

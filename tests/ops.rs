@@ -607,7 +607,7 @@ async fn verify_after_a_stopped_run_compares_at_once_or_names_the_unpublished_ch
     assert_eq!(json_of(&out)["same"], 50);
 }
 
-async fn slot_confirmed(o: &Pipeline) -> String {
+async fn slot_confirmed(o: &Pipeline) -> Option<common::api::Lsn> {
     o.db.client()
         .await
         .query_one(

@@ -134,28 +134,30 @@ fn code_only(text: &str) -> String {
     out
 }
 
-/// Top-level modules named after `crate::` in `code`, with their line numbers.
+/// Top-level modules named after `crate::` in `code`, with their line numbers. A `{…}` group
+/// is read to its closing brace, over as many lines as rustfmt spreads it.
 fn crate_paths(code: &str) -> Vec<(usize, String)> {
     let mut found = Vec::new();
-    for (n, line) in code.lines().enumerate() {
-        let mut rest = line;
-        while let Some(at) = rest.find("crate::") {
-            let before = &rest[..at];
-            rest = &rest[at + "crate::".len()..];
-            // `$crate::` in macros, or an identifier ending in `crate`.
-            if before.ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$') {
-                continue;
-            }
-            if let Some(group) = rest.strip_prefix('{') {
-                found.extend(group_heads(group).into_iter().map(|m| (n + 1, m)));
-            } else {
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if !name.is_empty() {
-                    found.push((n + 1, name));
-                }
+    let mut from = 0;
+    while let Some(found_at) = code[from..].find("crate::") {
+        let at = from + found_at;
+        from = at + "crate::".len();
+        let before = &code[..at];
+        // `$crate::` in macros, or an identifier ending in `crate`.
+        if before.ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$') {
+            continue;
+        }
+        let line = before.matches('\n').count() + 1;
+        let rest = &code[from..];
+        if let Some(group) = rest.strip_prefix('{') {
+            found.extend(group_heads(group).into_iter().map(|m| (line, m)));
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                found.push((line, name));
             }
         }
     }
@@ -275,4 +277,10 @@ fn the_scanner_reads_paths_not_prose() {
     );
     let names: Vec<String> = crate_paths(&code).into_iter().map(|(_, m)| m).collect();
     assert_eq!(names, ["a", "b", "e", "g"]);
+    // rustfmt's form of a long group: one path per line.
+    let code = code_only("use std::fmt;\nuse crate::{\n    a::X,\n    b::{c, d},\n};\nfn f() {}\n");
+    assert_eq!(
+        crate_paths(&code),
+        [(2, "a".to_string()), (2, "b".to_string())]
+    );
 }

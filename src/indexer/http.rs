@@ -135,6 +135,9 @@ impl HttpClient {
             .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(POOL_IDLE)
+            // Straight to the URL given, as before: no HTTP(S)_PROXY from the environment (a
+            // proxy would see the API key).
+            .no_proxy()
             .connect_timeout(timeout)
             .tcp_nodelay(true);
         if let Some(path) = ca_file {
@@ -215,7 +218,7 @@ impl HttpClient {
                     addr: self.authority.clone(),
                     detail: error_chain(&e),
                 }
-            } else if e.is_builder() {
+            } else if e.is_builder() || not_http(&e) {
                 malformed(error_chain(&e))
             } else {
                 io(error_chain(&e))
@@ -260,6 +263,21 @@ fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// An error and its causes on one line (`reqwest` puts the useful part in the sources).
+/// The server answered something that is not HTTP (a wrong `--meili-url`): asking again
+/// cannot help. A connection cut in the middle of an answer is not this; it is retried.
+fn not_http(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -277,6 +295,34 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that answers something other than HTTP (a `--meili-url` naming the wrong
+    /// service) stops the indexer, as the hand-written client did; a connection that closes
+    /// before answering is retried. Neither goes through a proxy named by the environment.
+    #[tokio::test]
+    async fn a_non_http_answer_stops_and_a_closed_connection_is_retried() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn serve(answer: &'static [u8]) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut sock, _)) = listener.accept().await {
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let _ = sock.write_all(answer).await;
+                }
+            });
+            format!("http://{addr}")
+        }
+        let t = Duration::from_secs(5);
+        let ssh = HttpClient::new(&serve(b"SSH-2.0-OpenSSH_9.6\r\n").await, None, t).unwrap();
+        let err = ssh.request("GET", "/health", None).await.unwrap_err();
+        assert!(matches!(err, HttpError::Malformed { .. }), "{err:?}");
+        assert_eq!(err.recovery(), Recovery::Stop);
+        let closed = HttpClient::new(&serve(b"").await, None, t).unwrap();
+        let err = closed.request("GET", "/health", None).await.unwrap_err();
+        assert_eq!(err.recovery(), Recovery::Reconnect, "{err:?}");
+    }
 
     #[test]
     fn urls() {

@@ -89,9 +89,7 @@ impl TopicReader {
             topic: topic.to_string(),
             source,
         };
-        let consumer: BaseConsumer<PgcdcContext> = client_config(cfg, Role::Reader)
-            .create_with_context(PgcdcContext::new(Role::Reader))
-            .map_err(config_error)?;
+        let consumer = reader(cfg)?;
 
         let metadata = consumer
             .fetch_metadata(Some(topic), METADATA_TIMEOUT)
@@ -263,6 +261,13 @@ pub fn read_topic(
     TopicReader::open(cfg, topic, stop)?.collect()
 }
 
+/// A consumer with the reader's settings (no group, no commits).
+fn reader(cfg: &KafkaConfig) -> Result<BaseConsumer<PgcdcContext>, SinkError> {
+    client_config(cfg, Role::Reader)
+        .create_with_context(PgcdcContext::new(Role::Reader))
+        .map_err(config_error)
+}
+
 /// The record at `offset` of `partition`, or `None` if there is none (any more). Blocking.
 /// Used by `verify` to show the topic's side of a difference it found by hash.
 pub fn read_one(
@@ -275,9 +280,7 @@ pub fn read_one(
         topic: topic.to_string(),
         source,
     };
-    let consumer: BaseConsumer<PgcdcContext> = client_config(cfg, Role::Reader)
-        .create_with_context(PgcdcContext::new(Role::Reader))
-        .map_err(config_error)?;
+    let consumer = reader(cfg)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
         .map_err(read_err)?;

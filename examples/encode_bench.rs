@@ -119,6 +119,7 @@ fn encode_all(data: &[u8], table: &TableSchema, encoder: &Encoder, hash: bool) -
             after: Some(&row),
             position,
             transaction: None,
+            annotations: None,
         };
         let value = encoder.value(table, &change, 1_718_000_000_456).to_vec();
         let key = key.as_deref().unwrap_or_default();

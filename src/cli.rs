@@ -488,6 +488,12 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_MESSAGES", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
     pub messages: bool,
 
+    /// Prefix of the pg_logical_emit_message(true, …) messages whose JSON object is added to
+    /// every later event of the same transaction (`source.annotations`, `__annotations`)
+    /// rather than published as a message; empty turns annotations off.
+    #[arg(long, env = "PGCDC_ANNOTATION_PREFIX", default_value = crate::source::changes::DEFAULT_ANNOTATION_PREFIX, value_name = "PREFIX")]
+    pub annotation_prefix: String,
+
     /// Publish BEGIN/END events per transaction to `<prefix>.transaction` and add
     /// `transaction` {id, total_order, data_collection_order} to each event.
     #[arg(long, env = "PGCDC_TRANSACTION_METADATA")]

@@ -1606,3 +1606,138 @@ async fn the_snapshot_reads_what_the_publication_publishes() {
         &["\"public\".\"users\"", "\"id\"", "ALTER PUBLICATION"],
     );
 }
+
+/// (id, op, annotations) of each row event of `table` (no markers, no tombstones).
+async fn annotated(
+    p: &Pipeline,
+    table: &str,
+    expected: usize,
+    flat: bool,
+) -> Vec<(i64, String, Option<Value>)> {
+    p.events(table, Some(expected))
+        .await
+        .into_iter()
+        .filter_map(|e| {
+            let v = e.value?;
+            let (op, annotations, id) = if flat {
+                (&v["__op"], v.get("__annotations"), &v["id"])
+            } else {
+                let row = if v["after"].is_null() {
+                    &v["before"]
+                } else {
+                    &v["after"]
+                };
+                (&v["op"], v["source"].get("annotations"), &row["id"])
+            };
+            let op = op.as_str().expect("op").to_string();
+            (op != "s").then(|| (id.as_i64().expect("id"), op, annotations.cloned()))
+        })
+        .collect()
+}
+
+/// Annotations: a transaction's `pgcdc` messages annotate its events from the message on,
+/// merged, in both formats; other prefixes are messages, and snapshot rows carry none.
+async fn annotations_case(format: &str) {
+    let flat = format == "flat";
+    let p = Pipeline::new(
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);
+         CREATE TABLE public.b (id int PRIMARY KEY, v text);
+         INSERT INTO a VALUES (0, 'snapshot');",
+    )
+    .await;
+    let args = [
+        "--table",
+        "public.a",
+        "--table",
+        "public.b",
+        "--format",
+        format,
+        "--stop-lsn",
+        "now",
+    ];
+    assert_success(&p.run(&args), "snapshot");
+    let client = p.db.client().await;
+    let emit =
+        |content: &str| format!("SELECT pg_logical_emit_message(true, 'pgcdc', '{content}');");
+    // One statement per call: statements sent together share one implicit transaction.
+    for sql in [
+        // First: every event of both tables.
+        format!(
+            "BEGIN; {} INSERT INTO a VALUES (1, 'x'); INSERT INTO b VALUES (1, 'x');
+             UPDATE a SET v = 'y' WHERE id = 1; COMMIT;",
+            emit(r#"{"request_id": "first"}"#)
+        ),
+        // In the middle: the events after it.
+        format!(
+            "BEGIN; INSERT INTO a VALUES (2, 'x'); {} INSERT INTO b VALUES (2, 'x');
+             DELETE FROM a WHERE id = 2; COMMIT;",
+            emit(r#"{"request_id": "middle"}"#)
+        ),
+        // Two: merged, the later value wins.
+        format!(
+            "BEGIN; {} INSERT INTO a VALUES (3, 'x'); {} INSERT INTO b VALUES (3, 'x'); COMMIT;",
+            emit(r#"{"request_id": "r3", "user": "u"}"#),
+            emit(r#"{"request_id": "r3b"}"#)
+        ),
+        // Another prefix, a non-transactional one and one that is not an object: ignored as
+        // annotations (the first is a message), never a failure.
+        "BEGIN; SELECT pg_logical_emit_message(true, 'other', '{\"request_id\": \"o\"}');
+         SELECT pg_logical_emit_message(false, 'pgcdc', '{\"request_id\": \"nt\"}');
+         SELECT pg_logical_emit_message(true, 'pgcdc', '[1, 2]');
+         INSERT INTO a VALUES (4, 'x'); COMMIT;"
+            .to_string(),
+        // No message at all.
+        "INSERT INTO b VALUES (4, 'x')".to_string(),
+    ] {
+        client.batch_execute(&sql).await.unwrap();
+    }
+    assert_success(&p.run(&args), "stream");
+
+    let first = Some(json!({"request_id": "first"}));
+    let middle = Some(json!({"request_id": "middle"}));
+    let merged = Some(json!({"request_id": "r3b", "user": "u"}));
+    let r3 = Some(json!({"request_id": "r3", "user": "u"}));
+    let s = |x: &str| x.to_string();
+    // a: read, marker | c u | c d (+ tombstone) | c | c
+    let a = annotated(&p, "a", 9, flat).await;
+    assert_eq!(
+        a,
+        [
+            (0, s("r"), None),
+            (1, s("c"), first.clone()),
+            (1, s("u"), first.clone()),
+            (2, s("c"), None),
+            (2, s("d"), middle.clone()),
+            (3, s("c"), r3),
+            (4, s("c"), None),
+        ]
+    );
+    // b: marker | c | c | c | c
+    let b = annotated(&p, "b", 5, flat).await;
+    assert_eq!(
+        b,
+        [
+            (1, s("c"), first),
+            (2, s("c"), middle),
+            (3, s("c"), merged),
+            (4, s("c"), None),
+        ]
+    );
+    // Only the other prefix is published as a message.
+    let messages = p.events_in(&format!("{}.message", p.prefix), Some(1)).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(
+        messages[0].value.as_ref().unwrap()["message"]["prefix"],
+        "other"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn annotations_envelope() {
+    annotations_case("envelope").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn annotations_flat() {
+    annotations_case("flat").await;
+}

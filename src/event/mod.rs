@@ -237,6 +237,9 @@ pub struct Change<'a> {
     pub after: Option<&'a [Datum<'a>]>,
     pub position: Position,
     pub transaction: Option<TxnOrder<'a>>,
+    /// The transaction's annotations so far, a JSON object already encoded (see
+    /// `source::changes`): `source.annotations`, or `__annotations` in the flat format.
+    pub annotations: Option<&'a [u8]>,
 }
 
 /// A `pg_logical_emit_message` message.
@@ -370,7 +373,8 @@ impl Encoder {
                 table.row_overhead + r.iter().map(|d| text_len(Some(d))).sum::<usize>()
             })
         };
-        let transaction = change.transaction.map_or(0, |t| t.id.len() + 96);
+        let transaction = change.transaction.map_or(0, |t| t.id.len() + 96)
+            + change.annotations.map_or(0, |a| a.len() + 20);
         // 192: the envelope's field names, the op, and up to five 20-digit integers.
         row(change.before)
             + row(change.after)
@@ -403,6 +407,10 @@ impl Encoder {
         out.extend_from_slice(&self.source_prefix);
         out.extend_from_slice(&table.source_fields);
         write_position(out, &change.position);
+        if let Some(a) = change.annotations {
+            out.extend_from_slice(b",\"annotations\":");
+            out.extend_from_slice(a);
+        }
         out.extend_from_slice(b"},\"op\":\"");
         out.extend_from_slice(change.op.code().as_bytes());
         out.extend_from_slice(b"\",\"ts_ms\":");
@@ -434,6 +442,7 @@ impl Encoder {
             after: None,
             position,
             transaction: None,
+            annotations: None,
         };
         let mut tail = Vec::new();
         self.envelope_tail(&mut tail, table, &change, now_ms);
@@ -453,6 +462,7 @@ impl Encoder {
             after: Some(row),
             position: tail.position,
             transaction: None,
+            annotations: None,
         };
         if self.options.format != Format::Envelope {
             return self.value(table, &change, tail.now_ms);
@@ -641,6 +651,10 @@ fn flat(out: &mut Vec<u8>, table: &TableSchema, change: &Change<'_>) {
     out.extend_from_slice(&table.flat_table);
     out.extend_from_slice(b",\"__lsn\":");
     push_int(out, change.position.lsn.0);
+    if let Some(a) = change.annotations {
+        out.extend_from_slice(b",\"__annotations\":");
+        out.extend_from_slice(a);
+    }
     out.extend_from_slice(if change.op == Op::Delete {
         b",\"__deleted\":true}"
     } else {
@@ -781,6 +795,7 @@ mod tests {
             after: Some(&row),
             position: pos(),
             transaction: None,
+            annotations: None,
         };
         let v = Encoder::new("pgcdc", "shop").value(&table(), &change, 5);
         let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
@@ -821,6 +836,7 @@ mod tests {
             after: Some(&row),
             position,
             transaction: None,
+            annotations: None,
         };
         for format in [Format::Envelope, Format::Flat] {
             for transaction_metadata in [false, true] {
@@ -854,6 +870,7 @@ mod tests {
             after: Some(&row),
             position: pos(),
             transaction: None,
+            annotations: None,
         };
         let v = Encoder::new("p", "d").value(&table(), &change, 0);
         let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
@@ -884,6 +901,7 @@ mod tests {
                 after: Some(&[Datum::Text(b"1"), Datum::Null, Datum::Null, Datum::Null]),
                 position: pos(),
                 transaction: None,
+                annotations: None,
             },
             0,
         );
@@ -910,6 +928,34 @@ mod tests {
     }
 
     #[test]
+    fn annotations_in_both_formats() {
+        let row = [
+            Datum::Text(b"42"),
+            Datum::Null,
+            Datum::Text(b"t"),
+            Datum::Null,
+        ];
+        let change = Change {
+            op: Op::Create,
+            before: None,
+            after: Some(&row[..]),
+            position: pos(),
+            transaction: None,
+            annotations: Some(br#"{"request_id":"r1"}"#),
+        };
+        let e = encoder(Format::Envelope, false);
+        let v: serde_json::Value = serde_json::from_slice(&e.value(&table(), &change, 0)).unwrap();
+        assert_eq!(v["source"]["annotations"]["request_id"], "r1");
+        assert_eq!(v["source"]["commit_lsn"], 200);
+        let e = encoder(Format::Flat, false);
+        let v = e.value(&table(), &change, 0);
+        assert_eq!(
+            std::str::from_utf8(&v).unwrap(),
+            r#"{"id":42,"note":null,"paid":true,"doc":null,"__op":"c","__table":"public.orders","__lsn":100,"__annotations":{"request_id":"r1"},"__deleted":false}"#
+        );
+    }
+
+    #[test]
     fn flat_format() {
         let row = [
             Datum::Text(b"42"),
@@ -924,6 +970,7 @@ mod tests {
             after,
             position: pos(),
             transaction: None,
+            annotations: None,
         };
         let v = e.value(&table(), &change(Op::Update, None, Some(&row[..])), 0);
         assert_eq!(
@@ -963,6 +1010,7 @@ mod tests {
                 after: Some(&row),
                 position: pos(),
                 transaction: Some(t),
+                annotations: None,
             },
             0,
         );

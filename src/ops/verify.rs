@@ -394,6 +394,7 @@ fn encode_read(
         after: Some(row),
         position,
         transaction: None,
+        annotations: None,
     };
     encoder.value(table, &change, 0)
 }

@@ -71,6 +71,8 @@ pub(super) async fn setup(
         follow_publication: args.tables.is_empty(),
         exclude: Arc::new(exclude),
         lookup: None,
+        annotation_prefix: (!args.annotation_prefix.is_empty())
+            .then(|| Arc::from(args.annotation_prefix.as_str())),
     };
     Ok(Events {
         encoder,

@@ -107,6 +107,9 @@ pub struct ChangeOptions {
     /// Catalog access for new types and tables; without it, unknown types are text and
     /// tables joining the publication are ignored.
     pub lookup: Option<Arc<Lookup>>,
+    /// The prefix of transactional messages whose JSON object annotates the transaction's
+    /// following events (`--annotation-prefix`); `None`: annotations are off.
+    pub annotation_prefix: Option<Arc<str>>,
 }
 
 impl Default for ChangeOptions {
@@ -118,9 +121,16 @@ impl Default for ChangeOptions {
             follow_publication: false,
             exclude: Arc::default(),
             lookup: None,
+            annotation_prefix: Some(Arc::from(DEFAULT_ANNOTATION_PREFIX)),
         }
     }
 }
+
+/// `--annotation-prefix`'s default.
+pub const DEFAULT_ANNOTATION_PREFIX: &str = "pgcdc";
+
+/// At most one warning about ignored annotation messages per this many seconds.
+const ANNOTATION_WARN_SECS: u64 = 60;
 
 struct Txn {
     xid: u32,
@@ -132,6 +142,9 @@ struct Txn {
     begun: bool,
     total: u64,
     per_table: Vec<(Arc<str>, u64)>,
+    /// The annotation messages seen so far, merged (later keys win), and that object
+    /// encoded: what the transaction's following events carry.
+    annotations: Option<(serde_json::Map<String, serde_json::Value>, Vec<u8>)>,
 }
 
 /// A captured relation: its schema, which tuple columns it keeps (`None`: all), and which
@@ -179,6 +192,8 @@ pub struct ChangeBuilder {
     /// The event counters of the table last counted, by its topic: a lookup by name per
     /// event (lock, hash, string compare) showed in the streaming profile.
     counted: Option<(Arc<str>, Arc<crate::metrics::TableMetrics>)>,
+    /// When an ignored annotation message was last warned about (rate limit).
+    annotation_warned: Option<std::time::Instant>,
     /// Changes turned into events, for logs and metrics.
     pub events: u64,
 }
@@ -214,6 +229,7 @@ impl ChangeBuilder {
             message_topic_ready: false,
             transaction_topic: format!("{topic_prefix}.transaction").into(),
             counted: None,
+            annotation_warned: None,
             events: 0,
         }
     }
@@ -235,7 +251,11 @@ impl ChangeBuilder {
     pub async fn prepare(&mut self, msg: &LogicalMessage) -> Result<(), ChangeError> {
         let wanted = match msg {
             LogicalMessage::Relation(_) => true,
-            LogicalMessage::Message(_) => self.options.messages && !self.message_topic_ready,
+            LogicalMessage::Message(m) => {
+                self.options.messages
+                    && !self.message_topic_ready
+                    && self.options.annotation_prefix.as_deref() != Some(m.prefix.as_str())
+            }
             _ => false,
         };
         if !wanted {
@@ -307,6 +327,7 @@ impl ChangeBuilder {
                     begun: false,
                     total: 0,
                     per_table: Vec::new(),
+                    annotations: None,
                 });
             }
             LogicalMessage::Commit(c) => {
@@ -398,6 +419,10 @@ impl ChangeBuilder {
     }
 
     fn message(&mut self, m: Message, wal_start: Lsn, out: &mut Vec<SinkItem>) {
+        if self.options.annotation_prefix.as_deref() == Some(m.prefix.as_str()) {
+            self.annotate(&m);
+            return;
+        }
         if !self.options.messages {
             return;
         }
@@ -429,6 +454,35 @@ impl ChangeBuilder {
             self.encoder
                 .message(&event, self.options.binary, crate::model::now_ms());
         out.push(record(&self.message_topic, Some(key), Some(value)));
+    }
+
+    /// Merges an annotation message into the open transaction's annotations. What cannot
+    /// annotate anything (outside a transaction, not a JSON object) is dropped with a
+    /// warning, never a failure: the application's data must flow whatever it sends.
+    fn annotate(&mut self, m: &Message) {
+        let why = match (&mut self.txn, m.transactional) {
+            (Some(t), true) => {
+                match serde_json::from_slice::<serde_json::Value>(&m.content) {
+                    Ok(serde_json::Value::Object(object)) => {
+                        let (merged, encoded) = t.annotations.get_or_insert_with(Default::default);
+                        merged.extend(object);
+                        *encoded = serde_json::to_vec(merged).unwrap_or_default();
+                        return;
+                    }
+                    _ => "its content is not a JSON object",
+                }
+            }
+            _ => "it is not transactional (pg_logical_emit_message(true, …) annotates the transaction it is part of)",
+        };
+        let now = std::time::Instant::now();
+        if self
+            .annotation_warned
+            .is_some_and(|at| now.duration_since(at).as_secs() < ANNOTATION_WARN_SECS)
+        {
+            return;
+        }
+        self.annotation_warned = Some(now);
+        tracing::warn!(prefix = %m.prefix, lsn = %m.lsn, "annotation message ignored: {why} (at most one such warning a minute)");
     }
 
     fn relation(&mut self, r: Relation) -> Result<(), ChangeError> {
@@ -579,6 +633,11 @@ impl ChangeBuilder {
             after,
             position,
             transaction,
+            annotations: self
+                .txn
+                .as_ref()
+                .and_then(|t| t.annotations.as_ref())
+                .map(|(_, encoded)| encoded.as_slice()),
         };
         let value = self.encoder.value(table, &change, crate::model::now_ms());
         out.push(record(&table.topic, key.clone(), Some(value)));
@@ -954,6 +1013,117 @@ mod tests {
             "{err}"
         );
         assert!(records(&out).is_empty());
+    }
+
+    fn insert(k: &str) -> LogicalMessage {
+        LogicalMessage::Insert(crate::source::pgoutput::Insert {
+            xid: None,
+            relation_oid: 1,
+            new: TupleData(vec![text(k), text("0")]),
+        })
+    }
+
+    fn emit_message(transactional: bool, prefix: &str, content: &str) -> LogicalMessage {
+        LogicalMessage::Message(Message {
+            xid: None,
+            transactional,
+            lsn: Lsn(0x150),
+            prefix: prefix.into(),
+            content: Bytes::copy_from_slice(content.as_bytes()),
+        })
+    }
+
+    #[test]
+    fn annotations_apply_from_their_message_on_and_merge() {
+        let rel = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        let out = transaction(
+            rel,
+            &["k"],
+            vec![
+                insert("1"),
+                emit_message(true, "pgcdc", r#"{"request_id": "r1", "user": "u"}"#),
+                insert("2"),
+                emit_message(true, "pgcdc", r#"{"request_id": "r2"}"#),
+                emit_message(true, "other", r#"{"request_id": "x"}"#),
+                emit_message(true, "pgcdc", r#"["not", "an", "object"]"#),
+                emit_message(false, "pgcdc", r#"{"request_id": "x"}"#),
+                insert("3"),
+            ],
+        );
+        let annotations: Vec<(&str, &Value)> = out
+            .iter()
+            .map(|(topic, _, v)| (topic.as_str(), &v["source"]["annotations"]))
+            .collect();
+        assert_eq!(
+            annotations,
+            [
+                ("t", &Value::Null),
+                ("t", &json!({"request_id": "r1", "user": "u"})),
+                ("p.message", &Value::Null),
+                ("t", &json!({"request_id": "r2", "user": "u"})),
+            ],
+            "only the other prefix is published as a message"
+        );
+        assert!(out[0].2["source"].get("annotations").is_none());
+
+        // Off: the message is an ordinary message, and no event is annotated.
+        let mut b = builder(&[table("t", &["k"])]).with_options(ChangeOptions {
+            annotation_prefix: None,
+            ..ChangeOptions::default()
+        });
+        let mut out = Vec::new();
+        let rel = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        let begin = LogicalMessage::Begin(crate::source::pgoutput::Begin {
+            final_lsn: Lsn(0x200),
+            commit_timestamp: 0,
+            xid: 7,
+        });
+        for m in [
+            LogicalMessage::Relation(rel),
+            begin,
+            emit_message(true, "pgcdc", r#"{"request_id": "r1"}"#),
+            insert("1"),
+        ] {
+            b.handle(m, Lsn(0x100), &mut out).unwrap();
+        }
+        let out = records(&out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0, "p.message");
+        assert!(out[1].2["source"].get("annotations").is_none());
+    }
+
+    #[test]
+    fn annotations_end_with_their_transaction() {
+        let mut b = builder(&[table("t", &["k"])]);
+        let mut out = Vec::new();
+        let rel = relation(ReplicaIdentity::Default, &[("k", true), ("v", false)]);
+        b.handle(LogicalMessage::Relation(rel), Lsn(1), &mut out)
+            .unwrap();
+        for (xid, annotate) in [(7, true), (8, false)] {
+            let begin = LogicalMessage::Begin(crate::source::pgoutput::Begin {
+                final_lsn: Lsn(0x200 * u64::from(xid)),
+                commit_timestamp: 0,
+                xid,
+            });
+            let commit = LogicalMessage::Commit(crate::source::pgoutput::Commit {
+                flags: 0,
+                commit_lsn: Lsn(0x200 * u64::from(xid)),
+                end_lsn: Lsn(0x200 * u64::from(xid) + 0x10),
+                commit_timestamp: 0,
+            });
+            b.handle(begin, Lsn(2), &mut out).unwrap();
+            if annotate {
+                b.handle(emit_message(true, "pgcdc", r#"{"r": 1}"#), Lsn(3), &mut out)
+                    .unwrap();
+            }
+            b.handle(insert(&xid.to_string()), Lsn(4), &mut out)
+                .unwrap();
+            b.handle(commit, Lsn(5), &mut out).unwrap();
+        }
+        let out = records(&out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].2["source"]["annotations"], json!({"r": 1}));
+        assert!(out[1].2["source"].get("annotations").is_none());
     }
 
     fn relation(identity: ReplicaIdentity, columns: &[(&str, bool)]) -> Relation {

@@ -214,6 +214,7 @@ pub async fn expected(
                     after: Some(&datums),
                     position,
                     transaction: None,
+                    annotations: None,
                 },
                 0,
             );

@@ -1691,7 +1691,10 @@ async fn annotations_case(format: &str) {
     ] {
         client.batch_execute(&sql).await.unwrap();
     }
-    assert_success(&p.run(&args), "stream");
+    let out = p.run(&args);
+    assert_success(&out, "stream");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("annotation message ignored"), "{log}");
 
     let first = Some(json!({"request_id": "first"}));
     let middle = Some(json!({"request_id": "middle"}));

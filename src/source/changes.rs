@@ -27,6 +27,15 @@
 //! REPLICA IDENTITY FULL the old row has them and they are filled in; so are key columns
 //! stored out of line, which the old key tuple carries; others are left out of `after` and
 //! named in the event's `unchanged` list: never invented.
+//!
+//! Annotations: a transactional `pg_logical_emit_message` with the annotation prefix carries a
+//! JSON object that every later change event of its transaction gets (`source.annotations`),
+//! e.g. the request that caused the writes. Later in WAL order only: holding a transaction
+//! back to annotate its earlier changes would need memory as large as the transaction, so
+//! applications emit the message first (the README says so). Several messages merge; the
+//! object ends with the transaction. A message that cannot annotate (not transactional, not
+//! an object) is dropped with a rate-limited warning: an application's mistake must not stop
+//! the pipeline.
 
 use std::collections::HashMap;
 use std::sync::Arc;

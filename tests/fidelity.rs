@@ -1241,7 +1241,7 @@ async fn a_table_joining_onto_another_tables_topic_stops_pgcdc() {
     assert!(
         events
             .iter()
-            .all(|e| e.key.as_ref().map_or(true, |k| k["id"] != 2)),
+            .all(|e| e.key.as_ref().is_none_or(|k| k["id"] != 2)),
         "{events:?}"
     );
 }

@@ -624,7 +624,7 @@ mod tests {
                 ALPHABET[v] as char
             })
             .collect();
-        while s.len() % 4 != 0 {
+        while !s.len().is_multiple_of(4) {
             s.push('=');
         }
         s

@@ -478,9 +478,7 @@ pub fn check(
                 .filter(|k| {
                     keys.get(**k)
                         .and_then(|s| s.row.as_ref())
-                        .map_or(true, |got| {
-                            row_difference(got, expected_rows[**k], ddl).is_some()
-                        })
+                        .is_none_or(|got| row_difference(got, expected_rows[**k], ddl).is_some())
                 })
                 .take(2)
                 .copied()

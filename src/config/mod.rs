@@ -1,17 +1,14 @@
 //! Configuration: the `--config` file, merged under the command line's flags ([`file`]), and
 //! the flags turned once into checked values that `run` and the operations commands share:
-//! the PostgreSQL conninfo ([`postgres`]), the Kafka client ([`kafka`]) and where the progress
-//! record lives ([`progress_store`]). A flag's meaning is decided here, not again by each
+//! the PostgreSQL conninfo ([`postgres`]) and the Kafka client ([`kafka`]); where the progress
+//! record lives is [`crate::checkpoint::ProgressStore::new`]'s one decision. A flag's meaning is decided here, not again by each
 //! command. How to reach PostgreSQL (a libpq-compatible conninfo) is the source's:
 //! [`crate::source::conninfo`].
 
 pub mod file;
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 
-use crate::checkpoint::ProgressStore;
 use crate::cli::{KafkaArgs, Oversized, PgArgs};
 use crate::kafka::{self, KafkaConfig};
 use crate::model::failure::{Classify, Failure, FailureKind};
@@ -53,17 +50,4 @@ pub fn kafka(args: &KafkaArgs, producing: Option<Producing>) -> Option<KafkaConf
         cfg.bulk = p.bulk;
     }
     Some(cfg)
-}
-
-/// Where `run` keeps the progress record of `database`/`slot`: the Kafka progress topic
-/// when the sink is Kafka (`kafka` given), else `--progress-file` or the default file. `run`
-/// and the operations commands find it through this one function.
-pub fn progress_store(
-    kafka: Option<KafkaConfig>,
-    args: &KafkaArgs,
-    progress_file: Option<PathBuf>,
-    database: &str,
-    slot: &str,
-) -> ProgressStore {
-    ProgressStore::new(kafka, &args.topic_prefix, database, slot, progress_file)
 }

@@ -223,22 +223,14 @@ impl MeiliTarget {
                 "limit": chunk.len(),
             });
             let (_, v) = self.call("POST", &path, Some(&body)).await?;
-            let results = v["results"]
-                .as_array()
-                .ok_or_else(|| TargetError::BadResponse {
-                    what: format!("POST {path}"),
-                    detail: "no `results` array".into(),
-                })?;
-            for doc in results {
-                let id = doc[ID_FIELD].as_str().and_then(DocId::from_stored);
-                let version = doc[VERSION_FIELD].as_str().and_then(Version::decode);
-                match (id, version) {
-                    (Some(id), Some(version)) => {
+            for doc in results(&v, &path)? {
+                match stored_version(doc) {
+                    Some((id, version)) => {
                         let e = out.entry(id).or_insert(version);
                         *e = (*e).max(version);
                     }
                     // Not written by the indexer: no version to respect.
-                    _ => tracing::warn!(
+                    None => tracing::warn!(
                         index = uid,
                         "document without a valid `_id`/`_version`: {doc}"
                     ),
@@ -247,6 +239,23 @@ impl MeiliTarget {
         }
         Ok(())
     }
+}
+
+/// The documents of a `documents/fetch` answer.
+fn results<'v>(v: &'v Value, path: &str) -> Result<&'v Vec<Value>, TargetError> {
+    v["results"]
+        .as_array()
+        .ok_or_else(|| TargetError::BadResponse {
+            what: format!("POST {path}"),
+            detail: "no `results` array".into(),
+        })
+}
+
+/// A stored document's id and `_version`, if the indexer wrote it.
+fn stored_version(doc: &Value) -> Option<(DocId, Version)> {
+    let id = doc[ID_FIELD].as_str().and_then(DocId::from_stored)?;
+    let version = doc[VERSION_FIELD].as_str().and_then(Version::decode)?;
+    Some((id, version))
 }
 
 impl Target for MeiliTarget {
@@ -261,18 +270,9 @@ impl Target for MeiliTarget {
                 "limit": LIST_PAGE,
             });
             let (_, v) = self.call("POST", &path, Some(&body)).await?;
-            let results = v["results"]
-                .as_array()
-                .ok_or_else(|| TargetError::BadResponse {
-                    what: format!("POST {path}"),
-                    detail: "no `results` array".into(),
-                })?;
-            for doc in results {
-                let id = doc[ID_FIELD].as_str().and_then(DocId::from_stored);
-                let version = doc[VERSION_FIELD].as_str().and_then(Version::decode);
-                if let (Some(id), Some(version)) = (id, version) {
-                    out.insert(id, version);
-                }
+            let results = results(&v, &path)?;
+            for (id, version) in results.iter().filter_map(stored_version) {
+                out.insert(id, version);
             }
             offset += results.len();
             let total = v["total"].as_u64().map_or(usize::MAX, |t| t as usize);

@@ -51,12 +51,12 @@ pub(crate) fn kafka_config(conn: &ConnArgs) -> Option<KafkaConfig> {
 /// Where `run` keeps the progress record of `database`/`slot`: the Kafka progress topic
 /// when `--kafka` is given, else the stdout sink's file.
 pub(crate) fn progress_store(conn: &ConnArgs, database: &str) -> ProgressStore {
-    config::progress_store(
+    ProgressStore::new(
         kafka_config(conn),
-        &conn.kafka,
-        conn.progress_file.path.clone(),
+        &conn.kafka.topic_prefix,
         database,
         &conn.pg.slot,
+        conn.progress_file.path.clone(),
     )
 }
 

@@ -206,7 +206,8 @@ async fn run_once(
     let stop_lsn = process.stop_lsn;
     let progress_store = |kafka| {
         let file = args.progress_file.path.clone();
-        config::progress_store(kafka, &args.kafka, file, &server.database, &args.pg.slot)
+        let prefix = &args.kafka.topic_prefix;
+        ProgressStore::new(kafka, prefix, &server.database, &args.pg.slot, file)
     };
 
     // The sink runs as its own task from here on; `tx` is the only way to reach it.

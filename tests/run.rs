@@ -507,7 +507,15 @@ async fn errors_name_the_fix() {
         3,
         &["another pgcdc is running for slot", "--slot"],
     );
-    assert_eq!(common::topics::published(&kafka(), &p.prefix).await, before);
+    let mut after = common::topics::published(&kafka(), &p.prefix).await;
+    // The running pgcdc writes its progress record again if it restarted its pipeline
+    // meanwhile (a delivery the broker failed under load): that record is not the refused
+    // run's, which stops before it touches anything.
+    let progress = format!("{}._progress", p.prefix);
+    if p.log("first.log").contains("starting again") {
+        after.insert(progress.clone(), before[&progress]);
+    }
+    assert_eq!(after, before, "{}", p.log("first.log"));
     let _ = first.kill();
     let _ = first.wait();
 }

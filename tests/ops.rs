@@ -141,6 +141,7 @@ async fn produce(topic: &str, events: &[(Value, Value)]) {
             key: Some(serde_json::to_vec(key).unwrap().into()),
             value: Some(serde_json::to_vec(value).unwrap().into()),
             partition: None,
+            headers: Vec::new(),
         };
         tx.send(SinkItem::Record(record)).await.expect("sink open");
     }

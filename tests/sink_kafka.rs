@@ -19,7 +19,7 @@ use common::api::{
     ensure_topics, read_last_value, read_topic, wait_for_cluster, ConsumedRecord, KafkaConfig,
     ReadStop, TopicSpec,
 };
-use common::api::{KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender};
+use common::api::{Header, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender};
 use common::api::{Recoverable, Recovery};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
@@ -542,6 +542,7 @@ async fn a_batch_larger_than_the_window_is_sent_within_it() {
             key: Some(Bytes::from(i.to_string())),
             value: Some(Bytes::from_static(b"{}")),
             partition: None,
+            headers: Vec::new(),
         })
         .collect();
     tx.send(SinkItem::Records(batch)).await.expect("alive");
@@ -600,6 +601,7 @@ async fn records_are_stamped_when_they_are_sent_not_before() {
             key: Some(Bytes::from_static(b"c")),
             value: Some(Bytes::from_static(b"{}")),
             partition: None,
+            headers: Vec::new(),
         }]),
     ]
     .into_iter()
@@ -624,6 +626,65 @@ async fn records_are_stamped_when_they_are_sent_not_before() {
             "record stamped {ts}, sent at {at}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_reach_the_topic_in_order_and_a_record_without_has_none() {
+    let Some(bootstrap) = durable_broker() else {
+        return;
+    };
+    let cfg = KafkaConfig::new(bootstrap);
+    wait_for_cluster(&cfg, Some(Duration::from_secs(30)))
+        .await
+        .expect("broker up");
+    let topic = unique("headers");
+    create(&cfg, &topic, 1, false).await;
+    let (tx, mut acked, handle) = start(cfg.clone(), 8);
+    let name = |n: &str| Arc::from(std::ffi::CString::new(n).expect("no NUL").as_c_str());
+    let headers = vec![
+        Header {
+            name: name("b-second-by-name"),
+            value: Bytes::from_static(b"1"),
+        },
+        Header {
+            name: name("a"),
+            value: Bytes::from_static(b"{\"x\":\"\xc3\xa9\"}"),
+        },
+        Header {
+            name: name("empty"),
+            value: Bytes::new(),
+        },
+    ];
+    let with = Record {
+        topic: topic.as_str().into(),
+        key: Some(Bytes::from_static(b"k")),
+        value: None,
+        partition: None,
+        headers: headers.clone(),
+    };
+    tx.send(SinkItem::Record(with)).await.expect("alive");
+    tx.send(record(&topic, Some("k"), Some("{}")))
+        .await
+        .expect("alive");
+    tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
+    wait_acked(&mut acked, Lsn(1), Duration::from_secs(30)).await;
+    drop(tx);
+    handle.await.expect("join").expect("run ok");
+
+    let got = read_back(&cfg, &topic, ReadStop::HighWatermark).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    let expected: Vec<(String, Option<Vec<u8>>)> = headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_str().expect("utf-8").to_string(),
+                Some(h.value.to_vec()),
+            )
+        })
+        .collect();
+    assert_eq!(got[0].headers, expected, "a tombstone keeps its headers");
+    assert_eq!(got[0].value, None);
+    assert!(got[1].headers.is_empty(), "{:?}", got[1].headers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,6 +845,7 @@ async fn a_record_with_an_explicit_partition_goes_there() {
             key: None,
             value: Some(Bytes::from(format!("{{\"marker\":{p}}}"))),
             partition: Some(p),
+            headers: Vec::new(),
         })
         .collect();
     tx.send(SinkItem::Records(markers)).await.expect("alive");

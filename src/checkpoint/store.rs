@@ -82,6 +82,7 @@ impl ProgressStore {
                 key: Some(key.clone().into_bytes().into()),
                 value: Some(encode(p).into()),
                 partition: None,
+                headers: Vec::new(),
             };
             tx.send(SinkItem::Record(record))
                 .await

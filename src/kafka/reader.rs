@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{client_config, config_error, join_error, KafkaConfig, PgcdcContext, Role, SinkError};
@@ -52,6 +52,8 @@ pub struct ConsumedRecord {
     pub value: Option<Vec<u8>>,
     /// Milliseconds since the epoch, if the broker returned a timestamp.
     pub timestamp: Option<i64>,
+    /// Kafka headers, in order: name and value (`None`: a null value).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// Reads one topic from the beginning, in order per partition. Blocking: call it from a
@@ -171,6 +173,7 @@ impl TopicReader {
                         key: msg.key().map(<[u8]>::to_vec),
                         value: msg.payload().map(<[u8]>::to_vec),
                         timestamp: msg.timestamp().to_millis(),
+                        headers: headers_of(&msg),
                     })
                 }
                 Some(Err(e)) => Err(e),
@@ -262,6 +265,15 @@ pub fn read_topic(
 }
 
 /// A consumer with the reader's settings (no group, no commits).
+/// The headers of `msg`, copied.
+fn headers_of(msg: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
+    msg.headers().map_or_else(Vec::new, |hs| {
+        hs.iter()
+            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    })
+}
+
 fn reader(cfg: &KafkaConfig) -> Result<BaseConsumer<PgcdcContext>, SinkError> {
     client_config(cfg, Role::Reader)
         .create_with_context(PgcdcContext::new(Role::Reader))
@@ -296,6 +308,7 @@ pub fn read_one(
                     key: msg.key().map(<[u8]>::to_vec),
                     value: msg.payload().map(<[u8]>::to_vec),
                     timestamp: msg.timestamp().to_millis(),
+                    headers: headers_of(&msg),
                 }))
             }
             Some(Ok(_)) => return Ok(None),
@@ -386,6 +399,7 @@ mod tests {
             key: Some(key.as_bytes().to_vec()),
             value: value.map(|v| v.as_bytes().to_vec()),
             timestamp: Some(ts),
+            headers: Vec::new(),
         }
     }
 

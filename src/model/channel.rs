@@ -43,7 +43,12 @@ pub const RECORD_OVERHEAD: usize = 128;
 impl Record {
     /// Bytes this record holds while it waits for the sink: see [`RECORD_OVERHEAD`].
     pub fn buffered_bytes(&self) -> usize {
-        self.payload_len() + RECORD_OVERHEAD
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| h.name.to_bytes().len() + h.value.len() + 16)
+            .sum();
+        self.payload_len() + headers + RECORD_OVERHEAD
     }
 }
 
@@ -184,6 +189,8 @@ impl SinkSender {
     }
 
     /// Sends `item` with its charge if the channel has room now; gives both back if not.
+    // The error hands the item back (no allocation on this path); its size is the item's.
+    #[allow(clippy::result_large_err)]
     pub fn try_send_charged(
         &self,
         item: SinkItem,
@@ -268,6 +275,7 @@ mod tests {
             key: None,
             value: Some(Bytes::from(vec![b'x'; bytes])),
             partition: None,
+            headers: Vec::new(),
         })
     }
 

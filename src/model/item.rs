@@ -1,6 +1,7 @@
 //! What flows from the pipeline to a sink: records for topics, and the checkpoints and
 //! barriers between them (see [`crate::sink`] for what a sink promises about them).
 
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,6 +21,18 @@ pub struct Record {
     /// the snapshot markers, which go to each partition of their topic). The stdout sink has
     /// no partitions and ignores it.
     pub partition: Option<i32>,
+    /// Kafka headers, in order (the event id, annotations, an outbox row's extra columns).
+    /// The stdout sink writes values only and ignores them.
+    pub headers: Vec<Header>,
+}
+
+/// One Kafka header of a [`Record`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// NUL-terminated, as librdkafka takes it; shared, since the same few names recur on
+    /// every record.
+    pub name: Arc<CStr>,
+    pub value: Bytes,
 }
 
 impl Record {

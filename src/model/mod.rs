@@ -17,7 +17,7 @@ mod time;
 
 pub use channel::{channel, Budget, Charge, SinkReceiver, SinkSender};
 pub use failure::{Failure, FailureKind};
-pub use item::{Record, SinkItem};
+pub use item::{Header, Record, SinkItem};
 pub use lsn::Lsn;
 pub use op::Op;
 pub use provision::{BoxFuture, ProvisionError, TopicProvisioner};

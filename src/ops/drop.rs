@@ -199,6 +199,7 @@ async fn remove_progress(location: &ProgressStore) -> Result<(), Failure> {
                     key: Some(key.clone().into_bytes().into()),
                     value: None,
                     partition: None,
+                    headers: Vec::new(),
                 }))
                 .await
                 .is_ok()

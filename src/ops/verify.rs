@@ -1009,6 +1009,7 @@ mod tests {
             key: key.map(|k| k.as_bytes().to_vec()),
             value: value.map(|v| serde_json::to_vec(&v).unwrap()),
             timestamp: None,
+            headers: Vec::new(),
         }
     }
 

@@ -24,7 +24,7 @@ pub mod stdout;
 // The sink's input, defined in the model (the source fills the channel, the sink drains it).
 pub use crate::kafka::SinkError;
 pub use crate::model::{channel, Budget, Charge, SinkReceiver, SinkSender};
-pub use crate::model::{Record, SinkItem};
+pub use crate::model::{Header, Record, SinkItem};
 pub use kafka::KafkaSink;
 pub use stdout::StdoutSink;
 

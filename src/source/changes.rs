@@ -679,6 +679,7 @@ fn record(topic: &Arc<str>, key: Option<bytes::Bytes>, value: Option<bytes::Byte
         key,
         value,
         partition: None,
+        headers: Vec::new(),
     })
 }
 

@@ -11,7 +11,7 @@ pub use pgcdc::kafka::{
 pub use pgcdc::model::failure::{Recoverable, Recovery};
 pub use pgcdc::model::Lsn;
 pub use pgcdc::sink::{
-    self, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink,
+    self, Header, KafkaSink, Record, Sink, SinkError, SinkItem, SinkSender, SinkSummary, StdoutSink,
 };
 pub use pgcdc::source::catalog::TableName;
 pub use pgcdc::source::connect::{connect, ConnectError};

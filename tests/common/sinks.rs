@@ -18,6 +18,7 @@ pub fn record(topic: &str, key: Option<&str>, value: Option<&str>) -> SinkItem {
         key: key.map(|k| Bytes::from(k.to_string())),
         value: value.map(|v| Bytes::from(v.to_string())),
         partition: None,
+        headers: Vec::new(),
     })
 }
 

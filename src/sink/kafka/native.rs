@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::model::Header;
+
 use rdkafka::bindings as rd;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
@@ -181,6 +183,7 @@ impl Topics {
         partition: Option<i32>,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
+        headers: &[Header],
         seq: usize,
         timestamp_ms: i64,
     ) -> Result<(), KafkaError> {
@@ -197,7 +200,7 @@ impl Topics {
                 size: 0,
             },
         };
-        let vus = [
+        let base = [
             vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_RKT, |u| {
                 u.rkt = rkt.as_ptr()
             }),
@@ -220,9 +223,29 @@ impl Topics {
                 u.i32_ = partition.unwrap_or(PARTITION_UNASSIGNED)
             }),
         ];
+        // Records without headers (most of them) need no second list.
+        let with_headers: Vec<rd::rd_kafka_vu_t>;
+        let vus: &[rd::rd_kafka_vu_t] = if headers.is_empty() {
+            &base
+        } else {
+            with_headers = base
+                .iter()
+                .copied()
+                .chain(headers.iter().map(|h| {
+                    vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER, |u| {
+                        u.header = rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                            name: h.name.as_ptr(),
+                            val: h.value.as_ptr() as *const c_void,
+                            size: h.value.len() as isize,
+                        }
+                    })
+                }))
+                .collect();
+            &with_headers
+        };
         // SAFETY: `rk` is the live producer's client, `rkt` a handle of that client (kept
         // alive by `self`), and every pointer in `vus` outlives the call, which copies what
-        // it needs.
+        // it needs (header names are NUL-terminated).
         let error = unsafe { rd::rd_kafka_produceva(rk, vus.as_ptr(), vus.len()) };
         if error.is_null() {
             return Ok(());

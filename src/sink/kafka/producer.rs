@@ -274,6 +274,7 @@ impl KafkaSink {
                 record.partition,
                 record.key.as_deref(),
                 record.value.as_deref(),
+                &record.headers,
                 seq as usize,
                 timestamp,
             );

@@ -219,6 +219,7 @@ impl Markers {
                 now,
             )),
             partition,
+            headers: Vec::new(),
         };
         match self {
             Markers::Off => Vec::new(),
@@ -879,6 +880,7 @@ impl<'a> Reader<'a> {
             key: self.encoder.key(table, row),
             value: Some(self.encoder.read_value(table, row, tail)),
             partition: None,
+            headers: Vec::new(),
         };
         Ok(self.hold(record))
     }

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use crate::model::Lsn;
 pub use crate::model::Op;
 
+pub mod headers;
 pub mod json;
 pub mod kind;
 mod nested;

@@ -582,6 +582,63 @@ async fn truncate_messages_and_transaction_metadata() {
     );
     assert_eq!(audit["source"]["txId"], Value::Null);
 
+    // Event ids: on every record, unique in their topic, built from positions (see `event::headers`).
+    let a_all = p.events("a", Some(9)).await;
+    let b_all = p.events("b", Some(5)).await;
+    let id = |e: &Event| e.header("pgcdc-event-id").expect("event id").to_string();
+    for topic in [&a_all, &b_all, &txns, &msgs] {
+        let mut seen = std::collections::HashSet::new();
+        for e in topic {
+            assert!(seen.insert(id(e)), "event id used twice in a topic: {e:?}");
+        }
+    }
+    let pos = |e: &Event| {
+        let s = &e.value.as_ref().unwrap()["source"];
+        format!(
+            "{:016X}.{:016X}",
+            s["commit_lsn"].as_u64().unwrap(),
+            s["lsn"].as_u64().unwrap()
+        )
+    };
+    let lsn_of = |e: &Event| e.value.as_ref().unwrap()["source"]["lsn"].as_u64().unwrap();
+    // a: read, marker, c c u, d tombstone c, t.
+    assert_eq!(
+        id(&a_all[0]),
+        format!("{:016X}.r.{{\"id\":1}}", lsn_of(&a_all[0]))
+    );
+    assert_eq!(
+        id(&a_all[1]),
+        format!("{:016X}.marker.0", lsn_of(&a_all[1]))
+    );
+    for e in &a_all[2..5] {
+        assert_eq!(id(e), format!("{}.0", pos(e)), "{e:?}");
+    }
+    // The key change: a delete and a create at one LSN, ranked; the tombstone follows.
+    assert_eq!(id(&a_all[5]), format!("{}.0", pos(&a_all[5])));
+    assert_eq!(id(&a_all[6]), format!("{}.t", id(&a_all[5])));
+    assert_eq!(id(&a_all[7]), format!("{}.1", pos(&a_all[7])));
+    assert_eq!(pos(&a_all[5]), pos(&a_all[7]));
+    // One TRUNCATE of two tables: one LSN, ranked in the message's order.
+    assert_eq!(pos(&a_all[8]), pos(&b_all[4]));
+    assert_eq!(id(&a_all[8]), format!("{}.0", pos(&a_all[8])));
+    assert_eq!(id(&b_all[4]), format!("{}.1", pos(&b_all[4])));
+    assert_eq!(id(&b_all[3]), format!("{}.t", id(&b_all[2])));
+    // Transaction metadata: `C.begin`, `C.end`; messages like changes.
+    let commit = |e: &Event| {
+        let tid = e.value.as_ref().unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let lsn: u64 = tid.split(':').nth(1).unwrap().parse().unwrap();
+        format!("{lsn:016X}")
+    };
+    for pair in txns.chunks(2) {
+        assert_eq!(id(&pair[0]), format!("{}.begin", commit(&pair[0])));
+        assert_eq!(id(&pair[1]), format!("{}.end", commit(&pair[1])));
+    }
+    assert_eq!(id(&msgs[0]), format!("{}.0", pos(&msgs[0])));
+    assert_eq!(id(&msgs[1]), format!("{}.0", pos(&msgs[1])));
+
     // --truncate false: a TRUNCATE is not published.
     client
         .batch_execute("INSERT INTO a VALUES (20, 'q')")
@@ -1618,6 +1675,11 @@ async fn annotated(
         .await
         .into_iter()
         .filter_map(|e| {
+            // The annotations are a header too, the same object.
+            let header = e
+                .header("pgcdc-annotations")
+                .map(|h| serde_json::from_str::<Value>(h).expect("annotations header is JSON"));
+            assert!(e.header("pgcdc-event-id").is_some(), "no event id: {e:?}");
             let v = e.value?;
             let (op, annotations, id) = if flat {
                 (&v["__op"], v.get("__annotations"), &v["id"])
@@ -1629,6 +1691,7 @@ async fn annotated(
                 };
                 (&v["op"], v["source"].get("annotations"), &row["id"])
             };
+            assert_eq!(header.as_ref(), annotations, "header and {v}");
             let op = op.as_str().expect("op").to_string();
             (op != "s").then(|| (id.as_i64().expect("id"), op, annotations.cloned()))
         })

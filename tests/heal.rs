@@ -157,13 +157,7 @@ async fn partitioned_events(p: &Pipeline, table: &str, expected: usize) -> Vec<(
     p.records(&p.topic(table), Some(expected))
         .await
         .into_iter()
-        .map(|r| {
-            let e = Event {
-                key: r.key.map(|k| serde_json::from_slice(&k).unwrap()),
-                value: r.value.map(|v| serde_json::from_slice(&v).unwrap()),
-            };
-            (r.partition, e)
-        })
+        .map(|r| (r.partition, Event::of(r)))
         .collect()
 }
 

@@ -666,13 +666,35 @@ async fn headers_reach_the_topic_in_order_and_a_record_without_has_none() {
     tx.send(record(&topic, Some("k"), Some("{}")))
         .await
         .expect("alive");
+    // Many, in batches: every record's headers survive the broker's batching.
+    for i in 0..3_000u32 {
+        let id = Header {
+            name: name("pgcdc-event-id"),
+            value: Bytes::from(format!("id-{i}")),
+        };
+        let r = Record {
+            topic: topic.as_str().into(),
+            key: Some(Bytes::from(format!("{}", i % 17))),
+            value: Some(Bytes::from_static(b"{\"v\":1}")),
+            partition: None,
+            headers: vec![id],
+        };
+        tx.send(SinkItem::Record(r)).await.expect("alive");
+    }
     tx.send(SinkItem::Checkpoint(Lsn(1))).await.expect("alive");
     wait_acked(&mut acked, Lsn(1), Duration::from_secs(30)).await;
     drop(tx);
     handle.await.expect("join").expect("run ok");
 
     let got = read_back(&cfg, &topic, ReadStop::HighWatermark).await;
-    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got.len(), 3_002);
+    for (i, r) in got[2..].iter().enumerate() {
+        let want = vec![(
+            "pgcdc-event-id".to_string(),
+            Some(format!("id-{i}").into_bytes()),
+        )];
+        assert_eq!(r.headers, want, "record {i}");
+    }
     let expected: Vec<(String, Option<Vec<u8>>)> = headers
         .iter()
         .map(|h| {

@@ -292,6 +292,13 @@ pub struct ReadTail {
     now_ms: i64,
 }
 
+impl ReadTail {
+    /// The snapshot's position, which every read event of the table carries.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+}
+
 impl Encoder {
     /// `name` is the logical server name (the topic prefix), `db` the database name. Default
     /// options, built-in types only.

@@ -40,13 +40,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
+use crate::event::headers;
 use crate::event::{
     BinaryMode, Change, Column, Datum, Encoder, MessageEvent, Op, Position, SnapshotMarker,
     TableSchema, TxnOrder, TypeRegistry,
 };
 use crate::model::failure::{Recoverable, Recovery};
 use crate::model::Lsn;
-use crate::model::{Record, SinkItem};
+use crate::model::{Header, Record, SinkItem};
 use crate::source::catalog::{TableInfo, TableName};
 use crate::source::exclude::{ExcludeError, Exclusions};
 use crate::source::pgoutput::{
@@ -153,7 +156,10 @@ struct Txn {
     per_table: Vec<(Arc<str>, u64)>,
     /// The annotation messages seen so far, merged (later keys win), and that object
     /// encoded: what the transaction's following events carry.
-    annotations: Option<(serde_json::Map<String, serde_json::Value>, Vec<u8>)>,
+    annotations: Option<(serde_json::Map<String, serde_json::Value>, Bytes)>,
+    /// The LSN of the last event id given, and how many ids were given at that LSN: the
+    /// rank part of the id (see [`crate::event::headers`]).
+    last_id: (Lsn, u32),
 }
 
 /// A captured relation: its schema, which tuple columns it keeps (`None`: all), and which
@@ -203,6 +209,7 @@ pub struct ChangeBuilder {
     counted: Option<(Arc<str>, Arc<crate::metrics::TableMetrics>)>,
     /// When an ignored annotation message was last warned about (rate limit).
     annotation_warned: Option<std::time::Instant>,
+    headers: headers::Names,
     /// Changes turned into events, for logs and metrics.
     pub events: u64,
 }
@@ -239,6 +246,7 @@ impl ChangeBuilder {
             transaction_topic: format!("{topic_prefix}.transaction").into(),
             counted: None,
             annotation_warned: None,
+            headers: headers::Names::default(),
             events: 0,
         }
     }
@@ -337,6 +345,7 @@ impl ChangeBuilder {
                     total: 0,
                     per_table: Vec::new(),
                     annotations: None,
+                    last_id: (Lsn::INVALID, 0),
                 });
             }
             LogicalMessage::Commit(c) => {
@@ -344,7 +353,13 @@ impl ChangeBuilder {
                     let (key, value) =
                         self.encoder
                             .transaction(&t.id, t.commit_ts_ms, Some(&t.per_table));
-                    out.push(record(&self.transaction_topic, Some(key), Some(value)));
+                    let id = self.headers.id(headers::transaction_id(t.commit_lsn, true));
+                    out.push(record(
+                        &self.transaction_topic,
+                        Some(key),
+                        Some(value),
+                        vec![id],
+                    ));
                 }
                 out.push(SinkItem::Checkpoint(c.end_lsn));
             }
@@ -462,7 +477,12 @@ impl ChangeBuilder {
         let (key, value) =
             self.encoder
                 .message(&event, self.options.binary, crate::model::now_ms());
-        out.push(record(&self.message_topic, Some(key), Some(value)));
+        let headers = if m.transactional {
+            self.event_headers(lsn)
+        } else {
+            vec![self.headers.id(headers::change_id(lsn, lsn, 0))]
+        };
+        out.push(record(&self.message_topic, Some(key), Some(value), headers));
     }
 
     /// Merges an annotation message into the open transaction's annotations. What cannot
@@ -475,7 +495,7 @@ impl ChangeBuilder {
                     Ok(serde_json::Value::Object(object)) => {
                         let (merged, encoded) = t.annotations.get_or_insert_with(Default::default);
                         merged.extend(object);
-                        *encoded = serde_json::to_vec(merged).unwrap_or_default();
+                        *encoded = serde_json::to_vec(merged).unwrap_or_default().into();
                         return;
                     }
                     _ => "its content is not a JSON object",
@@ -584,7 +604,15 @@ impl ChangeBuilder {
         if !t.begun {
             t.begun = true;
             let (key, value) = self.encoder.transaction(&t.id, t.commit_ts_ms, None);
-            out.push(record(&self.transaction_topic, Some(key), Some(value)));
+            let id = self
+                .headers
+                .id(headers::transaction_id(t.commit_lsn, false));
+            out.push(record(
+                &self.transaction_topic,
+                Some(key),
+                Some(value),
+                vec![id],
+            ));
         }
         t.total += 1;
         let n = match t.per_table.iter_mut().find(|(q, _)| *q == table.qualified) {
@@ -646,16 +674,47 @@ impl ChangeBuilder {
                 .txn
                 .as_ref()
                 .and_then(|t| t.annotations.as_ref())
-                .map(|(_, encoded)| encoded.as_slice()),
+                .map(|(_, encoded)| &encoded[..]),
         };
         let value = self.encoder.value(table, &change, crate::model::now_ms());
-        out.push(record(&table.topic, key.clone(), Some(value)));
+        let headers = self.event_headers(change.position.lsn);
+        if op == Op::Delete && self.tombstones && key.is_some() {
+            let mut tombstone = headers.clone();
+            if let Some(id) = tombstone.first_mut() {
+                let mut value = id.value.to_vec();
+                value.extend_from_slice(b".t");
+                id.value = value.into();
+            }
+            out.push(record(&table.topic, key.clone(), Some(value), headers));
+            out.push(record(&table.topic, key, None, tombstone));
+        } else {
+            out.push(record(&table.topic, key, Some(value), headers));
+        }
         self.events += 1;
         self.count_metric(&table.topic, op);
-        if op == Op::Delete && self.tombstones && key.is_some() {
-            out.push(record(&table.topic, key, None));
-        }
         Ok(())
+    }
+
+    /// The headers of the open transaction's next event at `lsn`: its id (the event id comes
+    /// first), and the annotations so far.
+    fn event_headers(&mut self, lsn: Lsn) -> Vec<Header> {
+        let Some(t) = self.txn.as_mut() else {
+            return vec![self.headers.id(headers::change_id(lsn, lsn, 0))];
+        };
+        let rank = match t.last_id {
+            (last, n) if last == lsn => n + 1,
+            _ => 0,
+        };
+        t.last_id = (lsn, rank);
+        let mut out = Vec::with_capacity(2);
+        out.push(self.headers.id(headers::change_id(t.commit_lsn, lsn, rank)));
+        if let Some((_, encoded)) = &t.annotations {
+            out.push(Header {
+                name: self.headers.annotations.clone(),
+                value: encoded.clone(),
+            });
+        }
+        out
     }
 }
 
@@ -673,13 +732,18 @@ impl ChangeBuilder {
     }
 }
 
-fn record(topic: &Arc<str>, key: Option<bytes::Bytes>, value: Option<bytes::Bytes>) -> SinkItem {
+fn record(
+    topic: &Arc<str>,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<Header>,
+) -> SinkItem {
     SinkItem::Record(Record {
         topic: topic.clone(),
         key,
         value,
         partition: None,
-        headers: Vec::new(),
+        headers,
     })
 }
 

@@ -22,6 +22,8 @@ use super::api::{read_topic, ConsumedRecord, KafkaConfig, ReadStop, TopicReader,
 pub struct Event {
     pub key: Option<Value>,
     pub value: Option<Value>,
+    /// Kafka headers: name and value (`None`: a null value).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Event {
@@ -34,7 +36,12 @@ impl Event {
             value: r
                 .value
                 .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
+            headers: r.headers,
         }
+    }
+    /// The value of header `name` as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
     }
     pub fn op(&self) -> Option<&str> {
         self.value.as_ref().and_then(|v| v["op"].as_str())
@@ -59,6 +66,15 @@ impl Event {
     pub fn marker_rows(&self) -> Option<u64> {
         self.value.as_ref()?["snapshot"]["rows"].as_u64()
     }
+}
+
+/// The value of header `name` among `headers` as text, if present (panics if not UTF-8).
+pub fn header<'a>(headers: &'a [(String, Option<Vec<u8>>)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, v)| v.as_deref())
+        .map(|v| std::str::from_utf8(v).expect("header value is UTF-8"))
 }
 
 /// Whether a raw record is a snapshot marker (no key; `op` or, flat, `__op` `s`).
@@ -212,7 +228,7 @@ pub fn read_all_if_exists(kafka: &str, topic: &str) -> Option<Vec<ConsumedRecord
             max_wait: Duration::from_secs(180),
         },
     )
-    .unwrap_or_else(|e| panic!("cannot read {topic}: {e}"));
+    .unwrap_or_else(|e| panic!("cannot read {topic}: {e:?}"));
     assert!(
         records.len() >= expected,
         "{topic}: read {} records, the broker holds {expected}",

@@ -100,6 +100,8 @@ struct Event {
     key: String,
     value: Option<Value>,
     timestamp: Option<i64>,
+    /// The `pgcdc-event-id` header.
+    id: Option<String>,
 }
 
 impl Event {
@@ -162,6 +164,7 @@ async fn read_topics(
                 value: r
                     .value
                     .map(|v| serde_json::from_slice(&v).expect("the value is JSON")),
+                id: topics::header(&r.headers, "pgcdc-event-id").map(str::to_string),
                 timestamp: r.timestamp,
             })
             .collect();
@@ -200,6 +203,8 @@ struct KeyState {
     /// The row as a consumer has it, `None` once deleted.
     row: Option<Value>,
     last_op: String,
+    /// The event id of the key's last event.
+    last_id: Option<String>,
     reads: usize,
 }
 
@@ -223,6 +228,9 @@ pub async fn check(
     for t in tables {
         let events = &topics[t.name];
         let mut keys: HashMap<String, KeyState> = HashMap::new();
+        // Event ids (unique in a topic): id → the event it names, and the other way round.
+        let mut named: HashMap<String, String> = HashMap::new();
+        let mut id_of: HashMap<String, String> = HashMap::new();
         let mut by_partition: BTreeMap<i32, Vec<&Event>> = BTreeMap::new();
         for e in events {
             by_partition.entry(e.partition).or_default().push(e);
@@ -242,6 +250,13 @@ pub async fn check(
                         ));
                     }
                     summary.markers += 1;
+                    let suffix = format!(".marker.{partition}");
+                    if !e.id.as_deref().is_some_and(|id| id.ends_with(&suffix)) {
+                        problems.push(format!(
+                            "{}: marker at offset {} has event id {:?}, not …{suffix}",
+                            t.name, e.offset, e.id
+                        ));
+                    }
                     completed.insert(e.position().commit_lsn);
                     continue;
                 }
@@ -254,12 +269,44 @@ pub async fn check(
                             t.name, e.key, e.offset
                         ));
                     }
+                    let expected = k.last_id.as_ref().map(|id| format!("{id}.t"));
+                    if e.id != expected {
+                        problems.push(format!(
+                            "{}: tombstone of {} at offset {} has event id {:?}, not {expected:?}",
+                            t.name, e.key, e.offset, e.id
+                        ));
+                    }
                     k.row = None;
                     continue;
                 };
                 summary.events += 1;
                 let op = e.op().to_string();
                 let pos = e.position();
+                // One id per event, the same whenever it is published again.
+                let identity = format!("{} {pos:?} {op}", e.key);
+                match &e.id {
+                    None => problems.push(format!(
+                        "{}: {} at offset {} has no event id",
+                        t.name, e.key, e.offset
+                    )),
+                    Some(id) => {
+                        let other = named.entry(id.clone()).or_insert_with(|| identity.clone());
+                        if *other != identity {
+                            problems.push(format!(
+                                "{}: event id {id} names two events: {other} and {identity}",
+                                t.name
+                            ));
+                        }
+                        let other = id_of.entry(identity.clone()).or_insert_with(|| id.clone());
+                        if other != id {
+                            problems.push(format!(
+                                "{}: {identity} published again under another event id: {other}, then {id}",
+                                t.name
+                            ));
+                        }
+                    }
+                }
+                k.last_id = e.id.clone();
                 if op == "r" && completed.contains(&pos.commit_lsn) {
                     problems.push(format!(
                         "{}: read of {} at offset {} after its snapshot's marker",

@@ -78,6 +78,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use crate::event::headers;
 use crate::event::{
     Column, Datum, Encoder, Position, ReadTail, SnapshotMarker, TableSchema, TypeRegistry,
 };
@@ -207,6 +208,7 @@ impl Markers {
         rows: u64,
     ) -> Vec<Record> {
         let now = crate::model::now_ms();
+        let names = headers::Names::default();
         let marker = |partition: Option<i32>, partitions: i32| Record {
             topic: table.topic.clone(),
             key: None,
@@ -219,7 +221,7 @@ impl Markers {
                 now,
             )),
             partition,
-            headers: Vec::new(),
+            headers: vec![names.id(headers::marker_id(position.lsn, partition.unwrap_or(0)))],
         };
         match self {
             Markers::Off => Vec::new(),
@@ -639,6 +641,7 @@ struct Reader<'a> {
     markers: Vec<Record>,
     /// Rows read but not yet counted in the metrics (they are counted per batch).
     uncounted: u64,
+    names: headers::Names,
     // Per-row scratch, reused: rows borrow from each COPY message, so the vectors are
     // emptied and handed from one message's lifetime to the next without reallocating.
     fields_buf: Vec<copy_text::Field<'static>>,
@@ -658,6 +661,7 @@ impl<'a> Reader<'a> {
             copy,
             stop,
             held: None,
+            names: headers::Names::default(),
             markers: Vec::new(),
             uncounted: 0,
             fields_buf: Vec::new(),
@@ -875,12 +879,17 @@ impl<'a> Reader<'a> {
             });
         }
         self.uncounted += 1;
+        let key = self.encoder.key(table, row);
+        let headers = match &key {
+            Some(key) => vec![self.names.id(headers::read_id(tail.position().lsn, key))],
+            None => Vec::new(),
+        };
         let record = Record {
             topic: table.topic.clone(),
-            key: self.encoder.key(table, row),
+            key,
             value: Some(self.encoder.read_value(table, row, tail)),
             partition: None,
-            headers: Vec::new(),
+            headers,
         };
         Ok(self.hold(record))
     }

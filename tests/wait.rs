@@ -258,3 +258,185 @@ async fn a_wait_returns_once_the_write_is_readable_and_ends_cleanly_otherwise() 
     eprintln!("commit → wait returned: {line}");
     common::append_summary("wait-latency.txt", &line);
 }
+
+/// During the snapshot nothing is published until the whole snapshot is acknowledged — even
+/// though the slot already stands at the snapshot's point, past every row the snapshot holds.
+/// The sink here is stdout into a pipe nobody reads yet: the snapshot cannot be acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_is_claimed_before_the_snapshot_is_acknowledged() {
+    let p = Pipeline::new(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, repeat('z', 2000) FROM generate_series(1, 5000) g;",
+    )
+    .await;
+    let client = p.db.client().await;
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let file = p.dir.join("progress.json");
+    let cmd = p
+        .pgcdc("run")
+        .unset("--kafka")
+        .args([
+            "--sink",
+            "stdout",
+            "--progress-file",
+            file.to_str().unwrap(),
+            "--table",
+            "public.items",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .command();
+    let (mut child, stdout) = common::process::spawn_piped(cmd, &p.dir.join("run.log"));
+    p.wait_for_log("run.log", "snapshot exported").await;
+    let addr = bound_addr(&p.log("run.log"));
+    // The run's slot exists (copied from the snapshot's) and stands past the rows.
+    let slot_at = common::poll_until(Duration::from_secs(20), || p.confirmed_flush()).await;
+    let lsn_value: common::api::Lsn = lsn.parse().unwrap();
+    assert!(
+        slot_at.is_some_and(|c| c >= lsn_value.0),
+        "slot at {slot_at:?}\n{}",
+        p.log("run.log")
+    );
+
+    let (code, body) = get(
+        &addr,
+        &format!("/wait?lsn={lsn}&timeout=1s"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, 503, "{body}\n{}", p.log("run.log"));
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nothing is published yet")),
+        "{body}"
+    );
+    let out = wait_cmd(&p, &lsn, &["--timeout", "1"]).output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("a pgcdc runs for it"), "{stderr}");
+
+    // Reading the output lets the snapshot be acknowledged; then the wait succeeds.
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().count()
+    });
+    let (code, body) = get(
+        &addr,
+        &format!("/wait?lsn={lsn}&timeout=60s"),
+        Duration::from_secs(90),
+    );
+    assert_eq!(code, 200, "{body}\n{}", p.log("run.log"));
+    let out = wait_cmd(&p, &lsn, &["--timeout", "20"]).output();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    signal(child.id(), "-TERM");
+    assert!(child.wait().unwrap().success(), "{}", p.log("run.log"));
+    assert!(reader.join().unwrap() >= 5000);
+}
+
+/// The indexer's `/wait`: once it answers, the write is in the index (here `--target
+/// stdout`, whose lines are written and flushed per batch) — also an UPDATE after which
+/// nothing is written — and `/status` tells the highest commit LSN applied per index.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_indexer_answers_once_the_write_is_in_the_index() {
+    let p = Pipeline::new(ITEMS).await;
+    let mut run = p.spawn(
+        &["--table", "public.items", "--metrics-addr", "127.0.0.1:0"],
+        "run.log",
+    );
+    p.wait_for_log("run.log", "streaming changes").await;
+    let pgcdc_addr = bound_addr(&p.log("run.log"));
+    let out_path = p.dir.join("indexer.jsonl");
+    let log_path = p.dir.join("indexer.log");
+    let mut indexer = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc-indexer"))
+        .args(["--kafka", &kafka(), "--topic", &p.topic("items")])
+        .args(["--target", "stdout", "--http-addr", "127.0.0.1:0"])
+        .args(["--pgcdc-url", &format!("http://{pgcdc_addr}")])
+        .env_remove("PGCDC_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("pgcdc-indexer starts");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let addr = common::poll_until(Duration::from_secs(30), || async {
+        log()
+            .split("serving read-your-writes on http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no address logged:\n{}", log()));
+    let client = p.db.client().await;
+    let upserted = |id: i64, n: i64| {
+        std::fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["action"] == "upsert" && v["doc"]["id"] == id && v["doc"]["n"] == n)
+    };
+    let mut timings = Vec::new();
+    for (sql, id, n) in [
+        ("INSERT INTO items VALUES (300, 1)", 300, 1),
+        ("UPDATE items SET n = 2 WHERE id = 300", 300, 2),
+        ("UPDATE items SET n = 3 WHERE id = 300", 300, 3),
+    ] {
+        client.execute(sql, &[]).await.unwrap();
+        let committed = Instant::now();
+        let lsn: String = client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let (code, body) = get(
+            &addr,
+            &format!("/wait?lsn={lsn}&timeout=30s"),
+            Duration::from_secs(40),
+        );
+        timings.push(committed.elapsed());
+        assert_eq!(code, 200, "{body}\n{}", log());
+        assert_eq!(body["reached"], true, "{body}");
+        assert!(
+            upserted(id, n),
+            "{sql}: not in the index after {body}\n{}",
+            log()
+        );
+    }
+    let (code, status) = get(&addr, "/status", Duration::from_secs(5));
+    assert_eq!(code, 200, "{status}");
+    let applied: common::api::Lsn = status["indexes"]["items"]["applied_lsn"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{status}"))
+        .parse()
+        .unwrap();
+    assert!(applied.is_valid(), "{status}");
+    // Far ahead: 504 with the position known to be indexed.
+    let (code, body) = get(
+        &addr,
+        "/wait?lsn=FFFF/0&timeout=1s",
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, 504, "{body}");
+    assert!(body["published"].as_str().is_some(), "{body}");
+
+    signal(indexer.id(), "-TERM");
+    let _ = indexer.wait();
+    signal(run.id(), "-TERM");
+    let _ = run.wait();
+    let line = timings
+        .iter()
+        .map(|t| format!("{} ms", t.as_millis()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    eprintln!("commit → indexer /wait returned: {line}");
+    common::append_summary("wait-latency.txt", &format!("indexer: {line}"));
+}

@@ -16,7 +16,7 @@
 //! | 200 | `{"reached":true,"lsn":"X/Y","published":"A/B"}` | as soon as published ≥ lsn ([`reaches`]) |
 //! | 504 | `{"reached":false,"lsn":"X/Y","published":"A/B"}` | the timeout ended first |
 //! | 400 | `{"error":"…"}` | a bad `lsn` or `timeout` |
-//! | 503 | `{"error":"…"}` | nothing published yet when the timeout ended, or stopping |
+//! | 503 | `{"error":"…"}` | nothing published yet when the timeout ended, or stopping (or, for the indexer, pgcdc or Kafka cannot be asked) |
 //!
 //! Before anything is published (the snapshot is not acknowledged yet) a wait does not fail at
 //! once: it waits like any other, since the snapshot's end publishes everything committed
@@ -65,7 +65,7 @@ pub fn reaches(published: Lsn, lsn: Lsn) -> bool {
 }
 
 /// How a wait ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitOutcome {
     /// `published` ≥ the LSN waited for.
     Reached { published: Lsn },
@@ -75,6 +75,9 @@ pub enum WaitOutcome {
     NothingPublished,
     /// The process is stopping.
     Stopping,
+    /// The position cannot be known (503 with this reason; the indexer's wait, when pgcdc or
+    /// Kafka cannot be asked).
+    Unavailable(String),
 }
 
 /// What `/wait` asks: wait until everything at or below `lsn` is published, at most `timeout`.
@@ -262,6 +265,10 @@ pub fn answer(lsn: Lsn, outcome: WaitOutcome) -> (&'static str, String) {
         WaitOutcome::Stopping => (
             "503 Service Unavailable",
             json!({"error": "stopping: the process received a stop signal"}).to_string(),
+        ),
+        WaitOutcome::Unavailable(why) => (
+            "503 Service Unavailable",
+            json!({ "error": why }).to_string(),
         ),
     }
 }

@@ -7,8 +7,9 @@
 #     → pgcdc-indexer --target stdout (what it would write to Meilisearch, as JSON documents)
 #
 # It shows the snapshot's documents, then an UPDATE, INSERT, DELETE and primary-key change
-# applied live, then the final documents, and stops by itself (well under a minute after the
-# build). Settings for tests and CI:
+# applied live, then read-your-writes (an UPDATE, its WAL position, the indexer's /wait on it,
+# and the document, there without polling), then the final documents, and stops by itself
+# (well under a minute after the build). Settings for tests and CI:
 #   PGCDC_DEMO_BIN_DIR  directory holding already built pgcdc and pgcdc-indexer (skips the build)
 #   PGCDC_DEMO_DB       database, slot and publication name (default pgcdc_demo)
 #   PGCDC_DEMO_TIMEOUT  seconds to wait for each step (default 30)
@@ -90,6 +91,29 @@ wait_lines() {
 }
 ms() { date +%s%3N; }
 
+# The address a process logged after "$2" in log $1 (waits for it).
+logged_addr() {
+    local deadline=$((SECONDS + timeout_s)) addr
+    while :; do
+        addr=$(sed -n "s|.*$2\([0-9.:]*\)/.*|\1|p" "$1" | head -n 1)
+        [ -n "$addr" ] && { echo "$addr"; return 0; }
+        [ $SECONDS -ge $deadline ] && { echo "error: no address in $1" >&2; tail -n 40 "$1" >&2; exit 1; }
+        sleep 0.05
+    done
+}
+
+# GET of a URL (no proxy); prints the body whatever the status.
+http_get() {
+    python3 - "$1" <<'PY'
+import sys, urllib.error, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    print(opener.open(sys.argv[1], timeout=330).read().decode())
+except urllib.error.HTTPError as e:
+    print(e.read().decode())
+PY
+}
+
 step "0. a fresh database '$db' on $PGCDC_TEST_PGHOST:$PGCDC_TEST_PGPORT, seeded from sql/demo.sql"
 "${PSQL[@]}" -d postgres -c "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '$db' AND active_pid IS NOT NULL" >/dev/null
 drop_slot
@@ -107,10 +131,12 @@ step "1. pgcdc: snapshot, then streaming, to Kafka at $PGCDC_TEST_KAFKA (topics 
 PGCDC_LOG=${PGCDC_LOG:-info} "$bin/pgcdc" run --source "$source" --kafka "$PGCDC_TEST_KAFKA" \
     --slot "$db" --publication "$db" --topic-prefix "$prefix" \
     --table public.customers --table public.orders --status-interval 0.5 \
-    </dev/null 2>"$work/pgcdc.log" &
+    --metrics-addr 127.0.0.1:0 </dev/null 2>"$work/pgcdc.log" &
 pids+=($!)
+pgcdc_addr=$(logged_addr "$work/pgcdc.log" "serving metrics on http://")
 "$bin/pgcdc-indexer" --kafka "$PGCDC_TEST_KAFKA" --topic "${topics[0]}" --topic "${topics[1]}" \
-    --target stdout </dev/null >"$work/docs.jsonl" 2>"$work/indexer.log" &
+    --target stdout --http-addr 127.0.0.1:0 --pgcdc-url "http://$pgcdc_addr" \
+    </dev/null >"$work/docs.jsonl" 2>"$work/indexer.log" &
 pids+=($!)
 wait_lines 5
 echo "the indexer's documents (what Meilisearch would hold):"
@@ -130,15 +156,32 @@ wait_lines $((seen + 5))
 echo "applied by the indexer $(( $(ms) - start )) ms after the commit returned:"
 show $((seen + 1))
 
-step "3. stop (SIGTERM): the indexer prints its final documents"
+seen=$(lines)
+
+step "3. read-your-writes: an UPDATE, its WAL position, a wait on the index, then the document"
+ix_addr=$(logged_addr "$work/indexer.log" "serving read-your-writes on http://")
+sql="UPDATE customers SET name = 'Grace Brewster Hopper' WHERE id = 4;"
+echo "  $sql"
+echo "  SELECT pg_current_wal_insert_lsn();"
+start=$(ms)
+lsn=$("${PSQL[@]}" -d "$db" -At -c "$sql" -c "SELECT pg_current_wal_insert_lsn()")
+answer=$(http_get "http://$ix_addr/wait?lsn=$lsn&timeout=${timeout_s}s")
+waited=$(( $(ms) - start ))
+echo "  GET http://$ix_addr/wait?lsn=$lsn → $answer"
+case $answer in *'"reached":true'*) ;; *) echo "error: the wait failed: $answer" >&2; tail -n 40 "$work/pgcdc.log" "$work/indexer.log" >&2; exit 1;; esac
+echo "the index has it $waited ms after the commit returned (no polling: the document is there now):"
+show $((seen + 1))
+seen=$(lines)
+
+step "4. stop (SIGTERM): the indexer prints its final documents"
 kill -TERM "${pids[1]}"
 wait "${pids[1]}"
 kill -TERM "${pids[0]}"
 wait "${pids[0]}"
 pids=()
-show "$((seen + 6))"
+show "$((seen + 1))"
 
-step "4. check: the final documents equal a fresh snapshot of the tables"
+step "5. check: the final documents equal a fresh snapshot of the tables"
 "$bin/pgcdc" run --source "$source" --sink stdout --snapshot-only --slot "${db}_check" \
     --publication "$db" --topic-prefix "$prefix" --progress-file "$work/check.json" \
     </dev/null >"$work/snapshot.jsonl" 2>>"$work/pgcdc.log"

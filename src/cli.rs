@@ -48,6 +48,11 @@ pub enum Command {
     /// Remove a slot, its publication and pgcdc's stored progress (asks for --yes).
     #[command(after_help = DROP_AFTER_HELP)]
     Drop(Box<DropArgs>),
+    /// Read-your-writes: wait until every change committed at or below an LSN is published
+    /// (acknowledged by Kafka, or written by the stdout sink), then print the published
+    /// position.
+    #[command(after_help = WAIT_AFTER_HELP)]
+    Wait(Box<WaitArgs>),
 }
 
 const RUN_AFTER_HELP: &str = "\
@@ -524,6 +529,7 @@ Exit codes:
   4  sink (Kafka or stdout)
   5  status: the slot needs attention (retains more WAL than --max-retained-wal, is
      invalidated or about to be, or does not exist)
+  6  wait: the position was not published within --timeout (or the wait was interrupted)
 
 Every flag can also be set in a --config file (TOML, keys named like the flags) or by its
 PGCDC_* variable; a flag wins over the variable, the variable over the file.";
@@ -557,6 +563,43 @@ Examples:
 Without --yes, prints what would be removed and exits 2. Refuses while the slot is in use.
 The publication (--publication) goes too unless --keep-publication. Topics and their events
 are left alone. Exit codes: 0 removed, 2 usage, 3 PostgreSQL, 4 sink.";
+
+const WAIT_AFTER_HELP: &str = "\
+The application commits, takes the position of its write with
+  SELECT pg_current_wal_insert_lsn();
+and waits for it before it reads what pgcdc feeds (a consumer, a search index):
+  pgcdc wait --lsn 16/B374D848 --url http://127.0.0.1:9187 --timeout 5s
+  pgcdc wait --lsn 16/B374D848 --source postgres://app@db/shop --slot pgcdc
+
+With --url (a running pgcdc's --metrics-addr), it long-polls that pgcdc's /wait: the answer
+comes as soon as the sink acknowledges the position. Without it, it reads the slot's
+confirmed_flush_lsn every 50 ms; pgcdc confirms only what the sink acknowledged, within about
+100 ms, and the position counts only while a pgcdc streams the slot (during a snapshot the slot
+is not read and its position says nothing about what is published). Prints the published
+position on stdout.
+Exit codes: 0 reached, 6 not reached within --timeout or interrupted (the message says what
+may be wrong: pgcdc not running, the slot inactive or missing), 2 usage, 3 PostgreSQL.";
+
+/// `pgcdc wait`.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// The position to wait for: `SELECT pg_current_wal_insert_lsn()` run after the commit
+    /// (or the commit's own LSN), e.g. 16/B374D848.
+    #[arg(long, env = "PGCDC_WAIT_LSN", value_name = "LSN")]
+    pub lsn: Lsn,
+
+    /// How long to wait at most, in seconds (`5`, `0.5`, `30s`).
+    #[arg(long, env = "PGCDC_WAIT_TIMEOUT", value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub timeout: Duration,
+
+    /// A running pgcdc's metrics address (its --metrics-addr, e.g. http://127.0.0.1:9187):
+    /// ask its /wait rather than the slot.
+    #[arg(long, env = "PGCDC_WAIT_URL", value_name = "URL")]
+    pub url: Option<String>,
+
+    #[command(flatten)]
+    pub pg: PgArgs,
+}
 
 /// `--snapshot-copy`: the `COPY` format of the snapshot (the source's option of the same name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -610,8 +653,9 @@ impl RunArgs {
 /// `run`'s operations flags.
 #[derive(Debug, Clone, Args)]
 pub struct RunOpsArgs {
-    /// Serve Prometheus metrics on http://<ADDR>/metrics and a health check on /health
-    /// (e.g. 127.0.0.1:9187; port 0 picks a free port, logged at start).
+    /// Serve Prometheus metrics on http://<ADDR>/metrics, a health check on /health and
+    /// read-your-writes on /wait?lsn=<LSN> (see `pgcdc wait`) (e.g. 127.0.0.1:9187; port 0
+    /// picks a free port, logged at start).
     #[arg(
         long,
         env = "PGCDC_METRICS_ADDR",

@@ -9,7 +9,7 @@
 //!
 //! 0. [`run`], [`ops`], [`indexer`]
 //!    — orchestration and consumers: `pgcdc run` (snapshot, then the stream, until stopped),
-//!    the `status`/`verify`/`drop` commands, and the `pgcdc-indexer` consumer of the topics.
+//!    the `status`/`verify`/`drop`/`wait` commands, and the `pgcdc-indexer` consumer of the topics.
 //! 1. [`cli`], [`config`]
 //!    — the flags, and the `--config` file merged under them.
 //! 2. [`source`]
@@ -49,7 +49,7 @@ pub mod signals;
 pub mod sink;
 pub mod source;
 
-// Operating pgcdc: logs, metrics, and the status/verify/drop commands.
+// Operating pgcdc: logs, metrics, and the status/verify/drop/wait commands.
 pub mod logging;
 pub mod metrics;
 pub mod ops;

@@ -89,6 +89,7 @@ fn main() -> ExitCode {
             Command::Status(args) => pgcdc::ops::status::run(*args).await,
             Command::Verify(args) => pgcdc::ops::verify::run(*args).await,
             Command::Drop(args) => pgcdc::ops::drop::run(*args).await,
+            Command::Wait(args) => pgcdc::ops::wait::run(*args, stop).await,
         }
     });
     // Blocking tasks still running (a Kafka client being torn down, a metadata request)

@@ -206,6 +206,7 @@ fn help_lists_the_exit_codes() {
         "3  PostgreSQL",
         "4  sink",
         "5  status",
+        "6  wait",
     ] {
         assert!(help.contains(code), "--help lacks `{code}`:\n{help}");
     }
@@ -221,7 +222,7 @@ fn help_is_as_recorded() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/help");
     let update = std::env::var_os("PGCDC_UPDATE_GOLDEN").is_some();
     let mut differ = Vec::new();
-    for command in ["", "run", "status", "verify", "drop"] {
+    for command in ["", "run", "status", "verify", "drop", "wait"] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"));
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("PGCDC_") {

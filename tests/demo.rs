@@ -274,7 +274,18 @@ fn demo_script_runs_end_to_end() {
         "{stdout}"
     );
 
-    let last = section(&stdout, "3.");
+    let ryw = section(&stdout, "3.");
+    assert!(has(&ryw, &["/wait?lsn=", "\"reached\":true"]), "{stdout}");
+    assert!(
+        has(&ryw, &["upsert", "customers/4", "Grace Brewster Hopper"]),
+        "{stdout}"
+    );
+    assert!(
+        has(&ryw, &["the index has it", "ms after the commit returned"]),
+        "{stdout}"
+    );
+
+    let last = section(&stdout, "4.");
     let docs: Vec<&str> = last
         .iter()
         .filter(|l| l.trim_start().starts_with("document"))
@@ -283,12 +294,16 @@ fn demo_script_runs_end_to_end() {
     assert_eq!(docs.len(), 5, "{stdout}");
     assert!(has(&docs, &["orders/100", "shipped"]));
     assert!(
+        has(&docs, &["customers/4", "Grace Brewster Hopper"]),
+        "{stdout}"
+    );
+    assert!(
         !has(&docs, &["orders/101"]) && !has(&docs, &["customers/2 "]),
         "{stdout}"
     );
     assert!(
         has(
-            &section(&stdout, "4."),
+            &section(&stdout, "5."),
             &["the index holds exactly the 5 rows"]
         ),
         "{stdout}"

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
@@ -12,8 +13,11 @@ use pgcdc::cli::{properties_from_env, Property, PropertyParser};
 use pgcdc::indexer::http::{HttpClient, HttpError};
 use pgcdc::indexer::meili::MeiliTarget;
 use pgcdc::indexer::target::{StdoutTarget, Target};
+use pgcdc::indexer::wait::IndexWaiter;
 use pgcdc::indexer::{source, Indexer, IndexerError, DEFAULT_MAX_BATCH};
 use pgcdc::kafka::KafkaConfig;
+use pgcdc::metrics::http::{serve, Routes};
+use pgcdc::metrics::wait::WaitClient;
 
 /// Keeps a search index equal to the tables pgcdc captures: reads pgcdc's topics from the
 /// beginning and applies every event idempotently, versioned by its LSN, so replays and
@@ -81,6 +85,17 @@ struct Args {
     /// Records applied together at most.
     #[arg(long, env = "PGCDC_INDEXER_MAX_BATCH", value_name = "N", default_value_t = DEFAULT_MAX_BATCH)]
     max_batch: usize,
+
+    /// Serve read-your-writes on http://<ADDR>/wait?lsn=<LSN> (answers once everything
+    /// committed at or below the LSN is in the index; needs --pgcdc-url) and the highest LSN
+    /// applied per index on /status (e.g. 127.0.0.1:9188; port 0 picks a free port, logged).
+    #[arg(long, env = "PGCDC_INDEXER_HTTP_ADDR", value_name = "HOST:PORT")]
+    http_addr: Option<String>,
+
+    /// pgcdc's --metrics-addr (http://host:port), asked first by /wait: once pgcdc has
+    /// published the LSN, its events are below the topics' current offsets.
+    #[arg(long, env = "PGCDC_INDEXER_PGCDC_URL", value_name = "URL")]
+    pgcdc_url: Option<String>,
 }
 
 const AFTER_HELP: &str = "\
@@ -88,6 +103,10 @@ Examples:
   pgcdc-indexer --kafka localhost:9092 --topic pgcdc.public.orders
   pgcdc-indexer --kafka kafka:9092 --topic pgcdc.public.orders --target meilisearch \\
       --meili-url http://meilisearch:7700 --meili-key \"$MEILI_MASTER_KEY\"
+
+Read-your-writes: with --http-addr and --pgcdc-url, an application that took
+`SELECT pg_current_wal_insert_lsn()` after its commit asks GET /wait?lsn=<LSN>&timeout=5s and
+searches once it answers 200 ({\"reached\":true,…}); 504 when the timeout ended first.
 
 stdout prints one JSON line per write ({\"index\",\"action\":\"upsert\"|\"delete\",…}) and, on
 SIGINT/SIGTERM, every document ({\"action\":\"document\"}). Logs go to stderr (PGCDC_LOG).
@@ -175,6 +194,37 @@ async fn index<T: Target>(args: Args, target: T) -> Result<(), IndexerError> {
     let mut cfg = KafkaConfig::new(args.kafka.clone());
     for p in &args.kafka_properties {
         cfg = cfg.property(p.key.clone(), p.value.clone());
+    }
+    let pgcdc = match &args.pgcdc_url {
+        Some(url) => Some(
+            WaitClient::new(url).map_err(|e| IndexerError::Usage(format!("--pgcdc-url {e}")))?,
+        ),
+        None => None,
+    };
+    if let Some(addr) = &args.http_addr {
+        if pgcdc.is_none() {
+            tracing::warn!(
+                "--http-addr without --pgcdc-url: /wait answers 503 (it needs to ask pgcdc)"
+            );
+        }
+        let waiter = IndexWaiter::new(
+            indexer.applied(),
+            stop.clone(),
+            pgcdc,
+            args.topics.clone(),
+            cfg.clone(),
+        );
+        let routes = Routes {
+            metrics: None,
+            wait: Some(Arc::new(waiter)),
+        };
+        let bound = serve(addr, routes).await.map_err(|e| {
+            let why = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
+            IndexerError::Usage(format!(
+                "cannot serve on {addr}: {why} (choose another --http-addr)"
+            ))
+        })?;
+        tracing::info!(addr = %bound, "serving read-your-writes on http://{bound}/wait?lsn= and the applied positions on http://{bound}/status");
     }
     let (tx, rx) = tokio::sync::mpsc::channel(4 * args.max_batch);
     let reader = source::spawn(cfg, args.topics.clone(), tx);

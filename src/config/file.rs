@@ -131,6 +131,8 @@ fn finish(matches: &ArgMatches) -> Result<Cli, ConfigError> {
             crate::cli::Command::Status(a) => a.conn.kafka.properties = properties,
             crate::cli::Command::Verify(a) => a.conn.kafka.properties = properties,
             crate::cli::Command::Drop(a) => a.conn.kafka.properties = properties,
+            // No Kafka flags.
+            crate::cli::Command::Wait(_) => {}
         }
     }
     Ok(cli)

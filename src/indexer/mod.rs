@@ -75,6 +75,7 @@ pub mod meili;
 pub mod plan;
 pub mod source;
 pub mod target;
+pub mod wait;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -153,6 +154,8 @@ pub struct Indexer<T: Target> {
     snapshots: BTreeMap<(String, u64), Markers>,
     /// Snapshots healed already (their markers, seen again, change nothing).
     healed: HashSet<(String, u64)>,
+    /// What is applied, for read-your-writes ([`wait`]).
+    applied: watch::Sender<wait::Applied>,
 }
 
 /// The markers of one snapshot of one table seen so far.
@@ -191,7 +194,13 @@ impl<T: Target> Indexer<T> {
             stats: Stats::default(),
             snapshots: BTreeMap::new(),
             healed: HashSet::new(),
+            applied: watch::channel(wait::Applied::default()).0,
         })
+    }
+
+    /// What is applied so far, updated after each batch (see [`wait`]).
+    pub fn applied(&self) -> watch::Receiver<wait::Applied> {
+        self.applied.subscribe()
     }
 
     pub fn stats(&self) -> Stats {
@@ -227,6 +236,8 @@ impl<T: Target> Indexer<T> {
         };
         // Per index, in order of first appearance.
         let mut order: Vec<String> = Vec::new();
+        // Per index, the highest commit LSN among the batch's events.
+        let mut lsns: HashMap<String, u64> = HashMap::new();
         let mut events: HashMap<String, Vec<IndexEvent>> = HashMap::new();
         for r in records {
             let Some(index) = self.routes.get(&r.topic) else {
@@ -234,6 +245,8 @@ impl<T: Target> Indexer<T> {
             };
             match event::parse_record(r.key.as_deref(), r.value.as_deref()) {
                 Ok(Parsed::Event(e)) => {
+                    let top = lsns.entry(index.clone()).or_default();
+                    *top = (*top).max(e.version.commit_lsn);
                     let list = events.entry(index.clone()).or_default();
                     if list.is_empty() {
                         order.push(index.clone());
@@ -280,6 +293,9 @@ impl<T: Target> Indexer<T> {
             }
         }
         batch.healed = self.heal_completed().await?;
+        // Everything in the batch is stored now (a write returns once the target stored it).
+        self.applied
+            .send_modify(|a| a.record(records, &self.routes, &lsns));
         self.stats.records += batch.records;
         self.stats.writes += batch.writes;
         self.stats.stale += batch.stale;

@@ -31,7 +31,9 @@ mod reader;
 
 pub use admin::{ensure_topics, wait_for_cluster, Partitions, TopicSpec};
 pub use error::SinkError;
-pub use reader::{read_last_value, read_one, read_topic, ConsumedRecord, ReadStop, TopicReader};
+pub use reader::{
+    read_last_value, read_one, read_topic, ConsumedRecord, ReadStop, TopicReader, Watermarks,
+};
 
 /// An error event identical to the previous one within this window is not logged again.
 const REPEAT_WINDOW: Duration = Duration::from_secs(5);

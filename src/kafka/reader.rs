@@ -382,6 +382,52 @@ fn last_by_offset(
     Ok(latest.into_values().next().and_then(|(_, value)| value))
 }
 
+/// Reads the high watermarks of topics' partitions, on one consumer kept for repeated use
+/// (the indexer's read-your-writes wait asks at each wait). Blocking.
+pub struct Watermarks {
+    consumer: BaseConsumer<PgcdcContext>,
+}
+
+impl Watermarks {
+    pub fn new(cfg: &KafkaConfig) -> Result<Self, SinkError> {
+        Ok(Watermarks {
+            consumer: reader(cfg)?,
+        })
+    }
+
+    /// `(topic, partition)` → the offset after the partition's last record, for every
+    /// partition of `topics` (a topic that does not exist yet has none).
+    pub fn high(&self, topics: &[String]) -> Result<HashMap<(String, i32), i64>, SinkError> {
+        let mut out = HashMap::new();
+        for topic in topics {
+            let read_err = |source| SinkError::Read {
+                topic: topic.clone(),
+                source,
+            };
+            let metadata = self
+                .consumer
+                .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+                .map_err(read_err)?;
+            let Some(md) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                continue;
+            };
+            match md.error().map(RDKafkaErrorCode::from) {
+                None => {}
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition) => continue,
+                Some(code) => return Err(read_err(KafkaError::MetadataFetch(code))),
+            }
+            for p in md.partitions() {
+                let (_, high) = self
+                    .consumer
+                    .fetch_watermarks(topic, p.id(), METADATA_TIMEOUT)
+                    .map_err(read_err)?;
+                out.insert((topic.clone(), p.id()), high);
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

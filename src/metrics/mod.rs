@@ -22,6 +22,7 @@
 //! measured against its commit time on the server's clock.
 
 pub mod http;
+pub mod wait;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

@@ -1,4 +1,4 @@
-//! Operating pgcdc: `status`, `verify` and `drop`.
+//! Operating pgcdc: `status`, `verify`, `drop` and `wait`.
 //!
 //! These commands answer the questions an operator has about a running (or stopped)
 //! pipeline without touching its data path: how far is the slot, how much WAL does it keep,
@@ -13,6 +13,7 @@
 pub mod drop;
 pub mod status;
 pub mod verify;
+pub mod wait;
 
 use anyhow::Context;
 

@@ -83,6 +83,10 @@ struct Process {
     lock: SlotLock,
     /// `--stop-lsn`, resolved once: `now` is the position when the process started.
     stop_lsn: Option<Lsn>,
+    /// The published position that `/wait` answers with (see [`publish_while_streaming`]);
+    /// `Lsn::INVALID` until the first stream starts. It only moves forward, across restarts:
+    /// what one run had acknowledged stays in Kafka whatever the next one does.
+    published: watch::Sender<Lsn>,
 }
 
 /// Runs `pgcdc run` until done, stopped (`stop` turns true) or failed.
@@ -97,10 +101,12 @@ struct Process {
 /// process and outlive restarts.
 pub async fn run(args: RunArgs, stop: watch::Receiver<bool>) -> Result<(), Failure> {
     // Once per process: a restarted pipeline keeps serving on the same address.
-    observe::start_metrics(&args).await?;
+    let (published, published_rx) = watch::channel(Lsn::INVALID);
+    observe::start_metrics(&args, published_rx, stop.clone()).await?;
     let mut process = Process {
         lock: SlotLock::new(&args.pg.slot, !args.snapshot_only),
         stop_lsn: None,
+        published,
     };
     let result = supervise(&args, &stop, &mut process).await;
     process.lock.release().await;
@@ -277,6 +283,7 @@ async fn run_once(
         store: &store,
         tx: &tx,
         acked_rx,
+        published: &process.published,
         markers: &markers,
         publication: &publication,
         system_id: String::new(),
@@ -481,6 +488,8 @@ struct Capture<'a> {
     store: &'a ProgressStore,
     tx: &'a SinkSender,
     acked_rx: watch::Receiver<Lsn>,
+    /// The process's published position (see [`publish_while_streaming`]).
+    published: &'a watch::Sender<Lsn>,
     /// Where each table's snapshot-complete markers go (see [`snapshot::Markers`]).
     markers: &'a snapshot::Markers,
     /// The publication as read at start, which the snapshot checks.
@@ -924,7 +933,7 @@ async fn stream(
             Ok(stream) => {
                 // Streaming again: the outage is over, the next one starts with a short wait.
                 backoff = RECONNECT_FIRST_DELAY;
-                stream_changes(
+                let streaming = stream_changes(
                     stream,
                     c.change_builder(),
                     c.tx,
@@ -935,9 +944,11 @@ async fn stream(
                         until: Until::StopLsn(c.stop_lsn),
                         timers: c.timers,
                     },
-                )
-                .await
-                .map(|(stream, _)| stream)
+                );
+                tokio::select! {
+                    r = streaming => r.map(|(stream, _)| stream),
+                    never = publish_while_streaming(c.acked_rx.clone(), start, c.published) => match never {},
+                }
             }
             Err(f) => Err((None, f)),
         };
@@ -961,6 +972,40 @@ async fn stream(
                 }
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Moves the process's published position (what `/wait` answers with, see
+/// [`crate::metrics::wait`]) along with the sink's acknowledgements while a stream runs from
+/// `start`; never returns (it is dropped with the stream).
+///
+/// Only here, not during the snapshot or the catch-up before one: there the acknowledged
+/// positions are the slot's, but rows of the tables being snapshotted are published only when
+/// the snapshot is acknowledged, so a wait on a write to one of them would be answered too
+/// early. A stream's `start` is a position whose every change is acknowledged — the slot's
+/// confirmed position, the snapshot's consistent point once the snapshot is acknowledged, or
+/// what the sink acknowledged before a reconnect — and from there the sink reports only
+/// checkpoints whose every earlier record is acknowledged: at a commit's end, and at a
+/// keepalive's WAL end between transactions, which carries the position past a commit when
+/// nothing follows it (see [`stream::stream_changes`]).
+async fn publish_while_streaming(
+    mut acked_rx: watch::Receiver<Lsn>,
+    start: Lsn,
+    published: &watch::Sender<Lsn>,
+) -> std::convert::Infallible {
+    loop {
+        let now = stream::confirmable(&acked_rx, start);
+        published.send_if_modified(|p| {
+            let moved = now > *p;
+            if moved {
+                *p = now;
+            }
+            moved
+        });
+        if acked_rx.changed().await.is_err() {
+            // The sink ended: nothing more is acknowledged by this pipeline.
+            return std::future::pending().await;
         }
     }
 }

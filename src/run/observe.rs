@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::cli::{ProgressDisplay, RunArgs};
 use crate::logging::LogFormat;
 use crate::metrics::{self, TableMetrics};
 use crate::model::failure::{Failure, FailureKind};
+use crate::model::Lsn;
 use crate::source::catalog::TableInfo;
 use crate::source::topic::topic_name;
 
@@ -23,15 +24,24 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often bars are refreshed from the counters.
 const BAR_EVERY: Duration = Duration::from_millis(200);
 
-/// Starts the metrics endpoint when `--metrics-addr` is set.
-pub(super) async fn start_metrics(args: &RunArgs) -> Result<(), Failure> {
+/// Starts the metrics endpoint when `--metrics-addr` is set; its `/wait` answers with
+/// `published` (see [`crate::metrics::wait`]) and ends on `stop`.
+pub(super) async fn start_metrics(
+    args: &RunArgs,
+    published: watch::Receiver<Lsn>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Failure> {
     let Some(addr) = &args.ops.metrics_addr else {
         return Ok(());
     };
-    let bound = metrics::http::serve(addr, args.ops.unhealthy_after)
+    let routes = metrics::http::Routes {
+        metrics: Some(args.ops.unhealthy_after),
+        wait: Some(Arc::new(metrics::wait::PublishedWaiter { published, stop })),
+    };
+    let bound = metrics::http::serve(addr, routes)
         .await
         .map_err(|e| Failure::new(FailureKind::Usage, anyhow!(e)))?;
-    tracing::info!(addr = %bound, "serving metrics on http://{bound}/metrics and health on http://{bound}/health");
+    tracing::info!(addr = %bound, "serving metrics on http://{bound}/metrics, health on http://{bound}/health and read-your-writes on http://{bound}/wait?lsn=");
     Ok(())
 }
 

@@ -113,6 +113,22 @@ fn halves(slot: &str) -> (i64, i64) {
     ((k >> 32) as i64, (k & 0xffff_ffff) as i64)
 }
 
+/// Whether some session holds the lock of `slot` (a `pgcdc run` for it is alive), without
+/// taking it.
+pub async fn held(client: &Client, slot: &str) -> Result<bool, tokio_postgres::Error> {
+    let (hi, lo) = halves(slot);
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid = $1::int8::oid AND l.objid = $2::int8::oid)",
+            &[&hi, &lo],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Who holds the lock of `slot`, for a message: backend pid, client address, application name
 /// and since when; "a session that has just ended" when nobody does any more.
 pub async fn holder(client: &Client, slot: &str) -> String {

@@ -20,7 +20,6 @@
 //! - a snapshot marker: `S.marker.p` (`p` its partition).
 
 use std::ffi::CStr;
-use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -40,36 +39,49 @@ pub fn name(n: &CStr) -> Arc<CStr> {
 
 /// `C.L.n`: a streamed change or message.
 pub fn change_id(commit_lsn: Lsn, lsn: Lsn, rank: u32) -> Vec<u8> {
-    let mut id = Vec::with_capacity(40);
-    let _ = write!(id, "{:016X}.{:016X}.{rank}", commit_lsn.0, lsn.0);
+    let mut id = Vec::with_capacity(44);
+    hex16(&mut id, commit_lsn.0);
+    id.push(b'.');
+    hex16(&mut id, lsn.0);
+    id.push(b'.');
+    id.extend_from_slice(itoa::Buffer::new().format(rank).as_bytes());
     id
 }
 
 /// `C.begin` or `C.end`: a transaction metadata event.
 pub fn transaction_id(commit_lsn: Lsn, end: bool) -> Vec<u8> {
-    let mut id = Vec::with_capacity(24);
-    let _ = write!(
-        id,
-        "{:016X}.{}",
-        commit_lsn.0,
-        if end { "end" } else { "begin" }
-    );
+    let mut id = Vec::with_capacity(22);
+    hex16(&mut id, commit_lsn.0);
+    id.extend_from_slice(if end { b".end" } else { b".begin" });
     id
 }
 
 /// `S.r.<key>`: a snapshot read of the row with JSON key `key`.
 pub fn read_id(snapshot_lsn: Lsn, key: &[u8]) -> Vec<u8> {
     let mut id = Vec::with_capacity(19 + key.len());
-    let _ = write!(id, "{:016X}.r.", snapshot_lsn.0);
+    hex16(&mut id, snapshot_lsn.0);
+    id.extend_from_slice(b".r.");
     id.extend_from_slice(key);
     id
 }
 
 /// `S.marker.p`: the snapshot marker on partition `partition`.
 pub fn marker_id(snapshot_lsn: Lsn, partition: i32) -> Vec<u8> {
-    let mut id = Vec::with_capacity(28);
-    let _ = write!(id, "{:016X}.marker.{partition}", snapshot_lsn.0);
+    let mut id = Vec::with_capacity(32);
+    hex16(&mut id, snapshot_lsn.0);
+    id.extend_from_slice(b".marker.");
+    id.extend_from_slice(itoa::Buffer::new().format(partition).as_bytes());
     id
+}
+
+/// Appends `v` as 16 upper-case hex digits (every snapshot row gets one: no formatter).
+fn hex16(out: &mut Vec<u8>, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    out.extend(
+        (0..16)
+            .rev()
+            .map(|i| DIGITS[((v >> (i * 4)) & 0xF) as usize]),
+    );
 }
 
 /// The header names a builder clones per record.

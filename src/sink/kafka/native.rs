@@ -161,6 +161,11 @@ impl Drop for Topic {
     }
 }
 
+/// Entries of a produce call besides the headers.
+const BASE_VUS: usize = 7;
+/// Headers passed without allocating (more are passed too, through a `Vec`).
+const INLINE_HEADERS: usize = 4;
+
 /// Topic handles of one producer, one per table (a handful). Must be dropped before the
 /// producer: librdkafka wants every topic handle released before its client is destroyed.
 #[derive(Default)]
@@ -200,7 +205,7 @@ impl Topics {
                 size: 0,
             },
         };
-        let base = [
+        let base: [rd::rd_kafka_vu_t; BASE_VUS] = [
             vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_RKT, |u| {
                 u.rkt = rkt.as_ptr()
             }),
@@ -223,25 +228,32 @@ impl Topics {
                 u.i32_ = partition.unwrap_or(PARTITION_UNASSIGNED)
             }),
         ];
-        // Records without headers (most of them) need no second list.
-        let with_headers: Vec<rd::rd_kafka_vu_t>;
-        let vus: &[rd::rd_kafka_vu_t] = if headers.is_empty() {
-            &base
+        // Up to INLINE_HEADERS headers (every event has one or two) go in a list on the
+        // stack: no allocation per record here.
+        let header = |h: &Header| {
+            vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER, |u| {
+                u.header = rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                    name: h.name.as_ptr(),
+                    val: h.value.as_ptr() as *const c_void,
+                    size: h.value.len() as isize,
+                }
+            })
+        };
+        let mut inline = [base[0]; BASE_VUS + INLINE_HEADERS];
+        let many: Vec<rd::rd_kafka_vu_t>;
+        let vus: &[rd::rd_kafka_vu_t] = if headers.len() <= INLINE_HEADERS {
+            inline[..BASE_VUS].copy_from_slice(&base);
+            for (slot, h) in inline[BASE_VUS..].iter_mut().zip(headers) {
+                *slot = header(h);
+            }
+            &inline[..BASE_VUS + headers.len()]
         } else {
-            with_headers = base
+            many = base
                 .iter()
                 .copied()
-                .chain(headers.iter().map(|h| {
-                    vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER, |u| {
-                        u.header = rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
-                            name: h.name.as_ptr(),
-                            val: h.value.as_ptr() as *const c_void,
-                            size: h.value.len() as isize,
-                        }
-                    })
-                }))
+                .chain(headers.iter().map(header))
                 .collect();
-            &with_headers
+            &many
         };
         // SAFETY: `rk` is the live producer's client, `rkt` a handle of that client (kept
         // alive by `self`), and every pointer in `vus` outlives the call, which copies what

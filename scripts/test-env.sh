@@ -213,6 +213,11 @@ start_broker() { # name port storage
         die "port $port is taken by another program; set PGCDC_TEST_KAFKA_PORT / PGCDC_TEST_KAFKA_MEM_PORT"
     fi
     log "starting tansu ($name storage) on 127.0.0.1:$port"
+    # Every test makes its own topics: a stopped broker's data is never read again, and tansu's
+    # sqlite file only grows (it reached 18 GB over a few days of runs, and slowed the broker).
+    case $storage in
+        sqlite://*) local db="$STATE/kafka/${storage#sqlite://}"; rm -f "$db" "$db-shm" "$db-wal" ;;
+    esac
     # Run from the state directory: tansu resolves sqlite:// paths relative to it. The shell
     # writes its own pid before exec, so the pid file names the broker itself.
     (cd "$STATE/kafka" && setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" \

@@ -365,6 +365,7 @@ pub struct OutboxArgs {
     /// and updates of it publish nothing, and it is not snapshotted (Debezium's outbox
     /// column names; README: Outbox). `verify` does not compare outbox tables.
     #[arg(
+        id = "outbox",
         long = "outbox",
         env = "PGCDC_OUTBOX",
         value_name = "SCHEMA.TABLE",

@@ -91,7 +91,9 @@ async fn outbox_rows_are_published_as_the_applications_events() {
     let log = String::from_utf8_lossy(&second.stderr);
     assert!(log.contains("an outbox row was updated"), "{log}");
 
-    let orders = p.records(&format!("{}.outbox.Order", p.prefix), Some(3)).await;
+    let orders = p
+        .records(&format!("{}.outbox.Order", p.prefix), Some(3))
+        .await;
     assert_eq!(orders.len(), 3, "{orders:?}");
     let customers = p
         .records(&format!("{}.outbox.Customer", p.prefix), Some(1))
@@ -149,7 +151,11 @@ async fn outbox_rows_are_published_as_the_applications_events() {
     // The order's own row event; no row events of the outbox table, no stale row.
     let order_events = p.events("orders", Some(2)).await;
     let ops: Vec<Option<&str>> = order_events.iter().map(|e| e.op()).collect();
-    assert_eq!(ops, [None, Some("c")], "marker of the empty snapshot, then the insert");
+    assert_eq!(
+        ops,
+        [Some("s"), Some("c")],
+        "marker of the empty snapshot, then the insert"
+    );
     assert_eq!(p.count("outbox", true).await, 0);
     let published = common::topics::published(&common::kafka(), &p.prefix).await;
     assert!(
@@ -241,9 +247,13 @@ async fn hostile_outbox_tables_route_and_key_what_they_can() {
     assert_eq!(a[0].value.as_deref(), Some(&b"plain text"[..]));
     let b = p.records(&format!("{}.outbox.b", p.prefix), Some(1)).await;
     assert_eq!(b[0].key.as_deref(), Some(&b"y"[..]));
+    // No row events of outbox tables. (PostgreSQL also describes the partition a row went
+    // to, which pgcdc takes for a table joining the publication: an empty topic is made.)
     assert!(
-        published.keys().all(|t| !t.contains("My_App")),
-        "no row topics for outbox tables: {published:?}"
+        published
+            .iter()
+            .all(|(t, n)| !t.contains("My_App") || *n == 0),
+        "no row events of outbox tables: {published:?}"
     );
     assert_eq!(p.events("plain", Some(2)).await.len(), 2);
 }
@@ -256,7 +266,10 @@ async fn an_outbox_table_that_is_not_published_is_refused_at_start() {
     assert_fails(
         &out,
         2,
-        &["--outbox \"public\".\"outbox\" is not published", "add --table \"public\".\"outbox\""],
+        &[
+            "--outbox \"public\".\"outbox\" is not published",
+            "add --table \"public\".\"outbox\"",
+        ],
     );
     p.assert_left_nothing().await;
 
@@ -272,19 +285,25 @@ async fn an_outbox_table_that_is_not_published_is_refused_at_start() {
     p.assert_left_nothing().await;
 
     // Columns it lacks, and the stdout sink, which cannot carry outbox events.
-    let out = p.run(&[
-        "--table",
-        "public.orders",
-        "--table",
-        "public.outbox",
-        "--outbox",
-        "public.outbox",
-        "--outbox-column",
-        "aggregateid=order_id",
-        "--publication",
-        "other",
-    ]);
-    assert_fails(&out, 2, &["no published column `order_id`", "--outbox-column"]);
+    let out = p
+        .pgcdc("run")
+        .set("--publication", "other")
+        .args([
+            "--table",
+            "public.orders",
+            "--table",
+            "public.outbox",
+            "--outbox",
+            "public.outbox",
+            "--outbox-column",
+            "aggregateid=order_id",
+        ])
+        .output();
+    assert_fails(
+        &out,
+        2,
+        &["no published column `order_id`", "--outbox-column"],
+    );
     let out = p.run(&["--outbox", "public.outbox", "--sink", "stdout"]);
     assert_fails(&out, 2, &["--sink stdout"]);
     p.assert_left_nothing().await;
@@ -312,7 +331,12 @@ async fn an_outbox_row_without_a_route_stops_pgcdc_naming_it() {
     assert_fails(
         &out,
         3,
-        &["(id 42)", "`aggregatetype`", "NOT NULL", "pg_replication_slot_advance"],
+        &[
+            "(id 42)",
+            "`aggregatetype`",
+            "NOT NULL",
+            "pg_replication_slot_advance",
+        ],
     );
     // Nothing of the transaction is confirmed: a run after the fix sees it again.
     let again = p.run(&args);

@@ -122,7 +122,12 @@ impl std::str::FromStr for ColumnChoice {
         let role = Role::ALL
             .into_iter()
             .find(|r| r.name() == role.trim())
-            .ok_or_else(|| format!("`{role}` is not an outbox column role: use one of {}", roles()))?;
+            .ok_or_else(|| {
+                format!(
+                    "`{role}` is not an outbox column role: use one of {}",
+                    roles()
+                )
+            })?;
         if column.is_empty() {
             return Err(format!("`{s}` names no column"));
         }
@@ -187,7 +192,9 @@ impl OutboxConfig {
         let fixed = template.replace("{route}", "");
         let legal = !template.is_empty()
             && fixed.len() <= crate::source::topic::MAX_PREFIX_LEN
-            && fixed.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+            && fixed
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
         if !legal {
             return Err(OutboxSetupError::Template(template));
         }
@@ -363,7 +370,10 @@ impl Outbox {
     /// Learns a Relation message; true if it describes an outbox table (whose changes
     /// [`Outbox::change`] then handles).
     pub fn relation(&mut self, r: &Relation) -> bool {
-        let Some(config) = self.config.clone().filter(|_| self.is_outbox(&r.namespace, &r.name))
+        let Some(config) = self
+            .config
+            .clone()
+            .filter(|_| self.is_outbox(&r.namespace, &r.name))
         else {
             self.rels.remove(&r.oid);
             return false;
@@ -371,7 +381,10 @@ impl Outbox {
         let mut at = [None; 5];
         let mut extra = Vec::new();
         for (i, c) in r.columns.iter().enumerate() {
-            match Role::ALL.iter().position(|role| config.column(*role) == c.name) {
+            match Role::ALL
+                .iter()
+                .position(|role| config.column(*role) == c.name)
+            {
                 Some(role) => at[role] = Some(i),
                 None => {
                     if let Ok(name) = CString::new(c.name.as_str()) {
@@ -615,12 +628,17 @@ mod tests {
         assert_ne!(odd, topic_for(t, "Order Line è".as_bytes()));
         let long = topic_for(t, "x".repeat(400).as_bytes());
         assert!(long.len() <= MAX_TOPIC_LEN, "{}", long.len());
-        assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+        assert!(long
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
     }
 
     #[test]
     fn bytea_payloads_are_their_bytes() {
-        assert_eq!(&decode_bytea(&Bytes::from_static(b"\\x00ff41"))[..], b"\x00\xffA");
+        assert_eq!(
+            &decode_bytea(&Bytes::from_static(b"\\x00ff41"))[..],
+            b"\x00\xffA"
+        );
         assert_eq!(&decode_bytea(&Bytes::from_static(b"\\x"))[..], b"");
         assert_eq!(&decode_bytea(&Bytes::from_static(b"\\x0"))[..], b"\\x0");
     }

@@ -79,7 +79,7 @@ pub enum ChangeError {
     #[error("cannot follow a table that joined the publication: {0}")]
     Topic(#[from] TopicError),
     #[error(transparent)]
-    Outbox(#[from] OutboxError),
+    Outbox(#[from] Box<OutboxError>),
     #[error("{table}: the publication does not publish its key column(s) {}, so its events could not be keyed (the Kafka key is the replica identity index under REPLICA IDENTITY USING INDEX, else the primary key). Fix: add them to the publication's column list for that table (ALTER PUBLICATION … DROP TABLE …; ALTER PUBLICATION … ADD TABLE … (columns…);)", .missing.join(", "))]
     KeyNotPublished {
         table: TableName,

@@ -438,7 +438,7 @@ impl Outbox {
         position: &Position,
         annotations: Option<&[u8]>,
         out: &mut Vec<SinkItem>,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<(), Box<OutboxError>> {
         let i = match msg {
             LogicalMessage::Insert(i) => i,
             LogicalMessage::Update(u) => {
@@ -454,7 +454,7 @@ impl Outbox {
         let Some(config) = self.config.as_ref() else {
             return Ok(());
         };
-        let text = |role: Role| -> Result<Option<&Bytes>, OutboxError> {
+        let text = |role: Role| -> Result<Option<&Bytes>, Box<OutboxError>> {
             let at = rel.at[role as usize].ok_or_else(|| OutboxError::ColumnGone {
                 table: rel.table.clone(),
                 column: config.column(role).to_string(),
@@ -470,7 +470,7 @@ impl Outbox {
         let payload = text(Role::Payload)?;
         let Some(route) = route_of(rel, &i.new) else {
             let column = config.column(Role::Route);
-            return Err(OutboxError::NoRoute {
+            return Err(Box::new(OutboxError::NoRoute {
                 table: rel.table.clone(),
                 id: id.as_ref().map_or_else(
                     || "NULL".to_string(),
@@ -485,7 +485,7 @@ impl Outbox {
                 column_sql: quote_ident(column),
                 commit_lsn: position.commit_lsn,
                 after: crate::model::Lsn(position.commit_lsn.0 + 1),
-            });
+            }));
         };
         let topic = match self.topics.get(route) {
             Some(t) => t.clone(),

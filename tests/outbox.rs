@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::api::ConsumedRecord;
+use common::api::{topic_name, ConsumedRecord, TableName};
 use common::pipeline::{assert_fails, assert_success, Pipeline};
 use serde_json::{json, Value};
 
@@ -157,15 +157,6 @@ async fn outbox_rows_are_published_as_the_applications_events() {
         "marker of the empty snapshot, then the insert"
     );
     assert_eq!(p.count("outbox", true).await, 0);
-    let published = common::topics::published(&common::kafka(), &p.prefix).await;
-    assert!(
-        published.keys().all(|t| !t.contains("public.outbox")),
-        "{published:?}"
-    );
-    assert_eq!(
-        published.get(&format!("{}.outbox.Order", p.prefix)),
-        Some(&3)
-    );
 
     // verify skips the outbox table and says so.
     let verify = p
@@ -226,13 +217,9 @@ async fn hostile_outbox_tables_route_and_key_what_they_can() {
     .await;
     assert_success(&p.run(&args), "stream");
 
-    // `Order Line` is not a Kafka name: `_` and a hash suffix, stable per value.
-    let published = common::topics::published(&common::kafka(), &p.prefix).await;
-    let line_topic = published
-        .keys()
-        .find(|t| t.starts_with(&format!("{}.outbox.Order_Line_", p.prefix)))
-        .unwrap_or_else(|| panic!("{published:?}"))
-        .clone();
+    // `Order Line` is not a Kafka name: `_` and a hash suffix, stable per value (the first
+    // 8 hex digits of its SHA-256).
+    let line_topic = format!("{}.outbox.Order_Line_87ce02e6", p.prefix);
     let lines = p.records(&line_topic, Some(2)).await;
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0].key.as_deref(), Some(&b"k1"[..]));
@@ -249,12 +236,11 @@ async fn hostile_outbox_tables_route_and_key_what_they_can() {
     assert_eq!(b[0].key.as_deref(), Some(&b"y"[..]));
     // No row events of outbox tables. (PostgreSQL also describes the partition a row went
     // to, which pgcdc takes for a table joining the publication: an empty topic is made.)
-    assert!(
-        published
-            .iter()
-            .all(|(t, n)| !t.contains("My_App") || *n == 0),
-        "no row events of outbox tables: {published:?}"
-    );
+    for table in ["Out Box", "events", "events_a", "events_b"] {
+        let topic = topic_name(&p.prefix, &TableName::new("My App", table));
+        let n = common::topics::count(&common::kafka(), &topic, true).await;
+        assert_eq!(n, 0, "row events of an outbox table on {topic}");
+    }
     assert_eq!(p.events("plain", Some(2)).await.len(), 2);
 }
 

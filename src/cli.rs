@@ -361,6 +361,24 @@ impl EventArgs {
     }
 }
 
+/// `--outbox`: tables whose inserted rows are the application's events, not row changes.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxArgs {
+    /// An outbox table, as schema.table (repeatable; comma-separated in the variable): each
+    /// row inserted into it is published as one event to `--outbox-topic`, keyed by its
+    /// aggregateid, with its payload as the value and its id and type in headers; deletes
+    /// and updates of it publish nothing, and it is not snapshotted (Debezium's outbox
+    /// column names; README: Outbox). `verify` does not compare outbox tables.
+    #[arg(
+        id = "outbox",
+        long = "outbox",
+        env = "PGCDC_OUTBOX",
+        value_name = "SCHEMA.TABLE",
+        value_delimiter = ','
+    )]
+    pub tables: Vec<TableName>,
+}
+
 /// `--json`: the report as one JSON object.
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
@@ -503,6 +521,26 @@ pub struct RunArgs {
     /// `transaction` {id, total_order, data_collection_order} to each event.
     #[arg(long, env = "PGCDC_TRANSACTION_METADATA")]
     pub transaction_metadata: bool,
+
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
+
+    /// The topic of outbox events: `{prefix}` is --topic-prefix, `{route}` the row's
+    /// aggregatetype (a value Kafka would refuse gets `_` for other characters and a hash
+    /// suffix).
+    #[arg(long, env = "PGCDC_OUTBOX_TOPIC", default_value = crate::source::outbox::DEFAULT_TOPIC, value_name = "TEMPLATE")]
+    pub outbox_topic: String,
+
+    /// Another column for an outbox role, as role=column (repeatable; comma-separated in
+    /// the variable). Roles and their default columns: id, aggregatetype, aggregateid, type,
+    /// payload (e.g. aggregateid=order_id).
+    #[arg(
+        long = "outbox-column",
+        env = "PGCDC_OUTBOX_COLUMNS",
+        value_name = "ROLE=COLUMN",
+        value_delimiter = ','
+    )]
+    pub outbox_columns: Vec<crate::source::outbox::ColumnChoice>,
 
     /// Treat the replication connection as lost when PostgreSQL sends nothing for this long
     /// while pgcdc waits for it (a silent network partition), and reconnect. PostgreSQL
@@ -757,6 +795,9 @@ pub struct VerifyArgs {
 
     #[command(flatten)]
     pub events: EventArgs,
+
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
 }
 
 /// `pgcdc drop`.

@@ -15,6 +15,7 @@ use crate::source::catalog::TableInfo;
 use crate::source::changes::ChangeOptions;
 use crate::source::conninfo::ConnInfo;
 use crate::source::exclude::Exclusions;
+use crate::source::outbox::OutboxConfig;
 use crate::source::schema::{self, Lookup};
 
 /// The encoder, the stream's options, and the tables as the snapshot reads them.
@@ -73,12 +74,24 @@ pub(super) async fn setup(
         lookup: None,
         annotation_prefix: (!args.annotation_prefix.is_empty())
             .then(|| Arc::from(args.annotation_prefix.as_str())),
+        outbox: outbox_config(args)?.map(Arc::new),
     };
     Ok(Events {
         encoder,
         changes,
         tables,
     })
+}
+
+/// `--outbox`, `--outbox-column` and `--outbox-topic`, checked.
+pub(super) fn outbox_config(args: &RunArgs) -> Result<Option<OutboxConfig>, Failure> {
+    OutboxConfig::new(
+        &args.outbox.tables,
+        &args.outbox_columns,
+        &args.outbox_topic,
+        &args.kafka.topic_prefix,
+    )
+    .or_fail(FailureKind::Usage)
 }
 
 impl Events {

@@ -169,6 +169,10 @@ async fn run_once(
 ) -> Result<(), Failure> {
     // Every connection prints values in one canonical form (see source::session).
     let conninfo = config::postgres(&args.pg)?;
+    if args.sink == SinkKind::Stdout && !args.outbox.tables.is_empty() {
+        let e = crate::source::outbox::OutboxSetupError::Stdout;
+        return Err(Failure::new(Usage, anyhow::Error::new(e)));
+    }
     if args.sink == SinkKind::Kafka && args.kafka.bootstrap.is_none() {
         return Err(Failure::new(
             Usage,
@@ -418,6 +422,11 @@ async fn prepare_source(
     // Named tables are checked before the publication is touched, so a missing table or
     // privilege is reported as such rather than as a failed CREATE PUBLICATION.
     if !args.tables.is_empty() {
+        if let Some(outbox) = events::outbox_config(args)? {
+            outbox
+                .check_listed(&args.tables, &args.publication.name)
+                .or_fail(Usage)?;
+        }
         topic::check_distinct(&args.kafka.topic_prefix, &args.tables).or_fail(Usage)?;
         catalog::describe_tables(&client, &args.tables)
             .await
@@ -441,6 +450,20 @@ async fn prepare_source(
     let tables = catalog::describe_published(&client, &args.publication.name, &names)
         .await
         .or_fail(SourceFail)?;
+    // Outbox tables are neither snapshotted nor given a topic of their own.
+    let tables = match events::outbox_config(args)? {
+        Some(outbox) => {
+            let named = !args.tables.is_empty();
+            let (tables, outbox_tables) = outbox
+                .split(tables, named, &args.publication.name)
+                .or_fail(Usage)?;
+            crate::source::outbox::count_rows(&client, &outbox_tables)
+                .await
+                .or_fail(SourceFail)?;
+            tables
+        }
+        None => tables,
+    };
     let events = events::setup(args, &client, &server.database, &tables).await?;
     if process.stop_lsn.is_none() {
         process.stop_lsn = match args.stop_lsn {

@@ -52,6 +52,7 @@ use crate::model::Lsn;
 use crate::model::{Header, Record, SinkItem};
 use crate::source::catalog::{TableInfo, TableName};
 use crate::source::exclude::{ExcludeError, Exclusions};
+use crate::source::outbox::{Outbox, OutboxConfig, OutboxError};
 use crate::source::pgoutput::{
     pg_timestamp_to_unix_millis, ColumnValue, LogicalMessage, Message, OldTuple, Relation,
     ReplicaIdentity, TupleData,
@@ -80,6 +81,8 @@ pub enum ChangeError {
     Exclude(#[from] ExcludeError),
     #[error("cannot follow a table that joined the publication: {0}")]
     Topic(#[from] TopicError),
+    #[error(transparent)]
+    Outbox(#[from] Box<OutboxError>),
     #[error("{table}: the publication does not publish its key column(s) {}, so its events could not be keyed (the Kafka key is the replica identity index under REPLICA IDENTITY USING INDEX, else the primary key). Fix: add them to the publication's column list for that table (ALTER PUBLICATION … DROP TABLE …; ALTER PUBLICATION … ADD TABLE … (columns…);)", .missing.join(", "))]
     KeyNotPublished {
         table: TableName,
@@ -122,6 +125,9 @@ pub struct ChangeOptions {
     /// The prefix of transactional messages whose JSON object annotates the transaction's
     /// following events (`--annotation-prefix`); `None`: annotations are off.
     pub annotation_prefix: Option<Arc<str>>,
+    /// The outbox tables (`--outbox`), whose inserts are published as application events
+    /// (see [`crate::source::outbox`]).
+    pub outbox: Option<Arc<OutboxConfig>>,
 }
 
 impl Default for ChangeOptions {
@@ -134,6 +140,7 @@ impl Default for ChangeOptions {
             exclude: Arc::default(),
             lookup: None,
             annotation_prefix: Some(Arc::from(DEFAULT_ANNOTATION_PREFIX)),
+            outbox: None,
         }
     }
 }
@@ -210,6 +217,8 @@ pub struct ChangeBuilder {
     /// When an ignored annotation message was last warned about (rate limit).
     annotation_warned: Option<std::time::Instant>,
     headers: headers::Names,
+    /// The outbox tables' relations and topics.
+    outbox: Outbox,
     /// Changes turned into events, for logs and metrics.
     pub events: u64,
 }
@@ -247,11 +256,13 @@ impl ChangeBuilder {
             counted: None,
             annotation_warned: None,
             headers: headers::Names::default(),
+            outbox: Outbox::default(),
             events: 0,
         }
     }
 
     pub fn with_options(mut self, options: ChangeOptions) -> Self {
+        self.outbox = Outbox::new(options.outbox.clone());
         self.options = options;
         self
     }
@@ -266,6 +277,13 @@ impl ChangeBuilder {
     /// message topic. Call it before [`ChangeBuilder::handle`]; it returns at once unless
     /// something is new.
     pub async fn prepare(&mut self, msg: &LogicalMessage) -> Result<(), ChangeError> {
+        if let Some((route, topic)) = self.outbox.new_topic(msg) {
+            if let Some(lookup) = &self.options.lookup {
+                lookup.ensure_topic(&topic).await?;
+            }
+            self.outbox.created(route, topic);
+            return Ok(());
+        }
         let wanted = match msg {
             LogicalMessage::Relation(_) => true,
             LogicalMessage::Message(m) => {
@@ -290,6 +308,9 @@ impl ChangeBuilder {
     }
 
     async fn prepare_relation(&mut self, lookup: &Lookup, r: &Relation) -> Result<(), ChangeError> {
+        if self.outbox.is_outbox(&r.namespace, &r.name) {
+            return Ok(());
+        }
         let name = TableName::new(r.namespace.clone(), r.name.clone());
         match self.selected.get(&name) {
             None if !self.options.follow_publication => return Ok(()),
@@ -329,6 +350,19 @@ impl ChangeBuilder {
         wal_start: Lsn,
         out: &mut Vec<SinkItem>,
     ) -> Result<(), ChangeError> {
+        let oid = match &msg {
+            LogicalMessage::Insert(i) => Some(i.relation_oid),
+            LogicalMessage::Update(u) => Some(u.relation_oid),
+            LogicalMessage::Delete(d) => Some(d.relation_oid),
+            _ => None,
+        };
+        if oid.is_some_and(|oid| self.outbox.owns(oid)) {
+            // An outbox table's row is the application's event (see `source::outbox`).
+            let pos = self.position(wal_start, "outbox change")?;
+            let annotations = self.txn.as_ref().and_then(|t| t.annotations.as_ref());
+            let annotations = annotations.map(|(_, encoded)| &encoded[..]);
+            return Ok(self.outbox.change(&msg, &pos, annotations, out)?);
+        }
         match msg {
             LogicalMessage::Begin(b) => {
                 let commit_lsn = b.final_lsn;
@@ -515,6 +549,10 @@ impl ChangeBuilder {
     }
 
     fn relation(&mut self, r: Relation) -> Result<(), ChangeError> {
+        if self.outbox.relation(&r) {
+            self.relations.insert(r.oid, None);
+            return Ok(());
+        }
         let name = TableName::new(r.namespace.clone(), r.name.clone());
         let rel = self.selected.get(&name).map(|key| {
             let keep: Vec<bool> = r

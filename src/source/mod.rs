@@ -13,6 +13,7 @@ pub mod conninfo;
 pub mod copy_binary;
 pub mod copy_text;
 pub mod exclude;
+pub mod outbox;
 pub mod pg_tls;
 pub mod pgoutput;
 pub mod replication;

@@ -144,8 +144,10 @@ async fn run(args: Args) -> Result<(), String> {
         lsn_query_ms.push(ms(committed.elapsed()));
 
         let via = match &args.cli {
-            Some(_) if k % CLI_EVERY == 0 && (k / CLI_EVERY) % 2 == 1 => Via::CliUrl,
-            Some(_) if k % CLI_EVERY == 0 => Via::CliSlot,
+            Some(_) if k.is_multiple_of(CLI_EVERY) && !(k / CLI_EVERY).is_multiple_of(2) => {
+                Via::CliUrl
+            }
+            Some(_) if k.is_multiple_of(CLI_EVERY) => Via::CliSlot,
             _ => Via::Http,
         };
         let outcome = match (via, &args.cli) {

@@ -37,6 +37,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+#[path = "stats.rs"]
+mod stats;
+use stats::print_stats;
+
 /// After the expected count is known, give up when nothing arrives for this long.
 const QUIET_AFTER_EXPECTED: Duration = Duration::from_secs(15);
 
@@ -196,30 +200,4 @@ fn unix_ms_f64() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-/// Prints `<name>_p50`, `_p99`, `_max` and `_mean` in milliseconds (`nan` without samples).
-fn print_stats(name: &str, samples: &mut [f64]) {
-    samples.sort_by(f64::total_cmp);
-    let pick = |q: f64| -> f64 {
-        if samples.is_empty() {
-            return f64::NAN;
-        }
-        // Nearest rank: the smallest sample with at least q of all samples at or below it.
-        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-        samples[rank - 1]
-    };
-    let mean = if samples.is_empty() {
-        f64::NAN
-    } else {
-        samples.iter().sum::<f64>() / samples.len() as f64
-    };
-    println!("{name}_samples={}", samples.len());
-    println!("{name}_p50={:.1}", pick(0.50));
-    println!("{name}_p99={:.1}", pick(0.99));
-    println!(
-        "{name}_max={:.1}",
-        samples.last().copied().unwrap_or(f64::NAN)
-    );
-    println!("{name}_mean={mean:.1}");
 }

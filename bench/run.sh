@@ -13,7 +13,9 @@
 #              pgcdc run --snapshot never --stop-lsn <lsn> > /dev/null, and to Kafka;
 #              every reader has its own slot, created before the changes, so all decode the
 #              same WAL;
-#   latency    pgbench at a steady rate for a while; commit -> Kafka figures per event.
+#   latency    pgbench at a steady rate for a while; commit -> Kafka figures per event, and
+#              read-your-writes: a probe that commits, takes its LSN and asks pgcdc's /wait
+#              (commit -> wait returns), BENCH_WAIT_RATE times a second during the load.
 # Each process is run under GNU time: wall seconds, CPU seconds (user+sys of the process and
 # its threads), peak RSS. Every pgcdc figure is printed as a ratio to the reference of the
 # same run, because this machine is shared and absolute timings drift between runs.
@@ -27,6 +29,7 @@
 #                               the report shows medians (peak RSS: the highest)
 #   BENCH_LATENCY_SECONDS=60    length of the steady load;  BENCH_LATENCY_RATE=2000 tx/s
 #   BENCH_LATENCY_ROWS=100000   rows of the table the load updates
+#   BENCH_WAIT_RATE=20          read-your-writes probes per second during the load
 #   BENCH_KAFKA=host:port       use this broker instead of starting a private tansu
 #   BENCH_SECTIONS=snapshot,streaming,latency   which parts to run
 #   BENCH_PROFILE=release       cargo profile to build and measure (--smoke: dev)
@@ -71,12 +74,13 @@ WIDE_ROWS=${BENCH_WIDE_ROWS:-$((ROWS / 4))}
 TXN_ROWS=${BENCH_TXN_ROWS:-10}
 REPEAT=${BENCH_REPEAT:-$([ "$smoke" -eq 1 ] && echo 1 || echo 3)}
 LAT_ROWS=${BENCH_LATENCY_ROWS:-100000}
+WAIT_RATE=${BENCH_WAIT_RATE:-20}
 [ "$LAT_ROWS" -le "$ROWS" ] || LAT_ROWS=$ROWS
 SECTIONS=${BENCH_SECTIONS:-snapshot,streaming,latency}
 RUN_TIMEOUT=${BENCH_TIMEOUT:-3600}
 KEEP=${BENCH_KEEP:-0}
 SNAPSHOT_WORKERS=${BENCH_SNAPSHOT_WORKERS:-1}
-for n in ROWS WIDE_ROWS TXN_ROWS REPEAT LAT_SECONDS LAT_RATE LAT_ROWS RUN_TIMEOUT; do
+for n in ROWS WIDE_ROWS TXN_ROWS REPEAT LAT_SECONDS LAT_RATE LAT_ROWS WAIT_RATE RUN_TIMEOUT; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive whole number (got '${!n}')"
 done
 [[ $DB =~ ^[a-z_][a-z0-9_]*$ ]] || die "BENCH_DB must be a plain lower-case identifier"
@@ -100,14 +104,16 @@ case $PROFILE in
 esac
 PGCDC=$bindir/pgcdc
 LATENCY=$bindir/examples/bench-latency
+WAIT_PROBE=$bindir/examples/bench-wait-latency
 if [ "$build" -eq 1 ]; then
     log "building pgcdc (profile $PROFILE)"
-    cargo build --locked --profile "$PROFILE" --bin pgcdc --example bench-latency >&2
+    cargo build --locked --profile "$PROFILE" --bin pgcdc --example bench-latency \
+        --example bench-wait-latency >&2
 fi
 # The source measured: taken now, as the binaries are built, not when the report is written.
 commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo "?")
 git -C "$repo" diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
-if ! [ -x "$PGCDC" ] || ! [ -x "$LATENCY" ]; then
+if ! [ -x "$PGCDC" ] || ! [ -x "$LATENCY" ] || ! [ -x "$WAIT_PROBE" ]; then
     die "binaries missing in $bindir (build, or drop --no-build)"
 fi
 
@@ -305,7 +311,9 @@ fi
 # --- latency -------------------------------------------------------------------------------
 # pgcdc streams bench_lat to Kafka while pgbench updates one random row per transaction at a
 # fixed rate; bench-latency reads the topic as it fills and compares each event's commit time
-# with its Kafka timestamp (when pgcdc produced it) and with when it was received.
+# with its Kafka timestamp (when pgcdc produced it) and with when it was received. Beside the
+# load, bench-wait-latency measures read-your-writes: commit, insert LSN, pgcdc's /wait; its
+# writes are events of the same topic, expected by bench-latency with the load's.
 if section latency; then
     broker_start
     lat_slot=${DB}_lat
@@ -331,12 +339,17 @@ if section latency; then
 UPDATE bench_lat SET n = n + 1 WHERE id = :id;
 SQL
     b0=$(broker_cpu)
+    "$WAIT_PROBE" "$CONNINFO" "http://127.0.0.1:$metrics_port" "$LAT_SECONDS" "$WAIT_RATE" \
+        "$LAT_ROWS" "$PGCDC" "$lat_slot" >"$work/wait.out" 2>"$work/wait.err" &
+    probe_pid=$!
     "$PGBIN/pgbench" -n -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -f "$work/lat.pgbench" \
         -D rows="$LAT_ROWS" -R "$LAT_RATE" -T "$LAT_SECONDS" -c 4 -j 2 "$DB" \
         >"$work/lat-pgbench.out" 2>&1 || die "pgbench failed: $(tail -5 "$work/lat-pgbench.out")"
     lat_txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$work/lat-pgbench.out")
     lat_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/lat-pgbench.out" | head -n 1)
-    echo "$lat_txns" >"$work/lat-expected"
+    wait "$probe_pid" || die "bench-wait-latency failed: $(tail -5 "$work/wait.err")"
+    probe_writes=$(sed -n 's/^writes=//p' "$work/wait.out")
+    echo "$((lat_txns + probe_writes))" >"$work/lat-expected"
     wait "$consumer_pid" || die "bench-latency failed: $(tail -5 "$work/lat-consumer.err")"
     # pgcdc's own commit -> acknowledgement histogram (delivery reports, acks=all): quantiles
     # as the upper bound of the bucket that holds them.
@@ -371,7 +384,7 @@ PY
     lat_rss=$rss
     lat_bcpu=""
     [ -z "$b0" ] || lat_bcpu=$(awk -v a="$b0" -v b="$b1" 'BEGIN { printf "%.2f", b - a }')
-    lat() { sed -n "s/^$1=//p" "$work/lat.out" "$work/ack.out"; }
+    lat() { sed -n "s/^$1=//p" "$work/lat.out" "$work/ack.out" "$work/wait.out"; }
 fi
 
 # --- report --------------------------------------------------------------------------------
@@ -433,6 +446,8 @@ headline=$work/headline.md
         p99=$(lat ack_p99)
         printf '| commit → Kafka acknowledgement p99 at %s tx/s (pgcdc'"'"'s histogram) | %s ms | ≤ 50 ms | %s |\n' \
             "$LAT_RATE" "$p99" "$(awk -v p="${p99#≤ }" 'BEGIN { print (p != "" && p + 0 <= 50) ? "met" : "not yet" }')"
+        printf '| commit → `/wait` returns p99 at %s tx/s (read-your-writes probe, %s waits, p50 %s ms) | %s ms | — | |\n' \
+            "$LAT_RATE" "$(lat wait_samples)" "$(lat wait_p50)" "$(lat wait_p99)"
     fi
     max_rss=$(awk -F'\t' '$3 ~ /^pgcdc/ && $7 > m { m = $7 } END { print m + 0 }' "$work/summary.tsv")
     [ -z "${lat_rss:-}" ] || [ "$lat_rss" -le "$max_rss" ] || max_rss=$lat_rss
@@ -444,13 +459,24 @@ latency_md=$work/latency.md
 if section latency; then
     {
         echo "Steady load: pgbench, one single-row UPDATE per transaction, target $LAT_RATE tx/s for"
-        echo "$LAT_SECONDS s; achieved ${lat_tps:-?} tx/s, $lat_txns transactions; $(lat records) events read back."
+        echo "$LAT_SECONDS s; achieved ${lat_tps:-?} tx/s, $lat_txns transactions, plus $probe_writes of the read-your-writes"
+        echo "probe; $(lat records) events read back."
         echo
         echo "| commit → … (ms) | p50 | p99 | max | mean |"
         echo "|---|---:|---:|---:|---:|"
         echo "| Kafka record timestamp (CreateTime: when pgcdc produced the record; lower bound of ack) | $(lat create_p50) | $(lat create_p99) | $(lat create_max) | $(lat create_mean) |"
         echo "| consumer receipt (broker has stored it; upper bound of ack, includes fetch delay) | $(lat received_p50) | $(lat received_p99) | $(lat received_max) | $(lat received_mean) |"
         echo "| **acknowledgement** (pgcdc's \`pgcdc_commit_to_ack_milliseconds\`: all of the transaction's delivery reports in, \`acks=all\`; bucket bounds) | $(lat ack_p50) | $(lat ack_p99) | $(lat ack_max) | $(lat ack_mean) |"
+        echo
+        echo "Read-your-writes during the same load: $WAIT_RATE times a second, on a connection of its own, the"
+        echo "probe updates a row of \`bench_lat\`, \`COMMIT\`s, takes \`pg_current_wal_insert_lsn()\` and waits;"
+        echo "from \`COMMIT\` returning to the wait's success. $(lat wait_failed) wait(s) failed."
+        echo
+        echo "| commit → wait returns (ms) | count | p50 | p99 | max | mean |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        echo "| **\`GET /wait?lsn=…\`** on \`--metrics-addr\` (long poll, one HTTP connection per wait; includes the LSN query, mean $(lat lsn_query_mean) ms) | $(lat wait_samples) | $(lat wait_p50) | $(lat wait_p99) | $(lat wait_max) | $(lat wait_mean) |"
+        echo "| \`pgcdc wait --url …\` (process start included) | $(lat wait_cli_url_samples) | $(lat wait_cli_url_p50) | $(lat wait_cli_url_p99) | $(lat wait_cli_url_max) | $(lat wait_cli_url_mean) |"
+        echo "| \`pgcdc wait --slot …\` (no \`--url\`: the slot's confirmed position, read every 50 ms; process start included) | $(lat wait_cli_slot_samples) | $(lat wait_cli_slot_p50) | $(lat wait_cli_slot_p99) | $(lat wait_cli_slot_max) | $(lat wait_cli_slot_mean) |"
         echo
         echo "pgcdc during the load: CPU $lat_cpu s over the run, peak RSS $(mb "$lat_rss") MB; broker CPU ${lat_bcpu:-—} s."
     } >"$latency_md"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 BUDGET=60
 
 # The build is not part of the budget: the dev profile is what `cargo test` has just built.
-cargo build --locked --bin pgcdc --example bench-latency
+cargo build --locked --bin pgcdc --example bench-latency --example bench-wait-latency
 
 out=$(mktemp -d "${TMPDIR:-/tmp}/pgcdc-bench-smoke.XXXXXX")
 trap 'rm -rf "$out"' EXIT
@@ -27,7 +27,8 @@ elapsed=$(($(date +%s) - start))
 # Every case must have produced its line, and the latency run must have read its events back.
 missing=()
 for want in "snapshot, " "stream, 1 txn" "stream, " "pgcdc → /dev/null" "pgcdc → Kafka" \
-    "psql COPY" "pg_recvlogical" "commit → Kafka acknowledgement p99" "pgcdc peak RSS"; do
+    "psql COPY" "pg_recvlogical" "commit → Kafka acknowledgement p99" "commit → \`/wait\` returns p99" \
+    " 0 wait(s) failed" "pgcdc peak RSS"; do
     grep -qF "$want" "$out/RESULTS.md" || missing+=("$want")
 done
 if [ "$(grep -c 'pgcdc → ' "$out/RESULTS.md")" -lt 16 ]; then

@@ -92,6 +92,21 @@ async fn create(cfg: &KafkaConfig, name: &str, partitions: i32, compacted: bool)
     .expect("topic created");
 }
 
+/// The durable broker's config and a new topic on it (`None`: no broker, the test is skipped).
+async fn durable_topic(
+    name: &str,
+    partitions: i32,
+    compacted: bool,
+) -> Option<(KafkaConfig, String)> {
+    let cfg = KafkaConfig::new(durable_broker()?);
+    wait_for_cluster(&cfg, Some(Duration::from_secs(30)))
+        .await
+        .expect("broker up");
+    let topic = unique(name);
+    create(&cfg, &topic, partitions, compacted).await;
+    Some((cfg, topic))
+}
+
 async fn read_back(cfg: &KafkaConfig, topic: &str, stop: ReadStop) -> Vec<ConsumedRecord> {
     let cfg = cfg.clone();
     let topic = topic.to_string();
@@ -575,15 +590,9 @@ async fn a_batch_larger_than_the_window_is_sent_within_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_stamped_when_they_are_sent_not_before() {
-    let Some(bootstrap) = durable_broker() else {
+    let Some((cfg, topic)) = durable_topic("stamp", 1, false).await else {
         return;
     };
-    let cfg = KafkaConfig::new(bootstrap);
-    wait_for_cluster(&cfg, Some(Duration::from_secs(30)))
-        .await
-        .expect("broker up");
-    let topic = unique("stamp");
-    create(&cfg, &topic, 1, false).await;
     let (tx, mut acked, handle) = start(cfg.clone(), 8);
     let now_ms = || {
         std::time::SystemTime::now()
@@ -630,15 +639,9 @@ async fn records_are_stamped_when_they_are_sent_not_before() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_reach_the_topic_in_order_and_a_record_without_has_none() {
-    let Some(bootstrap) = durable_broker() else {
+    let Some((cfg, topic)) = durable_topic("headers", 1, false).await else {
         return;
     };
-    let cfg = KafkaConfig::new(bootstrap);
-    wait_for_cluster(&cfg, Some(Duration::from_secs(30)))
-        .await
-        .expect("broker up");
-    let topic = unique("headers");
-    create(&cfg, &topic, 1, false).await;
     let (tx, mut acked, handle) = start(cfg.clone(), 8);
     let name = |n: &str| Arc::from(std::ffi::CString::new(n).expect("no NUL").as_c_str());
     let headers = vec![
@@ -711,15 +714,9 @@ async fn headers_reach_the_topic_in_order_and_a_record_without_has_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_arrive_in_order_and_checkpoints_follow_acknowledgements() {
-    let Some(bootstrap) = durable_broker() else {
+    let Some((cfg, topic)) = durable_topic("order", 3, false).await else {
         return;
     };
-    let cfg = KafkaConfig::new(bootstrap);
-    wait_for_cluster(&cfg, Some(Duration::from_secs(30)))
-        .await
-        .expect("broker up");
-    let topic = unique("order");
-    create(&cfg, &topic, 3, false).await;
 
     let (tx, mut acked, handle) = start(cfg.clone(), 64);
     // 12 keys, 1200 records, a checkpoint every 50, every 7th record a tombstone.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::event::{BinaryMode, DecimalMode, EventOptions, Format};
+use crate::event::{BinaryMode, DecimalMode, EventHeaders, EventOptions, Format};
 pub use crate::logging::LogFormat;
 use crate::model::Lsn;
 use crate::source::catalog::{ColumnRef, TableName};
@@ -517,6 +517,13 @@ pub struct RunArgs {
     #[arg(long, env = "PGCDC_ANNOTATION_PREFIX", default_value = crate::source::changes::DEFAULT_ANNOTATION_PREFIX, value_name = "PREFIX")]
     pub annotation_prefix: String,
 
+    /// Put pgcdc's Kafka headers on records: `pgcdc-event-id` on every one (the id
+    /// consumers deduplicate replays by) and `pgcdc-annotations` on annotated ones. false:
+    /// the values still carry positions and annotations; for brokers or consumers that
+    /// handle headers poorly (outbox events keep theirs).
+    #[arg(long, env = "PGCDC_EVENT_HEADERS", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub event_headers: bool,
+
     /// Publish BEGIN/END events per transaction to `<prefix>.transaction` and add
     /// `transaction` {id, total_order, data_collection_order} to each event.
     #[arg(long, env = "PGCDC_TRANSACTION_METADATA")]
@@ -683,6 +690,11 @@ impl RunArgs {
         EventOptions {
             format: self.format,
             transaction_metadata: self.transaction_metadata,
+            headers: if self.event_headers {
+                EventHeaders::On
+            } else {
+                EventHeaders::Off
+            },
             ..self.events.event_options()
         }
     }
@@ -846,6 +858,20 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn events_carry_headers_unless_turned_off() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["pgcdc", "run", "--source", "host=h", "--table", "public.t"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Run(args) => args.event_options().headers,
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(run(&[]), EventHeaders::On);
+        assert_eq!(run(&["--event-headers", "false"]), EventHeaders::Off);
     }
 
     #[test]

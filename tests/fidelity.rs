@@ -444,6 +444,8 @@ async fn truncate_messages_and_transaction_metadata() {
         "--table",
         "public.b",
         "--transaction-metadata",
+        "--event-headers",
+        "true",
         "--stop-lsn",
         "now",
     ];
@@ -947,6 +949,8 @@ async fn tombstones_and_messages_can_be_turned_off() {
         ],
         "{events:?}"
     );
+    // `--event-headers false` (the test kit's default): no headers at all.
+    assert!(events.iter().all(|e| e.headers.is_empty()), "{events:?}");
     let topics = common::topics::published(&common::pipeline::kafka(), &p.prefix).await;
     let messages = format!("{}.message", p.prefix);
     assert_eq!(
@@ -1715,6 +1719,8 @@ async fn annotations_case(format: &str) {
         "public.b",
         "--format",
         format,
+        "--event-headers",
+        "true",
         "--stop-lsn",
         "now",
     ];

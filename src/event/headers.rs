@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::event::EventHeaders;
 use crate::model::{Header, Lsn};
 
 /// The stable id of an event (see the module doc): consumers deduplicate replays by it.
@@ -84,23 +85,39 @@ fn hex16(out: &mut Vec<u8>, v: u64) {
     );
 }
 
-/// The header names a builder clones per record.
+/// The header names a builder clones per record, and whether it puts headers on records
+/// at all (`--event-headers`).
 #[derive(Debug, Clone)]
 pub struct Names {
     pub event_id: Arc<CStr>,
     pub annotations: Arc<CStr>,
-}
-
-impl Default for Names {
-    fn default() -> Self {
-        Names {
-            event_id: name(EVENT_ID),
-            annotations: name(ANNOTATIONS),
-        }
-    }
+    on: bool,
 }
 
 impl Names {
+    pub fn new(headers: EventHeaders) -> Self {
+        Names {
+            event_id: name(EVENT_ID),
+            annotations: name(ANNOTATIONS),
+            on: headers == EventHeaders::On,
+        }
+    }
+
+    /// Whether records get headers.
+    pub fn on(&self) -> bool {
+        self.on
+    }
+
+    /// The headers of a record whose only header is its event id: `id()`'s, or none when
+    /// headers are off.
+    pub fn only_id(&self, id: impl FnOnce() -> Vec<u8>) -> Vec<Header> {
+        if self.on {
+            vec![self.id(id())]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The event-id header with value `id`.
     pub fn id(&self, id: Vec<u8>) -> Header {
         Header {

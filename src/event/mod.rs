@@ -264,6 +264,16 @@ pub struct EventOptions {
     pub decimal: DecimalMode,
     /// How `bytea` values and message contents are written (`--binary`).
     pub binary: BinaryMode,
+    /// Whether Kafka records carry pgcdc's headers (`--event-headers`, see [`headers`]).
+    pub headers: EventHeaders,
+}
+
+/// `--event-headers`: whether records carry the event id and annotations headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventHeaders {
+    #[default]
+    On,
+    Off,
 }
 
 impl EventOptions {

@@ -231,6 +231,7 @@ impl ChangeBuilder {
         tombstones: bool,
     ) -> Self {
         ChangeBuilder {
+            headers: headers::Names::new(encoder.options().headers),
             types: TypeRegistry::clone(encoder.types()),
             encoder,
             topic_prefix: topic_prefix.to_string(),
@@ -255,7 +256,6 @@ impl ChangeBuilder {
             transaction_topic: format!("{topic_prefix}.transaction").into(),
             counted: None,
             annotation_warned: None,
-            headers: headers::Names::default(),
             outbox: Outbox::default(),
             events: 0,
         }
@@ -387,13 +387,10 @@ impl ChangeBuilder {
                     let (key, value) =
                         self.encoder
                             .transaction(&t.id, t.commit_ts_ms, Some(&t.per_table));
-                    let id = self.headers.id(headers::transaction_id(t.commit_lsn, true));
-                    out.push(record(
-                        &self.transaction_topic,
-                        Some(key),
-                        Some(value),
-                        vec![id],
-                    ));
+                    let hs = self
+                        .headers
+                        .only_id(|| headers::transaction_id(t.commit_lsn, true));
+                    out.push(record(&self.transaction_topic, Some(key), Some(value), hs));
                 }
                 out.push(SinkItem::Checkpoint(c.end_lsn));
             }
@@ -514,7 +511,7 @@ impl ChangeBuilder {
         let headers = if m.transactional {
             self.event_headers(lsn)
         } else {
-            vec![self.headers.id(headers::change_id(lsn, lsn, 0))]
+            self.headers.only_id(|| headers::change_id(lsn, lsn, 0))
         };
         out.push(record(&self.message_topic, Some(key), Some(value), headers));
     }
@@ -642,15 +639,10 @@ impl ChangeBuilder {
         if !t.begun {
             t.begun = true;
             let (key, value) = self.encoder.transaction(&t.id, t.commit_ts_ms, None);
-            let id = self
+            let hs = self
                 .headers
-                .id(headers::transaction_id(t.commit_lsn, false));
-            out.push(record(
-                &self.transaction_topic,
-                Some(key),
-                Some(value),
-                vec![id],
-            ));
+                .only_id(|| headers::transaction_id(t.commit_lsn, false));
+            out.push(record(&self.transaction_topic, Some(key), Some(value), hs));
         }
         t.total += 1;
         let n = match t.per_table.iter_mut().find(|(q, _)| *q == table.qualified) {
@@ -737,8 +729,11 @@ impl ChangeBuilder {
     /// first), and the annotations so far.
     fn event_headers(&mut self, lsn: Lsn) -> Vec<Header> {
         let Some(t) = self.txn.as_mut() else {
-            return vec![self.headers.id(headers::change_id(lsn, lsn, 0))];
+            return self.headers.only_id(|| headers::change_id(lsn, lsn, 0));
         };
+        if !self.headers.on() {
+            return Vec::new();
+        }
         let rank = match t.last_id {
             (last, n) if last == lsn => n + 1,
             _ => 0,

@@ -71,6 +71,9 @@ pub struct Summary {
     pub changes: usize,
     /// Rows compared with the tables at the end.
     pub rows: usize,
+    /// Records with an event id (`pgcdc-event-id`; the test kit turns the headers off but in
+    /// one scenario, as tansu reads records with headers ~30 times slower).
+    pub ids: usize,
 }
 
 impl fmt::Display for Summary {
@@ -231,6 +234,9 @@ pub async fn check(
         // Event ids (unique in a topic): id → the event it names, and the other way round.
         let mut named: HashMap<String, String> = HashMap::new();
         let mut id_of: HashMap<String, String> = HashMap::new();
+        // Ids are checked when the topic has them (`--event-headers`): then on every record.
+        let with_ids = events.iter().any(|e| e.id.is_some());
+        summary.ids += events.iter().filter(|e| e.id.is_some()).count();
         let mut by_partition: BTreeMap<i32, Vec<&Event>> = BTreeMap::new();
         for e in events {
             by_partition.entry(e.partition).or_default().push(e);
@@ -251,7 +257,7 @@ pub async fn check(
                     }
                     summary.markers += 1;
                     let suffix = format!(".marker.{partition}");
-                    if !e.id.as_deref().is_some_and(|id| id.ends_with(&suffix)) {
+                    if with_ids && !e.id.as_deref().is_some_and(|id| id.ends_with(&suffix)) {
                         problems.push(format!(
                             "{}: marker at offset {} has event id {:?}, not …{suffix}",
                             t.name, e.offset, e.id
@@ -270,7 +276,7 @@ pub async fn check(
                         ));
                     }
                     let expected = k.last_id.as_ref().map(|id| format!("{id}.t"));
-                    if e.id != expected {
+                    if with_ids && e.id != expected {
                         problems.push(format!(
                             "{}: tombstone of {} at offset {} has event id {:?}, not {expected:?}",
                             t.name, e.key, e.offset, e.id
@@ -285,6 +291,7 @@ pub async fn check(
                 // One id per event, the same whenever it is published again.
                 let identity = format!("{} {pos:?} {op}", e.key);
                 match &e.id {
+                    None if !with_ids => {}
                     None => problems.push(format!(
                         "{}: {} at offset {} has no event id",
                         t.name, e.key, e.offset

@@ -208,7 +208,7 @@ impl Markers {
         rows: u64,
     ) -> Vec<Record> {
         let now = crate::model::now_ms();
-        let names = headers::Names::default();
+        let names = headers::Names::new(encoder.options().headers);
         let marker = |partition: Option<i32>, partitions: i32| Record {
             topic: table.topic.clone(),
             key: None,
@@ -221,7 +221,7 @@ impl Markers {
                 now,
             )),
             partition,
-            headers: vec![names.id(headers::marker_id(position.lsn, partition.unwrap_or(0)))],
+            headers: names.only_id(|| headers::marker_id(position.lsn, partition.unwrap_or(0))),
         };
         match self {
             Markers::Off => Vec::new(),
@@ -661,7 +661,7 @@ impl<'a> Reader<'a> {
             copy,
             stop,
             held: None,
-            names: headers::Names::default(),
+            names: headers::Names::new(encoder.options().headers),
             markers: Vec::new(),
             uncounted: 0,
             fields_buf: Vec::new(),
@@ -881,8 +881,10 @@ impl<'a> Reader<'a> {
         self.uncounted += 1;
         let key = self.encoder.key(table, row);
         let headers = match &key {
-            Some(key) => vec![self.names.id(headers::read_id(tail.position().lsn, key))],
-            None => Vec::new(),
+            Some(key) if self.names.on() => {
+                vec![self.names.id(headers::read_id(tail.position().lsn, key))]
+            }
+            _ => Vec::new(),
         };
         let record = Record {
             topic: table.topic.clone(),

@@ -380,7 +380,10 @@ async fn kill_9_during_snapshot_and_streaming() {
 /// above (tansu reads records with headers slowly).
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_replays_keep_their_event_ids() {
-    let kafka = shared_kafka();
+    // A broker of its own: tansu reads records with headers slowly, and holds up every other
+    // client of its storage meanwhile (the shared broker's other tests timed out).
+    let broker = PrivateBroker::start();
+    let kafka = broker.bootstrap();
     let db = Db::Shared(Box::new(common::TestDb::create().await));
     let extra = ["--event-headers", "true"];
     let mut s = Scenario::new(

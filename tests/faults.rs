@@ -146,6 +146,24 @@ impl Scenario {
         common::client(&common::parse(&Self::direct_conninfo(&self.db))).await
     }
 
+    /// `kills` times `kill -9` and a new pgcdc: while streaming, and now and then (every
+    /// fourth) during start-up.
+    async fn kill_while_streaming(&mut self, kills: usize) {
+        for i in 0..kills {
+            if i % 4 == 3 {
+                tokio::time::sleep(ms(self.rng.range(0, 700))).await;
+            } else {
+                self.expect_log("streaming changes", Duration::from_secs(90))
+                    .await;
+                tokio::time::sleep(ms(self.rng.range(50, 1500))).await;
+            }
+            self.fault();
+            self.pgcdc.kill9();
+            self.kills += 1;
+            self.pgcdc.spawn();
+        }
+    }
+
     /// Starts pgcdc, then (once its slot exists) the workload at `pace`.
     async fn start(&mut self, pace: Pace) -> Workload {
         self.pgcdc.spawn();
@@ -356,20 +374,7 @@ async fn kill_9_during_snapshot_and_streaming() {
         in_snapshot >= (attempted / 2).max(1),
         "only {in_snapshot} of {attempted} kills landed in a snapshot; make the tables bigger"
     );
-    // While streaming, and now and then during start-up.
-    for i in 0..stream_kills {
-        if i % 4 == 3 {
-            tokio::time::sleep(ms(s.rng.range(0, 700))).await;
-        } else {
-            s.expect_log("streaming changes", Duration::from_secs(90))
-                .await;
-            tokio::time::sleep(ms(s.rng.range(50, 1500))).await;
-        }
-        s.fault();
-        s.pgcdc.kill9();
-        s.kills += 1;
-        s.pgcdc.spawn();
-    }
+    s.kill_while_streaming(stream_kills).await;
     w.wait_for(1).await;
     eprintln!("kill -9: {in_snapshot} kills during a snapshot");
     s.finish(w, "").await;
@@ -397,19 +402,7 @@ async fn kill_9_replays_keep_their_event_ids() {
     )
     .await;
     let mut w = s.start(Pace::default()).await;
-    for i in 0..6 {
-        if i % 3 == 2 {
-            tokio::time::sleep(ms(s.rng.range(0, 700))).await;
-        } else {
-            s.expect_log("streaming changes", Duration::from_secs(90))
-                .await;
-            tokio::time::sleep(ms(s.rng.range(50, 1500))).await;
-        }
-        s.fault();
-        s.pgcdc.kill9();
-        s.kills += 1;
-        s.pgcdc.spawn();
-    }
+    s.kill_while_streaming(6).await;
     w.wait_for(1).await;
     let summary = s.finish(w, "").await;
     assert_eq!(summary.ids, summary.records, "{summary}");

@@ -184,36 +184,23 @@ impl IndexWaiter {
                 return WaitOutcome::Unavailable(format!("cannot read the topics' offsets: {e}"))
             }
         };
-        // Step 3: everything below them applied.
+        // Step 3: everything below them applied (the stop is watched by `wait`).
         let mut applied = self.applied.clone();
-        let mut stop = self.stop.clone();
-        let until = tokio::time::sleep_until(deadline);
-        tokio::pin!(until);
-        loop {
-            if *stop.borrow_and_update() {
-                return WaitOutcome::Stopping;
-            }
-            if applied.borrow_and_update().covers(&high) {
+        let covered = tokio::time::timeout_at(deadline, applied.wait_for(|a| a.covers(&high)))
+            .await
+            .map(|r| r.is_ok());
+        match covered {
+            Ok(true) => {
                 if let Ok(mut l) = self.indexed.lock() {
                     *l = (*l).max(published);
                 }
-                return WaitOutcome::Reached { published };
+                WaitOutcome::Reached { published }
             }
-            tokio::select! {
-                r = applied.changed() => if r.is_err() {
-                    return WaitOutcome::Stopping;
-                },
-                r = stop.changed() => if r.is_err() {
-                    return WaitOutcome::Stopping;
-                },
-                () = &mut until => {
-                    return self.timed_out(&format!(
-                        "pgcdc published up to {published}, but the indexer has not applied \
-                         the records up to the topics' offsets yet (is it behind, or is the \
-                         search engine slow?)"
-                    ));
-                }
-            }
+            Ok(false) => WaitOutcome::Stopping,
+            Err(_) => self.timed_out(&format!(
+                "pgcdc published up to {published}, but the indexer has not applied the records \
+                 up to the topics' offsets yet (is it behind, or is the search engine slow?)"
+            )),
         }
     }
 }

@@ -114,28 +114,20 @@ pub async fn wait_on(
     lsn: Lsn,
     timeout: Duration,
 ) -> WaitOutcome {
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    loop {
-        if *stop.borrow_and_update() {
-            return WaitOutcome::Stopping;
-        }
-        let now = *published.borrow_and_update();
-        if reaches(now, lsn) {
-            return WaitOutcome::Reached { published: now };
-        }
-        tokio::select! {
-            changed = published.changed() => if changed.is_err() {
-                return WaitOutcome::Stopping;
-            },
-            changed = stop.changed() => if changed.is_err() {
-                return WaitOutcome::Stopping;
-            },
-            () = &mut deadline => {
-                return match now.is_valid() {
-                    true => WaitOutcome::TimedOut { published: now },
-                    false => WaitOutcome::NothingPublished,
-                };
+    let last = published.clone();
+    tokio::select! {
+        // A stop wins over a position reached at the same moment.
+        biased;
+        _ = stop.wait_for(|s| *s) => WaitOutcome::Stopping,
+        r = published.wait_for(|p| reaches(*p, lsn)) => match r {
+            Ok(p) => WaitOutcome::Reached { published: *p },
+            Err(_) => WaitOutcome::Stopping,
+        },
+        () = tokio::time::sleep(timeout) => {
+            let now = *last.borrow();
+            match now.is_valid() {
+                true => WaitOutcome::TimedOut { published: now },
+                false => WaitOutcome::NothingPublished,
             }
         }
     }

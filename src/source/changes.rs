@@ -360,7 +360,7 @@ impl ChangeBuilder {
             // An outbox table's row is the application's event (see `source::outbox`).
             let pos = self.position(wal_start, "outbox change")?;
             let annotations = self.txn.as_ref().and_then(|t| t.annotations.as_ref());
-            let annotations = annotations.map(|(_, encoded)| &encoded[..]);
+            let annotations = annotations.map(|(_, encoded)| encoded);
             return Ok(self.outbox.change(&msg, &pos, annotations, out)?);
         }
         match msg {

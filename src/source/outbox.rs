@@ -297,6 +297,15 @@ pub async fn count_rows(
     Ok(())
 }
 
+/// Remembers that `route`'s topic is `topic`; past [`MAX_CACHED_ROUTES`] the cache starts
+/// over.
+fn remember(topics: &mut HashMap<Box<[u8]>, Arc<str>>, route: Box<[u8]>, topic: Arc<str>) {
+    if topics.len() >= MAX_CACHED_ROUTES {
+        topics.clear();
+    }
+    topics.insert(route, topic);
+}
+
 /// An outbox row pgcdc cannot publish.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -337,7 +346,9 @@ pub struct Outbox {
     /// Route value → its topic, created (when pgcdc creates topics) before first use.
     topics: HashMap<Box<[u8]>, Arc<str>>,
     update_warned: Option<Instant>,
-    names: Option<[Arc<CStr>; 3]>,
+    /// Header names: `id`, the event id, `eventType`, the annotations (`None` until
+    /// [`Outbox::new`]).
+    names: Option<[Arc<CStr>; 4]>,
 }
 
 impl Outbox {
@@ -348,6 +359,7 @@ impl Outbox {
                 headers::name(c"id"),
                 headers::name(headers::EVENT_ID),
                 headers::name(c"eventType"),
+                headers::name(headers::ANNOTATIONS),
             ]),
             ..Outbox::default()
         }
@@ -425,10 +437,7 @@ impl Outbox {
 
     /// Remembers that `topic`, the topic of `route`, exists.
     pub fn created(&mut self, route: Box<[u8]>, topic: String) {
-        if self.topics.len() >= MAX_CACHED_ROUTES {
-            self.topics.clear();
-        }
-        self.topics.insert(route, topic.into());
+        remember(&mut self.topics, route, topic.into());
     }
 
     /// Handles an insert, update or delete of an outbox table (see [`Outbox::owns`]).
@@ -436,7 +445,7 @@ impl Outbox {
         &mut self,
         msg: &LogicalMessage,
         position: &Position,
-        annotations: Option<&[u8]>,
+        annotations: Option<&Bytes>,
         out: &mut Vec<SinkItem>,
     ) -> Result<(), Box<OutboxError>> {
         let i = match msg {
@@ -491,11 +500,7 @@ impl Outbox {
             Some(t) => t.clone(),
             None => {
                 let t: Arc<str> = topic_for(&config.template, route).into();
-                let route: Box<[u8]> = route.into();
-                if self.topics.len() >= MAX_CACHED_ROUTES {
-                    self.topics.clear();
-                }
-                self.topics.insert(route, t.clone());
+                remember(&mut self.topics, route.into(), t.clone());
                 t
             }
         };
@@ -506,7 +511,7 @@ impl Outbox {
         };
         let mut hs = Vec::with_capacity(rel.extra.len() + 4);
         let names = self.names.as_ref();
-        if let (Some(id), Some([id_name, event_id, _])) = (&id, names) {
+        if let (Some(id), Some([id_name, event_id, ..])) = (&id, names) {
             hs.push(Header {
                 name: id_name.clone(),
                 value: id.clone(),
@@ -516,7 +521,7 @@ impl Outbox {
                 value: id.clone(),
             });
         }
-        if let (Some(Some(kind)), Some([_, _, type_name])) = (
+        if let (Some(Some(kind)), Some([_, _, type_name, _])) = (
             rel.at[Role::Type as usize].map(|at| match i.new.0.get(at) {
                 Some(ColumnValue::Text(b)) => Some(b),
                 _ => None,
@@ -528,10 +533,10 @@ impl Outbox {
                 value: kind.clone(),
             });
         }
-        if let Some(a) = annotations {
+        if let (Some(a), Some([.., annotations_name])) = (annotations, names) {
             hs.push(Header {
-                name: headers::name(headers::ANNOTATIONS),
-                value: Bytes::copy_from_slice(a),
+                name: annotations_name.clone(),
+                value: a.clone(),
             });
         }
         for (at, name) in &rel.extra {
